@@ -1,0 +1,167 @@
+"""Omniglot from the official small background subsets, as learn2learn task datasets.
+
+``images_background_small1.zip`` and ``images_background_small2.zip`` (brendenlake/omniglot) hold
+``<subset>/<alphabet>/<characterNN>/<charid>_<drawer>.png``. The two subsets share 50 characters
+(Greek and Latin); the splits here are by character with no overlap:
+
+* train and validation: the characters of ``small1``, split at random (seeded);
+* test: the characters of ``small2`` that are not in ``small1`` (Japanese katakana, Sanskrit,
+  Tagalog), so test characters and alphabets are never seen in meta-training.
+
+Images are resized to 28×28 and inverted (strokes are 1), as in the MAML paper; with
+``rotations=True`` each character rotated by 0/90/180/270 degrees is a class of its own.
+The zips are read in place and the decoded images cached as one tensor file under ``cache_dir``;
+nothing is written next to the zips.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import zipfile
+from collections import namedtuple
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+SUBSET_FILES = ("images_background_small1.zip", "images_background_small2.zip")
+IMAGE_SIZE = 28
+
+Tasksets = namedtuple("Tasksets", ["train", "validation", "test"])
+
+
+class DataNotFoundError(FileNotFoundError, ValueError):
+    """A data folder or file is missing; the message says what must be placed where."""
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
+    return Path(os.environ.get("BILEVEL_MAML_CACHE", os.path.join(base, "bilevel_maml")))
+
+
+def find_subsets(root: str | os.PathLike) -> tuple[Path, Path]:
+    root = Path(root)
+    missing = [name for name in SUBSET_FILES if not (root / name).is_file()]
+    if missing:
+        where = "does not exist" if not root.is_dir() else f"lacks {', '.join(missing)}"
+        raise DataNotFoundError(
+            f"Omniglot data folder {str(root)!r} {where}. Place {' and '.join(SUBSET_FILES)} "
+            f"(from github.com/brendenlake/omniglot, folder python/) in that folder; in this "
+            f"repository they are in ../shared/data/omniglot-small."
+        )
+    return root / SUBSET_FILES[0], root / SUBSET_FILES[1]
+
+
+def _read_subset(path: Path) -> dict[str, list[bytes]]:
+    """Character id (e.g. ``"0108"``) -> its PNG files, in drawer order."""
+    characters: dict[str, list[tuple[str, bytes]]] = {}
+    with zipfile.ZipFile(path) as archive:
+        for name in sorted(archive.namelist()):
+            if name.endswith(".png"):
+                char_id, drawer = Path(name).stem.split("_")
+                characters.setdefault(char_id, []).append((drawer, archive.read(name)))
+    return {c: [png for _, png in sorted(files)] for c, files in characters.items()}
+
+
+def _decode(png: bytes) -> torch.Tensor:
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+
+    image = Image.open(io.BytesIO(png)).convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS)
+    return 1.0 - pil_to_tensor(image).float() / 255.0
+
+
+def load_characters(root, cache_dir=None) -> dict[str, dict[str, torch.Tensor]]:
+    """``{"small1": {char_id: images}, "small2": {...}}`` with images of shape (20, 1, 28, 28)."""
+    small1, small2 = find_subsets(root)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    stamp = f"{small1.stat().st_size}-{small2.stat().st_size}"
+    cached = cache_dir / f"omniglot-small-{IMAGE_SIZE}px-{stamp}.pt"
+    if cached.is_file():
+        return torch.load(cached)
+    decoded = {
+        key: {c: torch.stack([_decode(png) for png in pngs]) for c, pngs in _read_subset(path).items()}
+        for key, path in (("small1", small1), ("small2", small2))
+    }
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = cached.with_suffix(f".tmp{os.getpid()}")
+    torch.save(decoded, partial)
+    os.replace(partial, cached)
+    return decoded
+
+
+class CharacterImages(Dataset):
+    """Images of a set of characters; item ``i`` is ``(image, class)``.
+
+    With ``rotations`` the dataset is four times longer: a class is a (character, rotation) pair.
+    ``labels_to_indices`` is precomputed, so learn2learn's ``MetaDataset`` need not scan the data.
+    """
+
+    def __init__(self, characters: list[torch.Tensor], rotations: bool = False):
+        self.images = torch.cat(characters)
+        self.labels = torch.cat([torch.full((len(imgs),), c) for c, imgs in enumerate(characters)])
+        self.turns = 4 if rotations else 1
+        self.num_classes = len(characters) * self.turns
+
+    def __len__(self):
+        return len(self.images) * self.turns
+
+    def __getitem__(self, index):
+        turn, i = divmod(index, len(self.images))
+        image = torch.rot90(self.images[i], k=turn, dims=(1, 2)) if turn else self.images[i]
+        return image, int(self.labels[i]) * self.turns + turn
+
+    def labels_to_indices(self) -> dict[int, list[int]]:
+        groups: dict[int, list[int]] = {}
+        n = len(self.images)
+        for turn in range(self.turns):
+            for i, label in enumerate(self.labels.tolist()):
+                groups.setdefault(label * self.turns + turn, []).append(turn * n + i)
+        return groups
+
+
+def task_dataset(dataset: CharacterImages, ways: int, samples_per_class: int, num_tasks: int = -1):
+    """A learn2learn ``Taskset`` of ``ways``-way tasks with ``samples_per_class`` per class."""
+    import learn2learn as l2l
+
+    meta = l2l.data.MetaDataset(dataset, labels_to_indices=dataset.labels_to_indices())
+    transforms = [
+        l2l.data.transforms.NWays(meta, n=ways),
+        l2l.data.transforms.KShots(meta, k=samples_per_class),
+        l2l.data.transforms.LoadData(meta),
+        l2l.data.transforms.RemapLabels(meta),
+        l2l.data.transforms.ConsecutiveLabels(meta),
+    ]
+    return l2l.data.Taskset(meta, task_transforms=transforms, num_tasks=num_tasks)
+
+
+def omniglot_small_tasksets(
+    root,
+    ways: int,
+    samples_per_class: int,
+    rotations: bool = True,
+    validation_fraction: float = 0.2,
+    seed: int = 0,
+    cache_dir=None,
+) -> Tasksets:
+    """Train/validation/test learn2learn task datasets over the small Omniglot subsets."""
+    if not 0.0 < validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction!r}")
+    characters = load_characters(root, cache_dir)
+    seen = sorted(characters["small1"])
+    random.Random(seed).shuffle(seen)
+    n_valid = max(1, round(len(seen) * validation_fraction))
+    held_out = sorted(set(characters["small2"]) - set(characters["small1"]))
+    splits = {
+        "train": [characters["small1"][c] for c in sorted(seen[n_valid:])],
+        "validation": [characters["small1"][c] for c in sorted(seen[:n_valid])],
+        "test": [characters["small2"][c] for c in held_out],
+    }
+    return Tasksets(
+        **{
+            name: task_dataset(CharacterImages(chars, rotations), ways, samples_per_class)
+            for name, chars in splits.items()
+        }
+    )

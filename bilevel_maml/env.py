@@ -1,0 +1,198 @@
+"""Coupled episodic data: one task sampled once, its support set for the Lower problem and its query
+set for the Upper problem.
+
+Betty's ``Env`` has no device and no notion of a task split; :class:`EpisodicEnv` adds both, and
+keeps its own random stream so that the sequence of tasks depends only on its seed, not on whatever
+else the program draws from ``random``, NumPy or torch.
+"""
+
+from __future__ import annotations
+
+import random
+from contextlib import contextmanager
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+from betty.envs import Env
+
+from bilevel_maml.validation import check_positive_int
+
+
+class TaskSource(Protocol):
+    def sample(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def split_classification_task(inputs, labels, ways: int, shots: int, query_shots: int):
+    """Split one task into disjoint support and query sets with labels remapped to ``0..ways-1``.
+
+    Each class contributes ``shots`` support and ``query_shots`` query examples, chosen by a
+    permutation from the current torch random state.
+    """
+    classes = torch.unique(labels, sorted=True)
+    if len(classes) != ways:
+        raise ValueError(
+            f"a sampled task has {len(classes)} classes but ways={ways}; the task source must "
+            f"yield exactly `ways` classes per task"
+        )
+    support, query = [], []
+    for c in classes:
+        members = torch.nonzero(labels == c).flatten()
+        if len(members) < shots + query_shots:
+            raise ValueError(
+                f"a sampled task has {len(members)} examples of class {c.item()} but "
+                f"shots + query_shots = {shots} + {query_shots} = {shots + query_shots} are needed"
+            )
+        members = members[torch.randperm(len(members))]
+        support.append(members[:shots])
+        query.append(members[shots : shots + query_shots])
+    remapped = torch.searchsorted(classes, labels)
+    support, query = torch.cat(support), torch.cat(query)
+    return (inputs[support], remapped[support]), (inputs[query], remapped[query])
+
+
+def split_regression_task(inputs, targets, shots: int, query_shots: int):
+    """Split one regression task into ``shots`` support and ``query_shots`` query points."""
+    if len(inputs) < shots + query_shots:
+        raise ValueError(
+            f"a sampled task has {len(inputs)} points but shots + query_shots = "
+            f"{shots + query_shots} are needed"
+        )
+    order = torch.randperm(len(inputs))
+    support, query = order[:shots], order[shots : shots + query_shots]
+    return (inputs[support], targets[support]), (inputs[query], targets[query])
+
+
+def _seeded_states(seed: int) -> dict:
+    return {
+        "python": random.Random(seed).getstate(),
+        "numpy": np.random.RandomState(seed % 2**32).get_state(),
+        "torch": torch.Generator().manual_seed(seed).get_state(),
+    }
+
+
+class EpisodicEnv(Env):
+    """Samples one task per :meth:`step` and exposes ``batch["support"]`` and ``batch["query"]``.
+
+    :param tasks: a learn2learn ``TaskDataset`` (anything with ``sample()``), or a callable that
+        returns ``(inputs, labels)`` for one task.
+    :param ways: classes per task (classification); ignored for regression.
+    :param shots: support examples per class (per task, for regression).
+    :param query_shots: query examples per class (per task, for regression); defaults to ``shots``.
+    :param regression: split without classes or label remapping.
+    :param seed: seed of this env's own task stream.
+    :param device: where the split tensors are placed.
+    :param dtype: floating dtype the inputs (and regression targets) are cast to, if given.
+    """
+
+    def __init__(
+        self,
+        tasks: TaskSource | Callable[[], tuple[torch.Tensor, torch.Tensor]],
+        ways: int | None = None,
+        shots: int = 1,
+        query_shots: int | None = None,
+        *,
+        regression: bool = False,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        if callable(getattr(tasks, "sample", None)):
+            self._draw = tasks.sample
+        elif callable(tasks):
+            self._draw = tasks
+        else:
+            raise TypeError(
+                f"tasks must be a learn2learn TaskDataset (with .sample()) or a callable returning "
+                f"(inputs, labels), got {type(tasks).__name__}"
+            )
+        self.tasks = tasks
+        self.regression = regression
+        self.ways = None if regression else check_positive_int("ways", ways)
+        self.shots = check_positive_int("shots", shots)
+        self.query_shots = self.shots if query_shots is None else check_positive_int("query_shots", query_shots)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.seed = seed
+        self._rng = _seeded_states(seed)
+        self.tasks_sampled = 0
+        self.batch = {"support": None, "query": None}
+
+    @contextmanager
+    def own_random_state(self):
+        """Run the block on this env's random stream, leaving the global streams untouched."""
+        outside = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        random.setstate(self._rng["python"])
+        np.random.set_state(self._rng["numpy"])
+        torch.set_rng_state(self._rng["torch"])
+        try:
+            yield
+        finally:
+            self._rng = {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+            }
+            random.setstate(outside[0])
+            np.random.set_state(outside[1])
+            torch.set_rng_state(outside[2])
+
+    def sample_task(self):
+        """Draw and split one task on this env's stream; returns ``(support, query)`` on device."""
+        with self.own_random_state():
+            inputs, labels = self._draw()
+            inputs, labels = torch.as_tensor(inputs), torch.as_tensor(labels)
+            if self.regression:
+                support, query = split_regression_task(inputs, labels, self.shots, self.query_shots)
+            else:
+                support, query = split_classification_task(
+                    inputs, labels, self.ways, self.shots, self.query_shots
+                )
+        return self._place(support), self._place(query)
+
+    def _place(self, pair):
+        inputs, labels = pair
+        if self.dtype is not None:
+            inputs = inputs.to(self.dtype)
+            if self.regression:
+                labels = labels.to(self.dtype)
+        return inputs.to(self.device), labels.to(self.device)
+
+    def step(self):
+        self.batch["support"], self.batch["query"] = self.sample_task()
+        self.tasks_sampled += 1
+
+    def check(self) -> None:
+        """Fail now, not mid-training, if the source cannot supply the requested episodes.
+
+        Checks class and example counts against a learn2learn ``MetaDataset`` when there is one,
+        then samples and splits one task without advancing this env's stream.
+        """
+        dataset = getattr(self.tasks, "dataset", None)
+        per_class = getattr(dataset, "labels_to_indices", None)
+        if not self.regression and per_class:
+            if self.ways > len(per_class):
+                raise ValueError(
+                    f"ways={self.ways} is larger than the {len(per_class)} classes available in "
+                    f"this split; choose ways <= {len(per_class)}"
+                )
+            fewest = min(len(indices) for indices in per_class.values())
+            if self.shots + self.query_shots > fewest:
+                raise ValueError(
+                    f"shots + query_shots = {self.shots} + {self.query_shots} = "
+                    f"{self.shots + self.query_shots} is more than the {fewest} examples of the "
+                    f"smallest class; choose shots + query_shots <= {fewest}"
+                )
+        saved = self._rng
+        try:
+            self.sample_task()
+        finally:
+            self._rng = saved
+
+    def state_dict(self) -> dict:
+        return {"rng": self._rng, "tasks_sampled": self.tasks_sampled}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._rng = state["rng"]
+        self.tasks_sampled = state["tasks_sampled"]

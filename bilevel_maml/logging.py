@@ -1,0 +1,123 @@
+"""Weights & Biases logging for :class:`~bilevel_maml.engine.MetaEngine`.
+
+Betty 0.1.1's ``WandBLogger.__init__`` defines an ``init`` function and never calls it, so no run
+is ever started and every ``wandb.log`` fails. :class:`WandbLogger` starts the run itself, logs
+each step's metrics as one dict, and degrades to a warning when wandb cannot start.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from betty.logging.logger_base import LoggerBase
+
+
+def _scalar(value):
+    return value.item() if hasattr(value, "item") else value
+
+
+class WandbLogger(LoggerBase):
+    """Starts a wandb run and logs ``{tag}/{key}`` metrics once per step.
+
+    :param mode: ``"offline"`` (default: writes a local run folder, needs no account),
+        ``"online"`` (uses the user's own API key) or ``"disabled"``.
+    :param dir: folder under which wandb writes its ``wandb/`` run folders.
+    """
+
+    MODES = ("offline", "online", "disabled")
+
+    def __init__(self, project: str = "bilevel-maml", name: str | None = None, group: str | None = None,
+                 tags=None, config: dict | None = None, mode: str = "offline", dir=None):
+        if mode not in self.MODES:
+            raise ValueError(f"unknown wandb mode {mode!r}; choose one of: {', '.join(self.MODES)}")
+        self.run = None
+        try:
+            import wandb
+
+            self.run = wandb.init(project=project, name=name, group=group, tags=tags,
+                                  config=config, mode=mode, dir=dir)
+        except Exception as error:  # wandb must never be the reason a training run dies
+            warnings.warn(f"wandb could not start ({error}); training continues without W&B logging")
+
+    def log(self, stats, tag=None, step=None):
+        if self.run is None or not stats:
+            return
+        prefix = f"{tag}/" if tag else ""
+        self.run.log({prefix + key: _scalar(value) for key, value in stats.items()}, step=step)
+
+    def finish(self):
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+_BLOCK = 32768
+_HEADER = 7  # ":W&B" ident, 0xBEE1 magic, version byte; every record header is also 7 bytes
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def _records(path):
+    """Payloads of a wandb transaction log (LevelDB log format: 32 KiB blocks of framed chunks)."""
+    import struct
+
+    data = open(path, "rb").read()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path} is not a wandb run file (no ':W&B' header)")
+    position, pending = _HEADER, b""
+    while position + _HEADER <= len(data):
+        left_in_block = _BLOCK - position % _BLOCK
+        if left_in_block < _HEADER:
+            position += left_in_block
+            continue
+        _, length, kind = struct.unpack_from("<IHB", data, position)
+        chunk = data[position + _HEADER : position + _HEADER + length]
+        position += _HEADER + length
+        if kind == _FULL:
+            yield chunk
+        elif kind == _FIRST:
+            pending = chunk
+        elif kind == _MIDDLE:
+            pending += chunk
+        elif kind == _LAST:
+            yield pending + chunk
+        else:  # zero padding at the end of a block
+            position += left_in_block - _HEADER - length
+
+
+def read_offline_run(run_dir) -> dict:
+    """Read an offline wandb run folder back: ``{"config", "history", "summary"}``.
+
+    ``history`` is one dict per logged step (with ``_step``); ``summary`` holds the last value of
+    every key, as W&B shows it. Useful to inspect runs on machines that never sync.
+    """
+    import glob
+    import json
+    import os
+
+    from wandb.proto import wandb_internal_pb2
+
+    files = glob.glob(os.path.join(run_dir, "run-*.wandb"))
+    if not files:
+        raise FileNotFoundError(f"no run-*.wandb file in {run_dir!r}; is it a wandb run folder?")
+    config, history, summary = {}, [], {}
+
+    def key_of(item):
+        return item.key or "/".join(item.nested_key)
+
+    for payload in _records(files[0]):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            row = {key_of(i): json.loads(i.value_json) for i in record.history.item}
+            history.append(row)
+            summary.update({k: v for k, v in row.items() if not k.startswith("_")})
+        elif kind == "summary":
+            summary.update({key_of(i): json.loads(i.value_json) for i in record.summary.update})
+        elif kind in ("config", "run"):
+            items = record.config.update if kind == "config" else record.run.config.update
+            for item in items:
+                value = json.loads(item.value_json)
+                config[key_of(item)] = value.get("value", value) if isinstance(value, dict) else value
+    config.pop("_wandb", None)
+    return {"config": config, "history": history, "summary": summary}

@@ -1,0 +1,253 @@
+"""The two levels every algorithm here shares, as Betty ``Problem`` subclasses.
+
+``MetaLearner`` (the Upper problem) owns the meta-parameters θ and the outer optimizer; its loss is
+the adapted learner's loss on the task's query set. ``TaskLearner`` (the Lower problem) holds fast
+weights φ, restarts them from θ at every inner loop and takes ``inner_steps`` gradient steps on the
+task's support set. Betty drives the order: the Lower steps, and after ``unroll_steps`` steps it
+calls the Upper, which accumulates ``meta_batch_size`` tasks before one optimizer step.
+
+A new algorithm is a subclass that overrides a few of these hooks:
+
+* ``TaskLearner.start_params()``: where φ starts (θ itself when the meta-gradient flows through it);
+* ``TaskLearner.inner_loss(params, batch)``: the support objective (regularisers go here);
+* ``TaskLearner.inner_update(params, grads)``: one inner step, SGD by default;
+* ``MetaLearner.meta_gradient(query_loss)``: the gradient it assigns to θ.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from betty.configs import Config
+from betty.problems import Problem
+from torch.func import functional_call
+
+from bilevel_maml.hypergradient import get_grads, zeros_for_unused
+from bilevel_maml.validation import check_positive, check_positive_int
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def is_classification(outputs: torch.Tensor, labels: torch.Tensor) -> bool:
+    return outputs.dim() == 2 and not labels.is_floating_point()
+
+
+def task_metrics(outputs: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor) -> dict:
+    """Loss, plus accuracy for classification, as plain floats for logging."""
+    stats = {"loss": loss.detach()}
+    if is_classification(outputs, labels):
+        stats["accuracy"] = (outputs.argmax(dim=1) == labels).float().mean().detach()
+    return stats
+
+
+class _NoRollBack:
+    def cache_states(self):
+        raise NotImplementedError(
+            "EngineConfig(roll_back=True) is not supported: meta-learning problems restart their "
+            "inner loop from θ every task, so there is nothing to roll back"
+        )
+
+    recover_states = cache_states
+
+
+class TaskLearner(_NoRollBack, Problem):
+    """Lower problem: adapts fast weights φ to one task's support set, starting from θ.
+
+    ``module`` is the same ``nn.Module`` the :class:`MetaLearner` holds; the task learner never
+    writes into it and evaluates it functionally (``torch.func.functional_call``) with φ.
+    """
+
+    #: Keep the graph of each inner step so the meta-gradient can flow through the adaptation.
+    second_order = False
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        inner_lr: float,
+        inner_steps: int = 1,
+        loss_fn: LossFn | None = None,
+        name: str = "lower",
+        config: Config | None = None,
+        device=None,
+    ):
+        check_positive("inner_lr", inner_lr)
+        if config is None:
+            config = Config(unroll_steps=check_positive_int("inner_steps", inner_steps))
+        else:
+            check_positive_int("config.unroll_steps", config.unroll_steps)
+        super().__init__(name=name, config=config, module=module, optimizer=None, device=device)
+        self.inner_lr = inner_lr
+        self.loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
+        self.params: tuple[torch.Tensor, ...] = ()
+        self._grads: tuple[torch.Tensor, ...] | None = None
+        self.param_names = [name for name, _ in module.named_parameters()]
+
+    @property
+    def meta_learner(self) -> "MetaLearner":
+        return self.parents[0]
+
+    @property
+    def inner_steps(self) -> int:
+        return self.config.unroll_steps
+
+    # -- functional model ----------------------------------------------------------------------
+    def forward(self, inputs: torch.Tensor, params=None) -> torch.Tensor:
+        params = self.params if params is None else params
+        weights = dict(zip(self.param_names, params))
+        return functional_call(self.module, (weights, dict(self.module.named_buffers())), (inputs,))
+
+    # -- hooks a variant overrides -------------------------------------------------------------
+    def start_params(self) -> tuple[torch.Tensor, ...]:
+        """φ at the start of an inner loop: a graph-free view of θ (no copy)."""
+        return tuple(p.detach().requires_grad_() for p in self.meta_learner.trainable_parameters())
+
+    def task_loss(self, params, batch) -> torch.Tensor:
+        inputs, labels = batch
+        return self.loss_fn(self.forward(inputs, params), labels)
+
+    def inner_loss(self, params, batch) -> torch.Tensor:
+        return self.task_loss(params, batch)
+
+    def inner_update(self, params, grads) -> tuple[torch.Tensor, ...]:
+        return tuple(p - self.inner_lr * g for p, g in zip(params, grads))
+
+    # -- Betty hooks ---------------------------------------------------------------------------
+    def on_inner_loop_start(self):
+        self.params = self.start_params()
+
+    def get_batch(self):
+        return self.env.batch["support"]
+
+    def training_step(self, batch):
+        return self.inner_loss(self.params, batch)
+
+    def backward(self, loss, params, paths, create_graph=False, retain_graph=True, allow_unused=True):
+        # The gradient is kept off `.grad`: at MAML's first inner step `params` are θ itself, whose
+        # `.grad` is accumulating the meta-gradient of the earlier tasks of the meta-batch.
+        params = tuple(params)
+        grads = torch.autograd.grad(loss, params, create_graph=self.second_order, allow_unused=True)
+        self._grads = zeros_for_unused(grads, params)
+
+    def optimizer_step(self, *args, **kwargs):
+        new_params = self.inner_update(self.params, self._grads)
+        if not self.second_order:
+            new_params = tuple(p.detach().requires_grad_() for p in new_params)
+        self.params = new_params
+
+    def zero_grad(self):
+        self._grads = None
+
+    def parameters(self):
+        return self.params
+
+    def trainable_parameters(self):
+        return self.params
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def adapt(self, batch, steps: int | None = None) -> tuple[torch.Tensor, ...]:
+        """Adapt a graph-free copy of θ to ``batch`` with the same hooks as training."""
+        with torch.enable_grad():
+            params = tuple(p.detach().requires_grad_() for p in self.start_params())
+            for _ in range(self.inner_steps if steps is None else steps):
+                grads = torch.autograd.grad(self.inner_loss(params, batch), params, allow_unused=True)
+                updated = self.inner_update(params, zeros_for_unused(grads, params))
+                params = tuple(p.detach().requires_grad_() for p in updated)
+        return params
+
+
+class MetaLearner(_NoRollBack, Problem):
+    """Upper problem: holds θ and scores the adapted task learner on the query set.
+
+    The default :meth:`meta_gradient` follows Betty's semantics (direct gradient plus the
+    best-response path through the Lower's ``config.type``) with the corrected hypergradients of
+    :mod:`bilevel_maml.hypergradient`; each algorithm overrides it with its own.
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        meta_batch_size: int = 1,
+        loss_fn: LossFn | None = None,
+        scheduler=None,
+        gradient_clipping: float = 0.0,
+        name: str = "upper",
+        config: Config | None = None,
+        device=None,
+    ):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer over the module's parameters, "
+                f"got {type(optimizer).__name__}"
+            )
+        if config is None:
+            config = Config(
+                gradient_accumulation=check_positive_int("meta_batch_size", meta_batch_size),
+                gradient_clipping=gradient_clipping,
+            )
+        else:
+            check_positive_int("config.gradient_accumulation", config.gradient_accumulation)
+        # The scheduler is stepped once per meta-update here, not by Betty once per task.
+        super().__init__(name=name, config=config, module=module, optimizer=optimizer, device=device)
+        self.lr_scheduler = scheduler
+        self.loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
+        self.task_stats: list[dict] = []
+
+    @property
+    def task_learner(self) -> TaskLearner:
+        return self.children[0]
+
+    @property
+    def meta_batch_size(self) -> int:
+        return self.gas
+
+    # -- Betty hooks ---------------------------------------------------------------------------
+    def get_batch(self):
+        return self.env.batch["query"]
+
+    def training_step(self, batch):
+        inputs, labels = batch
+        outputs = self.task_learner.forward(inputs)
+        loss = self.loss_fn(outputs, labels)
+        return {**task_metrics(outputs, labels, loss), "loss": loss}
+
+    def get_loss(self, batch):
+        loss, stats = super().get_loss(batch)
+        self.task_stats.append({k: float(v) for k, v in stats.items()})
+        return loss, stats
+
+    def backward(self, loss, params, paths, create_graph=False, retain_graph=True, allow_unused=True):
+        grads = self.meta_gradient(loss)
+        self.set_grads(params, [g.detach() for g in grads])
+
+    def meta_gradient(self, query_loss: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        theta = self.trainable_parameters()
+        grads = zeros_for_unused(
+            torch.autograd.grad(query_loss, theta, retain_graph=True, allow_unused=True), theta
+        )
+        for path in self.paths:
+            grads = tuple(g + h for g, h in zip(grads, get_grads(query_loss, path, retain_graph=True)))
+        return grads
+
+    def optimizer_step(self, *args, **kwargs):
+        if self.gradient_clipping > 0.0:
+            self.clip_grad()
+        self.optimizer.step()
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+
+    def parameters(self):
+        return list(self.module.parameters())
+
+    def trainable_parameters(self):
+        return list(self.module.parameters())
+
+    def train(self):
+        super().train()
+        self.module.train()
+
+    def eval(self):
+        super().eval()
+        self.module.eval()

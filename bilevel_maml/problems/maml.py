@@ -1,0 +1,26 @@
+"""MAML (Finn et al., 2017): the meta-gradient flows through the unrolled inner steps."""
+
+from __future__ import annotations
+
+import torch
+
+from bilevel_maml.hypergradient import zeros_for_unused
+from bilevel_maml.problems.base import MetaLearner, TaskLearner
+
+
+class MAMLLower(TaskLearner):
+    """Starts from θ itself and keeps every inner step in the autograd graph (second order)."""
+
+    second_order = True
+
+    def start_params(self):
+        # θ itself, not a copy: a copy would cut the graph and leave θ without a gradient.
+        return tuple(self.meta_learner.trainable_parameters())
+
+
+class MAMLUpper(MetaLearner):
+    """θ.grad = d L_query(φ_K(θ)) / dθ, differentiating through all K inner steps."""
+
+    def meta_gradient(self, query_loss):
+        theta = self.trainable_parameters()
+        return zeros_for_unused(torch.autograd.grad(query_loss, theta, allow_unused=True), theta)

@@ -1,0 +1,68 @@
+from pathlib import Path
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from bilevel_maml.env import EpisodicEnv
+
+REPO = Path(__file__).resolve().parents[1]
+OMNIGLOT_SMALL = REPO.parent / "shared" / "data" / "omniglot-small"
+
+
+@pytest.fixture(scope="session")
+def omniglot_root():
+    if not (OMNIGLOT_SMALL / "images_background_small1.zip").is_file():
+        pytest.fail(f"the Omniglot subsets are expected in {OMNIGLOT_SMALL} (../shared beside the repo)")
+    return OMNIGLOT_SMALL
+
+
+@pytest.fixture(scope="session")
+def omniglot_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("omniglot-cache")
+
+
+class RecordingSGD(torch.optim.SGD):
+    """SGD that remembers the gradient it was handed at each step."""
+
+    def __init__(self, params, lr=0.0):
+        super().__init__(params, lr=lr)
+        self.seen_grads = []
+
+    def step(self, closure=None):
+        self.seen_grads.append([p.grad.detach().clone() for g in self.param_groups for p in g["params"]])
+        return super().step(closure)
+
+
+class RecordingEnv(EpisodicEnv):
+    """Keeps every task it hands out, so a test can recompute the meta-gradient by hand."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.episodes = []
+
+    def step(self):
+        super().step()
+        self.episodes.append((self.batch["support"], self.batch["query"]))
+
+
+def functional(model):
+    names = [name for name, _ in model.named_parameters()]
+
+    def forward(params, inputs):
+        return functional_call(model, dict(zip(names, params)), (inputs,))
+
+    return forward
+
+
+def random_classification_source(ways, per_class, features, dtype=torch.float64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    centers = torch.randn(64, features, generator=generator, dtype=dtype)
+
+    def sample():
+        classes = torch.randperm(64)[:ways]
+        labels = classes.repeat_interleave(per_class)
+        inputs = centers[labels] + 0.5 * torch.randn(len(labels), features, dtype=dtype)
+        return inputs, labels
+
+    return sample

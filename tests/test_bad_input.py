@@ -1,0 +1,75 @@
+"""Bad arguments fail before any training, with a message naming the value and what is allowed."""
+
+import pytest
+import torch
+
+from bilevel_maml import IMAMLLower, MAMLLower, MAMLUpper, build_engine
+from bilevel_maml.data import CharacterImages, DataNotFoundError, omniglot_small_tasksets, task_dataset
+from bilevel_maml.models import MLP
+
+
+def small_tasksets(ways=5, samples_per_class=4):
+    """A learn2learn TaskDataset over 6 classes with 4 examples each."""
+    characters = [torch.rand(4, 1, 8, 8) for _ in range(6)]
+    tasks = task_dataset(CharacterImages(characters), ways=min(ways, 6), samples_per_class=min(samples_per_class, 4))
+    return {"train": tasks, "validation": tasks, "test": tasks}
+
+
+def flat_model():
+    return torch.nn.Sequential(torch.nn.Flatten(), MLP(64, 5))
+
+
+def build(**overrides):
+    arguments = dict(algorithm="maml", model=flat_model(), tasksets=small_tasksets(), ways=5, shots=1,
+                     query_shots=1, inner_steps=1, meta_batch_size=2, meta_iterations=1)
+    arguments.update(overrides)
+    return build_engine(**arguments)
+
+
+def test_a_valid_configuration_builds():
+    engine = build()
+    assert engine.meta_batch_size == 2
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        (dict(ways=7), ValueError, r"ways=7 is larger than the 6 classes available"),
+        (dict(shots=3, query_shots=2), ValueError, r"shots \+ query_shots = 3 \+ 2 = 5 is more than the 4 examples"),
+        (dict(inner_steps=0), ValueError, r"inner_steps must be an integer >= 1, got 0"),
+        (dict(inner_steps=1.5), TypeError, r"inner_steps must be an integer >= 1, got 1.5"),
+        (dict(meta_batch_size=0), ValueError, r"meta_batch_size must be an integer >= 1, got 0"),
+        (dict(algorithm="reptile"), ValueError, r"unknown algorithm 'reptile'; choose one of: fomaml, imaml, maml"),
+        (dict(inner_lr=0.0), ValueError, r"inner_lr must be a positive finite number, got 0.0"),
+        (dict(meta_lr=-1e-3), ValueError, r"meta_lr must be a positive finite number, got -0.001"),
+        (dict(algorithm="imaml", lam=0), ValueError, r"lam \(the iMAML proximal strength λ\) must be a positive"),
+        (dict(optimizer="rmsprop"), ValueError, r"unknown optimizer 'rmsprop'; choose one of: adafactor, adam, adamw, sgd"),
+        (dict(model="conv4"), TypeError, r"model must be a torch.nn.Module, got str"),
+    ],
+)
+def test_bad_arguments_are_rejected_with_a_clear_message(overrides, error, message):
+    with pytest.raises(error, match=message):
+        build(**overrides)
+
+
+def test_problem_classes_check_their_own_arguments():
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="inner_lr must be a positive finite number, got -0.1"):
+        MAMLLower(model, inner_lr=-0.1)
+    with pytest.raises(ValueError, match="inner_steps must be an integer >= 1, got 0"):
+        MAMLLower(model, inner_lr=0.1, inner_steps=0)
+    with pytest.raises(ValueError, match="λ\\) must be a positive finite number, got -1"):
+        IMAMLLower(model, inner_lr=0.1, lam=-1)
+    with pytest.raises(ValueError, match="meta_batch_size must be an integer >= 1, got 0"):
+        MAMLUpper(model, torch.optim.SGD(model.parameters(), lr=0.1), meta_batch_size=0)
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+        MAMLUpper(model, "adam")
+
+
+def test_missing_data_folder_says_where_the_data_must_be(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(ValueError, match="nowhere' does not exist. Place images_background_small1.zip and images_background_small2.zip"):
+        omniglot_small_tasksets(missing, ways=5, samples_per_class=2)
+    with pytest.raises(DataNotFoundError, match="lacks images_background_small1.zip, images_background_small2.zip"):
+        omniglot_small_tasksets(tmp_path, ways=5, samples_per_class=2)
+    assert issubclass(DataNotFoundError, FileNotFoundError)

@@ -1,0 +1,91 @@
+"""The engine's order of operations, observed through counting hooks."""
+
+import pytest
+import torch
+from torch import nn
+
+from bilevel_maml import FOMAMLLower, FOMAMLUpper, MAMLLower, MAMLUpper, MetaEngine
+from bilevel_maml.env import EpisodicEnv
+
+from conftest import random_classification_source
+
+EVENTS: list = []
+
+
+class CountingEnv(EpisodicEnv):
+    def step(self):
+        EVENTS.append("env")
+        super().step()
+
+
+def counting(upper_cls, lower_cls):
+    class Lower(lower_cls):
+        def on_inner_loop_start(self):
+            super().on_inner_loop_start()
+            theta = self.meta_learner.trainable_parameters()
+            starts_at_theta = all(torch.equal(p, t) for p, t in zip(self.params, theta))
+            EVENTS.append(("start", starts_at_theta, all(p is t for p, t in zip(self.params, theta))))
+
+        def training_step(self, batch):
+            EVENTS.append("inner")
+            return super().training_step(batch)
+
+    class Upper(upper_cls):
+        def training_step(self, batch):
+            EVENTS.append("query")
+            return super().training_step(batch)
+
+        def optimizer_step(self, *args, **kwargs):
+            EVENTS.append("update")
+            return super().optimizer_step(*args, **kwargs)
+
+    return Upper, Lower
+
+
+class CountingEngine(MetaEngine):
+    def validation(self):
+        EVENTS.append(("validation", self.meta_iteration))
+        return super().validation()
+
+
+@pytest.mark.parametrize("algorithm", [(MAMLUpper, MAMLLower), (FOMAMLUpper, FOMAMLLower)], ids=["maml", "fomaml"])
+def test_env_step_once_per_task_upper_once_per_meta_batch_validation_on_schedule(algorithm):
+    EVENTS.clear()
+    upper_cls, lower_cls = counting(*algorithm)
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    source = random_classification_source(3, 2, 4, dtype=torch.float32)
+    env = CountingEnv(source, ways=3, shots=1, seed=1)
+    valid_env = EpisodicEnv(source, ways=3, shots=1, seed=2)
+    upper = upper_cls(model, torch.optim.SGD(model.parameters(), lr=0.5), meta_batch_size=4)
+    lower = lower_cls(model, inner_lr=0.1, inner_steps=3)
+    engine = CountingEngine(upper, lower, env, meta_iterations=6, valid_env=valid_env, valid_step=2, valid_tasks=5)
+    engine.run()
+
+    one_task = ["env", "start", "inner", "inner", "inner", "query"]
+    validations = [e for e in EVENTS if isinstance(e, tuple) and e[0] == "validation"]
+    assert validations == [("validation", 2), ("validation", 4), ("validation", 6)]
+    training = [e[0] if isinstance(e, tuple) and e[0] == "start" else e for e in EVENTS if e not in validations]
+    assert training == (one_task * 4 + ["update"]) * 6
+    assert env.tasks_sampled == 24 and valid_env.tasks_sampled == 0  # validation draws, does not step
+
+    starts = [e for e in EVENTS if isinstance(e, tuple) and e[0] == "start"]
+    assert all(equal for _, equal, _ in starts), "every inner loop starts from the current θ"
+    assert all(same for _, _, same in starts) == (algorithm[0] is MAMLUpper)  # MAML: θ itself
+
+
+def test_theta_changes_only_at_meta_updates():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    source = random_classification_source(3, 2, 4, dtype=torch.float32)
+    upper = MAMLUpper(model, torch.optim.SGD(model.parameters(), lr=0.5), meta_batch_size=3)
+    lower = MAMLLower(model, inner_lr=0.1, inner_steps=2)
+    engine = MetaEngine(upper, lower, EpisodicEnv(source, ways=3, shots=1), meta_iterations=1)
+    engine.train()
+    snapshots = []
+    for _ in range(3 * 2):
+        snapshots.append(model.weight.detach().clone())
+        engine.global_step += 1
+        engine.train_step()
+    assert all(torch.equal(s, snapshots[0]) for s in snapshots)
+    assert not torch.equal(model.weight, snapshots[0])

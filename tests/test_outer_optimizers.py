@@ -1,0 +1,50 @@
+"""Any torch.optim optimizer can drive θ: the update equals that optimizer applied to the
+reference meta-gradient."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from bilevel_maml import MAMLLower, MAMLUpper, MetaEngine, build_engine
+from bilevel_maml.builder import OPTIMIZERS
+
+from conftest import RecordingEnv, random_classification_source
+from test_meta_gradients import INNER_LR, unrolled_maml_gradient
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "adafactor", "sgd"])
+def test_outer_step_is_the_optimizer_applied_to_the_meta_gradient(name):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5)).double()
+    reference_model = copy.deepcopy(model)
+    initial = [p.detach().clone() for p in model.parameters()]
+    env = RecordingEnv(random_classification_source(5, 2, 6), ways=5, shots=1, seed=5)
+    optimizer = OPTIMIZERS[name](model.parameters(), lr=0.05)
+    upper = MAMLUpper(model, optimizer, meta_batch_size=2)
+    lower = MAMLLower(model, inner_lr=INNER_LR, inner_steps=2)
+    MetaEngine(upper, lower, env, meta_iterations=1).run()
+
+    per_task = [unrolled_maml_gradient(reference_model, e, 2, create_graph=True) for e in env.episodes]
+    reference_optimizer = OPTIMIZERS[name](reference_model.parameters(), lr=0.05)
+    for p, a, b in zip(reference_model.parameters(), *per_task):
+        p.grad = (a + b) / 2
+    reference_optimizer.step()
+    for got, expected in zip(model.parameters(), reference_model.parameters()):
+        assert torch.allclose(got, expected, atol=1e-10)
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), initial))
+
+
+def test_build_engine_accepts_an_optimizer_factory_and_a_scheduler():
+    torch.manual_seed(0)
+    model = nn.Linear(6, 5)
+    source = random_classification_source(5, 2, 6, dtype=torch.float32)
+    engine = build_engine(
+        "fomaml", model, source, ways=5, shots=1, meta_iterations=4, meta_batch_size=2, meta_lr=0.1,
+        optimizer=lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9),
+        scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
+    )
+    history = engine.run()
+    assert [round(h["lr"], 6) for h in history] == [0.1, 0.05, 0.05, 0.025]
+    assert engine.meta_learner.optimizer.param_groups[0]["momentum"] == 0.9
