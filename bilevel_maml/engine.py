@@ -12,7 +12,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable
+import random
+import time
+
+import numpy as np
 
 import torch
 from betty.engine import Engine
@@ -20,7 +23,7 @@ from betty.configs import EngineConfig
 from betty.logging.logger_base import get_logger
 
 from bilevel_maml.env import EpisodicEnv
-from bilevel_maml.problems.base import MetaLearner, TaskLearner, task_metrics
+from bilevel_maml.problems.base import MetaLearner, NonFiniteError, TaskLearner, task_metrics
 from bilevel_maml.validation import check_positive_int
 
 #: two-sided 95% normal quantile, for confidence intervals over tasks
@@ -35,6 +38,21 @@ def mean_and_ci95(values: list[float]) -> tuple[float, float]:
         return mean, float("nan")
     variance = sum((v - mean) ** 2 for v in values) / (n - 1)
     return mean, Z_95 * math.sqrt(variance / n)
+
+
+def global_rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_global_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @contextlib.contextmanager
@@ -62,6 +80,7 @@ class MetaEngine(Engine):
     :param device: device for the problems and every env (Betty's ``Engine`` has none).
     :param logger: a Betty-style logger (``log(stats, tag, step)``), e.g.
         :class:`bilevel_maml.logging.WandbLogger`; defaults to Betty's no-op logger.
+    :param callbacks: progress bars, checkpointers, ... (see :attr:`callbacks`).
     :param verbose: keep Betty's INFO messages about problem set-up.
     """
 
@@ -78,6 +97,7 @@ class MetaEngine(Engine):
         valid_tasks: int = 100,
         device: torch.device | str | None = None,
         logger=None,
+        callbacks=(),
         verbose: bool = False,
     ):
         if not isinstance(upper, MetaLearner):
@@ -100,7 +120,9 @@ class MetaEngine(Engine):
         self.meta_iteration = 0
         self.best_valid: dict | None = None
         self.history: list[dict] = []
-        self.callbacks: list[Callable[["MetaEngine", str, dict], None]] = []
+        #: objects with any of on_train_start(engine), on_iteration_end(engine, metrics),
+        #: on_validation_end(engine, stats, improved), on_test_end(engine, stats), on_train_end(engine)
+        self.callbacks: list = list(callbacks)
         steps_per_iteration = self.inner_steps * self.meta_batch_size
         config = EngineConfig(
             train_iters=self.meta_iterations * steps_per_iteration,
@@ -132,22 +154,73 @@ class MetaEngine(Engine):
         return {key: sum(s[key] for s in per_task) / len(per_task) for key in per_task[0]}
 
     def run(self) -> list[dict]:
-        """Meta-train until ``meta_iterations``; returns the per-iteration training statistics."""
+        """Meta-train until ``meta_iterations``; returns the per-iteration training statistics.
+
+        Each meta-iteration's metrics (``train/*`` and, when it validates, ``validation/*``) go to
+        the logger as one dict and to every callback's ``on_iteration_end``.
+        """
         self.train()
+        self._call("on_train_start")
         for iteration in range(self.meta_iteration + 1, self.meta_iterations + 1):
-            stats = self.meta_step()
+            started = time.perf_counter()
+            try:
+                stats = self.meta_step()
+            except NonFiniteError as error:
+                raise NonFiniteError(
+                    f"meta-iteration {iteration}: {error}; θ was not updated at this iteration"
+                ) from None
             self.meta_iteration = iteration
             stats["lr"] = self.meta_learner.optimizer.param_groups[0]["lr"]
+            stats["tasks_per_second"] = self.meta_batch_size / (time.perf_counter() - started)
             self.history.append(stats)
-            self.logger.log(stats, tag="train", step=iteration)
-            self._notify("train", stats)
+            metrics = {f"train/{key}": value for key, value in stats.items()}
             if self.valid_env is not None and iteration % self.valid_every == 0:
-                self.validate()
+                metrics.update({f"validation/{k}": v for k, v in self.validate().items()})
+            self.logger.log(metrics, step=iteration)
+            self._call("on_iteration_end", metrics)
+        self._call("on_train_end")
         return self.history
 
-    def _notify(self, event: str, stats: dict):
+    def _call(self, hook: str, *args):
         for callback in self.callbacks:
-            callback(self, event, stats)
+            method = getattr(callback, hook, None)
+            if method is not None:
+                method(self, *args)
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue exactly as if never stopped."""
+        upper = self.meta_learner
+        envs = {"train": self.env, "validation": self.valid_env, "test": self.test_env}
+        return {
+            "meta_iteration": self.meta_iteration,
+            "global_step": self.global_step,
+            "problem_counts": [upper._count, self.task_learner._count],
+            "theta": upper.module.state_dict(),
+            "optimizer": upper.optimizer.state_dict(),
+            "scheduler": upper.lr_scheduler.state_dict() if upper.lr_scheduler is not None else None,
+            "envs": {name: env.state_dict() for name, env in envs.items() if env is not None},
+            "best_valid": self.best_valid,
+            "history": self.history,
+            "rng": global_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        upper = self.meta_learner
+        upper.module.load_state_dict(state["theta"])
+        upper.optimizer.load_state_dict(state["optimizer"])
+        if upper.lr_scheduler is not None and state["scheduler"] is not None:
+            upper.lr_scheduler.load_state_dict(state["scheduler"])
+        envs = {"train": self.env, "validation": self.valid_env, "test": self.test_env}
+        for name, env_state in state["envs"].items():
+            if envs.get(name) is not None:
+                envs[name].load_state_dict(env_state)
+        self.meta_iteration = state["meta_iteration"]
+        self.global_step = state["global_step"]
+        upper._count, self.task_learner._count = state["problem_counts"]
+        self.best_valid = state["best_valid"]
+        self.history = list(state["history"])
+        set_global_rng_state(state["rng"])
 
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self, env: EpisodicEnv, num_tasks: int) -> dict:
@@ -181,10 +254,10 @@ class MetaEngine(Engine):
         """Validate now; remembers the best result (highest accuracy, else lowest loss)."""
         stats = self.validation()
         key, sign = ("accuracy", 1) if "accuracy" in stats else ("loss", -1)
-        if self.best_valid is None or sign * stats[key] > sign * self.best_valid[key]:
+        improved = self.best_valid is None or sign * stats[key] > sign * self.best_valid[key]
+        if improved:
             self.best_valid = {**stats, "iteration": self.meta_iteration}
-        self.logger.log(stats, tag="validation", step=self.meta_iteration)
-        self._notify("validation", stats)
+        self._call("on_validation_end", stats, improved)
         return stats
 
     def test(self, num_tasks: int = 600) -> dict:
@@ -192,9 +265,9 @@ class MetaEngine(Engine):
         if self.test_env is None:
             raise ValueError("this engine has no test_env; pass test_env= to report test accuracy")
         stats = self.evaluate(self.test_env, num_tasks)
-        self.logger.log(stats, tag="test", step=self.meta_iteration)
-        self._notify("test", stats)
+        self.logger.log({f"test/{k}": v for k, v in stats.items()}, step=self.meta_iteration)
+        self._call("on_test_end", stats)
         return stats
 
 
-__all__ = ["MetaEngine", "mean_and_ci95"]
+__all__ = ["MetaEngine", "NonFiniteError", "mean_and_ci95"]

@@ -7,6 +7,8 @@ each step's metrics as one dict, and degrades to a warning when wandb cannot sta
 
 from __future__ import annotations
 
+import os
+import re
 import warnings
 
 from betty.logging.logger_base import LoggerBase
@@ -17,7 +19,10 @@ def _scalar(value):
 
 
 class WandbLogger(LoggerBase):
-    """Starts a wandb run and logs ``{tag}/{key}`` metrics once per step.
+    """Starts a wandb run and sends each step's metrics as one ``wandb.log`` call.
+
+    Metrics for the same step (say, ``train/*`` and then ``test/*`` at the last iteration) are
+    merged and sent when a later step arrives or at :meth:`finish`.
 
     :param mode: ``"offline"`` (default: writes a local run folder, needs no account),
         ``"online"`` (uses the user's own API key) or ``"disabled"``.
@@ -31,22 +36,52 @@ class WandbLogger(LoggerBase):
         if mode not in self.MODES:
             raise ValueError(f"unknown wandb mode {mode!r}; choose one of: {', '.join(self.MODES)}")
         self.run = None
+        self._pending_step, self._pending = None, {}
         try:
             import wandb
 
-            self.run = wandb.init(project=project, name=name, group=group, tags=tags,
-                                  config=config, mode=mode, dir=dir)
+            self.run = wandb.init(project=project, name=name, group=group, tags=list(tags or []) or None,
+                                  config=config, mode=mode, dir=dir, settings=wandb.Settings(silent=True))
         except Exception as error:  # wandb must never be the reason a training run dies
             warnings.warn(f"wandb could not start ({error}); training continues without W&B logging")
+
+    @property
+    def run_dir(self) -> str | None:
+        """The run's local folder (``.../wandb/offline-run-*``), if a run started."""
+        return os.path.dirname(self.run.dir) if self.run is not None and self.run.dir else None
 
     def log(self, stats, tag=None, step=None):
         if self.run is None or not stats:
             return
         prefix = f"{tag}/" if tag else ""
-        self.run.log({prefix + key: _scalar(value) for key, value in stats.items()}, step=step)
+        row = {prefix + key: _scalar(value) for key, value in stats.items()}
+        if step is None:
+            self.flush()
+            self.run.log(row)
+            return
+        if step != self._pending_step:
+            self.flush()
+            self._pending_step = step
+        self._pending.update(row)
+
+    def flush(self):
+        if self.run is not None and self._pending:
+            self.run.log(self._pending, step=self._pending_step)
+        self._pending = {}
+
+    def log_artifact(self, path, name: str, type: str = "model", metadata: dict | None = None):
+        """Attach a file (e.g. the best checkpoint) to the run as a versioned artifact."""
+        if self.run is None:
+            return
+        import wandb
+
+        artifact = wandb.Artifact(re.sub(r"[^\w.-]", "-", name), type=type, metadata=metadata)
+        artifact.add_file(str(path))
+        self.run.log_artifact(artifact)
 
     def finish(self):
         if self.run is not None:
+            self.flush()
             self.run.finish()
             self.run = None
 
@@ -85,7 +120,7 @@ def _records(path):
 
 
 def read_offline_run(run_dir) -> dict:
-    """Read an offline wandb run folder back: ``{"config", "history", "summary"}``.
+    """Read an offline wandb run folder back: ``{"config", "history", "summary", "artifacts"}``.
 
     ``history`` is one dict per logged step (with ``_step``); ``summary`` holds the last value of
     every key, as W&B shows it. Useful to inspect runs on machines that never sync.
@@ -99,7 +134,7 @@ def read_offline_run(run_dir) -> dict:
     files = glob.glob(os.path.join(run_dir, "run-*.wandb"))
     if not files:
         raise FileNotFoundError(f"no run-*.wandb file in {run_dir!r}; is it a wandb run folder?")
-    config, history, summary = {}, [], {}
+    config, history, summary, artifacts = {}, [], {}, []
 
     def key_of(item):
         return item.key or "/".join(item.nested_key)
@@ -112,6 +147,9 @@ def read_offline_run(run_dir) -> dict:
             row = {key_of(i): json.loads(i.value_json) for i in record.history.item}
             history.append(row)
             summary.update({k: v for k, v in row.items() if not k.startswith("_")})
+        elif kind == "artifact":
+            artifacts.append({"name": record.artifact.name, "type": record.artifact.type,
+                              "files": [entry.path for entry in record.artifact.manifest.contents]})
         elif kind == "summary":
             summary.update({key_of(i): json.loads(i.value_json) for i in record.summary.update})
         elif kind in ("config", "run"):
@@ -120,4 +158,4 @@ def read_offline_run(run_dir) -> dict:
                 value = json.loads(item.value_json)
                 config[key_of(item)] = value.get("value", value) if isinstance(value, dict) else value
     config.pop("_wandb", None)
-    return {"config": config, "history": history, "summary": summary}
+    return {"config": config, "history": history, "summary": summary, "artifacts": artifacts}

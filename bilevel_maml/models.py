@@ -59,3 +59,62 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, transductive: bool):
+        super().__init__()
+
+        def norm():
+            return nn.BatchNorm2d(out_channels, track_running_stats=not transductive)
+
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), norm(), nn.LeakyReLU(0.1),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), norm(), nn.LeakyReLU(0.1),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), norm(),
+        )
+        self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), norm())
+        self.out = nn.Sequential(nn.LeakyReLU(0.1), nn.MaxPool2d(2))
+
+    def forward(self, x):
+        return self.out(self.body(x) + self.shortcut(x))
+
+
+class ResNet12(nn.Module):
+    """ResNet-12 (Oreshkin et al. 2018; Lee et al. 2019): four residual blocks of three 3×3 convs,
+    each followed by 2×2 max-pooling, global average pooling and a linear classifier.
+
+    ``channels=(64, 160, 320, 640)`` is the MetaOptNet width; narrower tuples make it CPU-friendly.
+    """
+
+    def __init__(self, ways: int, in_channels: int = 3, channels: Sequence[int] = (64, 160, 320, 640),
+                 transductive: bool = True):
+        super().__init__()
+        widths = [in_channels, *channels]
+        self.features = nn.Sequential(
+            *(_ResidualBlock(a, b, transductive) for a, b in zip(widths, widths[1:])),
+            nn.AdaptiveAvgPool2d(1),
+        )
+        self.classifier = nn.Linear(widths[-1], ways)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+MODELS = ("conv4", "resnet12", "mlp")
+
+
+def build_model(name: str, ways: int, in_channels: int = 1, image_size: int = 28, width: int | None = None,
+                in_features: int = 1) -> nn.Module:
+    """A backbone by name: ``conv4`` (``width`` filters, default 64), ``resnet12`` (``width`` is the
+    first stage's channels, default 64, then ×2.5, ×5, ×10) or ``mlp`` (two hidden layers of
+    ``width``, default 40; ``ways`` outputs, or 1 for regression)."""
+    if name == "conv4":
+        return Conv4(ways, in_channels=in_channels, hidden=width or 64, image_size=image_size)
+    if name == "resnet12":
+        base = width or 64
+        return ResNet12(ways, in_channels, channels=(base, base * 5 // 2, base * 5, base * 10))
+    if name == "mlp":
+        hidden = width or 40
+        return MLP(in_features, ways, (hidden, hidden))
+    raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")

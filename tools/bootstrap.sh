@@ -71,5 +71,9 @@ PY
 pip install --quiet "${requirements[@]}"
 pip install --quiet --no-deps -e "$here"
 
-"$venv/bin/python" -c "import bilevel_maml, betty, learn2learn, torchvision, wandb"
+# (learn2learn's gym import prints a deprecation notice; show it only if the import fails)
+if ! check=$("$venv/bin/python" -c "import bilevel_maml, betty, learn2learn, torchvision, wandb" 2>&1); then
+    echo "$check" >&2
+    exit 1
+fi
 touch "$stamp"

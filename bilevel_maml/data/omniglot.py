@@ -10,13 +10,12 @@
 
 Images are resized to 28×28 and inverted (strokes are 1), as in the MAML paper; with
 ``rotations=True`` each character rotated by 0/90/180/270 degrees is a class of its own.
-The zips are read in place and the decoded images cached as one tensor file under ``cache_dir``;
-nothing is written next to the zips.
+The zips are unzipped into ``<cache_dir>/omniglot-small/`` and the decoded images kept there as one
+tensor file; nothing is written next to the zips.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import random
 import zipfile
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
+
+from bilevel_maml.data._learn2learn import import_learn2learn
 
 SUBSET_FILES = ("images_background_small1.zip", "images_background_small2.zip")
 IMAGE_SIZE = 28
@@ -54,38 +55,58 @@ def find_subsets(root: str | os.PathLike) -> tuple[Path, Path]:
     return root / SUBSET_FILES[0], root / SUBSET_FILES[1]
 
 
-def _read_subset(path: Path) -> dict[str, list[bytes]]:
-    """Character id (e.g. ``"0108"``) -> its PNG files, in drawer order."""
-    characters: dict[str, list[tuple[str, bytes]]] = {}
-    with zipfile.ZipFile(path) as archive:
-        for name in sorted(archive.namelist()):
-            if name.endswith(".png"):
-                char_id, drawer = Path(name).stem.split("_")
-                characters.setdefault(char_id, []).append((drawer, archive.read(name)))
-    return {c: [png for _, png in sorted(files)] for c, files in characters.items()}
+def extract_subsets(root, cache_dir=None) -> dict[str, Path]:
+    """Unzip both subsets into ``<cache_dir>/omniglot-small/`` (once); returns their folders."""
+    zips = find_subsets(root)
+    target = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "omniglot-small"
+    folders = {}
+    for key, archive_path in zip(("small1", "small2"), zips):
+        folder = target / archive_path.stem
+        done = folder / ".extracted"
+        if not done.is_file():
+            with zipfile.ZipFile(archive_path) as archive:
+                archive.extractall(target)
+            done.write_text(f"{archive_path.stat().st_size}\n")
+        folders[key] = folder
+    return folders
 
 
-def _decode(png: bytes) -> torch.Tensor:
+def read_alphabet_folder(folder) -> dict[str, list[Path]]:
+    """``<folder>/<alphabet>/<characterNN>/<charid>_<drawer>.png`` -> ``{charid: [png, ...]}``.
+
+    Characters are keyed by the id in the file names, which is shared across subsets, so the same
+    character in two subsets is recognised as one.
+    """
+    characters: dict[str, list[Path]] = {}
+    for png in sorted(Path(folder).glob("*/*/*.png")):
+        characters.setdefault(png.stem.split("_")[0], []).append(png)
+    if not characters:
+        raise DataNotFoundError(f"no <alphabet>/<character>/<image>.png files under {str(folder)!r}")
+    return characters
+
+
+def _decode(png: Path) -> torch.Tensor:
     from PIL import Image
-    from torchvision.transforms.functional import pil_to_tensor
+    from torchvision.transforms import functional as TF
 
-    image = Image.open(io.BytesIO(png)).convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS)
-    return 1.0 - pil_to_tensor(image).float() / 255.0
+    with Image.open(png) as image:
+        small = image.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS)
+    return 1.0 - TF.to_tensor(small)
 
 
 def load_characters(root, cache_dir=None) -> dict[str, dict[str, torch.Tensor]]:
-    """``{"small1": {char_id: images}, "small2": {...}}`` with images of shape (20, 1, 28, 28)."""
-    small1, small2 = find_subsets(root)
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    stamp = f"{small1.stat().st_size}-{small2.stat().st_size}"
-    cached = cache_dir / f"omniglot-small-{IMAGE_SIZE}px-{stamp}.pt"
+    """``{"small1": {char_id: images}, "small2": {...}}`` with images of shape (20, 1, 28, 28).
+
+    Decoded images are kept in the cache folder too, so later runs skip the PNG decoding.
+    """
+    folders = extract_subsets(root, cache_dir)
+    cached = folders["small1"].parent / f"decoded-{IMAGE_SIZE}px.pt"
     if cached.is_file():
         return torch.load(cached)
     decoded = {
-        key: {c: torch.stack([_decode(png) for png in pngs]) for c, pngs in _read_subset(path).items()}
-        for key, path in (("small1", small1), ("small2", small2))
+        key: {c: torch.stack([_decode(png) for png in pngs]) for c, pngs in read_alphabet_folder(folder).items()}
+        for key, folder in folders.items()
     }
-    cache_dir.mkdir(parents=True, exist_ok=True)
     partial = cached.with_suffix(f".tmp{os.getpid()}")
     torch.save(decoded, partial)
     os.replace(partial, cached)
@@ -124,8 +145,7 @@ class CharacterImages(Dataset):
 
 def task_dataset(dataset: CharacterImages, ways: int, samples_per_class: int, num_tasks: int = -1):
     """A learn2learn ``Taskset`` of ``ways``-way tasks with ``samples_per_class`` per class."""
-    import learn2learn as l2l
-
+    l2l = import_learn2learn()
     meta = l2l.data.MetaDataset(dataset, labels_to_indices=dataset.labels_to_indices())
     transforms = [
         l2l.data.transforms.NWays(meta, n=ways),

@@ -16,6 +16,7 @@ A new algorithm is a subclass that overrides a few of these hooks:
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -40,6 +41,10 @@ def task_metrics(outputs: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor
     if is_classification(outputs, labels):
         stats["accuracy"] = (outputs.argmax(dim=1) == labels).float().mean().detach()
     return stats
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or meta-gradient became NaN or infinite; θ is left as it was."""
 
 
 class _NoRollBack:
@@ -215,6 +220,8 @@ class MetaLearner(_NoRollBack, Problem):
 
     def get_loss(self, batch):
         loss, stats = super().get_loss(batch)
+        if not math.isfinite(stats["loss"]):
+            raise NonFiniteError(f"the query loss is {stats['loss']}")
         self.task_stats.append({k: float(v) for k, v in stats.items()})
         return loss, stats
 
@@ -232,6 +239,9 @@ class MetaLearner(_NoRollBack, Problem):
         return grads
 
     def optimizer_step(self, *args, **kwargs):
+        for name, param in self.module.named_parameters():
+            if param.grad is not None and not torch.isfinite(param.grad).all():
+                raise NonFiniteError(f"the meta-gradient of {name!r} is not finite")
         if self.gradient_clipping > 0.0:
             self.clip_grad()
         self.optimizer.step()

@@ -1,0 +1,5 @@
+import sys
+
+from bilevel_maml.cli import main
+
+sys.exit(main())

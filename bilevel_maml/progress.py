@@ -1,0 +1,39 @@
+"""A tqdm progress bar over meta-iterations: loss, accuracy, tasks/s and ETA."""
+
+from __future__ import annotations
+
+import sys
+
+from tqdm.auto import tqdm
+
+
+class ProgressBar:
+    """Engine callback. ``enabled=None`` shows the bar only when stderr is a terminal, so logs of
+    batch jobs and CI stay free of carriage-return noise."""
+
+    def __init__(self, enabled: bool | None = None, file=None):
+        self.file = file if file is not None else sys.stderr
+        self.enabled = self.file.isatty() if enabled is None else enabled
+        self.bar = None
+
+    def on_train_start(self, engine):
+        if self.enabled:
+            self.bar = tqdm(total=engine.meta_iterations, initial=engine.meta_iteration, file=self.file,
+                            desc="meta-training", unit="it", dynamic_ncols=True)
+
+    def on_iteration_end(self, engine, metrics):
+        if self.bar is None:
+            return
+        shown = {"loss": f"{metrics['train/loss']:.3f}"}
+        if "train/accuracy" in metrics:
+            shown["acc"] = f"{100 * metrics['train/accuracy']:.1f}%"
+        shown["tasks/s"] = f"{metrics['train/tasks_per_second']:.1f}"
+        if "validation/accuracy" in metrics:
+            shown["val"] = f"{100 * metrics['validation/accuracy']:.1f}%"
+        self.bar.set_postfix(shown, refresh=False)
+        self.bar.update(1)
+
+    def on_train_end(self, engine):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -1,0 +1,114 @@
+"""Checkpoints: exact resume after SIGKILL, atomic writes, non-finite stops."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from bilevel_maml import build_engine, cli
+from bilevel_maml.checkpoint import Checkpointer, atomic_save, load_checkpoint
+from bilevel_maml.data import SinusoidTasks
+from bilevel_maml.engine import NonFiniteError
+from bilevel_maml.models import MLP
+
+ITERATIONS = 150
+
+
+def float64_run(output):
+    return [sys.executable, "-m", "bilevel_maml", "train", "--dataset", "sinusoid", "--dtype", "float64",
+            "--width", "16", "--iterations", str(ITERATIONS), "--meta-batch-size", "4", "--inner-steps", "2",
+            "--optimizer", "adam", "--valid-every", "40", "--valid-tasks", "5", "--test-tasks", "10",
+            "--checkpoint-every", "1", "--seed", "3", "--wandb", "disabled", "--output", str(output)]
+
+
+def final_state(output):
+    return load_checkpoint(output / "checkpoints" / "last.pt")["engine"]
+
+
+def test_a_run_killed_midway_and_resumed_ends_with_exactly_the_same_theta(tmp_path):
+    subprocess.run(float64_run(tmp_path / "straight"), check=True, capture_output=True, timeout=300)
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen(float64_run(interrupted), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = interrupted / "checkpoints" / "last.pt"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if last.exists() and load_checkpoint(last)["engine"]["meta_iteration"] >= 40:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    killed_at = final_state(interrupted)["meta_iteration"]
+    assert 40 <= killed_at < ITERATIONS, killed_at
+
+    subprocess.run([sys.executable, "-m", "bilevel_maml", "resume", "--output", str(interrupted),
+                    "--wandb", "disabled"], check=True, capture_output=True, timeout=300)
+    straight, resumed = final_state(tmp_path / "straight"), final_state(interrupted)
+    assert resumed["meta_iteration"] == straight["meta_iteration"] == ITERATIONS
+    for name, value in straight["theta"].items():
+        assert value.dtype == torch.float64
+        assert torch.equal(value, resumed["theta"][name]), name
+    assert [h["loss"] for h in straight["history"]] == [h["loss"] for h in resumed["history"]]
+
+
+def test_a_crash_during_a_write_leaves_the_last_good_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    atomic_save({"format": 1, "value": 1}, path)
+
+    def dies_halfway(obj, handle):
+        handle.write(b"half a checkpoint")
+        raise KeyboardInterrupt("killed during write")
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"format": 1, "value": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path)["value"] == 1
+
+
+def nan_after(tasks):
+    sinusoid = SinusoidTasks(points=20, dtype=torch.float64)
+    calls = []
+
+    def sample():
+        calls.append(1)
+        x, y = sinusoid.sample()
+        return x, (y * math.nan if len(calls) > tasks else y)
+
+    return sample
+
+
+def test_non_finite_loss_stops_naming_the_iteration_and_keeps_the_last_good_checkpoint(tmp_path):
+    clean = SinusoidTasks(points=20, dtype=torch.float64)
+    # The train env draws one probe task at build time, then 4 tasks per meta-iteration:
+    # tasks 13-16 (meta-iteration 4) are the first with NaN targets.
+    sources = {"train": nan_after(1 + 12), "validation": clean, "test": clean}
+    engine = build_engine("maml", MLP(1, 1, (8, 8)).double(), sources, regression=True, shots=10,
+                          meta_batch_size=4, meta_iterations=10, inner_lr=0.01, valid_step=100)
+    checkpointer = Checkpointer(tmp_path, every=1)
+    engine.callbacks.append(checkpointer)
+    with pytest.raises(NonFiniteError, match="meta-iteration 4: the query loss is nan; θ was not updated"):
+        engine.run()
+    kept = load_checkpoint(tmp_path / "last.pt")["engine"]
+    assert kept["meta_iteration"] == 3
+    for name, value in engine.meta_learner.module.state_dict().items():
+        assert torch.isfinite(kept["theta"][name]).all() and torch.equal(value, kept["theta"][name])
+
+
+def test_the_cli_reports_the_stop_and_the_checkpoint_kept(tmp_path, monkeypatch):
+    clean = SinusoidTasks(points=20)
+    monkeypatch.setattr(cli, "load_tasksets", lambda *a, **k: {"train": nan_after(1 + 10), "validation": clean,
+                                                               "test": clean})
+    with pytest.raises(SystemExit) as stop:
+        cli.run(["train", "--dataset", "sinusoid", "--meta-batch-size", "2", "--iterations", "10",
+                  "--checkpoint-every", "1", "--output", str(tmp_path / "run"), "--wandb", "disabled"])
+    message = str(stop.value)
+    assert "meta-iteration 6: the query loss is nan" in message
+    assert f"Last good checkpoint: {tmp_path / 'run' / 'checkpoints' / 'last.pt'}" in message
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["engine"]["meta_iteration"] == 5

@@ -1,0 +1,116 @@
+"""The `bilevel-maml` command: every flag reaches the run, config files, evaluate, errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bilevel_maml import cli
+from bilevel_maml.checkpoint import load_checkpoint
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def test_every_training_flag_reaches_the_run(tmp_path, omniglot_root):
+    output = tmp_path / "run"
+    result = cli.run([
+        "train", "--algorithm", "imaml", "--dataset", "omniglot-small", "--data-root", str(omniglot_root),
+        "--ways", "3", "--shots", "2", "--query-shots", "3", "--inner-steps", "2", "--inner-lr", "0.2",
+        "--meta-lr", "0.005", "--meta-batch-size", "2", "--iterations", "3", "--optimizer", "adafactor",
+        "--model", "resnet12", "--width", "4", "--lam", "2.0", "--cg-iterations", "2", "--seed", "5",
+        "--device", "cpu", "--dtype", "float64", "--valid-every", "3", "--valid-tasks", "2",
+        "--test-tasks", "4", "--checkpoint-every", "1", "--output", str(output), "--wandb", "disabled",
+        "--no-progress",
+    ])
+    config = json.loads((output / "config.json").read_text())
+    expected = dict(algorithm="imaml", dataset="omniglot-small", data_root=str(omniglot_root), ways=3, shots=2,
+                    query_shots=3, inner_steps=2, inner_lr=0.2, meta_lr=0.005, meta_batch_size=2, iterations=3,
+                    optimizer="adafactor", model="resnet12", width=4, lam=2.0, cg_iterations=2, seed=5,
+                    device="cpu", dtype="float64", valid_every=3, valid_tasks=2, test_tasks=4,
+                    checkpoint_every=1, output=str(output), wandb="disabled", progress=False)
+    assert {k: config[k] for k in expected} == expected
+    assert result["tasks"] == 4 and 0 <= result["accuracy"] <= 1
+
+    # ...and each one took effect in the engine it describes.
+    engine = cli.build_from_config(config, torch.device("cpu"))
+    lower, upper, env = engine.task_learner, engine.meta_learner, engine.env
+    assert type(lower).__name__ == "IMAMLLower" and lower.lam == 2.0 and upper.cg_iterations == 2
+    assert (lower.inner_lr, lower.inner_steps, upper.meta_batch_size) == (0.2, 2, 2)
+    assert (env.ways, env.shots, env.query_shots, env.seed) == (3, 2, 3, 15)
+    assert isinstance(upper.optimizer, torch.optim.Adafactor) and upper.optimizer.defaults["lr"] == 0.005
+    assert type(upper.module).__name__ == "ResNet12" and upper.module.classifier.out_features == 3
+    assert upper.module.features[0].body[0].out_channels == 4
+    assert all(p.dtype == torch.float64 for p in upper.module.parameters())
+    state = load_checkpoint(output / "checkpoints" / "last.pt")["engine"]
+    assert state["meta_iteration"] == 3 and len(state["history"]) == 3
+    # Adafactor's factored second moments: row/column variances for matrices, a variance for vectors.
+    kinds = {frozenset(s) for s in state["optimizer"]["state"].values()}
+    assert kinds == {frozenset({"step", "row_var", "col_var"}), frozenset({"step", "variance"})}
+
+
+def test_config_file_yaml_and_toml_with_flags_overriding(tmp_path):
+    (tmp_path / "run.yaml").write_text("dataset: sinusoid\nmeta-batch-size: 3\niterations: 9\nmodel: mlp\ntags: [a, b]\n")
+    (tmp_path / "run.toml").write_text('dataset = "sinusoid"\nmeta_batch_size = 3\niterations = 9\nprogress = false\n')
+    for name in ("run.yaml", "run.toml"):
+        args = cli.parse(["train", "--config", str(tmp_path / name), "--iterations", "2"])
+        assert (args.dataset, args.meta_batch_size, args.iterations) == ("sinusoid", 3, 2)
+    assert cli.parse(["train", "--config", str(tmp_path / "run.yaml")]).tags == ["a", "b"]
+    assert cli.parse(["train", "--config", str(tmp_path / "run.toml")]).progress is False
+    (tmp_path / "bad.yaml").write_text("waays: 5\n")
+    with pytest.raises(SystemExit, match="unknown option 'waays' in .*bad.yaml; allowed: .*ways"):
+        cli.parse(["train", "--config", str(tmp_path / "bad.yaml")])
+    (tmp_path / "bad2.toml").write_text('optimizer = "lbfgs"\n')
+    with pytest.raises(SystemExit):
+        cli.parse(["train", "--config", str(tmp_path / "bad2.toml")])
+
+
+def sinusoid_run(output, *extra):
+    return ["train", "--dataset", "sinusoid", "--iterations", "6", "--meta-batch-size", "2", "--valid-every", "3",
+            "--valid-tasks", "5", "--test-tasks", "10", "--checkpoint-every", "2", "--output", str(output),
+            "--wandb", "disabled", *extra]
+
+
+def test_evaluate_reports_mean_and_ci_and_writes_json(tmp_path, capsys):
+    cli.run(sinusoid_run(tmp_path / "run"))
+    assert cli.parse(["evaluate", "--output", "x"]).test_tasks == 600
+    result = cli.run(["evaluate", "--output", str(tmp_path / "run"), "--test-tasks", "25",
+                       "--result", str(tmp_path / "eval.json")])
+    written = json.loads((tmp_path / "eval.json").read_text())
+    assert written["tasks"] == 25 and written["loss"] == result["loss"] and written["loss_ci95"] > 0
+    assert written["checkpoint"].endswith("best.pt")
+    assert f"MSE {result['loss']:.4f} ± {result['loss_ci95']:.4f} (95% CI over 25 test tasks)" in capsys.readouterr().out
+
+
+def test_train_refuses_to_overwrite_a_run_and_resume_extends_it(tmp_path):
+    cli.run(sinusoid_run(tmp_path / "run"))
+    with pytest.raises(SystemExit, match="already holds a run .*bilevel-maml resume --output"):
+        cli.run(sinusoid_run(tmp_path / "run"))
+    cli.run(["resume", "--output", str(tmp_path / "run"), "--iterations", "8", "--wandb", "disabled"])
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["engine"]["meta_iteration"] == 8
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "cuda:7"], "CUDA is not available here|invalid --device"),
+    (["--dataset", "mini-imagenet", "--data-root", "{tmp}"], "mini-imagenet-cache-train.pkl"),
+    (["--dataset", "omniglot-small", "--data-root", "{tmp}/absent"], "absent' does not exist. Place images_background_small1.zip"),
+    (["--dataset", "sinusoid", "--model", "conv4"], "sinusoid needs --model mlp"),
+    (["--inner-steps", "0", "--dataset", "sinusoid"], "inner_steps must be an integer >= 1, got 0"),
+])
+def test_bad_runs_fail_before_training_with_a_clear_message(tmp_path, argv, message):
+    if torch.cuda.device_count() > 7 and "cuda:7" in argv:
+        pytest.skip("this machine has a cuda:7")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    with pytest.raises(SystemExit, match=message):
+        cli.run(["train", "--output", str(tmp_path / "run"), "--wandb", "disabled", *argv])
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_console_script_and_module_entry_points():
+    for command in ([str(VENV_BIN / "bilevel-maml"), "--help"], [sys.executable, "-m", "bilevel_maml", "train", "--help"]):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+    assert "{train,evaluate,resume}" in subprocess.run(
+        [str(VENV_BIN / "bilevel-maml"), "--help"], capture_output=True, text=True, timeout=120).stdout

@@ -1,0 +1,61 @@
+"""A short training's offline W&B run folder holds exactly what the engine computed."""
+
+import glob
+import json
+import warnings
+
+import pytest
+
+from bilevel_maml import cli
+from bilevel_maml.checkpoint import load_checkpoint
+from bilevel_maml.logging import WandbLogger, read_offline_run
+
+
+def test_offline_run_folder_matches_the_engine(tmp_path, omniglot_root):
+    output = tmp_path / "run"
+    result = cli.run([
+        "train", "--dataset", "omniglot-small", "--data-root", str(omniglot_root), "--width", "8",
+        "--iterations", "4", "--meta-batch-size", "2", "--valid-every", "2", "--valid-tasks", "6",
+        "--test-tasks", "8", "--checkpoint-every", "2", "--output", str(output), "--wandb", "offline",
+        "--wandb-project", "bm-test", "--run-name", "short", "--group", "ci", "--tags", "t1", "t2",
+    ])
+    (run_dir,) = glob.glob(str(output / "wandb" / "offline-run-*"))
+    run = read_offline_run(run_dir)
+    config = json.loads((output / "config.json").read_text())
+    assert {k: run["config"][k] for k in config} == config
+
+    engine_state = load_checkpoint(output / "checkpoints" / "last.pt")["engine"]
+    rows = {row["_step"]: row for row in run["history"]}
+    assert sorted(rows) == [1, 2, 3, 4]  # one row per meta-iteration
+    for step, stats in enumerate(engine_state["history"], start=1):
+        for key in ("loss", "accuracy", "lr", "tasks_per_second"):
+            assert rows[step][f"train/{key}"] == stats[key]
+    assert "validation/accuracy" in rows[2] and "validation/accuracy" not in rows[3]
+    best = engine_state["best_valid"]
+    for key in ("accuracy", "accuracy_ci95", "loss", "loss_ci95"):
+        assert rows[best["iteration"]][f"validation/{key}"] == best[key]
+    for key in ("accuracy", "accuracy_ci95", "loss", "tasks"):
+        assert run["summary"][f"test/{key}"] == result[key]
+    assert run["artifacts"] == [{"name": "short-best", "type": "model", "files": ["best.pt"]}]
+
+
+def test_training_continues_with_a_warning_when_wandb_cannot_start(monkeypatch, tmp_path):
+    import wandb
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no network")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    with pytest.warns(UserWarning, match="wandb could not start \\(no network\\); training continues"):
+        logger = WandbLogger(mode="online")
+    logger.log({"loss": 1.0}, step=1)
+    logger.finish()
+    with pytest.warns(UserWarning, match="training continues without W&B"):
+        result = cli.run(["train", "--dataset", "sinusoid", "--iterations", "2", "--meta-batch-size", "2",
+                           "--test-tasks", "5", "--output", str(tmp_path / "run"), "--wandb", "online"])
+    assert result["tasks"] == 5
+
+
+def test_unknown_wandb_mode_is_rejected():
+    with pytest.raises(ValueError, match="unknown wandb mode 'offlin'; choose one of: offline, online, disabled"):
+        WandbLogger(mode="offlin")
