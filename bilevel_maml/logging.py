@@ -120,7 +120,7 @@ def _records(path):
 
 
 def read_offline_run(run_dir) -> dict:
-    """Read an offline wandb run folder back: ``{"config", "history", "summary", "artifacts"}``.
+    """Read an offline wandb run folder back: ``{"run", "config", "history", "summary", "artifacts"}``.
 
     ``history`` is one dict per logged step (with ``_step``); ``summary`` holds the last value of
     every key, as W&B shows it. Useful to inspect runs on machines that never sync.
@@ -134,7 +134,7 @@ def read_offline_run(run_dir) -> dict:
     files = glob.glob(os.path.join(run_dir, "run-*.wandb"))
     if not files:
         raise FileNotFoundError(f"no run-*.wandb file in {run_dir!r}; is it a wandb run folder?")
-    config, history, summary, artifacts = {}, [], {}, []
+    config, history, summary, artifacts, identity = {}, [], {}, [], {}
 
     def key_of(item):
         return item.key or "/".join(item.nested_key)
@@ -152,10 +152,13 @@ def read_offline_run(run_dir) -> dict:
                               "files": [entry.path for entry in record.artifact.manifest.contents]})
         elif kind == "summary":
             summary.update({key_of(i): json.loads(i.value_json) for i in record.summary.update})
-        elif kind in ("config", "run"):
+        elif kind == "run":
+            identity = {"id": record.run.run_id, "project": record.run.project, "name": record.run.display_name,
+                        "group": record.run.run_group, "tags": list(record.run.tags)}
+        if kind in ("config", "run"):
             items = record.config.update if kind == "config" else record.run.config.update
             for item in items:
                 value = json.loads(item.value_json)
                 config[key_of(item)] = value.get("value", value) if isinstance(value, dict) else value
     config.pop("_wandb", None)
-    return {"config": config, "history": history, "summary": summary, "artifacts": artifacts}
+    return {"run": identity, "config": config, "history": history, "summary": summary, "artifacts": artifacts}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from tqdm.auto import tqdm
@@ -16,10 +17,19 @@ class ProgressBar:
         self.enabled = self.file.isatty() if enabled is None else enabled
         self.bar = None
 
+    def _columns(self) -> int:
+        try:
+            return os.get_terminal_size(self.file.fileno()).columns
+        except (AttributeError, OSError, ValueError):
+            return 0
+
     def on_train_start(self, engine):
         if self.enabled:
+            # Some terminals (serial consoles, `script`) report 0 columns, where tqdm draws nothing.
+            sized = self._columns() > 0
             self.bar = tqdm(total=engine.meta_iterations, initial=engine.meta_iteration, file=self.file,
-                            desc="meta-training", unit="it", dynamic_ncols=True)
+                            desc="meta-training", unit="it", dynamic_ncols=sized, ncols=None if sized else 120,
+                            nrows=None if sized else 40)
 
     def on_iteration_end(self, engine, metrics):
         if self.bar is None:

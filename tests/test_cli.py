@@ -81,6 +81,9 @@ def test_evaluate_reports_mean_and_ci_and_writes_json(tmp_path, capsys):
     written = json.loads((tmp_path / "eval.json").read_text())
     assert written["tasks"] == 25 and written["loss"] == result["loss"] and written["loss_ci95"] > 0
     assert written["checkpoint"].endswith("best.pt")
+    by_file = cli.run(["evaluate", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "last.pt"),
+                       "--test-tasks", "25", "--device", "cpu"])
+    assert by_file["iteration"] == 6 and (tmp_path / "run" / "evaluation.json").is_file()
     assert f"MSE {result['loss']:.4f} ± {result['loss_ci95']:.4f} (95% CI over 25 test tasks)" in capsys.readouterr().out
 
 
@@ -88,7 +91,8 @@ def test_train_refuses_to_overwrite_a_run_and_resume_extends_it(tmp_path):
     cli.run(sinusoid_run(tmp_path / "run"))
     with pytest.raises(SystemExit, match="already holds a run .*bilevel-maml resume --output"):
         cli.run(sinusoid_run(tmp_path / "run"))
-    cli.run(["resume", "--output", str(tmp_path / "run"), "--iterations", "8", "--wandb", "disabled"])
+    cli.run(["resume", "--output", str(tmp_path / "run"), "--iterations", "8", "--wandb", "disabled",
+             "--device", "cpu", "--no-progress"])
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["engine"]["meta_iteration"] == 8
 
 
@@ -106,6 +110,23 @@ def test_bad_runs_fail_before_training_with_a_clear_message(tmp_path, argv, mess
     with pytest.raises(SystemExit, match=message):
         cli.run(["train", "--output", str(tmp_path / "run"), "--wandb", "disabled", *argv])
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_download_flag_hands_missing_benchmarks_to_learn2learn(tmp_path, monkeypatch):
+    """With --download the real learn2learn get_tasksets path runs (here intercepted: no network)."""
+    import learn2learn
+
+    calls = []
+
+    def fake_get_tasksets(name, **kwargs):
+        calls.append((name, kwargs))
+        raise RuntimeError("offline")
+
+    monkeypatch.setattr(learn2learn.vision.benchmarks, "get_tasksets", fake_get_tasksets)
+    with pytest.raises(RuntimeError, match="offline"):
+        cli.run(["train", "--dataset", "fc100", "--data-root", str(tmp_path), "--download", "--ways", "5",
+                 "--shots", "1", "--query-shots", "2", "--output", str(tmp_path / "run"), "--wandb", "disabled"])
+    assert calls == [("fc100", dict(train_ways=5, train_samples=3, test_ways=5, test_samples=3, root=str(tmp_path)))]
 
 
 def test_console_script_and_module_entry_points():

@@ -9,15 +9,18 @@ import sys
 import termios
 import threading
 
+import pytest
+
 from bilevel_maml import cli
 
 RUN = ["-m", "bilevel_maml", "train", "--dataset", "sinusoid", "--iterations", "30", "--meta-batch-size", "2",
        "--valid-every", "100", "--test-tasks", "5", "--wandb", "disabled"]
 
 
-def test_bar_on_a_terminal(tmp_path):
+@pytest.mark.parametrize("rows, columns", [(40, 160), (0, 0)], ids=["160-columns", "unsized-like-script"])
+def test_bar_on_a_terminal(tmp_path, rows, columns):
     primary, secondary = pty.openpty()
-    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a 160-column terminal
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
     chunks = []
 
     def drain():

@@ -21,6 +21,8 @@ def test_offline_run_folder_matches_the_engine(tmp_path, omniglot_root):
     ])
     (run_dir,) = glob.glob(str(output / "wandb" / "offline-run-*"))
     run = read_offline_run(run_dir)
+    assert {k: run["run"][k] for k in ("project", "name", "group", "tags")} == {
+        "project": "bm-test", "name": "short", "group": "ci", "tags": ["t1", "t2"]}
     config = json.loads((output / "config.json").read_text())
     assert {k: run["config"][k] for k in config} == config
 
