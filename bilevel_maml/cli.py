@@ -3,6 +3,7 @@
     bilevel-maml train --algorithm maml --dataset omniglot-small --ways 5 --shots 1 --output runs/maml
     bilevel-maml evaluate --output runs/maml            # accuracy ± 95% CI over 600 test tasks
     bilevel-maml resume --output runs/maml --iterations 2000
+    bilevel-maml bench --steps 1 5                      # seconds per meta-iteration vs learn2learn
 
 A run folder holds ``config.json``, ``checkpoints/last.pt`` and ``checkpoints/best.pt``, the
 offline W&B run under ``wandb/`` and ``result.json`` / ``evaluation.json``.
@@ -89,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default=None, help="default: the run's device")
     evaluate.add_argument("--result", help="JSON file to write (default: <run folder>/evaluation.json)")
 
+    commands.add_parser("bench", help="seconds per meta-iteration vs learn2learn (benchmarks/meta_iteration.py)",
+                        add_help=False)
+
     resume = commands.add_parser("resume", help="continue an interrupted or finished run")
     resume.add_argument("--output", required=True, help="run folder holding checkpoints/last.pt")
     resume.add_argument("--iterations", type=int, help="new total of meta-iterations (default: the run's)")
@@ -134,6 +138,8 @@ def _config_file_arguments(path: str, parser: argparse.ArgumentParser) -> list[s
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
+    if argv[:1] == ["bench"]:  # the benchmark has its own options
+        return argparse.Namespace(command="bench", bench_args=argv[1:])
     args = parser.parse_args(argv)
     if args.command == "train" and args.config:
         train_parser = parser._subparsers._group_actions[0].choices["train"]
@@ -309,6 +315,10 @@ def command_evaluate(args: argparse.Namespace) -> dict:
 def run(argv: list[str] | None = None) -> dict:
     """Run one command; returns its result (raises ``SystemExit`` with a message on bad input)."""
     args = parse(argv)
+    if args.command == "bench":
+        from bilevel_maml.bench import main as bench
+
+        return bench(args.bench_args)
     command = {"train": command_train, "evaluate": command_evaluate, "resume": command_resume}[args.command]
     try:
         return command(args)

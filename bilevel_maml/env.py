@@ -75,7 +75,8 @@ class EpisodicEnv(Env):
     """Samples one task per :meth:`step` and exposes ``batch["support"]`` and ``batch["query"]``.
 
     :param tasks: a learn2learn ``TaskDataset`` (anything with ``sample()``), or a callable that
-        returns ``(inputs, labels)`` for one task.
+        returns ``(inputs, labels)`` for one task, or ``{"support": (x, y), "query": (x, y)}`` for
+        a task it has already split (used as given).
     :param ways: classes per task (classification); ignored for regression.
     :param shots: support examples per class (per task, for regression).
     :param query_shots: query examples per class (per task, for regression); defaults to ``shots``.
@@ -117,6 +118,9 @@ class EpisodicEnv(Env):
         self.seed = seed
         self._rng = _seeded_states(seed)
         self.tasks_sampled = 0
+        #: tasks per :meth:`step`; above 1, ``batch`` holds them stacked along a leading task axis
+        #: (the engine's vectorized path sets it to the meta-batch size).
+        self.tasks_per_step = 1
         self.batch = {"support": None, "query": None}
 
     @contextmanager
@@ -141,8 +145,10 @@ class EpisodicEnv(Env):
     def sample_task(self):
         """Draw and split one task on this env's stream; returns ``(support, query)`` on device."""
         with self.own_random_state():
-            inputs, labels = self._draw()
-            inputs, labels = torch.as_tensor(inputs), torch.as_tensor(labels)
+            drawn = self._draw()
+            if isinstance(drawn, dict):  # the source split the task itself
+                return self._place(drawn["support"]), self._place(drawn["query"])
+            inputs, labels = torch.as_tensor(drawn[0]), torch.as_tensor(drawn[1])
             if self.regression:
                 support, query = split_regression_task(inputs, labels, self.shots, self.query_shots)
             else:
@@ -159,9 +165,20 @@ class EpisodicEnv(Env):
                 labels = labels.to(self.dtype)
         return inputs.to(self.device), labels.to(self.device)
 
+    def sample_tasks(self, count: int):
+        """``count`` consecutive tasks of this env's stream, stacked: the same tasks, in the same
+        order, as ``count`` calls of :meth:`sample_task`."""
+        tasks = [self.sample_task() for _ in range(count)]
+        return tuple(
+            tuple(torch.stack([task[part][i] for task in tasks]) for i in range(2)) for part in range(2)
+        )
+
     def step(self):
-        self.batch["support"], self.batch["query"] = self.sample_task()
-        self.tasks_sampled += 1
+        if self.tasks_per_step == 1:
+            self.batch["support"], self.batch["query"] = self.sample_task()
+        else:
+            self.batch["support"], self.batch["query"] = self.sample_tasks(self.tasks_per_step)
+        self.tasks_sampled += self.tasks_per_step
 
     def check(self) -> None:
         """Fail now, not mid-training, if the source cannot supply the requested episodes.

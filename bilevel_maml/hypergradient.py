@@ -29,8 +29,9 @@ def zeros_for_unused(grads: Sequence[torch.Tensor | None], like: Tensors) -> tup
     return tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, like))
 
 
-def _dot(xs: Tensors, ys: Tensors) -> torch.Tensor:
-    return sum((x * y).sum() for x, y in zip(xs, ys))
+def _dot(xs: Tensors, ys: Tensors, batch_dims: int) -> torch.Tensor:
+    """Inner product over everything but the leading ``batch_dims`` axes."""
+    return sum((x * y).flatten(batch_dims).sum(-1) for x, y in zip(xs, ys))
 
 
 def conjugate_gradient(
@@ -38,26 +39,36 @@ def conjugate_gradient(
     rhs: Tensors,
     iterations: int,
     tolerance: float = 0.0,
+    batch_dims: int = 0,
 ) -> tuple[torch.Tensor, ...]:
     """Approximately solve ``A x = rhs`` for a symmetric positive-definite ``A`` given as ``matvec``.
 
     Works on tuples of tensors (one per parameter) so no flattening copy is needed. Starts from
     ``x = 0``, so ``iterations=0`` returns zeros and, in exact arithmetic, ``n`` iterations solve an
-    ``n``-dimensional system exactly. Stops early once the residual norm falls to ``tolerance``.
+    ``n``-dimensional system exactly. With ``batch_dims=1`` the leading axis indexes independent
+    systems (``A`` block-diagonal), each with its own step sizes: the iterates equal those of
+    solving each system separately. Stops early once every residual norm is at most ``tolerance``.
     """
+
+    def scale(c: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return c.reshape(c.shape + (1,) * (t.dim() - batch_dims)) * t
+
     x = tuple(torch.zeros_like(b) for b in rhs)
     r = tuple(b.clone() for b in rhs)
     p = r
-    r_dot_r = _dot(r, r)
+    r_dot_r = _dot(r, r, batch_dims)
     for _ in range(iterations):
-        if r_dot_r.sqrt() <= tolerance or r_dot_r == 0:
+        if tolerance > 0 and bool((r_dot_r.sqrt() <= tolerance).all()):
             break
         Ap = matvec(p)
-        alpha = r_dot_r / _dot(p, Ap)
-        x = tuple(xi + alpha * pi for xi, pi in zip(x, p))
-        r = tuple(ri - alpha * api for ri, api in zip(r, Ap))
-        r_dot_r_new = _dot(r, r)
-        p = tuple(ri + (r_dot_r_new / r_dot_r) * pi for ri, pi in zip(r, p))
+        p_dot_Ap = _dot(p, Ap, batch_dims)
+        # A system that is already solved (r = 0, hence p = 0) takes zero steps from here on.
+        alpha = torch.where(p_dot_Ap > 0, r_dot_r / p_dot_Ap, torch.zeros_like(r_dot_r))
+        x = tuple(xi + scale(alpha, pi) for xi, pi in zip(x, p))
+        r = tuple(ri - scale(alpha, api) for ri, api in zip(r, Ap))
+        r_dot_r_new = _dot(r, r, batch_dims)
+        beta = torch.where(r_dot_r > 0, r_dot_r_new / r_dot_r, torch.zeros_like(r_dot_r))
+        p = tuple(ri + scale(beta, pi) for ri, pi in zip(r, p))
         r_dot_r = r_dot_r_new
     return x
 
@@ -103,8 +114,9 @@ def cg(vector: Tensors, curr, prev) -> tuple[torch.Tensor, ...]:
         )
         return zeros_for_unused(grads, wrt)
 
+    batch_dims = 1 if getattr(curr, "tasks_in_batch", None) else 0  # one system per task
     x = conjugate_gradient(lambda v: through_inner_grad(v, params), [v.detach() for v in vector],
-                           curr.config.cg_iterations)
+                           curr.config.cg_iterations, batch_dims=batch_dims)
     prev_params = list(prev.trainable_parameters())
     return tuple(-g for g in through_inner_grad(x, prev_params, retain_graph=False))
 

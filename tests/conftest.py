@@ -43,7 +43,11 @@ class RecordingEnv(EpisodicEnv):
 
     def step(self):
         super().step()
-        self.episodes.append((self.batch["support"], self.batch["query"]))
+        (xs, ys), (xq, yq) = self.batch["support"], self.batch["query"]
+        if self.tasks_per_step == 1:
+            self.episodes.append(((xs, ys), (xq, yq)))
+        else:  # the vectorized path stacks the meta-batch along a leading task axis
+            self.episodes += [((xs[i], ys[i]), (xq[i], yq[i])) for i in range(self.tasks_per_step)]
 
 
 def functional(model):

@@ -86,9 +86,10 @@ def nan_after(tasks):
 
 def test_non_finite_loss_stops_naming_the_iteration_and_keeps_the_last_good_checkpoint(tmp_path):
     clean = SinusoidTasks(points=20, dtype=torch.float64)
-    # The train env draws one probe task at build time, then 4 tasks per meta-iteration:
+    # At build time the train env draws 1 task to check its shape and 2 to probe vmap (its random
+    # stream is restored, but this counter sees them); then 4 tasks per meta-iteration, so
     # tasks 13-16 (meta-iteration 4) are the first with NaN targets.
-    sources = {"train": nan_after(1 + 12), "validation": clean, "test": clean}
+    sources = {"train": nan_after(1 + 2 + 12), "validation": clean, "test": clean}
     engine = build_engine("maml", MLP(1, 1, (8, 8)).double(), sources, regression=True, shots=10,
                           meta_batch_size=4, meta_iterations=10, inner_lr=0.01, valid_step=100)
     checkpointer = Checkpointer(tmp_path, every=1)
@@ -103,7 +104,7 @@ def test_non_finite_loss_stops_naming_the_iteration_and_keeps_the_last_good_chec
 
 def test_the_cli_reports_the_stop_and_the_checkpoint_kept(tmp_path, monkeypatch):
     clean = SinusoidTasks(points=20)
-    monkeypatch.setattr(cli, "load_tasksets", lambda *a, **k: {"train": nan_after(1 + 10), "validation": clean,
+    monkeypatch.setattr(cli, "load_tasksets", lambda *a, **k: {"train": nan_after(1 + 2 + 10), "validation": clean,
                                                                "test": clean})
     with pytest.raises(SystemExit) as stop:
         cli.run(["train", "--dataset", "sinusoid", "--meta-batch-size", "2", "--iterations", "10",

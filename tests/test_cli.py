@@ -133,5 +133,5 @@ def test_console_script_and_module_entry_points():
     for command in ([str(VENV_BIN / "bilevel-maml"), "--help"], [sys.executable, "-m", "bilevel_maml", "train", "--help"]):
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
-    assert "{train,evaluate,resume}" in subprocess.run(
+    assert "{train,evaluate,bench,resume}" in subprocess.run(
         [str(VENV_BIN / "bilevel-maml"), "--help"], capture_output=True, text=True, timeout=120).stdout

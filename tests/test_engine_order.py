@@ -23,8 +23,14 @@ def counting(upper_cls, lower_cls):
         def on_inner_loop_start(self):
             super().on_inner_loop_start()
             theta = self.meta_learner.trainable_parameters()
-            starts_at_theta = all(torch.equal(p, t) for p, t in zip(self.params, theta))
-            EVENTS.append(("start", starts_at_theta, all(p is t for p, t in zip(self.params, theta))))
+            tasks = self.params[0].shape[0] if self.tasks_in_batch else None
+            starts_at_theta = all(
+                torch.equal(p, t) if tasks is None else all(torch.equal(p[i], t) for i in range(tasks))
+                for p, t in zip(self.params, theta)
+            )
+            # MAML's φ must be θ itself (or, vectorized, a view of it) so the graph reaches θ.
+            is_theta = all(p is t or p._base is t for p, t in zip(self.params, theta))
+            EVENTS.append(("start", starts_at_theta, is_theta))
 
         def training_step(self, batch):
             EVENTS.append("inner")
@@ -48,8 +54,9 @@ class CountingEngine(MetaEngine):
         return super().validation()
 
 
+@pytest.mark.parametrize("vectorize", [False, True], ids=["per-task", "vectorized"])
 @pytest.mark.parametrize("algorithm", [(MAMLUpper, MAMLLower), (FOMAMLUpper, FOMAMLLower)], ids=["maml", "fomaml"])
-def test_env_step_once_per_task_upper_once_per_meta_batch_validation_on_schedule(algorithm):
+def test_env_step_once_per_task_upper_once_per_meta_batch_validation_on_schedule(algorithm, vectorize):
     EVENTS.clear()
     upper_cls, lower_cls = counting(*algorithm)
     torch.manual_seed(0)
@@ -59,14 +66,18 @@ def test_env_step_once_per_task_upper_once_per_meta_batch_validation_on_schedule
     valid_env = EpisodicEnv(source, ways=3, shots=1, seed=2)
     upper = upper_cls(model, torch.optim.SGD(model.parameters(), lr=0.5), meta_batch_size=4)
     lower = lower_cls(model, inner_lr=0.1, inner_steps=3)
-    engine = CountingEngine(upper, lower, env, meta_iterations=6, valid_env=valid_env, valid_step=2, valid_tasks=5)
+    engine = CountingEngine(upper, lower, env, meta_iterations=6, valid_env=valid_env, valid_step=2, valid_tasks=5,
+                            vectorize=vectorize)
+    assert engine.vectorized == vectorize
     engine.run()
 
+    # Vectorized, one env step draws the whole meta-batch and each problem steps for all of it.
     one_task = ["env", "start", "inner", "inner", "inner", "query"]
+    tasks_per_env_step = 4 if vectorize else 1
     validations = [e for e in EVENTS if isinstance(e, tuple) and e[0] == "validation"]
     assert validations == [("validation", 2), ("validation", 4), ("validation", 6)]
     training = [e[0] if isinstance(e, tuple) and e[0] == "start" else e for e in EVENTS if e not in validations]
-    assert training == (one_task * 4 + ["update"]) * 6
+    assert training == (one_task * (4 // tasks_per_env_step) + ["update"]) * 6
     assert env.tasks_sampled == 24 and valid_env.tasks_sampled == 0  # validation draws, does not step
 
     starts = [e for e in EVENTS if isinstance(e, tuple) and e[0] == "start"]
@@ -80,7 +91,7 @@ def test_theta_changes_only_at_meta_updates():
     source = random_classification_source(3, 2, 4, dtype=torch.float32)
     upper = MAMLUpper(model, torch.optim.SGD(model.parameters(), lr=0.5), meta_batch_size=3)
     lower = MAMLLower(model, inner_lr=0.1, inner_steps=2)
-    engine = MetaEngine(upper, lower, EpisodicEnv(source, ways=3, shots=1), meta_iterations=1)
+    engine = MetaEngine(upper, lower, EpisodicEnv(source, ways=3, shots=1), meta_iterations=1, vectorize=False)
     engine.train()
     snapshots = []
     for _ in range(3 * 2):

@@ -27,7 +27,9 @@ PY
 # per project about each, which buries real errors.
 pip() {
     "$venv/bin/python" -m pip "$@" 2> >(grep -v -e 'is ignored: it is neither a file nor a directory' \
-        -e 'non-standard dependency specifier' -e 'non standard dependency specifier' >&2)
+        -e 'non-standard dependency specifier' -e 'non standard dependency specifier' \
+        -e 'learn2learn 0.2.0 requires \(gsutil\|qpth\)' -e 'dependency conflicts' \
+        -e 'A new release of pip' -e 'To update, run:' >&2)
 }
 
 # betty-ml 0.1.1 declares `torch>=1.6.*`, which pip >= 24.1 refuses to parse.
@@ -36,7 +38,7 @@ pip install --quiet "pip<24.1" wheel
 # The machine's find-links holds a +cpu torch whose operators torchvision cannot register
 # ("torchvision::nms does not exist"); the index's matched pair works on CPU and GPU.
 if ! "$venv/bin/python" -c "import torchvision" >/dev/null 2>&1; then
-    pip --isolated install --quiet "${torch_pair[@]}"
+    pip --isolated install --quiet --disable-pip-version-check "${torch_pair[@]}"
 fi
 
 # learn2learn 0.2.0 ships Cython-generated C that does not compile on Python 3.11

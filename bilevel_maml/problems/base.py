@@ -12,6 +12,10 @@ A new algorithm is a subclass that overrides a few of these hooks:
 * ``TaskLearner.inner_loss(params, batch)``: the support objective (regularisers go here);
 * ``TaskLearner.inner_update(params, grads)``: one inner step, SGD by default;
 * ``MetaLearner.meta_gradient(query_loss)``: the gradient it assigns to θ.
+
+Hooks are written for one task. On the engine's vectorized path (the default where the model
+allows it) a whole meta-batch is adapted at once: φ carries a leading task axis and the base classes
+apply the single-task hooks with ``torch.func.vmap``, so a variant gets vectorization for free.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from betty.configs import Config
 from betty.problems import Problem
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 
 from bilevel_maml.hypergradient import get_grads, zeros_for_unused
 from bilevel_maml.validation import check_positive, check_positive_int
@@ -88,6 +92,8 @@ class TaskLearner(_NoRollBack, Problem):
         self.params: tuple[torch.Tensor, ...] = ()
         self._grads: tuple[torch.Tensor, ...] | None = None
         self.param_names = [name for name, _ in module.named_parameters()]
+        #: tasks adapted at once on the vectorized path (φ then has this leading axis), else None
+        self.tasks_in_batch: int | None = None
 
     @property
     def meta_learner(self) -> "MetaLearner":
@@ -118,15 +124,25 @@ class TaskLearner(_NoRollBack, Problem):
     def inner_update(self, params, grads) -> tuple[torch.Tensor, ...]:
         return tuple(p - self.inner_lr * g for p, g in zip(params, grads))
 
+    def over_tasks(self, hook, params, batch) -> torch.Tensor:
+        """``hook(params, batch)`` for one task, or summed over the stacked tasks when vectorized:
+        each task's φ then receives exactly its own task's gradient."""
+        if self.tasks_in_batch:
+            return vmap(hook)(params, batch).sum()
+        return hook(params, batch)
+
     # -- Betty hooks ---------------------------------------------------------------------------
     def on_inner_loop_start(self):
-        self.params = self.start_params()
+        start = self.start_params()
+        if self.tasks_in_batch:
+            start = tuple(p.expand(self.tasks_in_batch, *p.shape) for p in start)
+        self.params = start
 
     def get_batch(self):
         return self.env.batch["support"]
 
     def training_step(self, batch):
-        return self.inner_loss(self.params, batch)
+        return self.over_tasks(self.inner_loss, self.params, batch)
 
     def backward(self, loss, params, paths, create_graph=False, retain_graph=True, allow_unused=True):
         # The gradient is kept off `.grad`: at MAML's first inner step `params` are θ itself, whose
@@ -136,7 +152,8 @@ class TaskLearner(_NoRollBack, Problem):
         self._grads = zeros_for_unused(grads, params)
 
     def optimizer_step(self, *args, **kwargs):
-        new_params = self.inner_update(self.params, self._grads)
+        update = vmap(self.inner_update) if self.tasks_in_batch else self.inner_update
+        new_params = update(self.params, self._grads)
         if not self.second_order:
             new_params = tuple(p.detach().requires_grad_() for p in new_params)
         self.params = new_params
@@ -199,6 +216,9 @@ class MetaLearner(_NoRollBack, Problem):
         self.lr_scheduler = scheduler
         self.loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
         self.task_stats: list[dict] = []
+        self._meta_batch_size = config.gradient_accumulation
+        #: set with the task learner's on the vectorized path (then one Betty step is a meta-batch)
+        self.tasks_in_batch: int | None = None
 
     @property
     def task_learner(self) -> TaskLearner:
@@ -206,7 +226,14 @@ class MetaLearner(_NoRollBack, Problem):
 
     @property
     def meta_batch_size(self) -> int:
-        return self.gas
+        return self._meta_batch_size
+
+    def reduce_over_tasks(self, grads) -> tuple[torch.Tensor, ...]:
+        """Gradients with respect to φ, summed over the task axis when vectorized, so they are
+        shaped like θ. (The query loss is already averaged over tasks.)"""
+        if self.tasks_in_batch:
+            return tuple(g.sum(0) for g in grads)
+        return tuple(grads)
 
     # -- Betty hooks ---------------------------------------------------------------------------
     def get_batch(self):
@@ -214,7 +241,12 @@ class MetaLearner(_NoRollBack, Problem):
 
     def training_step(self, batch):
         inputs, labels = batch
-        outputs = self.task_learner.forward(inputs)
+        learner = self.task_learner
+        if self.tasks_in_batch:
+            outputs = vmap(learner.forward)(inputs, learner.params)
+            loss = vmap(self.loss_fn)(outputs, labels).mean()
+            return {**task_metrics(outputs.flatten(0, 1), labels.flatten(0, 1), loss), "loss": loss}
+        outputs = learner.forward(inputs)
         loss = self.loss_fn(outputs, labels)
         return {**task_metrics(outputs, labels, loss), "loss": loss}
 

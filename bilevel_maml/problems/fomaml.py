@@ -17,4 +17,4 @@ class FOMAMLUpper(MetaLearner):
 
     def meta_gradient(self, query_loss):
         phi = self.task_learner.params
-        return zeros_for_unused(torch.autograd.grad(query_loss, phi, allow_unused=True), phi)
+        return self.reduce_over_tasks(zeros_for_unused(torch.autograd.grad(query_loss, phi, allow_unused=True), phi))

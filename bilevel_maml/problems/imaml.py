@@ -41,10 +41,14 @@ class IMAMLUpper(MetaLearner):
         learner = self.task_learner
         phi = learner.params
         query_grad = zeros_for_unused(torch.autograd.grad(query_loss, phi, allow_unused=True), phi)
-        support_grad = torch.autograd.grad(learner.task_loss(phi, learner.get_batch()), phi, create_graph=True)
+        support_loss = learner.over_tasks(learner.task_loss, phi, learner.get_batch())
+        support_grad = torch.autograd.grad(support_loss, phi, create_graph=True)
 
         def damped_hessian_vector(v):
+            # Vectorized, H is block-diagonal over tasks, so this is every task's own H_i v_i.
             hv = torch.autograd.grad(support_grad, phi, grad_outputs=v, retain_graph=True, allow_unused=True)
             return tuple(vi + hvi / learner.lam for vi, hvi in zip(v, zeros_for_unused(hv, phi)))
 
-        return conjugate_gradient(damped_hessian_vector, query_grad, self.cg_iterations, self.cg_tolerance)
+        solution = conjugate_gradient(damped_hessian_vector, query_grad, self.cg_iterations, self.cg_tolerance,
+                                      batch_dims=1 if self.tasks_in_batch else 0)
+        return self.reduce_over_tasks(solution)

@@ -1,0 +1,335 @@
+"""Seconds per meta-iteration, tasks/s and peak memory, side by side, with the compute-bound limit.
+
+One process, one model (conv4, 64 filters, 28×28 Omniglot inputs, 5-way 1-shot, meta-batch 32) and
+the same task tensors for every implementation:
+
+* ours: MAML (second order), FOMAML and iMAML, vectorized (``torch.func.vmap``) and per task;
+* learn2learn 0.2.0's ``l2l.algorithms.MAML`` clone/adapt loop, second and first order;
+* a plain per-task loop as in the textbook pseudocode (``torch.autograd.grad(create_graph=True)``).
+
+Each time is the median of ``--repeats`` meta-iterations after a warm-up one. The FLOPs of a
+meta-iteration are counted with ``torch.utils.flop_counter.FlopCounterMode``; the machine's own
+throughput is measured on the model's convolutions at their shapes (all images of the meta-batch in
+one call, forward and both backward convolutions); FLOPs ÷ throughput is the compute-bound limit,
+and ``limit ÷ time`` says how close an implementation gets to it. Peak memory is the high-water mark
+of resident memory above the level before the meta-iteration (CPU; allocations of 64 KiB and more
+are returned to the system when freed, so freed tensors leave it) or ``max_memory_allocated``
+(CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import itertools
+import json
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+from torch.utils.flop_counter import FlopCounterMode
+
+from bilevel_maml.engine import MetaEngine
+from bilevel_maml.env import EpisodicEnv
+from bilevel_maml.models import Conv4
+from bilevel_maml.problems import ALGORITHMS
+
+INNER_LR, META_LR, LAM, CG_ITERATIONS = 0.4, 1e-3, 1.0, 5
+
+
+# -- the same tasks for everyone ------------------------------------------------------------------
+def omniglot_tasks(data_root, meta_batch, ways, shots, query, device):
+    """``meta_batch`` tasks from the local Omniglot subsets, split once: (xs, ys, xq, yq) stacked."""
+    from bilevel_maml.data import omniglot_small_tasksets
+
+    tasksets = omniglot_small_tasksets(data_root, ways=ways, samples_per_class=shots + query)
+    env = EpisodicEnv(tasksets.train, ways=ways, shots=shots, query_shots=query, seed=0, device=device)
+    (xs, ys), (xq, yq) = env.sample_tasks(meta_batch)
+    return xs, ys, xq, yq
+
+
+# -- implementations: each returns a function performing one meta-iteration ----------------------
+def ours(algorithm, vectorize, model, tasks, steps, chunk=None):
+    xs, ys, xq, yq = tasks
+    episodes = itertools.cycle(
+        [{"support": (xs[i], ys[i]), "query": (xq[i], yq[i])} for i in range(len(xs))])
+    env = EpisodicEnv(lambda: next(episodes), ways=xs.shape[1], shots=1, device=xs.device)
+    upper_cls, lower_cls = ALGORITHMS[algorithm]
+    optimizer = torch.optim.Adam(model.parameters(), lr=META_LR)
+    upper_kwargs = {"cg_iterations": CG_ITERATIONS} if algorithm == "imaml" else {}
+    lower_kwargs = {"lam": LAM} if algorithm == "imaml" else {}
+    upper = upper_cls(model, optimizer, meta_batch_size=len(xs), **upper_kwargs)
+    lower = lower_cls(model, inner_lr=INNER_LR, inner_steps=steps, **lower_kwargs)
+    engine = MetaEngine(upper, lower, env, meta_iterations=10**9, vectorize=chunk or vectorize)
+    if engine.vectorized != vectorize:
+        raise RuntimeError("the benchmark model was expected to vectorize")
+    engine.train()
+    return engine.meta_step
+
+
+def learn2learn_maml(first_order, model, tasks, steps):
+    from bilevel_maml.data._learn2learn import import_learn2learn
+
+    l2l = import_learn2learn()
+    xs, ys, xq, yq = tasks
+    maml = l2l.algorithms.MAML(model, lr=INNER_LR, first_order=first_order)
+    optimizer = torch.optim.Adam(maml.parameters(), lr=META_LR)
+
+    def step():
+        optimizer.zero_grad()
+        for i in range(len(xs)):
+            learner = maml.clone()
+            for _ in range(steps):
+                learner.adapt(F.cross_entropy(learner(xs[i]), ys[i]))
+            (F.cross_entropy(learner(xq[i]), yq[i]) / len(xs)).backward()
+        optimizer.step()
+
+    return step
+
+
+def textbook_maml(model, tasks, steps):
+    xs, ys, xq, yq = tasks
+    names = [n for n, _ in model.named_parameters()]
+    optimizer = torch.optim.Adam(model.parameters(), lr=META_LR)
+
+    def loss(params, x, y):
+        return F.cross_entropy(functional_call(model, dict(zip(names, params)), (x,)), y)
+
+    def step():
+        optimizer.zero_grad()
+        for i in range(len(xs)):
+            params = list(model.parameters())
+            for _ in range(steps):
+                grads = torch.autograd.grad(loss(params, xs[i], ys[i]), params, create_graph=True)
+                params = [p - INNER_LR * g for p, g in zip(params, grads)]
+            (loss(params, xq[i], yq[i]) / len(xs)).backward()
+        optimizer.step()
+
+    return step
+
+
+IMPLEMENTATIONS = {
+    "ours maml vectorized": lambda m, t, k: ours("maml", True, m, t, k),
+    "ours maml per-task": lambda m, t, k: ours("maml", False, m, t, k),
+    "ours fomaml vectorized": lambda m, t, k: ours("fomaml", True, m, t, k),
+    "ours fomaml per-task": lambda m, t, k: ours("fomaml", False, m, t, k),
+    "ours imaml vectorized": lambda m, t, k: ours("imaml", True, m, t, k),
+    "ours imaml per-task": lambda m, t, k: ours("imaml", False, m, t, k),
+    "learn2learn maml": lambda m, t, k: learn2learn_maml(False, m, t, k),
+    "learn2learn fomaml": lambda m, t, k: learn2learn_maml(True, m, t, k),
+    "textbook maml loop": textbook_maml,
+}
+#: what each implementation is compared with: learn2learn at the same order of derivatives
+BASELINE = {"maml": "learn2learn maml", "imaml": "learn2learn maml", "fomaml": "learn2learn fomaml"}
+
+
+# -- measurement ----------------------------------------------------------------------------------
+_M_MMAP_THRESHOLD = -3
+
+
+def _mmap_threshold(nbytes: int) -> None:
+    """glibc serves blocks of at least ``nbytes`` with mmap and returns them on free. Small for
+    memory readings (so freed tensors leave resident memory), large for timing (mmap per tensor
+    costs page faults on every allocation)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, nbytes)
+        libc.malloc_trim(0)  # hand free heap memory back, so reuse of it shows as growth
+    except (OSError, AttributeError):
+        pass
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device, result: dict):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        yield
+        torch.cuda.synchronize(device)
+        result["bytes"] = torch.cuda.max_memory_allocated(device) - base
+        return
+    _mmap_threshold(64 * 1024)
+    base = _rss_bytes()
+    peak = [base]
+    running = [True]
+
+    def sample():
+        while running[0]:
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.0005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield
+    finally:
+        running[0] = False
+        sampler.join()
+        result["bytes"] = max(peak[0], _rss_bytes()) - base
+        _mmap_threshold(32 * 2**20)  # glibc's own upper bound for its dynamic threshold
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(step, device, repeats):
+    step()  # warm-up
+    memory = {}
+    with peak_memory(device, memory):
+        step()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        started = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - started)
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return statistics.median(times), memory["bytes"], counter.get_total_flops()
+
+
+def conv_throughput(model, images: int, image_size: int, device, repeats: int) -> float:
+    """FLOP/s of the model's convolutions at its shapes, forward plus both backward convolutions."""
+    convs, shapes = [], []
+    x = torch.zeros(images, 1, image_size, image_size, device=device)
+    for block in model.features:
+        conv = block[0]
+        convs.append(conv)
+        shapes.append(x.shape)
+        x = block(x)
+    inputs = [torch.randn(s, device=device, requires_grad=True) for s in shapes]
+
+    def run():
+        for conv, inp in zip(convs, inputs):
+            out = F.conv2d(inp, conv.weight, conv.bias, padding=1)
+            torch.autograd.grad(out, (inp, conv.weight), grad_outputs=torch.ones_like(out))
+
+    run()
+    with FlopCounterMode(display=False) as counter:
+        run()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        started = time.perf_counter()
+        run()
+        _sync(device)
+        times.append(time.perf_counter() - started)
+    return counter.get_total_flops() / statistics.median(times)
+
+
+# -- the report -----------------------------------------------------------------------------------
+def run_benchmark(data_root, device="cpu", meta_batch=32, steps=(1, 5), queries=(1, 15), memory_steps=(5, 20),
+                  repeats=5, implementations=None, output=None, seed=0):
+    device = torch.device(device)
+    names = implementations or list(IMPLEMENTATIONS)
+    rows = []
+    print(f"device: {device} ({torch.get_num_threads()} threads)"
+          + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
+          + f"; conv4-64, 28×28, 5-way 1-shot, meta-batch {meta_batch}; median of {repeats} after warm-up",
+          flush=True)
+    for query in queries:
+        tasks = omniglot_tasks(data_root, meta_batch, 5, 1, query, device)
+        images = meta_batch * (5 + 5 * query)
+        torch.manual_seed(seed)
+        throughput = conv_throughput(Conv4(5).to(device), images, 28, device, repeats)
+        print(f"\nquery {query}/class: conv throughput {throughput / 1e9:.1f} GFLOP/s at the model's shapes "
+              f"({images} images per meta-iteration)", flush=True)
+        for k in steps:
+            for name in names:
+                torch.manual_seed(seed)
+                model = Conv4(5).to(device)
+                step = IMPLEMENTATIONS[name](model, tasks, k)
+                seconds, memory, flops = measure(step, device, repeats)
+                row = dict(implementation=name, inner_steps=k, query=query, seconds=seconds,
+                           tasks_per_second=meta_batch / seconds, peak_mb=memory / 2**20, gflop=flops / 1e9,
+                           throughput_gflops=throughput / 1e9, limit_seconds=flops / throughput)
+                rows.append(row)
+                print(f"  steps {k:2d}  {name:24s} {seconds:7.3f} s/it {row['tasks_per_second']:7.1f} tasks/s "
+                      f"{row['peak_mb']:8.1f} MB {row['gflop']:7.1f} GFLOP  limit {row['limit_seconds']:.3f} s "
+                      f"({row['limit_seconds'] / seconds:5.1%} of it)", flush=True)
+    memory_rows = []
+    if memory_steps:
+        tasks = omniglot_tasks(data_root, meta_batch, 5, 1, queries[0], device)
+        print(f"\npeak memory against inner steps (query {queries[0]}/class):", flush=True)
+        for name in ("ours imaml vectorized", "ours maml vectorized"):
+            for k in memory_steps:
+                torch.manual_seed(seed)
+                step = IMPLEMENTATIONS[name](Conv4(5).to(device), tasks, k)
+                step()
+                memory = {}
+                with peak_memory(device, memory):
+                    step()
+                memory_rows.append(dict(implementation=name, inner_steps=k, peak_mb=memory["bytes"] / 2**20))
+                print(f"  steps {k:2d}  {name:24s} {memory['bytes'] / 2**20:8.1f} MB", flush=True)
+    summary = summarize(rows, memory_rows)
+    print("\n" + "\n".join(summary["lines"]), flush=True)
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(dict(device=str(device), meta_batch=meta_batch, rows=rows,
+                                                memory=memory_rows, summary=summary), indent=2))
+    return rows, memory_rows, summary
+
+
+def summarize(rows, memory_rows) -> dict:
+    """Ratios to learn2learn and to the compute-bound limit, against the project's targets."""
+    lines, ratios = [], {}
+    by_key = {(r["implementation"], r["inner_steps"], r["query"]): r for r in rows}
+    for (name, k, q), row in sorted(by_key.items(), key=lambda item: (item[0][2], item[0][1], item[0][0])):
+        if not name.startswith("ours"):
+            continue
+        baseline = by_key.get((BASELINE[name.split()[1]], k, q))
+        if baseline:
+            ratio = baseline["seconds"] / row["seconds"]
+            ratios[f"{name} | steps {k} | query {q}"] = ratio
+            lines.append(f"{name:24s} steps {k:2d} query {q:2d}: {ratio:5.2f}× the meta-iterations/s of "
+                         f"{baseline['implementation']}, {row['limit_seconds'] / row['seconds']:5.1%} of the "
+                         f"compute-bound limit")
+    for k_q in sorted({(k, q) for _, k, q in by_key}):
+        fo, so = by_key.get(("ours fomaml vectorized", *k_q)), by_key.get(("ours maml vectorized", *k_q))
+        if fo and so:
+            lines.append(f"FOMAML vs MAML (vectorized) steps {k_q[0]} query {k_q[1]}: "
+                         f"{so['seconds'] / fo['seconds']:.2f}× faster")
+    memory = {(m["implementation"], m["inner_steps"]): m["peak_mb"] for m in memory_rows}
+    steps = sorted({k for _, k in memory})
+    if len(steps) >= 2:
+        low, high = steps[0], steps[-1]
+        for name in ("ours imaml vectorized", "ours maml vectorized"):
+            if (name, low) in memory and (name, high) in memory:
+                lines.append(f"{name}: peak memory at {high} inner steps is "
+                             f"{memory[(name, high)] / max(memory[(name, low)], 1e-9):.2f}× its peak at {low}")
+    return {"lines": lines, "ratios": ratios}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", default="../shared/data/omniglot-small")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--meta-batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, nargs="+", default=[1, 5])
+    parser.add_argument("--queries", type=int, nargs="+", default=[1, 15])
+    parser.add_argument("--memory-steps", type=int, nargs="*", default=[5, 20])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--implementations", nargs="+", choices=list(IMPLEMENTATIONS))
+    parser.add_argument("--json", help="also write the measurements to this JSON file")
+    args = parser.parse_args(argv)
+    run_benchmark(args.data_root, args.device, args.meta_batch_size, tuple(args.steps), tuple(args.queries),
+                  tuple(args.memory_steps), args.repeats, args.implementations, args.json)
+
+
+if __name__ == "__main__":
+    main()

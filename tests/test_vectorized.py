@@ -1,0 +1,95 @@
+"""The vectorized path (whole meta-batch under torch.func.vmap) gives the per-task meta-gradient."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bilevel_maml import ALGORITHMS, MetaEngine
+from bilevel_maml.env import EpisodicEnv
+from bilevel_maml.models import Conv4
+
+from conftest import RecordingSGD, random_classification_source
+
+
+def image_source():
+    def sample():
+        labels = torch.arange(5).repeat_interleave(3)
+        return torch.randn(15, 1, 16, 16, dtype=torch.float64) + labels.view(-1, 1, 1, 1), labels
+
+    return sample
+
+
+def meta_gradient(algorithm, model, source, vectorize, inner_steps=3):
+    upper_cls, lower_cls = ALGORITHMS[algorithm]
+    optimizer = RecordingSGD(model.parameters())
+    upper_kwargs = {"cg_iterations": 4} if algorithm == "imaml" else {}
+    lower_kwargs = {"lam": 0.8} if algorithm == "imaml" else {}
+    upper = upper_cls(model, optimizer, meta_batch_size=4, **upper_kwargs)
+    lower = lower_cls(model, inner_lr=0.2, inner_steps=inner_steps, **lower_kwargs)
+    env = EpisodicEnv(source, ways=5, shots=1, query_shots=2, seed=9)
+    engine = MetaEngine(upper, lower, env, meta_iterations=2, vectorize=vectorize)
+    assert engine.vectorized == vectorize
+    engine.run()
+    return optimizer.seen_grads
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "imaml"])
+@pytest.mark.parametrize("make_model, source", [
+    (lambda: nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 5)), lambda: random_classification_source(5, 3, 6)),
+    (lambda: Conv4(5, in_channels=1, hidden=4, image_size=16), image_source),
+], ids=["mlp", "conv-transductive-bn"])
+def test_vectorized_and_per_task_meta_gradients_agree(algorithm, make_model, source):
+    torch.manual_seed(0)
+    model = make_model().double()
+    twin = copy.deepcopy(model)
+    per_task = meta_gradient(algorithm, model, source(), vectorize=False)
+    vectorized = meta_gradient(algorithm, twin, source(), vectorize=True)
+    assert len(per_task) == len(vectorized) == 2  # two meta-iterations, so θ moved in between
+    for step_a, step_b in zip(per_task, vectorized):
+        for a, b in zip(step_a, step_b):
+            assert torch.allclose(a, b, atol=1e-6, rtol=0), (a - b).abs().max()
+    assert any(g.abs().max() > 1e-3 for g in per_task[0])
+
+
+class RunningStatsNet(nn.Module):
+    """BatchNorm that updates running statistics in forward: a buffer write vmap cannot batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 5))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_a_model_that_writes_buffers_falls_back_to_the_per_task_path_with_a_warning():
+    model = RunningStatsNet()
+    upper_cls, lower_cls = ALGORITHMS["maml"]
+    upper = upper_cls(model, torch.optim.SGD(model.parameters(), lr=0.1), meta_batch_size=2)
+    lower = lower_cls(model, inner_lr=0.1)
+    env = EpisodicEnv(random_classification_source(5, 2, 6, dtype=torch.float32), ways=5, shots=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = MetaEngine(upper, lower, env, meta_iterations=2)
+    messages = [str(w.message) for w in caught if "cannot be vectorized" in str(w.message)]
+    assert len(messages) == 1 and "\n" not in messages[0]
+    assert messages[0].startswith("RunningStatsNet cannot be vectorized (RuntimeError: ")
+    assert not engine.vectorized
+    engine.run()
+    assert env.tasks_sampled == 4
+
+
+def test_the_probe_does_not_change_the_task_stream():
+    source = random_classification_source(5, 2, 6)
+    env = EpisodicEnv(source, ways=5, shots=1, seed=4)
+    expected = EpisodicEnv(source, ways=5, shots=1, seed=4).sample_tasks(2)
+    model = nn.Linear(6, 5).double()
+    upper_cls, lower_cls = ALGORITHMS["fomaml"]
+    MetaEngine(upper_cls(model, torch.optim.SGD(model.parameters(), lr=0.1), meta_batch_size=2),
+               lower_cls(model, inner_lr=0.1), env, meta_iterations=1)
+    env.step()
+    assert torch.equal(env.batch["support"][0], expected[0][0])
