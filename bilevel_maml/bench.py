@@ -7,7 +7,8 @@ the same task tensors for every implementation:
 * learn2learn 0.2.0's ``l2l.algorithms.MAML`` clone/adapt loop, second and first order;
 * a plain per-task loop as in the textbook pseudocode (``torch.autograd.grad(create_graph=True)``).
 
-Each time is the median of ``--repeats`` meta-iterations after a warm-up one. The FLOPs of a
+Each time is the median of ``--repeats`` meta-iterations after a warm-up one, the implementations
+taking turns (one meta-iteration each per round) so drift in the machine's speed hits all alike. The FLOPs of a
 meta-iteration are counted with ``torch.utils.flop_counter.FlopCounterMode``; the machine's own
 throughput is measured on the model's convolutions at their shapes (all images of the meta-batch in
 one call, forward and both backward convolutions); FLOPs ÷ throughput is the compute-bound limit,
@@ -116,6 +117,7 @@ def textbook_maml(model, tasks, steps):
 
 IMPLEMENTATIONS = {
     "ours maml vectorized": lambda m, t, k: ours("maml", True, m, t, k),
+    "ours maml vectorized x8": lambda m, t, k: ours("maml", True, m, t, k, chunk=8),
     "ours maml per-task": lambda m, t, k: ours("maml", False, m, t, k),
     "ours fomaml vectorized": lambda m, t, k: ours("fomaml", True, m, t, k),
     "ours fomaml per-task": lambda m, t, k: ours("fomaml", False, m, t, k),
@@ -186,21 +188,18 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure(step, device, repeats):
-    step()  # warm-up
-    memory = {}
-    with peak_memory(device, memory):
-        step()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        started = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - started)
+def timed(fn, device) -> float:
+    _sync(device)
+    started = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - started
+
+
+def counted_flops(fn) -> int:
     with FlopCounterMode(display=False) as counter:
-        step()
-    return statistics.median(times), memory["bytes"], counter.get_total_flops()
+        fn()
+    return counter.get_total_flops()
 
 
 def conv_throughput(model, images: int, image_size: int, device, repeats: int) -> float:
@@ -208,8 +207,7 @@ def conv_throughput(model, images: int, image_size: int, device, repeats: int) -
     convs, shapes = [], []
     x = torch.zeros(images, 1, image_size, image_size, device=device)
     for block in model.features:
-        conv = block[0]
-        convs.append(conv)
+        convs.append(block[0])
         shapes.append(x.shape)
         x = block(x)
     inputs = [torch.randn(s, device=device, requires_grad=True) for s in shapes]
@@ -220,16 +218,30 @@ def conv_throughput(model, images: int, image_size: int, device, repeats: int) -
             torch.autograd.grad(out, (inp, conv.weight), grad_outputs=torch.ones_like(out))
 
     run()
-    with FlopCounterMode(display=False) as counter:
-        run()
-    times = []
+    return counted_flops(run) / statistics.median(timed(run, device) for _ in range(repeats))
+
+
+def algorithm_of(name: str) -> str:
+    return "fomaml" if "fomaml" in name else "imaml" if "imaml" in name else "maml"
+
+
+def measure_round_robin(steps: dict, device, repeats: int) -> dict:
+    """Median seconds, peak memory and FLOPs of each step function; the repeats are interleaved
+    (every implementation once per round) so that drift in the machine's speed hits all alike."""
+    results = {name: {"times": []} for name in steps}
+    for name, step in steps.items():
+        step()  # warm-up
+        memory = {}
+        with peak_memory(device, memory):
+            step()
+        results[name]["bytes"] = memory["bytes"]
+        results[name]["flops"] = counted_flops(step)
     for _ in range(repeats):
-        _sync(device)
-        started = time.perf_counter()
-        run()
-        _sync(device)
-        times.append(time.perf_counter() - started)
-    return counter.get_total_flops() / statistics.median(times)
+        for name, step in steps.items():
+            results[name]["times"].append(timed(step, device))
+    for result in results.values():
+        result["seconds"] = statistics.median(result.pop("times"))
+    return results
 
 
 # -- the report -----------------------------------------------------------------------------------
@@ -237,6 +249,9 @@ def run_benchmark(data_root, device="cpu", meta_batch=32, steps=(1, 5), queries=
                   repeats=5, implementations=None, output=None, seed=0):
     device = torch.device(device)
     names = implementations or list(IMPLEMENTATIONS)
+    # Fixed allocator behaviour for every implementation: glibc's default threshold moves with
+    # the history of frees, which alone changed times here by a third.
+    _mmap_threshold(32 * 2**20)
     rows = []
     print(f"device: {device} ({torch.get_num_threads()} threads)"
           + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
@@ -250,14 +265,21 @@ def run_benchmark(data_root, device="cpu", meta_batch=32, steps=(1, 5), queries=
         print(f"\nquery {query}/class: conv throughput {throughput / 1e9:.1f} GFLOP/s at the model's shapes "
               f"({images} images per meta-iteration)", flush=True)
         for k in steps:
+            step_functions = {}
             for name in names:
                 torch.manual_seed(seed)
-                model = Conv4(5).to(device)
-                step = IMPLEMENTATIONS[name](model, tasks, k)
-                seconds, memory, flops = measure(step, device, repeats)
+                step_functions[name] = IMPLEMENTATIONS[name](Conv4(5).to(device), tasks, k)
+            results = measure_round_robin(step_functions, device, repeats)
+            # FlopCounterMode overcounts vmapped convolution backward, so each algorithm's FLOPs are
+            # counted once, on its per-task path (the textbook count for MAML).
+            algorithm_flops = {algorithm_of(n): r["flops"] for n, r in results.items() if "per-task" in n}
+            algorithm_flops.setdefault("maml", results.get("textbook maml loop", {}).get("flops"))
+            for name, result in results.items():
+                flops = algorithm_flops.get(algorithm_of(name)) or result["flops"]
+                seconds = result["seconds"]
                 row = dict(implementation=name, inner_steps=k, query=query, seconds=seconds,
-                           tasks_per_second=meta_batch / seconds, peak_mb=memory / 2**20, gflop=flops / 1e9,
-                           throughput_gflops=throughput / 1e9, limit_seconds=flops / throughput)
+                           tasks_per_second=meta_batch / seconds, peak_mb=result["bytes"] / 2**20,
+                           gflop=flops / 1e9, throughput_gflops=throughput / 1e9, limit_seconds=flops / throughput)
                 rows.append(row)
                 print(f"  steps {k:2d}  {name:24s} {seconds:7.3f} s/it {row['tasks_per_second']:7.1f} tasks/s "
                       f"{row['peak_mb']:8.1f} MB {row['gflop']:7.1f} GFLOP  limit {row['limit_seconds']:.3f} s "

@@ -84,6 +84,7 @@ def build_engine(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     logger=None,
+    vectorize: bool | int = True,
     verbose: bool = False,
 ) -> MetaEngine:
     """Build a :class:`MetaEngine` for ``algorithm`` (``maml``, ``fomaml``, ``imaml`` or a
@@ -92,7 +93,7 @@ def build_engine(
     ``lam`` (λ) and ``cg_iterations`` apply to iMAML. ``scheduler`` is a callable that takes the
     outer optimizer and returns an LR scheduler, stepped once per meta-update. ``regression``
     switches the default loss to MSE and splits tasks without classes. Each split gets its own
-    task stream, seeded from ``seed``.
+    task stream, seeded from ``seed``. ``vectorize`` is passed to :class:`MetaEngine`.
     """
     name = check_choice("algorithm", algorithm, ALGORITHMS)
     if not isinstance(model, torch.nn.Module):
@@ -155,5 +156,6 @@ def build_engine(
         valid_tasks=valid_tasks,
         device=device,
         logger=logger,
+        vectorize=vectorize,
         verbose=verbose,
     )

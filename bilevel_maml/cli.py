@@ -52,6 +52,8 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
     add("--width", type=int, help="backbone width: conv4 filters, resnet12 first stage, mlp hidden units")
     add("--lam", type=float, default=1.0, help="iMAML proximal strength λ")
     add("--cg-iterations", type=int, default=5, help="iMAML conjugate-gradient iterations")
+    add("--vectorize", action=argparse.BooleanOptionalAction, default=True,
+        help="adapt the meta-batch at once with torch.func.vmap (default) or task by task")
     add("--seed", type=int, default=0)
     add("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     add("--dtype", choices=sorted(DTYPES), default="float32")
@@ -195,7 +197,7 @@ def build_from_config(config: dict, device: torch.device) -> MetaEngine:
         meta_iterations=config["iterations"], optimizer=config["optimizer"], regression=spec.regression,
         lam=config["lam"], cg_iterations=config["cg_iterations"], valid_step=config["valid_every"],
         valid_tasks=config["valid_tasks"], seed=config["seed"], device=device,
-        dtype=DTYPES[config["dtype"]],
+        dtype=DTYPES[config["dtype"]], vectorize=config.get("vectorize", True),
     )
 
 

@@ -20,7 +20,7 @@ def test_every_training_flag_reaches_the_run(tmp_path, omniglot_root):
         "train", "--algorithm", "imaml", "--dataset", "omniglot-small", "--data-root", str(omniglot_root),
         "--ways", "3", "--shots", "2", "--query-shots", "3", "--inner-steps", "2", "--inner-lr", "0.2",
         "--meta-lr", "0.005", "--meta-batch-size", "2", "--iterations", "3", "--optimizer", "adafactor",
-        "--model", "resnet12", "--width", "4", "--lam", "2.0", "--cg-iterations", "2", "--seed", "5",
+        "--model", "resnet12", "--width", "4", "--lam", "2.0", "--cg-iterations", "2", "--no-vectorize", "--seed", "5",
         "--device", "cpu", "--dtype", "float64", "--valid-every", "3", "--valid-tasks", "2",
         "--test-tasks", "4", "--checkpoint-every", "1", "--output", str(output), "--wandb", "disabled",
         "--no-progress",
@@ -28,7 +28,7 @@ def test_every_training_flag_reaches_the_run(tmp_path, omniglot_root):
     config = json.loads((output / "config.json").read_text())
     expected = dict(algorithm="imaml", dataset="omniglot-small", data_root=str(omniglot_root), ways=3, shots=2,
                     query_shots=3, inner_steps=2, inner_lr=0.2, meta_lr=0.005, meta_batch_size=2, iterations=3,
-                    optimizer="adafactor", model="resnet12", width=4, lam=2.0, cg_iterations=2, seed=5,
+                    optimizer="adafactor", model="resnet12", width=4, lam=2.0, cg_iterations=2, vectorize=False, seed=5,
                     device="cpu", dtype="float64", valid_every=3, valid_tasks=2, test_tasks=4,
                     checkpoint_every=1, output=str(output), wandb="disabled", progress=False)
     assert {k: config[k] for k in expected} == expected
@@ -39,6 +39,7 @@ def test_every_training_flag_reaches_the_run(tmp_path, omniglot_root):
     lower, upper, env = engine.task_learner, engine.meta_learner, engine.env
     assert type(lower).__name__ == "IMAMLLower" and lower.lam == 2.0 and upper.cg_iterations == 2
     assert (lower.inner_lr, lower.inner_steps, upper.meta_batch_size) == (0.2, 2, 2)
+    assert not engine.vectorized and cli.build_from_config({**config, "vectorize": True}, torch.device("cpu")).vectorized
     assert (env.ways, env.shots, env.query_shots, env.seed) == (3, 2, 3, 15)
     assert isinstance(upper.optimizer, torch.optim.Adafactor) and upper.optimizer.defaults["lr"] == 0.005
     assert type(upper.module).__name__ == "ResNet12" and upper.module.classifier.out_features == 3

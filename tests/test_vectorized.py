@@ -32,7 +32,7 @@ def meta_gradient(algorithm, model, source, vectorize, inner_steps=3):
     lower = lower_cls(model, inner_lr=0.2, inner_steps=inner_steps, **lower_kwargs)
     env = EpisodicEnv(source, ways=5, shots=1, query_shots=2, seed=9)
     engine = MetaEngine(upper, lower, env, meta_iterations=2, vectorize=vectorize)
-    assert engine.vectorized == vectorize
+    assert engine.vectorized == bool(vectorize)
     engine.run()
     return optimizer.seen_grads
 
@@ -46,12 +46,15 @@ def test_vectorized_and_per_task_meta_gradients_agree(algorithm, make_model, sou
     torch.manual_seed(0)
     model = make_model().double()
     twin = copy.deepcopy(model)
+    chunked_twin = copy.deepcopy(model)
     per_task = meta_gradient(algorithm, model, source(), vectorize=False)
     vectorized = meta_gradient(algorithm, twin, source(), vectorize=True)
-    assert len(per_task) == len(vectorized) == 2  # two meta-iterations, so θ moved in between
-    for step_a, step_b in zip(per_task, vectorized):
-        for a, b in zip(step_a, step_b):
+    chunked = meta_gradient(algorithm, chunked_twin, source(), vectorize=2)  # 2 tasks per vmap, 2 chunks
+    assert len(per_task) == len(vectorized) == len(chunked) == 2  # two meta-iterations, θ moved in between
+    for step_a, step_b, step_c in zip(per_task, vectorized, chunked):
+        for a, b, c in zip(step_a, step_b, step_c):
             assert torch.allclose(a, b, atol=1e-6, rtol=0), (a - b).abs().max()
+            assert torch.allclose(a, c, atol=1e-6, rtol=0), (a - c).abs().max()
     assert any(g.abs().max() > 1e-3 for g in per_task[0])
 
 
@@ -81,6 +84,16 @@ def test_a_model_that_writes_buffers_falls_back_to_the_per_task_path_with_a_warn
     assert not engine.vectorized
     engine.run()
     assert env.tasks_sampled == 4
+
+
+def test_chunk_size_must_divide_the_meta_batch():
+    model = nn.Linear(6, 5)
+    upper_cls, lower_cls = ALGORITHMS["maml"]
+    with pytest.raises(ValueError, match="vectorize=3 must divide meta_batch_size=4"):
+        MetaEngine(upper_cls(model, torch.optim.SGD(model.parameters(), lr=0.1), meta_batch_size=4),
+                   lower_cls(model, inner_lr=0.1),
+                   EpisodicEnv(random_classification_source(5, 2, 6, dtype=torch.float32), ways=5, shots=1),
+                   vectorize=3)
 
 
 def test_the_probe_does_not_change_the_task_stream():

@@ -1,0 +1,108 @@
+"""Held-out accuracy after the same wall-clock budget: ours (MAML, FOMAML, iMAML) vs learn2learn MAML.
+
+Same data (the real Omniglot small subsets: meta-train on small1's characters, test on small2's
+characters absent from small1), same model (conv4, 64 filters), same hyperparameters (5-way 1-shot,
+1 query per class, inner SGD step 0.4, Adam 1e-3, meta-batch 32, the same number of inner steps),
+the same training task stream and the same 600 test tasks. Each learner trains until its budget
+is spent, then is scored with the MAML adaptation rule (iMAML adapts with its proximal term).
+
+    .venv/bin/python benchmarks/equal_budget.py --budget-minutes 10 --json benchmarks/results/equal_budget.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bilevel_maml import build_engine
+from bilevel_maml.data import omniglot_small_tasksets
+from bilevel_maml.data._learn2learn import import_learn2learn
+from bilevel_maml.models import Conv4
+
+SETTINGS = dict(ways=5, shots=1, query_shots=1, inner_lr=0.4, meta_lr=1e-3, lam=1.0, cg_iterations=5)
+
+
+def engine_for(algorithm, tasksets, args):
+    torch.manual_seed(args.seed)
+    return build_engine(algorithm, Conv4(5), tasksets, inner_steps=args.inner_steps,
+                        meta_batch_size=args.meta_batch_size, meta_iterations=10**9, valid_step=10**9,
+                        seed=args.seed, **SETTINGS)
+
+
+def train_ours(engine, budget_seconds):
+    engine.train()
+    started = time.perf_counter()
+    while time.perf_counter() - started < budget_seconds:
+        engine.meta_step()
+        engine.meta_iteration += 1
+    return engine.meta_iteration, time.perf_counter() - started
+
+
+def train_learn2learn(engine, budget_seconds, inner_steps):
+    """learn2learn's clone/adapt MAML on θ of `engine`, drawing the same training tasks."""
+    l2l = import_learn2learn()
+    model = engine.meta_learner.module
+    maml = l2l.algorithms.MAML(model, lr=SETTINGS["inner_lr"], first_order=False)
+    optimizer = torch.optim.Adam(maml.parameters(), lr=SETTINGS["meta_lr"])
+    env, tasks = engine.env, engine.meta_batch_size
+    iterations, started = 0, time.perf_counter()
+    while time.perf_counter() - started < budget_seconds:
+        optimizer.zero_grad()
+        for _ in range(tasks):
+            (xs, ys), (xq, yq) = env.sample_task()
+            learner = maml.clone()
+            for _ in range(inner_steps):
+                learner.adapt(F.cross_entropy(learner(xs), ys))
+            (F.cross_entropy(learner(xq), yq) / tasks).backward()
+        optimizer.step()
+        iterations += 1
+    return iterations, time.perf_counter() - started
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", default="../shared/data/omniglot-small")
+    parser.add_argument("--budget-minutes", type=float, default=10.0, help="wall-clock training budget of each")
+    parser.add_argument("--inner-steps", type=int, default=1)
+    parser.add_argument("--meta-batch-size", type=int, default=32)
+    parser.add_argument("--test-tasks", type=int, default=600)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+
+    tasksets = omniglot_small_tasksets(args.data_root, ways=5, samples_per_class=2)
+    budget = args.budget_minutes * 60
+    print(f"equal budget: {args.budget_minutes:g} min each, 5-way 1-shot Omniglot, conv4-64, meta-batch "
+          f"{args.meta_batch_size}, {args.inner_steps} inner step(s), {args.test_tasks} test tasks; "
+          f"{torch.get_num_threads()} CPU threads", flush=True)
+    results = []
+    for name in ("learn2learn maml", "ours maml", "ours fomaml", "ours imaml"):
+        algorithm = name.split()[1]
+        engine = engine_for(algorithm, tasksets, args)
+        if name.startswith("learn2learn"):
+            iterations, seconds = train_learn2learn(engine, budget, args.inner_steps)
+        else:
+            iterations, seconds = train_ours(engine, budget)
+        test = engine.test(args.test_tasks)
+        results.append(dict(learner=name, meta_iterations=iterations, train_seconds=seconds,
+                            tasks_per_second=iterations * args.meta_batch_size / seconds,
+                            accuracy=test["accuracy"], accuracy_ci95=test["accuracy_ci95"], tasks=test["tasks"]))
+        print(f"  {name:18s} {iterations:5d} meta-iterations ({results[-1]['tasks_per_second']:.1f} tasks/s): "
+              f"{100 * test['accuracy']:.2f}% ± {100 * test['accuracy_ci95']:.2f}%", flush=True)
+    baseline = results[0]
+    for row in results[1:]:
+        verdict = "at least as accurate" if row["accuracy"] >= baseline["accuracy"] else "LESS accurate"
+        print(f"{row['learner']}: {verdict} as learn2learn MAML "
+              f"({100 * (row['accuracy'] - baseline['accuracy']):+.2f} points)")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(dict(settings=vars(args), results=results), indent=2))
+
+
+if __name__ == "__main__":
+    main()
