@@ -271,11 +271,15 @@ def run_benchmark(data_root, device="cpu", meta_batch=32, steps=(1, 5), queries=
                 step_functions[name] = IMPLEMENTATIONS[name](Conv4(5).to(device), tasks, k)
             results = measure_round_robin(step_functions, device, repeats)
             # FlopCounterMode overcounts vmapped convolution backward, so each algorithm's FLOPs are
-            # counted once, on its per-task path (the textbook count for MAML).
-            algorithm_flops = {algorithm_of(n): r["flops"] for n, r in results.items() if "per-task" in n}
-            algorithm_flops.setdefault("maml", results.get("textbook maml loop", {}).get("flops"))
+            # counted on a per-task twin (for MAML this equals the textbook loop's count).
+            algorithm_flops = {}
+            for algorithm in sorted({algorithm_of(n) for n in names}):
+                torch.manual_seed(seed)
+                twin = ours(algorithm, False, Conv4(5).to(device), tasks, k)
+                twin()
+                algorithm_flops[algorithm] = counted_flops(twin)
             for name, result in results.items():
-                flops = algorithm_flops.get(algorithm_of(name)) or result["flops"]
+                flops = algorithm_flops[algorithm_of(name)]
                 seconds = result["seconds"]
                 row = dict(implementation=name, inner_steps=k, query=query, seconds=seconds,
                            tasks_per_second=meta_batch / seconds, peak_mb=result["bytes"] / 2**20,
