@@ -96,8 +96,8 @@ def main(argv=None):
               f"{100 * test['accuracy']:.2f}% ± {100 * test['accuracy_ci95']:.2f}%", flush=True)
     baseline = results[0]
     for row in results[1:]:
-        verdict = "at least as accurate" if row["accuracy"] >= baseline["accuracy"] else "LESS accurate"
-        print(f"{row['learner']}: {verdict} as learn2learn MAML "
+        verdict = "at least as accurate as" if row["accuracy"] >= baseline["accuracy"] else "LESS accurate than"
+        print(f"{row['learner']}: {verdict} learn2learn MAML "
               f"({100 * (row['accuracy'] - baseline['accuracy']):+.2f} points)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
