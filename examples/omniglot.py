@@ -15,8 +15,10 @@ from bilevel_maml.data import omniglot_small_tasksets
 from bilevel_maml.models import Conv4
 
 
-def report(engine, event, stats):
-    if event == "validation":
+class PrintValidation:
+    """An engine callback: one line per validation."""
+
+    def on_validation_end(self, engine, stats, improved):
         print(f"  iteration {engine.meta_iteration:4d}  validation accuracy "
               f"{100 * stats['accuracy']:.1f}% ± {100 * stats['accuracy_ci95']:.1f}%", flush=True)
 
@@ -31,6 +33,7 @@ def main():
     parser.add_argument("--inner-lr", type=float, default=0.4)
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--meta-batch-size", type=int, default=8)
+    parser.add_argument("--valid-every", type=int, default=50)
     parser.add_argument("--test-tasks", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -41,9 +44,9 @@ def main():
         args.algorithm, Conv4(args.ways), tasksets,
         ways=args.ways, shots=args.shots, inner_steps=args.inner_steps, inner_lr=args.inner_lr,
         meta_lr=1e-3, meta_batch_size=args.meta_batch_size, meta_iterations=args.iterations,
-        valid_step=50, valid_tasks=100, seed=args.seed,
+        valid_step=args.valid_every, valid_tasks=100, seed=args.seed,
     )
-    engine.callbacks.append(report)
+    engine.callbacks.append(PrintValidation())
     print(f"{args.algorithm}: {args.iterations} meta-iterations of {args.meta_batch_size} "
           f"{args.ways}-way {args.shots}-shot Omniglot tasks")
     engine.run()

@@ -1,0 +1,33 @@
+"""The example scripts run on the public API and print their result."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def run(script, *args):
+    done = subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_omniglot_example(omniglot_root):
+    out = run("omniglot.py", "--data-root", str(omniglot_root), "--iterations", "4", "--valid-every", "2",
+              "--meta-batch-size", "2", "--test-tasks", "10")
+    assert out.count("validation accuracy") == 2
+    assert "held-out 5-way 1-shot accuracy:" in out and "(95% CI over 10 tasks of unseen characters)" in out
+
+
+def test_sinusoid_example():
+    out = run("sinusoid.py", "--iterations", "5", "--meta-batch-size", "2")
+    assert "post-adaptation MSE:" in out and "before meta-training" in out
+
+
+def test_mini_imagenet_example_says_which_files_are_missing(tmp_path):
+    done = subprocess.run([sys.executable, str(EXAMPLES / "mini_imagenet.py"), "--data-root", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert f"{tmp_path}/mini-imagenet-cache-train.pkl" in done.stderr
