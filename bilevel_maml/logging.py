@@ -80,10 +80,19 @@ class WandbLogger(LoggerBase):
         self.run.log_artifact(artifact)
 
     def finish(self):
+        """End the run with its folder complete on disk.
+
+        ``run.finish()`` can return before wandb's writer process has flushed the run's
+        transaction log (seen here: a 7-byte file, complete a second later); shutting the wandb
+        service down waits for it, so the folder can be read, synced or copied right away.
+        """
         if self.run is not None:
+            import wandb
+
             self.flush()
             self.run.finish()
             self.run = None
+            wandb.teardown()
 
 
 _BLOCK = 32768
