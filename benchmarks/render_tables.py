@@ -7,6 +7,8 @@
 import json
 import sys
 
+from bilevel_maml.bench import BASELINE, algorithm_of
+
 
 def meta_iteration_table(report: dict) -> str:
     rows = report["rows"]
@@ -15,7 +17,7 @@ def meta_iteration_table(report: dict) -> str:
              "| inner steps | query/class | implementation | s / meta-iteration | tasks/s | peak MB | vs learn2learn | of compute-bound limit |",
              "|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        reference = "learn2learn fomaml" if "fomaml" in r["implementation"] else "learn2learn maml"
+        reference = BASELINE[algorithm_of(r["implementation"])]
         ratio = baseline[(r["inner_steps"], r["query"], reference)] / r["seconds"]
         lines.append(f"| {r['inner_steps']} | {r['query']} | {r['implementation']} | {r['seconds']:.3f} | "
                      f"{r['tasks_per_second']:.1f} | {r['peak_mb']:.0f} | {ratio:.2f}× | "

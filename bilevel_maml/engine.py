@@ -12,11 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import random
 import time
 import warnings
-
-import numpy as np
 
 import torch
 from betty.engine import Engine
@@ -24,7 +21,7 @@ from betty.configs import EngineConfig
 from betty.logging.logger_base import get_logger
 from torch.func import vmap
 
-from bilevel_maml.env import EpisodicEnv
+from bilevel_maml.env import EpisodicEnv, global_rng_state, set_global_rng_state
 from bilevel_maml.problems.base import MetaLearner, NonFiniteError, TaskLearner, task_metrics
 from bilevel_maml.validation import check_positive_int
 
@@ -40,21 +37,6 @@ def mean_and_ci95(values: list[float]) -> tuple[float, float]:
         return mean, float("nan")
     variance = sum((v - mean) ** 2 for v in values) / (n - 1)
     return mean, Z_95 * math.sqrt(variance / n)
-
-
-def global_rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_global_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @contextlib.contextmanager
@@ -251,10 +233,13 @@ class MetaEngine(Engine):
                 method(self, *args)
 
     # -- state ----------------------------------------------------------------------------------
+    def _envs(self) -> dict[str, EpisodicEnv]:
+        envs = {"train": self.env, "validation": self.valid_env, "test": self.test_env}
+        return {name: env for name, env in envs.items() if env is not None}
+
     def state_dict(self) -> dict:
         """Everything a resumed run needs to continue exactly as if never stopped."""
         upper = self.meta_learner
-        envs = {"train": self.env, "validation": self.valid_env, "test": self.test_env}
         return {
             "meta_iteration": self.meta_iteration,
             "global_step": self.global_step,
@@ -262,7 +247,7 @@ class MetaEngine(Engine):
             "theta": upper.module.state_dict(),
             "optimizer": upper.optimizer.state_dict(),
             "scheduler": upper.lr_scheduler.state_dict() if upper.lr_scheduler is not None else None,
-            "envs": {name: env.state_dict() for name, env in envs.items() if env is not None},
+            "envs": {name: env.state_dict() for name, env in self._envs().items()},
             "best_valid": self.best_valid,
             "history": self.history,
             "rng": global_rng_state(),
@@ -274,9 +259,9 @@ class MetaEngine(Engine):
         upper.optimizer.load_state_dict(state["optimizer"])
         if upper.lr_scheduler is not None and state["scheduler"] is not None:
             upper.lr_scheduler.load_state_dict(state["scheduler"])
-        envs = {"train": self.env, "validation": self.valid_env, "test": self.test_env}
+        envs = self._envs()
         for name, env_state in state["envs"].items():
-            if envs.get(name) is not None:
+            if name in envs:
                 envs[name].load_state_dict(env_state)
         self.meta_iteration = state["meta_iteration"]
         self.global_step = state["global_step"]

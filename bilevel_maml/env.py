@@ -63,6 +63,22 @@ def split_regression_task(inputs, targets, shots: int, query_shots: int):
     return (inputs[support], targets[support]), (inputs[query], targets[query])
 
 
+def global_rng_state(cuda: bool = True) -> dict:
+    """The Python, NumPy and torch (and, if asked and present, CUDA) global random states."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if cuda and torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_global_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def _seeded_states(seed: int) -> dict:
     return {
         "python": random.Random(seed).getstate(),
@@ -119,28 +135,21 @@ class EpisodicEnv(Env):
         self._rng = _seeded_states(seed)
         self.tasks_sampled = 0
         #: tasks per :meth:`step`; above 1, ``batch`` holds them stacked along a leading task axis
-        #: (the engine's vectorized path sets it to the meta-batch size).
+        #: (the engine's vectorized path sets it to the tasks it adapts at once).
         self.tasks_per_step = 1
         self.batch = {"support": None, "query": None}
 
     @contextmanager
     def own_random_state(self):
         """Run the block on this env's random stream, leaving the global streams untouched."""
-        outside = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-        random.setstate(self._rng["python"])
-        np.random.set_state(self._rng["numpy"])
-        torch.set_rng_state(self._rng["torch"])
+        # Task sampling draws on the CPU streams only, so CUDA's are left out of this hot path.
+        outside = global_rng_state(cuda=False)
+        set_global_rng_state(self._rng)
         try:
             yield
         finally:
-            self._rng = {
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-                "torch": torch.get_rng_state(),
-            }
-            random.setstate(outside[0])
-            np.random.set_state(outside[1])
-            torch.set_rng_state(outside[2])
+            self._rng = global_rng_state(cuda=False)
+            set_global_rng_state(outside)
 
     def sample_task(self):
         """Draw and split one task on this env's stream; returns ``(support, query)`` on device."""

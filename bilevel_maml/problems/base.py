@@ -14,7 +14,7 @@ A new algorithm is a subclass that overrides a few of these hooks:
 * ``MetaLearner.meta_gradient(query_loss)``: the gradient it assigns to θ.
 
 Hooks are written for one task. On the engine's vectorized path (the default where the model
-allows it) a whole meta-batch is adapted at once: φ carries a leading task axis and the base classes
+allows it) several tasks are adapted at once: φ carries a leading task axis and the base classes
 apply the single-task hooks with ``torch.func.vmap``, so a variant gets vectorization for free.
 """
 
@@ -217,7 +217,7 @@ class MetaLearner(_NoRollBack, Problem):
         self.loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
         self.task_stats: list[dict] = []
         self._meta_batch_size = config.gradient_accumulation
-        #: set with the task learner's on the vectorized path (then one Betty step is a meta-batch)
+        #: set with the task learner's on the vectorized path (one Betty step then covers that many tasks)
         self.tasks_in_batch: int | None = None
 
     @property
