@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bilevel_maml-installed
 DATA ?= ../shared/data/omniglot-small
 
-.PHONY: demo test test-slow setup clean
+.PHONY: demo test test-slow docs setup clean
 
 $(STAMP): setup.cfg pyproject.toml tools/bootstrap.sh
 	VENV=$(VENV) bash tools/bootstrap.sh
@@ -26,5 +26,10 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+# The documentation site (Sphinx + MyST): docs/_build/html/index.html. Warnings are errors.
+docs: $(STAMP)
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	@echo "docs built: docs/_build/html/index.html"
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache docs/_build docs/_generated

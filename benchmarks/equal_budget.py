@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from bilevel_maml import build_engine
+from bilevel_maml.allocator import keep_freed_memory
 from bilevel_maml.data import omniglot_small_tasksets
 from bilevel_maml.data._learn2learn import import_learn2learn
 from bilevel_maml.models import Conv4
@@ -74,6 +75,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
+    keep_freed_memory()  # the same allocator setting for every learner (see bilevel_maml.allocator)
 
     tasksets = omniglot_small_tasksets(args.data_root, ways=5, samples_per_class=2)
     budget = args.budget_minutes * 60

@@ -38,10 +38,28 @@ def equal_budget_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def scaling_table(report: dict) -> str:
+    settings, rows = report["settings"], report["rows"]
+    lines = [f"{settings['algorithm']}, global meta-batch {settings['meta_batch_size']}, "
+             f"{settings['inner_steps']} inner step(s), {settings['query']} query/class, device {settings['device']}; "
+             f"median of {settings['iterations']} meta-iterations after {settings['warmup']} warm-up.", "",
+             "| processes | threads each | backend | tasks per rank | s / meta-iteration | tasks/s | vs 1 process |",
+             "|---:|---:|---|---:|---:|---:|---:|"]
+    base = rows[0]["tasks_per_second"]
+    lines += [f"| {r['processes']} | {r['threads_per_process']} | {r['backend']} | {r['tasks_per_rank']} | "
+              f"{r['seconds_per_iteration']:.3f} | {r['tasks_per_second']:.1f} | {r['tasks_per_second'] / base:.2f}× |"
+              for r in rows]
+    return "\n".join(lines)
+
+
+def render(report: dict) -> str:
+    kind = report.get("kind") or ("meta_iteration" if "rows" in report else "equal_budget")
+    return {"meta_iteration": meta_iteration_table, "equal_budget": equal_budget_table, "scaling": scaling_table}[kind](report)
+
+
 def main(paths):
     for path in paths:
-        report = json.load(open(path))
-        print(meta_iteration_table(report) if "rows" in report else equal_budget_table(report))
+        print(render(json.load(open(path))))
         print()
 
 

@@ -1,10 +1,12 @@
-"""bilevel_maml: MAML, FOMAML and iMAML as Betty bilevel problems, with exact meta-gradients."""
+"""bilevel_maml: MAML, FOMAML, iMAML, Meta-SGD and ANIL as Betty bilevel problems, with exact meta-gradients."""
 
 from bilevel_maml.builder import build_engine
 from bilevel_maml.engine import MetaEngine
 from bilevel_maml.env import EpisodicEnv
 from bilevel_maml.problems import (
     ALGORITHMS,
+    ANILLower,
+    ANILUpper,
     FOMAMLLower,
     FOMAMLUpper,
     IMAMLLower,
@@ -12,6 +14,8 @@ from bilevel_maml.problems import (
     MAMLLower,
     MAMLUpper,
     MetaLearner,
+    MetaSGDLower,
+    MetaSGDUpper,
     TaskLearner,
     register_algorithm,
 )
@@ -20,6 +24,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ALGORITHMS",
+    "ANILLower",
+    "ANILUpper",
     "EpisodicEnv",
     "FOMAMLLower",
     "FOMAMLUpper",
@@ -29,6 +35,8 @@ __all__ = [
     "MAMLUpper",
     "MetaEngine",
     "MetaLearner",
+    "MetaSGDLower",
+    "MetaSGDUpper",
     "TaskLearner",
     "build_engine",
     "register_algorithm",

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import itertools
 import json
 import os
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
+from bilevel_maml.allocator import keep_freed_memory, return_freed_memory
 from bilevel_maml.engine import MetaEngine
 from bilevel_maml.env import EpisodicEnv
 from bilevel_maml.models import Conv4
@@ -60,18 +60,26 @@ def ours(algorithm, vectorize, model, tasks, steps, chunk=None):
     xs, ys, xq, yq = tasks
     episodes = itertools.cycle(
         [{"support": (xs[i], ys[i]), "query": (xq[i], yq[i])} for i in range(len(xs))])
-    env = EpisodicEnv(lambda: next(episodes), ways=xs.shape[1], shots=1, device=xs.device)
     upper_cls, lower_cls = ALGORITHMS[algorithm]
     optimizer = torch.optim.Adam(model.parameters(), lr=META_LR)
     upper_kwargs = {"cg_iterations": CG_ITERATIONS} if algorithm == "imaml" else {}
     lower_kwargs = {"lam": LAM} if algorithm == "imaml" else {}
-    upper = upper_cls(model, optimizer, meta_batch_size=len(xs), **upper_kwargs)
-    lower = lower_cls(model, inner_lr=INNER_LR, inner_steps=steps, **lower_kwargs)
-    engine = MetaEngine(upper, lower, env, meta_iterations=10**9, vectorize=chunk or vectorize)
-    if engine.vectorized != vectorize:
-        raise RuntimeError("the benchmark model was expected to vectorize")
-    engine.train()
-    return engine.meta_step
+
+    def engine(tasks_per_call):
+        env = EpisodicEnv(lambda: next(episodes), ways=xs.shape[1], shots=1, device=xs.device)
+        upper = upper_cls(model, optimizer, meta_batch_size=len(xs), **upper_kwargs)
+        lower = lower_cls(model, inner_lr=INNER_LR, inner_steps=steps, **lower_kwargs)
+        return MetaEngine(upper, lower, env, meta_iterations=10**9, vectorize=tasks_per_call)
+
+    built = engine(chunk or vectorize)
+    if vectorize and not built.vectorized:
+        # The CPU auto rule chose task by task for tasks this large; time the vectorized path with
+        # the largest chunk that fits one call all the same.
+        examples = xs.shape[1] + xq.shape[1]
+        built = engine(max(c for c in range(1, len(xs) + 1)
+                           if len(xs) % c == 0 and (c == 1 or c * examples <= MetaEngine.CPU_EXAMPLES_PER_CALL)))
+    built.train()
+    return built.meta_step
 
 
 def learn2learn_maml(first_order, model, tasks, steps):
@@ -132,21 +140,6 @@ BASELINE = {"maml": "learn2learn maml", "imaml": "learn2learn maml", "fomaml": "
 
 
 # -- measurement ----------------------------------------------------------------------------------
-_M_MMAP_THRESHOLD = -3
-
-
-def _mmap_threshold(nbytes: int) -> None:
-    """glibc serves blocks of at least ``nbytes`` with mmap and returns them on free. Small for
-    memory readings (so freed tensors leave resident memory), large for timing (mmap per tensor
-    costs page faults on every allocation)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, nbytes)
-        libc.malloc_trim(0)  # hand free heap memory back, so reuse of it shows as growth
-    except (OSError, AttributeError):
-        pass
-
-
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -162,7 +155,7 @@ def peak_memory(device: torch.device, result: dict):
         torch.cuda.synchronize(device)
         result["bytes"] = torch.cuda.max_memory_allocated(device) - base
         return
-    _mmap_threshold(64 * 1024)
+    return_freed_memory()
     base = _rss_bytes()
     peak = [base]
     running = [True]
@@ -180,7 +173,7 @@ def peak_memory(device: torch.device, result: dict):
         running[0] = False
         sampler.join()
         result["bytes"] = max(peak[0], _rss_bytes()) - base
-        _mmap_threshold(32 * 2**20)  # glibc's own upper bound for its dynamic threshold
+        keep_freed_memory()
 
 
 def _sync(device):
@@ -249,9 +242,9 @@ def run_benchmark(data_root, device="cpu", meta_batch=32, steps=(1, 5), queries=
                   repeats=5, implementations=None, output=None, seed=0):
     device = torch.device(device)
     names = implementations or list(IMPLEMENTATIONS)
-    # Fixed allocator behaviour for every implementation: glibc's default threshold moves with
+    # One allocator setting for every implementation: glibc's default mmap threshold moves with
     # the history of frees, which alone changed times here by a third.
-    _mmap_threshold(32 * 2**20)
+    keep_freed_memory()
     rows = []
     print(f"device: {device} ({torch.get_num_threads()} threads)"
           + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")

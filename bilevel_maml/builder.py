@@ -11,11 +11,13 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
+from bilevel_maml import distributed
 from bilevel_maml.engine import MetaEngine
 from bilevel_maml.env import EpisodicEnv
 from bilevel_maml.problems import ALGORITHMS, IMAMLLower, IMAMLUpper
 from bilevel_maml.validation import check_choice, check_positive, check_positive_int
 
+#: outer optimizers by name (``optimizer="adafactor"``, say)
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
     "adamw": torch.optim.AdamW,
@@ -94,6 +96,11 @@ def build_engine(
     outer optimizer and returns an LR scheduler, stepped once per meta-update. ``regression``
     switches the default loss to MSE and splits tasks without classes. Each split gets its own
     task stream, seeded from ``seed``. ``vectorize`` is passed to :class:`MetaEngine`.
+
+    Under ``torch.distributed`` (launched with ``torchrun``) ``meta_batch_size`` is the global
+    meta-batch: each of the ``world_size`` ranks adapts ``meta_batch_size / world_size`` tasks
+    from its own training task stream (rank 0's is the single-process stream) and the
+    meta-gradients are averaged across ranks before every outer step.
     """
     name = check_choice("algorithm", algorithm, ALGORITHMS)
     if not isinstance(model, torch.nn.Module):
@@ -113,6 +120,10 @@ def build_engine(
     if name == "imaml":
         check_positive("lam (the iMAML proximal strength λ)", lam)
         check_positive_int("cg_iterations", cg_iterations)
+    rank, world_size = distributed.world()
+    if meta_batch_size % world_size:
+        raise ValueError(f"meta_batch_size={meta_batch_size} must be divisible by the number of processes "
+                         f"({world_size}): each rank adapts meta_batch_size / world_size tasks")
     if gradient_clipping < 0:
         raise ValueError(f"gradient_clipping must be >= 0 (0 disables it), got {gradient_clipping!r}")
     sources = _split_sources(tasksets)
@@ -120,7 +131,8 @@ def build_engine(
     envs = {
         split: EpisodicEnv(
             sources[split], ways, shots, query_shots,
-            regression=regression, seed=seed * len(SPLITS) + i, device=device, dtype=dtype,
+            regression=regression, seed=distributed.stream_seed(seed, i, rank if split == "train" else 0),
+            device=device, dtype=dtype,
         )
         for i, split in enumerate(SPLITS)
     }
@@ -133,7 +145,7 @@ def build_engine(
     outer = make_optimizer(optimizer, model.parameters(), meta_lr)
     upper_cls, lower_cls = ALGORITHMS[name]
     upper_kwargs = dict(
-        meta_batch_size=meta_batch_size,
+        meta_batch_size=meta_batch_size // world_size,
         loss_fn=loss_fn,
         scheduler=scheduler(outer) if scheduler is not None else None,
         gradient_clipping=gradient_clipping,

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from bilevel_maml.distributed import is_main_process
+
 FORMAT_VERSION = 1
 
 
@@ -30,7 +32,12 @@ def atomic_save(obj, path) -> Path:
 
 
 def save_checkpoint(path, engine, config: dict | None = None) -> Path:
-    return atomic_save({"format": FORMAT_VERSION, "config": config or {}, "engine": engine.state_dict()}, path)
+    """Under torch.distributed every rank must call this (the state gathers every rank's task
+    stream); rank 0 writes the file."""
+    state = engine.state_dict()
+    if is_main_process():
+        atomic_save({"format": FORMAT_VERSION, "config": config or {}, "engine": state}, path)
+    return Path(path)
 
 
 def load_checkpoint(path) -> dict:

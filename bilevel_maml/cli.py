@@ -4,6 +4,7 @@
     bilevel-maml evaluate --output runs/maml            # accuracy ± 95% CI over 600 test tasks
     bilevel-maml resume --output runs/maml --iterations 2000
     bilevel-maml bench --steps 1 5                      # seconds per meta-iteration vs learn2learn
+    torchrun --nproc_per_node 2 -m bilevel_maml train --meta-batch-size 32 --output runs/maml-2p
 
 A run folder holds ``config.json``, ``checkpoints/last.pt`` and ``checkpoints/best.pt``, the
 offline W&B run under ``wandb/`` and ``result.json`` / ``evaluation.json``.
@@ -20,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from bilevel_maml import distributed
+from bilevel_maml.allocator import keep_freed_memory
 from bilevel_maml.builder import OPTIMIZERS, build_engine
 from bilevel_maml.checkpoint import Checkpointer, atomic_save, load_checkpoint
 from bilevel_maml.data.sources import DATASETS, load_tasksets
@@ -62,7 +65,13 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
     add("--test-tasks", type=int, default=600, help="tasks in the final test report")
     add("--checkpoint-every", type=int, default=50, help="write checkpoints/last.pt every N meta-iterations")
     add("--output", help="run folder (default: runs/<algorithm>-<dataset>-<ways>w<shots>s-seed<seed>)")
+    _distributed_options(parser)
     _logging_options(parser)
+
+
+def _distributed_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dist-timeout", type=float, default=distributed.DEFAULT_TIMEOUT_SECONDS,
+                        help="under torchrun: seconds a rank waits for the others before stopping with an error")
 
 
 def _logging_options(parser: argparse.ArgumentParser) -> None:
@@ -99,6 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("--output", required=True, help="run folder holding checkpoints/last.pt")
     resume.add_argument("--iterations", type=int, help="new total of meta-iterations (default: the run's)")
     resume.add_argument("--device", default=None, help="default: the run's device")
+    _distributed_options(resume)
     _logging_options(resume)
     return parser
 
@@ -160,8 +170,19 @@ def _device(name: str) -> torch.device:
     return device
 
 
+def _join_process_group(device: torch.device, timeout: float) -> torch.device:
+    """Under torchrun, join the process group (gloo on CPU, NCCL on CUDA); else keep ``device``."""
+    if not distributed.launched_distributed():
+        return device
+    try:
+        return distributed.init_from_environment(device, timeout)
+    except ValueError as error:
+        raise SystemExit(f"bilevel-maml: {error}") from None
+
+
 def _run_config(args: argparse.Namespace) -> dict:
     config = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    config["world_size"] = distributed.world()[1]
     spec = DATASETS[config["dataset"]]
     config["shots"] = config["shots"] or spec.shots
     config["query_shots"] = config["query_shots"] or config["shots"]
@@ -214,20 +235,29 @@ def _format(stats: dict) -> str:
 
 
 def _train(engine: MetaEngine, config: dict, output: Path, args: argparse.Namespace) -> dict:
-    """Run (or continue) meta-training with progress, checkpoints and W&B, then test."""
+    """Run (or continue) meta-training with progress, checkpoints and W&B, then test. Under
+    torch.distributed every rank trains and takes part in checkpoints; rank 0 alone shows progress,
+    logs to W&B, writes files and runs the final test."""
+    main = engine.rank == 0
     checkpointer = Checkpointer(output / "checkpoints", every=config["checkpoint_every"], config=config)
-    engine.callbacks += [ProgressBar(args.progress), checkpointer]
+    engine.callbacks += [ProgressBar(args.progress), checkpointer] if main else [checkpointer]
     logger = None
     run_name = args.run_name or output.name
-    if args.wandb != "disabled":
+    if args.wandb != "disabled" and main:
         logger = WandbLogger(project=args.wandb_project, name=run_name, group=args.group,
                              tags=args.tags, config=config, mode=args.wandb, dir=str(output))
         engine.logger = logger
-    print(f"{config['algorithm']} on {config['dataset']}: {_task_kind(config)}, "
-          f"{config['iterations']} meta-iterations of {config['meta_batch_size']} tasks "
-          f"(from iteration {engine.meta_iteration}), run folder {output}", flush=True)
+    if main:
+        ranks = f" on {engine.world_size} processes" if engine.world_size > 1 else ""
+        print(f"{config['algorithm']} on {config['dataset']}: {_task_kind(config)}, "
+              f"{config['iterations']} meta-iterations of {config['meta_batch_size']} tasks{ranks} "
+              f"(from iteration {engine.meta_iteration}), run folder {output}", flush=True)
     try:
         engine.run()
+    except distributed.RankFailure as error:
+        if logger is not None:
+            logger.finish()
+        raise SystemExit(f"bilevel-maml: {error}") from None
     except NonFiniteError as error:
         kept = checkpointer.last or checkpointer.best
         message = f"bilevel-maml: stopped: {error}. "
@@ -235,9 +265,10 @@ def _train(engine: MetaEngine, config: dict, output: Path, args: argparse.Namesp
         if logger is not None:
             logger.finish()
         raise SystemExit(message) from None
+    if not main:
+        return {"rank": engine.rank, "iteration": engine.meta_iteration}
     if checkpointer.best is not None and engine.best_valid is not None:
-        best = load_checkpoint(checkpointer.best)["engine"]["theta"]
-        engine.meta_learner.module.load_state_dict(best)
+        engine.load_parameters(load_checkpoint(checkpointer.best)["engine"])
         entry, trained_at = "best", engine.best_valid["iteration"]
     else:
         entry, trained_at = "last", engine.meta_iteration
@@ -263,16 +294,18 @@ def atomic_save_json(path: Path, data: dict) -> None:
 
 
 def command_train(args: argparse.Namespace) -> dict:
+    device = _join_process_group(_device(args.device), args.dist_timeout)
     config = _run_config(args)
-    device = _device(config["device"])
     output = Path(config["output"])
     existing = [f for f in RUN_FILES if (output / f).exists()]
     if (output / "checkpoints" / "last.pt").exists():
         raise SystemExit(f"bilevel-maml: {output} already holds a run ({', '.join(existing)}); continue it "
                          f"with `bilevel-maml resume --output {output}` or choose another --output")
     engine = build_from_config(config, device)
-    output.mkdir(parents=True, exist_ok=True)
-    atomic_save_json(output / "config.json", config)
+    distributed.barrier("checking the run folder on every rank")  # before rank 0 creates it
+    if engine.rank == 0:
+        output.mkdir(parents=True, exist_ok=True)
+        atomic_save_json(output / "config.json", config)
     return _train(engine, config, output, args)
 
 
@@ -282,7 +315,8 @@ def command_resume(args: argparse.Namespace) -> dict:
     config = dict(checkpoint["config"])
     if args.iterations is not None:
         config["iterations"] = args.iterations
-    device = _device(args.device or config["device"])
+    device = _join_process_group(_device(args.device or config["device"]), args.dist_timeout)
+    config["world_size"] = distributed.world()[1]
     engine = build_from_config(config, device)
     engine.load_state_dict(checkpoint["engine"])
     if engine.meta_iteration >= config["iterations"]:
@@ -299,10 +333,12 @@ def command_evaluate(args: argparse.Namespace) -> dict:
         path = folder / "best.pt" if (folder / "best.pt").exists() else folder / "last.pt"
     else:
         raise SystemExit("bilevel-maml evaluate: pass --output RUN_FOLDER or --checkpoint FILE")
+    if distributed.launched_distributed():
+        raise SystemExit("bilevel-maml evaluate runs in one process; start it without torchrun")
     checkpoint = load_checkpoint(path)
     config = checkpoint["config"]
-    engine = build_from_config(config, _device(args.device or config["device"]))
-    engine.meta_learner.module.load_state_dict(checkpoint["engine"]["theta"])
+    engine = build_from_config({**config, "world_size": 1}, _device(args.device or config["device"]))
+    engine.load_parameters(checkpoint["engine"])
     engine.meta_iteration = checkpoint["engine"]["meta_iteration"]
     result = engine.test(args.test_tasks)
     result.update(checkpoint=str(path), iteration=engine.meta_iteration, config=config)
@@ -326,9 +362,14 @@ def run(argv: list[str] | None = None) -> dict:
         return command(args)
     except (ValueError, TypeError, FileNotFoundError) as error:
         raise SystemExit(f"bilevel-maml {args.command}: {error}") from None
+    except distributed.RankFailure as error:
+        raise SystemExit(f"bilevel-maml {args.command}: {error}") from None
+    finally:
+        distributed.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()  # this process is ours: reuse freed activations instead of page-faulting them in
     run(argv)
     return 0
 

@@ -21,6 +21,7 @@ from betty.configs import EngineConfig
 from betty.logging.logger_base import get_logger
 from torch.func import vmap
 
+from bilevel_maml import distributed
 from bilevel_maml.env import EpisodicEnv, global_rng_state, set_global_rng_state
 from bilevel_maml.problems.base import MetaLearner, NonFiniteError, TaskLearner, task_metrics
 from bilevel_maml.validation import check_positive_int
@@ -67,7 +68,8 @@ class MetaEngine(Engine):
     :param callbacks: progress bars, checkpointers, ... (see :attr:`callbacks`).
     :param vectorize: adapt several tasks at once with ``torch.func.vmap`` (same meta-gradient,
         fewer and larger kernels): ``True`` chooses how many (the whole meta-batch on a GPU;
-        on CPU chunks of about :attr:`CPU_EXAMPLES_PER_CALL` examples, see there), an int fixes
+        on CPU chunks of about :attr:`CPU_EXAMPLES_PER_CALL` examples, or task by task when
+        fewer than :attr:`CPU_MIN_TASKS_PER_CALL` tasks fit in one; see there), an int fixes
         it (a divisor of the meta-batch size), ``False`` adapts task by task. A model that cannot
         run under ``vmap`` (one that writes buffers in ``forward``, say) falls back to the
         per-task path with a warning.
@@ -105,6 +107,8 @@ class MetaEngine(Engine):
             if stream is not None:
                 stream.device = self.device
         self.meta_learner, self.task_learner = upper, lower
+        #: under torch.distributed, this process's rank and the number of ranks (else 0 and 1)
+        self.rank, self.world_size = distributed.world()
         self.valid_env, self.test_env = valid_env, test_env
         self.inner_steps = lower.inner_steps
         self.meta_batch_size = upper.meta_batch_size
@@ -122,6 +126,7 @@ class MetaEngine(Engine):
         dependencies = {"u2l": {upper: [lower]}, "l2u": {lower: [upper]}}
         with _betty_log_level(logging.INFO if verbose else logging.WARNING):
             super().__init__(problems=[upper, lower], config=config, dependencies=dependencies, env=env)
+        self._learn_task_learner_meta_parameters()
         if logger is not None:
             self.logger = logger
             for problem in self.problems:
@@ -137,7 +142,9 @@ class MetaEngine(Engine):
             blocker = self._vectorization_blocker(support_inputs)
             if blocker is None:
                 examples = support_inputs.shape[1] + query_inputs.shape[1]
-                self._use_task_batches(vectorize if vectorize is not True else self._auto_chunk(examples))
+                tasks = vectorize if vectorize is not True else self._auto_chunk(examples)
+                if tasks > 1 or vectorize is not True:
+                    self._use_task_batches(tasks)
             else:
                 warnings.warn(f"{type(upper.module).__name__} cannot be vectorized ({blocker}); "
                               f"adapting tasks one at a time instead", stacklevel=2)
@@ -146,14 +153,19 @@ class MetaEngine(Engine):
     #: conv4, 32 tasks of 80 examples in one call ran 2.9× slower than task by task (the activations
     #: no longer fit the caches), while calls of about 80-160 examples were the fastest.
     CPU_EXAMPLES_PER_CALL = 160
+    #: ... and vectorizing pays only when at least this many tasks fit in such a call: with 80
+    #: examples per task, chunks of 2 and 4 tasks were 1.15× slower than task by task.
+    CPU_MIN_TASKS_PER_CALL = 4
 
     def _auto_chunk(self, examples_per_task: int) -> int:
-        """Tasks per vmapped call: the whole meta-batch on accelerators, cache-sized chunks on CPU."""
+        """Tasks per vmapped call (1: task by task): the whole meta-batch on accelerators,
+        cache-sized chunks on CPU."""
         if self.device.type != "cpu":
             return self.meta_batch_size
         fitting = [c for c in range(1, self.meta_batch_size + 1)
                    if self.meta_batch_size % c == 0 and c * examples_per_task <= self.CPU_EXAMPLES_PER_CALL]
-        return max(fitting, default=1)
+        chunk = max(fitting, default=1)
+        return chunk if chunk >= min(self.CPU_MIN_TASKS_PER_CALL, self.meta_batch_size) else 1
 
     def _probe_tasks(self):
         """Two tasks of the training stream, drawn without advancing it."""
@@ -165,7 +177,7 @@ class MetaEngine(Engine):
 
     def _vectorization_blocker(self, inputs) -> str | None:
         """Why the model cannot run under ``vmap`` (tried on two stacked probe tasks), or None."""
-        params = tuple(p.detach().expand(2, *p.shape) for p in self.meta_learner.trainable_parameters())
+        params = tuple(p.detach().expand(2, *p.shape) for p in self.meta_learner.initialization())
         try:
             with torch.no_grad():
                 vmap(self.task_learner.forward)(inputs, params)
@@ -179,6 +191,24 @@ class MetaEngine(Engine):
         self.tasks_per_step = self.env.tasks_per_step = tasks
         self.task_learner.tasks_in_batch = self.meta_learner.tasks_in_batch = tasks
         self.meta_learner.gas = self.meta_batch_size // tasks
+
+    def _learn_task_learner_meta_parameters(self) -> None:
+        """Put the task learner's meta-parameters (Meta-SGD's step sizes, say) on the device and
+        in the outer optimizer, unless the user's optimizer already holds them."""
+        extra = list(self.task_learner.meta_parameters())
+        if not extra:
+            return
+        for tensor in extra:
+            if not (isinstance(tensor, torch.Tensor) and tensor.is_leaf and tensor.requires_grad):
+                raise TypeError(f"{type(self.task_learner).__name__}.meta_parameters() must return leaf tensors "
+                                f"that require grad (nn.Parameter), got {type(tensor).__name__}")
+            if tensor.device != self.device:
+                tensor.data = tensor.data.to(self.device)
+        optimizer = self.meta_learner.optimizer
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [p for p in extra if id(p) not in held]
+        if missing:
+            optimizer.add_param_group({"params": missing})
 
     # -- order of operations ----------------------------------------------------------------
     def train_step(self):
@@ -205,6 +235,8 @@ class MetaEngine(Engine):
         the logger as one dict and to every callback's ``on_iteration_end``.
         """
         self.train()
+        # As DDP does: every rank starts from rank 0's θ, then identical averaged updates keep them equal.
+        distributed.broadcast_tensors(self.meta_learner.trainable_parameters())
         self._call("on_train_start")
         for iteration in range(self.meta_iteration + 1, self.meta_iterations + 1):
             started = time.perf_counter()
@@ -216,7 +248,7 @@ class MetaEngine(Engine):
                 ) from None
             self.meta_iteration = iteration
             stats["lr"] = self.meta_learner.optimizer.param_groups[0]["lr"]
-            stats["tasks_per_second"] = self.meta_batch_size / (time.perf_counter() - started)
+            stats["tasks_per_second"] = self.meta_batch_size * self.world_size / (time.perf_counter() - started)
             self.history.append(stats)
             metrics = {f"train/{key}": value for key, value in stats.items()}
             if self.valid_env is not None and iteration % self.valid_every == 0:
@@ -245,17 +277,37 @@ class MetaEngine(Engine):
             "global_step": self.global_step,
             "problem_counts": [upper._count, self.task_learner._count],
             "theta": upper.module.state_dict(),
+            "task_learner_meta_parameters": [p.detach().clone() for p in self.task_learner.meta_parameters()],
             "optimizer": upper.optimizer.state_dict(),
             "scheduler": upper.lr_scheduler.state_dict() if upper.lr_scheduler is not None else None,
             "envs": {name: env.state_dict() for name, env in self._envs().items()},
             "best_valid": self.best_valid,
             "history": self.history,
             "rng": global_rng_state(),
+            # each rank's own task stream and random state, so a distributed run resumes exactly
+            "ranks": distributed.gather_objects({"train_env": self.env.state_dict(), "rng": global_rng_state()}),
         }
 
+    def load_parameters(self, state: dict) -> None:
+        """θ and the task learner's meta-parameters from a :meth:`state_dict` (e.g. ``best.pt``)."""
+        self.meta_learner.module.load_state_dict(state["theta"])
+        saved = state.get("task_learner_meta_parameters", [])
+        extra = list(self.task_learner.meta_parameters())
+        if len(saved) != len(extra):
+            raise ValueError(f"the checkpoint holds {len(saved)} task-learner meta-parameters, "
+                             f"{type(self.task_learner).__name__} has {len(extra)}: was it saved by another algorithm?")
+        with torch.no_grad():
+            for tensor, value in zip(extra, saved):
+                tensor.copy_(value)
+
     def load_state_dict(self, state: dict) -> None:
+        ranks = state.get("ranks", [None])
+        if len(ranks) != self.world_size:
+            raise ValueError(f"the checkpoint was written by {len(ranks)} process(es) and this run has "
+                             f"{self.world_size}: resume with the same number of processes "
+                             f"(torchrun --nproc_per_node {len(ranks)})")
         upper = self.meta_learner
-        upper.module.load_state_dict(state["theta"])
+        self.load_parameters(state)
         upper.optimizer.load_state_dict(state["optimizer"])
         if upper.lr_scheduler is not None and state["scheduler"] is not None:
             upper.lr_scheduler.load_state_dict(state["scheduler"])
@@ -269,6 +321,9 @@ class MetaEngine(Engine):
         self.best_valid = state["best_valid"]
         self.history = list(state["history"])
         set_global_rng_state(state["rng"])
+        if ranks[self.rank] is not None:
+            self.env.load_state_dict(ranks[self.rank]["train_env"])
+            set_global_rng_state(ranks[self.rank]["rng"])
 
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self, env: EpisodicEnv, num_tasks: int) -> dict:
@@ -299,8 +354,9 @@ class MetaEngine(Engine):
         return self.evaluate(self.valid_env, self.valid_tasks)
 
     def validate(self) -> dict:
-        """Validate now; remembers the best result (highest accuracy, else lowest loss)."""
-        stats = self.validation()
+        """Validate now; remembers the best result (highest accuracy, else lowest loss). Under
+        torch.distributed rank 0 validates and every rank receives its result."""
+        stats = distributed.broadcast_object(self.validation() if self.rank == 0 else None)
         key, sign = ("accuracy", 1) if "accuracy" in stats else ("loss", -1)
         improved = self.best_valid is None or sign * stats[key] > sign * self.best_valid[key]
         if improved:

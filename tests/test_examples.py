@@ -31,3 +31,16 @@ def test_mini_imagenet_example_says_which_files_are_missing(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert f"{tmp_path}/mini-imagenet-cache-train.pkl" in done.stderr
+
+
+def test_imaml_with_betty_walkthrough_example(omniglot_root):
+    out = run("imaml_with_betty.py", "--data-root", str(omniglot_root), "--iterations", "4", "--inner-steps", "2",
+              "--meta-batch-size", "2", "--test-tasks", "10")
+    assert out.count("validation accuracy") == 4
+    assert "iMAML held-out 5-way 1-shot accuracy:" in out and "over 10 tasks" in out
+
+
+def test_bring_your_own_model_and_task_source_example():
+    out = run("bring_your_own.py", "--iterations", "2", "--meta-batch-size", "2", "--test-tasks", "10")
+    assert "ResNet-12 + Adafactor, 5-way 1-shot texture tasks: held-out accuracy" in out
+    assert "after 2 meta-iterations" in out

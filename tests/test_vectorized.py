@@ -37,7 +37,7 @@ def meta_gradient(algorithm, model, source, vectorize, inner_steps=3):
     return optimizer.seen_grads
 
 
-@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "imaml"])
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "imaml", "metasgd", "anil"])
 @pytest.mark.parametrize("make_model, source", [
     (lambda: nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 5)), lambda: random_classification_source(5, 3, 6)),
     (lambda: Conv4(5, in_channels=1, hidden=4, image_size=16), image_source),
@@ -106,3 +106,21 @@ def test_the_probe_does_not_change_the_task_stream():
                lower_cls(model, inner_lr=0.1), env, meta_iterations=1)
     env.step()
     assert torch.equal(env.batch["support"][0], expected[0][0])
+
+
+@pytest.mark.parametrize("per_class, meta_batch, expected_tasks_per_call", [
+    (2, 32, 16),   # 10 examples a task: 16 tasks fill a call of 160
+    (16, 32, 1),   # 80 examples a task: only 2 would fit, task by task is faster on CPU
+    (16, 2, 2),    # a meta-batch of 2 that fits: vectorized as a whole
+    (40, 4, 1),    # 200 examples: not even one task fits
+])
+def test_the_cpu_auto_rule_vectorizes_only_when_enough_tasks_fit_one_call(per_class, meta_batch, expected_tasks_per_call):
+    model = nn.Linear(6, 5)
+    upper_cls, lower_cls = ALGORITHMS["maml"]
+    upper = upper_cls(model, torch.optim.SGD(model.parameters(), lr=0.1), meta_batch_size=meta_batch)
+    lower = lower_cls(model, inner_lr=0.1)
+    env = EpisodicEnv(random_classification_source(5, per_class, 6, dtype=torch.float32), ways=5, shots=1,
+                      query_shots=per_class - 1)
+    engine = MetaEngine(upper, lower, env, meta_iterations=1, vectorize=True, device="cpu")
+    assert engine.tasks_per_step == expected_tasks_per_call
+    assert engine.vectorized == (expected_tasks_per_call > 1)

@@ -66,7 +66,8 @@ mapfile -t requirements < <("$venv/bin/python" - "$here/setup.cfg" <<'PY'
 import configparser, sys
 cfg = configparser.ConfigParser()
 cfg.read(sys.argv[1])
-options = cfg["options"]["install_requires"].split() + cfg["options.extras_require"]["dev"].split()
+extras = cfg["options.extras_require"]
+options = cfg["options"]["install_requires"].split() + extras["dev"].split() + extras["docs"].split()
 print("\n".join(r for r in options if not r.startswith("learn2learn")))
 PY
 )

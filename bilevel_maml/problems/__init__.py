@@ -1,15 +1,19 @@
 """Upper/Lower Betty problems for each meta-learning algorithm, and their registry."""
 
+from bilevel_maml.problems.anil import ANILLower, ANILUpper
 from bilevel_maml.problems.base import MetaLearner, TaskLearner
 from bilevel_maml.problems.fomaml import FOMAMLLower, FOMAMLUpper
 from bilevel_maml.problems.imaml import IMAMLLower, IMAMLUpper
 from bilevel_maml.problems.maml import MAMLLower, MAMLUpper
+from bilevel_maml.problems.metasgd import MetaSGDLower, MetaSGDUpper
 
 #: algorithm name -> (Upper class, Lower class); :func:`register_algorithm` adds to it.
 ALGORITHMS: dict[str, tuple[type[MetaLearner], type[TaskLearner]]] = {
     "maml": (MAMLUpper, MAMLLower),
     "fomaml": (FOMAMLUpper, FOMAMLLower),
     "imaml": (IMAMLUpper, IMAMLLower),
+    "metasgd": (MetaSGDUpper, MetaSGDLower),
+    "anil": (ANILUpper, ANILLower),
 }
 
 
@@ -22,12 +26,16 @@ def register_algorithm(name: str, upper: type[MetaLearner], lower: type[TaskLear
 
 __all__ = [
     "ALGORITHMS",
+    "ANILLower",
+    "ANILUpper",
     "FOMAMLLower",
     "FOMAMLUpper",
     "IMAMLLower",
     "IMAMLUpper",
     "MAMLLower",
     "MAMLUpper",
+    "MetaSGDLower",
+    "MetaSGDUpper",
     "MetaLearner",
     "TaskLearner",
     "register_algorithm",

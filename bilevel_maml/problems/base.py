@@ -9,9 +9,12 @@ calls the Upper, which accumulates ``meta_batch_size`` tasks before one optimize
 A new algorithm is a subclass that overrides a few of these hooks:
 
 * ``TaskLearner.start_params()``: where φ starts (θ itself when the meta-gradient flows through it);
+* ``TaskLearner.adapts(name)``: which parameters the inner loop adapts (all by default);
 * ``TaskLearner.inner_loss(params, batch)``: the support objective (regularisers go here);
 * ``TaskLearner.inner_update(params, grads)``: one inner step, SGD by default;
-* ``MetaLearner.meta_gradient(query_loss)``: the gradient it assigns to θ.
+* ``TaskLearner.meta_parameters()``: tensors of the inner loop that are meta-learned with θ
+  (Meta-SGD's step sizes); the engine adds them to the outer optimizer and to checkpoints;
+* ``MetaLearner.meta_gradient(query_loss)``: the gradient it assigns to θ (and to those tensors).
 
 Hooks are written for one task. On the engine's vectorized path (the default where the model
 allows it) several tasks are adapted at once: φ carries a leading task axis and the base classes
@@ -29,6 +32,7 @@ from betty.configs import Config
 from betty.problems import Problem
 from torch.func import functional_call, vmap
 
+from bilevel_maml.distributed import average_gradients
 from bilevel_maml.hypergradient import get_grads, zeros_for_unused
 from bilevel_maml.validation import check_positive, check_positive_int
 
@@ -112,7 +116,17 @@ class TaskLearner(_NoRollBack, Problem):
     # -- hooks a variant overrides -------------------------------------------------------------
     def start_params(self) -> tuple[torch.Tensor, ...]:
         """φ at the start of an inner loop: a graph-free view of θ (no copy)."""
-        return tuple(p.detach().requires_grad_() for p in self.meta_learner.trainable_parameters())
+        return tuple(p.detach().requires_grad_() for p in self.meta_learner.initialization())
+
+    def adapts(self, name: str) -> bool:
+        """Whether the inner loop adapts the parameter ``name`` (as in ``module.named_parameters()``).
+        A parameter it does not adapt keeps its starting value and gets no inner gradient."""
+        return True
+
+    def meta_parameters(self) -> tuple[torch.Tensor, ...]:
+        """Leaf tensors of the inner loop itself that the :class:`MetaLearner` learns along with θ
+        (added to its optimizer by the engine, saved in checkpoints). None by default."""
+        return ()
 
     def task_loss(self, params, batch) -> torch.Tensor:
         inputs, labels = batch
@@ -122,7 +136,27 @@ class TaskLearner(_NoRollBack, Problem):
         return self.task_loss(params, batch)
 
     def inner_update(self, params, grads) -> tuple[torch.Tensor, ...]:
-        return tuple(p - self.inner_lr * g for p, g in zip(params, grads))
+        """One inner step. ``grads[i]`` is None for a parameter the learner does not adapt."""
+        return tuple(p if g is None else p - self.inner_lr * g for p, g in zip(params, grads))
+
+    def adapted_indices(self) -> tuple[int, ...]:
+        if getattr(self, "_adapted", None) is None:
+            self._adapted = tuple(i for i, name in enumerate(self.param_names) if self.adapts(name))
+            if not self._adapted:
+                raise ValueError(f"{type(self).__name__}.adapts() rejects every parameter of the model "
+                                 f"({', '.join(self.param_names)}); the inner loop would adapt nothing")
+        return self._adapted
+
+    def inner_gradients(self, loss, params, create_graph=False) -> tuple[torch.Tensor | None, ...]:
+        """Gradients of ``loss`` for the adapted parameters, None for the others."""
+        adapted = self.adapted_indices()
+        chosen = [params[i] for i in adapted]
+        grads = zeros_for_unused(
+            torch.autograd.grad(loss, chosen, create_graph=create_graph, allow_unused=True), chosen)
+        full: list[torch.Tensor | None] = [None] * len(params)
+        for i, g in zip(adapted, grads):
+            full[i] = g
+        return tuple(full)
 
     def over_tasks(self, hook, params, batch) -> torch.Tensor:
         """``hook(params, batch)`` for one task, or summed over the stacked tasks when vectorized:
@@ -147,15 +181,16 @@ class TaskLearner(_NoRollBack, Problem):
     def backward(self, loss, params, paths, create_graph=False, retain_graph=True, allow_unused=True):
         # The gradient is kept off `.grad`: at MAML's first inner step `params` are θ itself, whose
         # `.grad` is accumulating the meta-gradient of the earlier tasks of the meta-batch.
-        params = tuple(params)
-        grads = torch.autograd.grad(loss, params, create_graph=self.second_order, allow_unused=True)
-        self._grads = zeros_for_unused(grads, params)
+        self._grads = self.inner_gradients(loss, tuple(params), create_graph=self.second_order)
 
     def optimizer_step(self, *args, **kwargs):
-        update = vmap(self.inner_update) if self.tasks_in_batch else self.inner_update
+        update = self.inner_update
+        if self.tasks_in_batch:  # a parameter that is not adapted has no gradient to batch over
+            update = vmap(update, in_dims=(0, tuple(None if g is None else 0 for g in self._grads)))
         new_params = update(self.params, self._grads)
         if not self.second_order:
-            new_params = tuple(p.detach().requires_grad_() for p in new_params)
+            new_params = tuple(p if g is None else p.detach().requires_grad_()
+                               for p, g in zip(new_params, self._grads))
         self.params = new_params
 
     def zero_grad(self):
@@ -173,8 +208,8 @@ class TaskLearner(_NoRollBack, Problem):
         with torch.enable_grad():
             params = tuple(p.detach().requires_grad_() for p in self.start_params())
             for _ in range(self.inner_steps if steps is None else steps):
-                grads = torch.autograd.grad(self.inner_loss(params, batch), params, allow_unused=True)
-                updated = self.inner_update(params, zeros_for_unused(grads, params))
+                grads = self.inner_gradients(self.inner_loss(params, batch), params)
+                updated = self.inner_update(params, grads)
                 params = tuple(p.detach().requires_grad_() for p in updated)
         return params
 
@@ -271,7 +306,10 @@ class MetaLearner(_NoRollBack, Problem):
         return grads
 
     def optimizer_step(self, *args, **kwargs):
-        for name, param in self.module.named_parameters():
+        average_gradients(self.trainable_parameters())  # across torch.distributed ranks; no-op otherwise
+        named = [*self.module.named_parameters(),
+                 *((f"task learner's meta-parameter {i}", p) for i, p in enumerate(self._task_learner_meta_parameters()))]
+        for name, param in named:
             if param.grad is not None and not torch.isfinite(param.grad).all():
                 raise NonFiniteError(f"the meta-gradient of {name!r} is not finite")
         if self.gradient_clipping > 0.0:
@@ -280,11 +318,19 @@ class MetaLearner(_NoRollBack, Problem):
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
 
-    def parameters(self):
+    def initialization(self) -> list[torch.Tensor]:
+        """θ: the module's parameters, where every inner loop starts."""
         return list(self.module.parameters())
 
+    def _task_learner_meta_parameters(self) -> tuple[torch.Tensor, ...]:
+        return tuple(self.task_learner.meta_parameters()) if self.children else ()
+
+    def parameters(self):
+        return self.trainable_parameters()
+
     def trainable_parameters(self):
-        return list(self.module.parameters())
+        """Everything meta-learned: θ, then the task learner's :meth:`~TaskLearner.meta_parameters`."""
+        return [*self.initialization(), *self._task_learner_meta_parameters()]
 
     def train(self):
         super().train()

@@ -24,7 +24,7 @@ class IMAMLLower(TaskLearner):
         self.lam = check_positive("lam (the iMAML proximal strength λ)", lam)
 
     def inner_loss(self, params, batch):
-        theta = self.meta_learner.trainable_parameters()
+        theta = self.meta_learner.initialization()
         proximal = sum(((p - t) ** 2).sum() for p, t in zip(params, theta))
         return self.task_loss(params, batch) + 0.5 * self.lam * proximal
 

@@ -15,7 +15,7 @@ class MAMLLower(TaskLearner):
 
     def start_params(self):
         # θ itself, not a copy: a copy would cut the graph and leave θ without a gradient.
-        return tuple(self.meta_learner.trainable_parameters())
+        return tuple(self.meta_learner.initialization())
 
 
 class MAMLUpper(MetaLearner):

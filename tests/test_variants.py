@@ -1,0 +1,155 @@
+"""Meta-SGD and ANIL, each one short subclass on the public hooks, against references computed here."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bilevel_maml import ALGORITHMS, MetaEngine, build_engine
+from bilevel_maml.problems import ANILLower, ANILUpper, MetaSGDLower, MetaSGDUpper
+from bilevel_maml.models import Conv4
+
+from conftest import RecordingEnv, RecordingSGD, functional, random_classification_source
+
+INNER_LR = 0.3
+
+
+def tanh_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 5)).double()
+
+
+def run(upper_cls, lower_cls, model, steps, meta_iterations=1, lr=0.0, **lower_kwargs):
+    env = RecordingEnv(random_classification_source(5, 2, 6), ways=5, shots=1, query_shots=1, seed=7)
+    optimizer = RecordingSGD(model.parameters(), lr=lr)
+    upper = upper_cls(model, optimizer, meta_batch_size=2)
+    lower = lower_cls(model, inner_lr=INNER_LR, inner_steps=steps, **lower_kwargs)
+    MetaEngine(upper, lower, env, meta_iterations=meta_iterations, vectorize=False).run()
+    return optimizer, lower, env.episodes
+
+
+def assert_close(actual, expected, tol=1e-6):
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        assert torch.allclose(a, e, atol=tol, rtol=0), (a - e).abs().max().item()
+
+
+# -- Meta-SGD -------------------------------------------------------------------------------------
+def meta_sgd_reference(model, rates, episodes, steps):
+    """d/d(θ, α) of the mean query loss after k steps φ ← φ − α ⊙ ∇L_support(φ), written out here."""
+    forward = functional(model)
+    theta = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    alpha = [a.detach().clone().requires_grad_() for a in rates]
+    total = 0.0
+    for (xs, ys), (xq, yq) in episodes:
+        phi = theta
+        for _ in range(steps):
+            grads = torch.autograd.grad(F.cross_entropy(forward(phi, xs), ys), phi, create_graph=True)
+            phi = [p - a * g for p, a, g in zip(phi, alpha, grads)]
+        total = total + F.cross_entropy(forward(phi, xq), yq) / len(episodes)
+    return torch.autograd.grad(total, theta + alpha)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_meta_sgd_learning_rates_get_the_reference_gradient(steps):
+    model = tanh_mlp()
+    theta_before = [p.detach().clone() for p in model.parameters()]
+    optimizer, lower, episodes = run(MetaSGDUpper, MetaSGDLower, model, steps)
+    # The rates were added to the outer optimizer as their own parameter group.
+    assert [p for p in optimizer.param_groups[1]["params"]] == list(lower.learning_rates)
+    got = optimizer.seen_grads[0]
+    with torch.no_grad():  # lr 0: θ is where the reference needs it
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), theta_before))
+    start_rates = [torch.full_like(p, INNER_LR) for p in model.parameters()]
+    expected = meta_sgd_reference(model, start_rates, episodes, steps)
+    assert len(got) == 2 * len(theta_before)
+    assert_close(got, expected)
+    # α's gradient is not trivially zero
+    assert max(g.abs().max().item() for g in got[len(theta_before):]) > 1e-4
+
+
+def test_meta_sgd_learning_rates_change_with_a_meta_update_and_stay_per_parameter():
+    model = tanh_mlp()
+    _, lower, _ = run(MetaSGDUpper, MetaSGDLower, model, steps=2, meta_iterations=3, lr=0.5)
+    for rate in lower.learning_rates:
+        assert not torch.allclose(rate, torch.full_like(rate, INNER_LR))
+        assert rate.unique().numel() > 1  # one step size per weight, not one per tensor
+
+
+# -- ANIL -----------------------------------------------------------------------------------------
+def anil_reference(model, episodes, steps):
+    """Only the last layer takes inner steps; the query loss is differentiated through them."""
+    forward = functional(model)
+    theta = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    total = 0.0
+    for (xs, ys), (xq, yq) in episodes:
+        body, head = theta[:2], theta[2:]
+        for _ in range(steps):
+            grads = torch.autograd.grad(F.cross_entropy(forward(body + head, xs), ys), head, create_graph=True)
+            head = [p - INNER_LR * g for p, g in zip(head, grads)]
+        total = total + F.cross_entropy(forward(body + head, xq), yq) / len(episodes)
+    return torch.autograd.grad(total, theta)
+
+
+class WatchedANIL(ANILLower):
+    """Records what each inner step did to every parameter."""
+
+    def inner_update(self, params, grads):
+        updated = super().inner_update(params, grads)
+        self.steps_seen = getattr(self, "steps_seen", []) + [(params, grads, updated)]
+        return updated
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_anil_adapts_only_the_head_and_its_gradient_matches_the_reference(steps):
+    model = tanh_mlp()
+    theta = [p.detach().clone() for p in model.parameters()]
+    optimizer, lower, episodes = run(ANILUpper, WatchedANIL, model, steps)
+    assert lower.head == "2"  # the output layer of nn.Sequential(Linear, Tanh, Linear)
+    assert len(lower.steps_seen) == 2 * steps
+    for params, grads, updated in lower.steps_seen:
+        for i in (0, 1):  # body: no inner gradient computed, value untouched
+            assert grads[i] is None and updated[i] is params[i] and torch.equal(updated[i], theta[i])
+        for i in (2, 3):
+            assert grads[i] is not None and not torch.equal(updated[i], params[i])
+    assert_close(optimizer.seen_grads[0], anil_reference(model, episodes, steps))
+
+
+def test_anil_rejects_a_head_that_names_no_parameters():
+    with pytest.raises(ValueError, match=r"head='fc' names no parameters of Conv4; submodules with parameters: "
+                                         r"classifier, features.0.0"):
+        ANILLower(Conv4(5, hidden=4, image_size=16), inner_lr=0.1, head="fc")
+
+
+def test_anil_default_head_of_conv4_is_its_classifier():
+    lower = ANILLower(Conv4(5, hidden=4, image_size=16), inner_lr=0.1)
+    assert lower.head == "classifier"
+    assert [n for n in lower.param_names if lower.adapts(n)] == ["classifier.weight", "classifier.bias"]
+
+
+# -- both, through the builder, vectorized, checkpointed ------------------------------------------
+@pytest.mark.parametrize("algorithm", ["metasgd", "anil"])
+def test_variants_are_registered_and_run_vectorized_from_build_engine(algorithm):
+    assert algorithm in ALGORITHMS
+    torch.manual_seed(0)
+    engine = build_engine(algorithm, nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 5)),
+                          random_classification_source(5, 3, 6, dtype=torch.float32), ways=5, shots=1,
+                          meta_batch_size=4, meta_iterations=3, valid_step=100)
+    assert engine.vectorized
+    engine.run()
+    state = engine.state_dict()
+    assert len(state["task_learner_meta_parameters"]) == (4 if algorithm == "metasgd" else 0)
+
+
+def test_meta_sgd_from_the_cli_checkpoints_and_evaluates_with_its_learned_rates(tmp_path):
+    from bilevel_maml import cli
+
+    output = tmp_path / "metasgd"
+    result = cli.run(["train", "--algorithm", "metasgd", "--dataset", "sinusoid", "--dtype", "float64",
+                      "--width", "16", "--iterations", "6", "--meta-batch-size", "4", "--valid-every", "3",
+                      "--valid-tasks", "5", "--test-tasks", "20", "--wandb", "disabled", "--output", str(output)])
+    best = torch.load(output / "checkpoints" / "best.pt", weights_only=False)["engine"]
+    rates = best["task_learner_meta_parameters"]
+    assert len(rates) == 6 and not all(torch.allclose(r, torch.full_like(r, 0.1)) for r in rates)
+    evaluated = cli.run(["evaluate", "--output", str(output), "--test-tasks", "20"])
+    assert evaluated["loss"] == pytest.approx(result["loss"], abs=1e-12)
