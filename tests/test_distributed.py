@@ -133,8 +133,8 @@ def test_a_rank_that_dies_or_hangs_makes_the_other_exit_with_a_clear_error(tmp_p
     assert waited < 100
 
 
-def cli_run(output, *extra, command="train", processes=2, iterations=None):
-    argv = [command, "--output", str(output), "--wandb", "disabled"]
+def cli_run(output, *extra, command="train", processes=2, iterations=None, wandb="disabled"):
+    argv = [command, "--output", str(output), "--wandb", wandb]
     if command == "train":
         argv += ["--dataset", "sinusoid", "--dtype", "float64", "--width", "16", "--meta-batch-size", "4",
                  "--inner-steps", "2", "--valid-every", "3", "--valid-tasks", "5", "--test-tasks", "10",
@@ -149,9 +149,15 @@ def cli_run(output, *extra, command="train", processes=2, iterations=None):
 
 
 def test_the_cli_under_torchrun_trains_checkpoints_and_resumes_exactly(tmp_path):
-    straight = cli_run(tmp_path / "straight", iterations=8)
+    straight = cli_run(tmp_path / "straight", iterations=8, wandb="offline")
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert "4 tasks on 2 processes" in straight.stdout and straight.stdout.count("held-out test") == 1
+    # rank 0 alone logs: one offline W&B run, with one history row per meta-iteration
+    from bilevel_maml.logging import read_offline_run
+
+    runs = list((tmp_path / "straight" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert [row["_step"] for row in read_offline_run(runs[0])["history"] if "train/loss" in row] == list(range(1, 9))
     first_half = cli_run(tmp_path / "split", iterations=4)
     assert first_half.returncode == 0, first_half.stderr[-3000:]
     second_half = cli_run(tmp_path / "split", command="resume", iterations=8)
