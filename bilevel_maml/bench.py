@@ -123,6 +123,34 @@ def textbook_maml(model, tasks, steps):
     return step
 
 
+def torch_func_sketch(model, tasks, steps):
+    """MAML in a few lines of torch.func, the whole meta-batch in one vmap with θ unbatched (the
+    formulation of the issue's sketch): a reference for how fast plain vmap gets on this machine.
+    Its meta-gradient is wrong with training-mode BatchNorm on current PyTorch (vmap over
+    torch.func.grad uses a wrong batch_norm backward batching rule); see tests/test_benchmark_script.py."""
+    from torch.func import grad, vmap
+
+    xs, ys, xq, yq = tasks
+    names = [n for n, _ in model.named_parameters()]
+    optimizer = torch.optim.Adam(model.parameters(), lr=META_LR)
+
+    def loss(params, x, y):
+        return F.cross_entropy(functional_call(model, dict(zip(names, params)), (x,)), y)
+
+    def query_loss(params, xs_i, ys_i, xq_i, yq_i):
+        for _ in range(steps):
+            params = tuple(p - INNER_LR * g for p, g in zip(params, grad(loss)(params, xs_i, ys_i)))
+        return loss(params, xq_i, yq_i)
+
+    def step():
+        optimizer.zero_grad()
+        theta = tuple(model.parameters())
+        vmap(query_loss, in_dims=(None, 0, 0, 0, 0))(theta, xs, ys, xq, yq).mean().backward()
+        optimizer.step()
+
+    return step
+
+
 IMPLEMENTATIONS = {
     "ours maml vectorized": lambda m, t, k: ours("maml", True, m, t, k),
     "ours maml vectorized x8": lambda m, t, k: ours("maml", True, m, t, k, chunk=8),
@@ -134,6 +162,7 @@ IMPLEMENTATIONS = {
     "learn2learn maml": lambda m, t, k: learn2learn_maml(False, m, t, k),
     "learn2learn fomaml": lambda m, t, k: learn2learn_maml(True, m, t, k),
     "textbook maml loop": textbook_maml,
+    "torch.func vmap sketch": torch_func_sketch,
 }
 #: what each implementation is compared with: learn2learn at the same order of derivatives
 BASELINE = {"maml": "learn2learn maml", "imaml": "learn2learn maml", "fomaml": "learn2learn fomaml"}
@@ -215,6 +244,7 @@ def conv_throughput(model, images: int, image_size: int, device, repeats: int) -
 
 
 def algorithm_of(name: str) -> str:
+    """The algorithm an implementation computes (its FLOPs and its learn2learn baseline)."""
     return "fomaml" if "fomaml" in name else "imaml" if "imaml" in name else "maml"
 
 
