@@ -6,7 +6,10 @@ characters absent from small1), same model (conv4, 64 filters), same hyperparame
 the same training task stream and the same 600 test tasks. Each learner trains until its budget
 is spent, then is scored with the MAML adaptation rule (iMAML adapts with its proximal term).
 
-    .venv/bin/python benchmarks/equal_budget.py --budget-minutes 10 --json benchmarks/results/equal_budget.json
+    .venv/bin/python benchmarks/equal_budget.py --inner-steps 5 --json benchmarks/results/equal_budget-cpu.json
+
+``--inner-lr`` and ``--lam`` change the shared settings; ``--learners`` runs a subset (e.g. iMAML with its
+own settings, compared against an earlier run's learn2learn row).
 """
 
 from __future__ import annotations
@@ -26,13 +29,14 @@ from bilevel_maml.data._learn2learn import import_learn2learn
 from bilevel_maml.models import Conv4
 
 SETTINGS = dict(ways=5, shots=1, query_shots=1, inner_lr=0.4, meta_lr=1e-3, lam=1.0, cg_iterations=5)
+LEARNERS = ("learn2learn maml", "ours maml", "ours fomaml", "ours imaml")
 
 
 def engine_for(algorithm, tasksets, args):
     torch.manual_seed(args.seed)
     return build_engine(algorithm, Conv4(5), tasksets, inner_steps=args.inner_steps,
                         meta_batch_size=args.meta_batch_size, meta_iterations=10**9, valid_step=10**9,
-                        seed=args.seed, **SETTINGS)
+                        seed=args.seed, **{**SETTINGS, "inner_lr": args.inner_lr, "lam": args.lam})
 
 
 def train_ours(engine, budget_seconds):
@@ -44,11 +48,11 @@ def train_ours(engine, budget_seconds):
     return engine.meta_iteration, time.perf_counter() - started
 
 
-def train_learn2learn(engine, budget_seconds, inner_steps):
+def train_learn2learn(engine, budget_seconds, inner_steps, inner_lr):
     """learn2learn's clone/adapt MAML on θ of `engine`, drawing the same training tasks."""
     l2l = import_learn2learn()
     model = engine.meta_learner.module
-    maml = l2l.algorithms.MAML(model, lr=SETTINGS["inner_lr"], first_order=False)
+    maml = l2l.algorithms.MAML(model, lr=inner_lr, first_order=False)
     optimizer = torch.optim.Adam(maml.parameters(), lr=SETTINGS["meta_lr"])
     env, tasks = engine.env, engine.meta_batch_size
     iterations, started = 0, time.perf_counter()
@@ -70,6 +74,9 @@ def main(argv=None):
     parser.add_argument("--data-root", default="../shared/data/omniglot-small")
     parser.add_argument("--budget-minutes", type=float, default=10.0, help="wall-clock training budget of each")
     parser.add_argument("--inner-steps", type=int, default=1)
+    parser.add_argument("--inner-lr", type=float, default=SETTINGS["inner_lr"])
+    parser.add_argument("--lam", type=float, default=SETTINGS["lam"], help="iMAML proximal strength")
+    parser.add_argument("--learners", nargs="+", choices=LEARNERS, default=list(LEARNERS))
     parser.add_argument("--meta-batch-size", type=int, default=32)
     parser.add_argument("--test-tasks", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
@@ -80,14 +87,15 @@ def main(argv=None):
     tasksets = omniglot_small_tasksets(args.data_root, ways=5, samples_per_class=2)
     budget = args.budget_minutes * 60
     print(f"equal budget: {args.budget_minutes:g} min each, 5-way 1-shot Omniglot, conv4-64, meta-batch "
-          f"{args.meta_batch_size}, {args.inner_steps} inner step(s), {args.test_tasks} test tasks; "
+          f"{args.meta_batch_size}, {args.inner_steps} inner step(s) of {args.inner_lr:g}, iMAML λ {args.lam:g}, "
+          f"{args.test_tasks} test tasks; "
           f"{torch.get_num_threads()} CPU threads", flush=True)
     results = []
-    for name in ("learn2learn maml", "ours maml", "ours fomaml", "ours imaml"):
+    for name in args.learners:
         algorithm = name.split()[1]
         engine = engine_for(algorithm, tasksets, args)
         if name.startswith("learn2learn"):
-            iterations, seconds = train_learn2learn(engine, budget, args.inner_steps)
+            iterations, seconds = train_learn2learn(engine, budget, args.inner_steps, args.inner_lr)
         else:
             iterations, seconds = train_ours(engine, budget)
         test = engine.test(args.test_tasks)
@@ -96,8 +104,10 @@ def main(argv=None):
                             accuracy=test["accuracy"], accuracy_ci95=test["accuracy_ci95"], tasks=test["tasks"]))
         print(f"  {name:18s} {iterations:5d} meta-iterations ({results[-1]['tasks_per_second']:.1f} tasks/s): "
               f"{100 * test['accuracy']:.2f}% ± {100 * test['accuracy_ci95']:.2f}%", flush=True)
-    baseline = results[0]
-    for row in results[1:]:
+    baseline = next((r for r in results if r["learner"] == "learn2learn maml"), None)
+    for row in results if baseline else []:
+        if row is baseline:
+            continue
         verdict = "at least as accurate as" if row["accuracy"] >= baseline["accuracy"] else "LESS accurate than"
         print(f"{row['learner']}: {verdict} learn2learn MAML "
               f"({100 * (row['accuracy'] - baseline['accuracy']):+.2f} points)")
