@@ -75,9 +75,7 @@ def ours(algorithm, vectorize, model, tasks, steps, chunk=None):
     if vectorize and not built.vectorized:
         # The CPU auto rule chose task by task for tasks this large; time the vectorized path with
         # the largest chunk that fits one call all the same.
-        examples = xs.shape[1] + xq.shape[1]
-        built = engine(max(c for c in range(1, len(xs) + 1)
-                           if len(xs) % c == 0 and (c == 1 or c * examples <= MetaEngine.CPU_EXAMPLES_PER_CALL)))
+        built = engine(MetaEngine.largest_cpu_chunk(len(xs), xs.shape[1] + xq.shape[1]))
     built.train()
     return built.meta_step
 
@@ -102,13 +100,20 @@ def learn2learn_maml(first_order, model, tasks, steps):
     return step
 
 
-def textbook_maml(model, tasks, steps):
-    xs, ys, xq, yq = tasks
+def functional_loss(model):
+    """``loss(params, x, y)``: the model's cross-entropy with ``params`` in place of its parameters."""
     names = [n for n, _ in model.named_parameters()]
-    optimizer = torch.optim.Adam(model.parameters(), lr=META_LR)
 
     def loss(params, x, y):
         return F.cross_entropy(functional_call(model, dict(zip(names, params)), (x,)), y)
+
+    return loss
+
+
+def textbook_maml(model, tasks, steps):
+    xs, ys, xq, yq = tasks
+    optimizer = torch.optim.Adam(model.parameters(), lr=META_LR)
+    loss = functional_loss(model)
 
     def step():
         optimizer.zero_grad()
@@ -131,11 +136,8 @@ def torch_func_sketch(model, tasks, steps):
     from torch.func import grad, vmap
 
     xs, ys, xq, yq = tasks
-    names = [n for n, _ in model.named_parameters()]
     optimizer = torch.optim.Adam(model.parameters(), lr=META_LR)
-
-    def loss(params, x, y):
-        return F.cross_entropy(functional_call(model, dict(zip(names, params)), (x,)), y)
+    loss = functional_loss(model)
 
     def query_loss(params, xs_i, ys_i, xq_i, yq_i):
         for _ in range(steps):

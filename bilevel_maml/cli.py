@@ -254,10 +254,10 @@ def _train(engine: MetaEngine, config: dict, output: Path, args: argparse.Namesp
               f"(from iteration {engine.meta_iteration}), run folder {output}", flush=True)
     try:
         engine.run()
-    except distributed.RankFailure as error:
+    except distributed.RankFailure:
         if logger is not None:
             logger.finish()
-        raise SystemExit(f"bilevel-maml: {error}") from None
+        raise
     except NonFiniteError as error:
         kept = checkpointer.last or checkpointer.best
         message = f"bilevel-maml: stopped: {error}. "
@@ -337,7 +337,7 @@ def command_evaluate(args: argparse.Namespace) -> dict:
         raise SystemExit("bilevel-maml evaluate runs in one process; start it without torchrun")
     checkpoint = load_checkpoint(path)
     config = checkpoint["config"]
-    engine = build_from_config({**config, "world_size": 1}, _device(args.device or config["device"]))
+    engine = build_from_config(config, _device(args.device or config["device"]))
     engine.load_parameters(checkpoint["engine"])
     engine.meta_iteration = checkpoint["engine"]["meta_iteration"]
     result = engine.test(args.test_tasks)
@@ -360,9 +360,7 @@ def run(argv: list[str] | None = None) -> dict:
     command = {"train": command_train, "evaluate": command_evaluate, "resume": command_resume}[args.command]
     try:
         return command(args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        raise SystemExit(f"bilevel-maml {args.command}: {error}") from None
-    except distributed.RankFailure as error:
+    except (ValueError, TypeError, FileNotFoundError, distributed.RankFailure) as error:
         raise SystemExit(f"bilevel-maml {args.command}: {error}") from None
     finally:
         distributed.shutdown()

@@ -157,14 +157,18 @@ class MetaEngine(Engine):
     #: examples per task, chunks of 2 and 4 tasks were 1.15× slower than task by task.
     CPU_MIN_TASKS_PER_CALL = 4
 
+    @classmethod
+    def largest_cpu_chunk(cls, meta_batch_size: int, examples_per_task: int) -> int:
+        """The most tasks (a divisor of the meta-batch, at least 1) whose examples fit one CPU call."""
+        return max((c for c in range(1, meta_batch_size + 1)
+                    if meta_batch_size % c == 0 and c * examples_per_task <= cls.CPU_EXAMPLES_PER_CALL), default=1)
+
     def _auto_chunk(self, examples_per_task: int) -> int:
         """Tasks per vmapped call (1: task by task): the whole meta-batch on accelerators,
         cache-sized chunks on CPU."""
         if self.device.type != "cpu":
             return self.meta_batch_size
-        fitting = [c for c in range(1, self.meta_batch_size + 1)
-                   if self.meta_batch_size % c == 0 and c * examples_per_task <= self.CPU_EXAMPLES_PER_CALL]
-        chunk = max(fitting, default=1)
+        chunk = self.largest_cpu_chunk(self.meta_batch_size, examples_per_task)
         return chunk if chunk >= min(self.CPU_MIN_TASKS_PER_CALL, self.meta_batch_size) else 1
 
     def _probe_tasks(self):
@@ -272,6 +276,7 @@ class MetaEngine(Engine):
     def state_dict(self) -> dict:
         """Everything a resumed run needs to continue exactly as if never stopped."""
         upper = self.meta_learner
+        rng = global_rng_state()
         return {
             "meta_iteration": self.meta_iteration,
             "global_step": self.global_step,
@@ -283,9 +288,9 @@ class MetaEngine(Engine):
             "envs": {name: env.state_dict() for name, env in self._envs().items()},
             "best_valid": self.best_valid,
             "history": self.history,
-            "rng": global_rng_state(),
+            "rng": rng,
             # each rank's own task stream and random state, so a distributed run resumes exactly
-            "ranks": distributed.gather_objects({"train_env": self.env.state_dict(), "rng": global_rng_state()}),
+            "ranks": distributed.gather_objects({"train_env": self.env.state_dict(), "rng": rng}),
         }
 
     def load_parameters(self, state: dict) -> None:

@@ -34,6 +34,15 @@ class RecordingSGD(torch.optim.SGD):
         return super().step(closure)
 
 
+def tasks_in_batch(env):
+    """The tasks of ``env.batch`` as ``((xs, ys), (xq, yq))`` each."""
+    (xs, ys), (xq, yq) = env.batch["support"], env.batch["query"]
+    if env.tasks_per_step == 1:
+        return [((xs, ys), (xq, yq))]
+    # the vectorized path stacks the meta-batch along a leading task axis
+    return [((xs[i], ys[i]), (xq[i], yq[i])) for i in range(env.tasks_per_step)]
+
+
 class RecordingEnv(EpisodicEnv):
     """Keeps every task it hands out, so a test can recompute the meta-gradient by hand."""
 
@@ -43,11 +52,7 @@ class RecordingEnv(EpisodicEnv):
 
     def step(self):
         super().step()
-        (xs, ys), (xq, yq) = self.batch["support"], self.batch["query"]
-        if self.tasks_per_step == 1:
-            self.episodes.append(((xs, ys), (xq, yq)))
-        else:  # the vectorized path stacks the meta-batch along a leading task axis
-            self.episodes += [((xs[i], ys[i]), (xq[i], yq[i])) for i in range(self.tasks_per_step)]
+        self.episodes += tasks_in_batch(self)
 
 
 def functional(model):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from bilevel_maml import build_engine, distributed
-from conftest import random_classification_source
+from conftest import random_classification_source, tasks_in_batch
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
@@ -47,11 +47,7 @@ for run in args.runs:
 
     def recording_step(env=engine.env, served=served, env_step=env_step):
         env_step()
-        (xs, ys), (xq, yq) = env.batch["support"], env.batch["query"]
-        if env.tasks_per_step == 1:
-            served.append({"support": (xs, ys), "query": (xq, yq)})
-        else:
-            served += [{"support": (xs[i], ys[i]), "query": (xq[i], yq[i])} for i in range(env.tasks_per_step)]
+        served += [{"support": support, "query": query} for support, query in tasks_in_batch(env)]
 
     engine.env.step = recording_step
     if args.misbehave:

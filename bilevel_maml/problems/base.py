@@ -98,6 +98,7 @@ class TaskLearner(_NoRollBack, Problem):
         self.param_names = [name for name, _ in module.named_parameters()]
         #: tasks adapted at once on the vectorized path (φ then has this leading axis), else None
         self.tasks_in_batch: int | None = None
+        self._adapted: tuple[int, ...] | None = None
 
     @property
     def meta_learner(self) -> "MetaLearner":
@@ -140,7 +141,7 @@ class TaskLearner(_NoRollBack, Problem):
         return tuple(p if g is None else p - self.inner_lr * g for p, g in zip(params, grads))
 
     def adapted_indices(self) -> tuple[int, ...]:
-        if getattr(self, "_adapted", None) is None:
+        if self._adapted is None:
             self._adapted = tuple(i for i, name in enumerate(self.param_names) if self.adapts(name))
             if not self._adapted:
                 raise ValueError(f"{type(self).__name__}.adapts() rejects every parameter of the model "
