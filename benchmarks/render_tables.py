@@ -22,6 +22,16 @@ def meta_iteration_table(report: dict) -> str:
         lines.append(f"| {r['inner_steps']} | {r['query']} | {r['implementation']} | {r['seconds']:.3f} | "
                      f"{r['tasks_per_second']:.1f} | {r['peak_mb']:.0f} | {ratio:.2f}× | "
                      f"{r['limit_seconds'] / r['seconds']:.0%} |")
+    profiled = [r for r in rows if r.get("seconds_by_layer")]
+    if profiled:
+        kinds = list(profiled[0]["seconds_by_layer"])
+        lines += ["", "Share of one profiled meta-iteration by layer type (`--breakdown`):", "",
+                  "| inner steps | query/class | implementation | " + " | ".join(kinds) + " |",
+                  "|---:|---:|---|" + "---:|" * len(kinds)]
+        for r in profiled:
+            total = sum(r["seconds_by_layer"].values())
+            lines.append(f"| {r['inner_steps']} | {r['query']} | {r['implementation']} | "
+                         + " | ".join(f"{r['seconds_by_layer'][k] / total:.0%}" for k in kinds) + " |")
     if report.get("memory"):
         lines += ["", "| implementation | inner steps | peak MB |", "|---|---:|---:|"]
         lines += [f"| {m['implementation']} | {m['inner_steps']} | {m['peak_mb']:.0f} |" for m in report["memory"]]

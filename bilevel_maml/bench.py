@@ -153,6 +153,118 @@ def torch_func_sketch(model, tasks, steps):
     return step
 
 
+
+# -- other formulations of MAML's exact meta-gradient, timed to see whether any beats ours on CPU ---
+def _summed_loss(model):
+    """``summed(params, x, y)``: the sum over tasks of each task's loss, ``params`` batched by task. Its
+    gradient holds every task's own gradient, and it is taken outside ``vmap`` (BatchNorm-safe)."""
+    from torch.func import vmap
+
+    loss = functional_loss(model)
+    return lambda params, x, y: vmap(loss)(params, x, y).sum()
+
+
+def forward_over_reverse_maml(model, tasks, steps):
+    """MAML's meta-gradient as (I - αH_k)…(I - αH_1)·∇L_query, each Hessian-vector product taken
+    forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``) at the stored inner iterate: no
+    graph of the inner loop is kept, only its k parameter sets."""
+    from torch.func import grad, jvp
+
+    xs, ys, xq, yq = tasks
+    optimizer = torch.optim.Adam(model.parameters(), lr=META_LR)
+    summed = _summed_loss(model)
+    support_gradient = grad(summed)
+
+    def step():
+        optimizer.zero_grad()
+        # contiguous: jvp's dual tensors cannot alias one memory location across tasks
+        params = tuple(p.detach().expand(len(xs), *p.shape).contiguous() for p in model.parameters())
+        iterates = []
+        for _ in range(steps):
+            iterates.append(params)
+            params = tuple(p - INNER_LR * g for p, g in zip(params, support_gradient(params, xs, ys)))
+        vector = tuple(g / len(xs) for g in grad(summed)(params, xq, yq))
+        for point in reversed(iterates):
+            _, hessian_vector = jvp(lambda p: support_gradient(p, xs, ys), (point,), (vector,))
+            vector = tuple(v - INNER_LR * h for v, h in zip(vector, hessian_vector))
+        for p, g in zip(model.parameters(), vector):
+            p.grad = g.sum(0)
+        optimizer.step()
+
+    return step
+
+
+def compiled_maml(model, tasks, steps):
+    """The whole meta-loss of the meta-batch (inner steps included) compiled by ``torch.compile``
+    (Inductor fuses the element-wise work of forward, backward and double backward); per-task
+    gradients are taken outside ``vmap``. The first call compiles (minutes on this CPU)."""
+    from torch.func import grad, vmap
+
+    xs, ys, xq, yq = tasks
+    optimizer = torch.optim.Adam(model.parameters(), lr=META_LR)
+    loss, summed = functional_loss(model), _summed_loss(model)
+
+    def meta_loss(theta, xs, ys, xq, yq):
+        params = tuple(t.expand(len(xs), *t.shape) for t in theta)
+        for _ in range(steps):
+            params = tuple(p - INNER_LR * g for p, g in zip(params, grad(summed)(params, xs, ys)))
+        return vmap(loss)(params, xq, yq).mean()
+
+    compiled = torch.compile(meta_loss, fullgraph=True)
+
+    def step():
+        optimizer.zero_grad()
+        compiled(tuple(model.parameters()), xs, ys, xq, yq).backward()
+        optimizer.step()
+
+    return step
+
+
+class PoolBeforeNorm(torch.nn.Module):
+    """A conv–BatchNorm–ReLU–max-pool block computed in another order with the same result: the
+    batch statistics come from the convolution's output, but the normalisation and the ReLU run on
+    the pooled quarter. Exact because both are monotone per channel (decreasing where γ < 0, so
+    those channels are min-pooled)."""
+
+    def __init__(self, block: torch.nn.Sequential):
+        super().__init__()
+        self.conv, self.norm = block[0], block[1]
+
+    def forward(self, x):
+        x = self.conv(x)
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+        sign = torch.where(self.norm.weight >= 0, 1.0, -1.0).view(1, -1, 1, 1)
+        pooled = F.max_pool2d(x * sign, 2) * sign
+        scale = self.norm.weight * torch.rsqrt(var + self.norm.eps)
+        return torch.relu((pooled - mean.view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1)
+                          + self.norm.bias.view(1, -1, 1, 1))
+
+
+class PrimitiveBatchNorm(torch.nn.Module):
+    """Transductive BatchNorm written with mean, variance and arithmetic instead of the fused kernel,
+    so that autograd differentiates those primitives twice instead of PyTorch's batch-norm backward."""
+
+    def __init__(self, norm: torch.nn.BatchNorm2d):
+        super().__init__()
+        self.weight, self.bias, self.eps = norm.weight, norm.bias, norm.eps
+
+    def forward(self, x):
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False, keepdim=True)
+        scale = self.weight.view(1, -1, 1, 1) * torch.rsqrt(var + self.eps)
+        return (x - mean) * scale + self.bias.view(1, -1, 1, 1)
+
+
+def rewritten(model: Conv4, rewrite: str) -> Conv4:
+    """``model`` with its conv blocks rewritten in place (same parameters): ``pool-before-norm`` or
+    ``primitive-norm``."""
+    for i, block in enumerate(model.features):
+        if rewrite == "pool-before-norm":
+            model.features[i] = PoolBeforeNorm(block)
+        else:
+            block[1] = PrimitiveBatchNorm(block[1])
+    return model
+
+
 IMPLEMENTATIONS = {
     "ours maml vectorized": lambda m, t, k: ours("maml", True, m, t, k),
     "ours maml vectorized x8": lambda m, t, k: ours("maml", True, m, t, k, chunk=8),
@@ -165,6 +277,10 @@ IMPLEMENTATIONS = {
     "learn2learn fomaml": lambda m, t, k: learn2learn_maml(True, m, t, k),
     "textbook maml loop": textbook_maml,
     "torch.func vmap sketch": torch_func_sketch,
+    "forward-over-reverse maml": forward_over_reverse_maml,
+    "torch.compile maml": compiled_maml,
+    "ours maml vectorized, pool before norm": lambda m, t, k: ours("maml", True, rewritten(m, "pool-before-norm"), t, k),
+    "ours maml vectorized, primitive-op norm": lambda m, t, k: ours("maml", True, rewritten(m, "primitive-norm"), t, k),
 }
 #: what each implementation is compared with: learn2learn at the same order of derivatives
 BASELINE = {"maml": "learn2learn maml", "imaml": "learn2learn maml", "fomaml": "learn2learn fomaml"}
@@ -226,6 +342,30 @@ def counted_flops(fn) -> int:
     return counter.get_total_flops()
 
 
+#: layer types a profiled op is charged to, by the name of the top-level op or autograd node it ran in
+LAYER_TYPES = {"convolution": ("convolution", "conv2d"), "batch norm": ("batchnorm", "batch_norm"),
+               "max-pool": ("maxpool", "max_pool"), "relu": ("relu", "threshold")}
+
+
+def time_by_layer_type(fn) -> dict:
+    """Seconds of one call of ``fn`` charged to each layer type (``LAYER_TYPES``, else "other"): every
+    op's own CPU time goes to the top-level op or autograd node that ran it, so BatchNorm's double
+    backward, mostly element-wise ``mul`` and ``sum``, counts as batch norm."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiled:
+        fn()
+    seconds = dict.fromkeys([*LAYER_TYPES, "other"], 0.0)
+    for event in profiled.events():
+        top = event
+        while top.cpu_parent is not None:
+            top = top.cpu_parent
+        name = top.name.lower()
+        kind = next((k for k, keys in LAYER_TYPES.items() if any(key in name for key in keys)), "other")
+        seconds[kind] += event.self_cpu_time_total / 1e6
+    return seconds
+
+
 def conv_throughput(model, images: int, image_size: int, device, repeats: int) -> float:
     """FLOP/s of the model's convolutions at its shapes, forward plus both backward convolutions."""
     convs, shapes = [], []
@@ -251,7 +391,7 @@ def algorithm_of(name: str) -> str:
 
 
 def measure_round_robin(steps: dict, device, repeats: int) -> dict:
-    """Median seconds, peak memory and FLOPs of each step function; the repeats are interleaved
+    """Median seconds and peak memory of each step function; the repeats are interleaved
     (every implementation once per round) so that drift in the machine's speed hits all alike."""
     results = {name: {"times": []} for name in steps}
     for name, step in steps.items():
@@ -260,7 +400,6 @@ def measure_round_robin(steps: dict, device, repeats: int) -> dict:
         with peak_memory(device, memory):
             step()
         results[name]["bytes"] = memory["bytes"]
-        results[name]["flops"] = counted_flops(step)
     for _ in range(repeats):
         for name, step in steps.items():
             results[name]["times"].append(timed(step, device))
@@ -271,7 +410,7 @@ def measure_round_robin(steps: dict, device, repeats: int) -> dict:
 
 # -- the report -----------------------------------------------------------------------------------
 def run_benchmark(data_root, device="cpu", meta_batch=32, steps=(1, 5), queries=(1, 15), memory_steps=(5, 20),
-                  repeats=5, implementations=None, output=None, seed=0):
+                  repeats=5, implementations=None, output=None, seed=0, breakdown=False):
     device = torch.device(device)
     names = implementations or list(IMPLEMENTATIONS)
     # One allocator setting for every implementation: glibc's default mmap threshold moves with
@@ -313,6 +452,11 @@ def run_benchmark(data_root, device="cpu", meta_batch=32, steps=(1, 5), queries=
                 print(f"  steps {k:2d}  {name:24s} {seconds:7.3f} s/it {row['tasks_per_second']:7.1f} tasks/s "
                       f"{row['peak_mb']:8.1f} MB {row['gflop']:7.1f} GFLOP  limit {row['limit_seconds']:.3f} s "
                       f"({row['limit_seconds'] / seconds:5.1%} of it)", flush=True)
+                if breakdown and device.type == "cpu":
+                    row["seconds_by_layer"] = by_layer = time_by_layer_type(step_functions[name])
+                    total = sum(by_layer.values())
+                    print("      profiled: " + ", ".join(f"{kind} {t / total:.0%}" for kind, t in by_layer.items()),
+                          flush=True)
     memory_rows = []
     if memory_steps:
         tasks = omniglot_tasks(data_root, meta_batch, 5, 1, queries[0], device)
@@ -376,10 +520,12 @@ def main(argv=None):
     parser.add_argument("--memory-steps", type=int, nargs="*", default=[5, 20])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--implementations", nargs="+", choices=list(IMPLEMENTATIONS))
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also profile one meta-iteration of each and print its time by layer type (CPU)")
     parser.add_argument("--json", help="also write the measurements to this JSON file")
     args = parser.parse_args(argv)
     run_benchmark(args.data_root, args.device, args.meta_batch_size, tuple(args.steps), tuple(args.queries),
-                  tuple(args.memory_steps), args.repeats, args.implementations, args.json)
+                  tuple(args.memory_steps), args.repeats, args.implementations, args.json, breakdown=args.breakdown)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The benchmark script runs end to end and reports what it promises (timings are not asserted:
 speed targets are read from its output, see README "Speed")."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -18,7 +19,7 @@ def test_meta_iteration_benchmark_reports_ratios_limits_and_memory(tmp_path, omn
         [sys.executable, str(REPO / "benchmarks" / "meta_iteration.py"), "--data-root", str(omniglot_root),
          "--meta-batch-size", "2", "--steps", "1", "--queries", "1", "--memory-steps", "1", "2", "--repeats", "1",
          "--implementations", "ours maml vectorized", "ours maml per-task", "ours fomaml vectorized",
-         "learn2learn maml", "learn2learn fomaml", "textbook maml loop", "--json", str(out)],
+         "learn2learn maml", "learn2learn fomaml", "textbook maml loop", "--breakdown", "--json", str(out)],
         capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "device: cpu" in done.stdout and "conv throughput" in done.stdout
@@ -32,6 +33,15 @@ def test_meta_iteration_benchmark_reports_ratios_limits_and_memory(tmp_path, omn
     maml = [r for r in report["rows"] if r["implementation"] in ("ours maml vectorized", "textbook maml loop")]
     assert maml[0]["gflop"] == maml[1]["gflop"] > 0  # both read against MAML's own FLOP count
     assert all(r["seconds"] > 0 and r["limit_seconds"] > 0 for r in report["rows"])
+    # --breakdown: every row's profiled time charged to layer types; conv4 spends some in each
+    for row in report["rows"]:
+        by_layer = row["seconds_by_layer"]
+        assert set(by_layer) == {"convolution", "batch norm", "max-pool", "relu", "other"}
+        assert all(by_layer[kind] > 0 for kind in ("convolution", "batch norm", "max-pool", "relu")), by_layer
+    tables = subprocess.run([sys.executable, str(REPO / "benchmarks" / "render_tables.py"), str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert tables.returncode == 0, tables.stderr[-2000:]
+    assert "| 1 | 1 | ours maml vectorized |" in tables.stdout and "Share of one profiled" in tables.stdout
 
 
 def one_step(name, monkeypatch):
@@ -49,7 +59,10 @@ def one_step(name, monkeypatch):
     return [p.detach() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("name", ["ours maml vectorized", "ours maml per-task", "learn2learn maml"])
+@pytest.mark.parametrize("name", [
+    "ours maml vectorized", "ours maml per-task", "learn2learn maml", "forward-over-reverse maml",
+    "ours maml vectorized, pool before norm", "ours maml vectorized, primitive-op norm",
+    pytest.param("torch.compile maml", marks=pytest.mark.slow)])
 def test_every_second_order_implementation_takes_the_textbook_step(name, monkeypatch):
     """Same tasks, same start: one meta-iteration of each MAML implementation moves θ like the textbook loop.
     (Plain SGD instead of the benchmark's Adam: Adam's first step turns the round-off gradients of the conv
@@ -67,3 +80,29 @@ def test_the_torch_func_sketch_gets_batchnorm_second_order_terms_wrong(monkeypat
     it: update the README's Speed section."""
     textbook, sketch = one_step("textbook maml loop", monkeypatch), one_step("torch.func vmap sketch", monkeypatch)
     assert max((a - b).abs().max().item() for a, b in zip(textbook, sketch)) > 1e-3
+
+
+def test_pool_before_norm_is_the_same_function_with_negative_scales_too():
+    """The reordered block (benchmark row "pool before norm") equals conv–BN–ReLU–max-pool, values and
+    second-order gradients, with channels of both signs of γ (negative ones must be min-pooled)."""
+    from bilevel_maml.bench import rewritten
+    from bilevel_maml.models import Conv4
+
+    torch.manual_seed(0)
+    plain = Conv4(5, hidden=6, image_size=16).double()
+    with torch.no_grad():
+        for block in plain.features:
+            block[1].weight.copy_(torch.randn(6, dtype=torch.float64))
+            block[1].bias.copy_(torch.randn(6, dtype=torch.float64))
+    assert any((block[1].weight < 0).any() and (block[1].weight > 0).any() for block in plain.features)
+    other = rewritten(copy.deepcopy(plain), "pool-before-norm")
+    x = torch.randn(7, 1, 16, 16, dtype=torch.float64)
+
+    def second_order(model):
+        params = list(model.parameters())
+        grads = torch.autograd.grad(model(x).pow(2).sum(), params, create_graph=True)
+        return torch.autograd.grad(sum((g * g).sum() for g in grads), params)
+
+    assert torch.allclose(plain(x), other(x), atol=1e-12)
+    for a, b in zip(second_order(plain), second_order(other)):
+        assert torch.allclose(a, b, atol=1e-9), (a - b).abs().max()
