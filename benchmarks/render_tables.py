@@ -13,7 +13,8 @@ from bilevel_maml.bench import BASELINE, algorithm_of
 def meta_iteration_table(report: dict) -> str:
     rows = report["rows"]
     baseline = {(r["inner_steps"], r["query"], r["implementation"]): r["seconds"] for r in rows}
-    lines = [f"Device: {report['device']}, meta-batch {report['meta_batch']}.", "",
+    model = f", model {report['model']}" if "model" in report else ""
+    lines = [f"Device: {report['device']}{model}, meta-batch {report['meta_batch']}.", "",
              "| inner steps | query/class | implementation | s / meta-iteration | tasks/s | peak MB | vs learn2learn | of compute-bound limit |",
              "|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:

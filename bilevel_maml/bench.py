@@ -1,6 +1,7 @@
 """Seconds per meta-iteration, tasks/s and peak memory, side by side, with the compute-bound limit.
 
-One process, one model (conv4, 64 filters, 28×28 Omniglot inputs, 5-way 1-shot, meta-batch 32) and
+One process, one model (conv4, 64 filters, 28×28 Omniglot inputs, 5-way 1-shot, meta-batch 32; with
+``--model conv4-strided`` Finn et al.'s stride-2 Omniglot network instead of max-pooling) and
 the same task tensors for every implementation:
 
 * ours: MAML (second order), FOMAML and iMAML, vectorized (``torch.func.vmap``) and per task;
@@ -38,7 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bilevel_maml.allocator import keep_freed_memory, return_freed_memory
 from bilevel_maml.engine import MetaEngine
 from bilevel_maml.env import EpisodicEnv
-from bilevel_maml.models import Conv4
+from bilevel_maml.models import Conv4, build_model
 from bilevel_maml.problems import ALGORITHMS
 
 INNER_LR, META_LR, LAM, CG_ITERATIONS = 0.4, 1e-3, 1.0, 5
@@ -255,8 +256,10 @@ class PrimitiveBatchNorm(torch.nn.Module):
 
 
 def rewritten(model: Conv4, rewrite: str) -> Conv4:
-    """``model`` with its conv blocks rewritten in place (same parameters): ``pool-before-norm`` or
-    ``primitive-norm``."""
+    """``model`` with its conv blocks rewritten in place (same parameters): ``pool-before-norm`` (max-pool
+    conv4 only) or ``primitive-norm``."""
+    if rewrite == "pool-before-norm" and model.downsample != "max-pool":
+        raise ValueError(f"pool before norm rewrites max-pool blocks; this conv4 has downsample={model.downsample!r}")
     for i, block in enumerate(model.features):
         if rewrite == "pool-before-norm":
             model.features[i] = PoolBeforeNorm(block)
@@ -284,6 +287,14 @@ IMPLEMENTATIONS = {
 }
 #: what each implementation is compared with: learn2learn at the same order of derivatives
 BASELINE = {"maml": "learn2learn maml", "imaml": "learn2learn maml", "fomaml": "learn2learn fomaml"}
+
+
+BENCHMARK_MODELS = ("conv4", "conv4-strided")
+
+
+def network(name: str, device) -> Conv4:
+    """A fresh 5-way conv4 for 28×28 inputs: ``conv4`` (max-pool) or ``conv4-strided``."""
+    return build_model(name, ways=5).to(device)
 
 
 # -- measurement ----------------------------------------------------------------------------------
@@ -378,7 +389,7 @@ def conv_throughput(model, images: int, image_size: int, device, repeats: int) -
 
     def run():
         for conv, inp in zip(convs, inputs):
-            out = F.conv2d(inp, conv.weight, conv.bias, padding=1)
+            out = F.conv2d(inp, conv.weight, conv.bias, stride=conv.stride, padding=conv.padding)
             torch.autograd.grad(out, (inp, conv.weight), grad_outputs=torch.ones_like(out))
 
     run()
@@ -410,7 +421,7 @@ def measure_round_robin(steps: dict, device, repeats: int) -> dict:
 
 # -- the report -----------------------------------------------------------------------------------
 def run_benchmark(data_root, device="cpu", meta_batch=32, steps=(1, 5), queries=(1, 15), memory_steps=(5, 20),
-                  repeats=5, implementations=None, output=None, seed=0, breakdown=False):
+                  repeats=5, implementations=None, output=None, seed=0, breakdown=False, model="conv4"):
     device = torch.device(device)
     names = implementations or list(IMPLEMENTATIONS)
     # One allocator setting for every implementation: glibc's default mmap threshold moves with
@@ -419,27 +430,27 @@ def run_benchmark(data_root, device="cpu", meta_batch=32, steps=(1, 5), queries=
     rows = []
     print(f"device: {device} ({torch.get_num_threads()} threads)"
           + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
-          + f"; conv4-64, 28×28, 5-way 1-shot, meta-batch {meta_batch}; median of {repeats} after warm-up",
+          + f"; {model}-64, 28×28, 5-way 1-shot, meta-batch {meta_batch}; median of {repeats} after warm-up",
           flush=True)
     for query in queries:
         tasks = omniglot_tasks(data_root, meta_batch, 5, 1, query, device)
         images = meta_batch * (5 + 5 * query)
         torch.manual_seed(seed)
-        throughput = conv_throughput(Conv4(5).to(device), images, 28, device, repeats)
+        throughput = conv_throughput(network(model, device), images, 28, device, repeats)
         print(f"\nquery {query}/class: conv throughput {throughput / 1e9:.1f} GFLOP/s at the model's shapes "
               f"({images} images per meta-iteration)", flush=True)
         for k in steps:
             step_functions = {}
             for name in names:
                 torch.manual_seed(seed)
-                step_functions[name] = IMPLEMENTATIONS[name](Conv4(5).to(device), tasks, k)
+                step_functions[name] = IMPLEMENTATIONS[name](network(model, device), tasks, k)
             results = measure_round_robin(step_functions, device, repeats)
             # FlopCounterMode overcounts vmapped convolution backward, so each algorithm's FLOPs are
             # counted on a per-task twin (for MAML this equals the textbook loop's count).
             algorithm_flops = {}
             for algorithm in sorted({algorithm_of(n) for n in names}):
                 torch.manual_seed(seed)
-                twin = ours(algorithm, False, Conv4(5).to(device), tasks, k)
+                twin = ours(algorithm, False, network(model, device), tasks, k)
                 twin()
                 algorithm_flops[algorithm] = counted_flops(twin)
             for name, result in results.items():
@@ -464,7 +475,7 @@ def run_benchmark(data_root, device="cpu", meta_batch=32, steps=(1, 5), queries=
         for name in ("ours imaml vectorized", "ours maml vectorized"):
             for k in memory_steps:
                 torch.manual_seed(seed)
-                step = IMPLEMENTATIONS[name](Conv4(5).to(device), tasks, k)
+                step = IMPLEMENTATIONS[name](network(model, device), tasks, k)
                 step()
                 memory = {}
                 with peak_memory(device, memory):
@@ -475,7 +486,7 @@ def run_benchmark(data_root, device="cpu", meta_batch=32, steps=(1, 5), queries=
     print("\n" + "\n".join(summary["lines"]), flush=True)
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps(dict(device=str(device), meta_batch=meta_batch, rows=rows,
+        Path(output).write_text(json.dumps(dict(device=str(device), model=model, meta_batch=meta_batch, rows=rows,
                                                 memory=memory_rows, summary=summary), indent=2))
     return rows, memory_rows, summary
 
@@ -514,6 +525,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default="../shared/data/omniglot-small")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", choices=BENCHMARK_MODELS, default="conv4",
+                        help="conv4: Vinyals et al.'s max-pool network; conv4-strided: Finn et al.'s Omniglot "
+                             "network (learn2learn's OmniglotCNN)")
     parser.add_argument("--meta-batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 5])
     parser.add_argument("--queries", type=int, nargs="+", default=[1, 15])
@@ -525,7 +539,8 @@ def main(argv=None):
     parser.add_argument("--json", help="also write the measurements to this JSON file")
     args = parser.parse_args(argv)
     run_benchmark(args.data_root, args.device, args.meta_batch_size, tuple(args.steps), tuple(args.queries),
-                  tuple(args.memory_steps), args.repeats, args.implementations, args.json, breakdown=args.breakdown)
+                  tuple(args.memory_steps), args.repeats, args.implementations, args.json, breakdown=args.breakdown,
+                  model=args.model)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,17 @@ import torch
 from torch import nn
 
 
-def _conv_block(in_channels: int, out_channels: int, transductive: bool) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
-        nn.BatchNorm2d(out_channels, track_running_stats=not transductive),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-    )
+DOWNSAMPLING = ("max-pool", "stride")
+
+
+def _conv_block(in_channels: int, out_channels: int, transductive: bool, downsample: str) -> nn.Sequential:
+    stride = 2 if downsample == "stride" else 1
+    layers = [nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1),
+              nn.BatchNorm2d(out_channels, track_running_stats=not transductive),
+              nn.ReLU()]
+    if downsample == "max-pool":
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
 
 
 class Conv4(nn.Module):
@@ -27,22 +31,28 @@ class Conv4(nn.Module):
 
     ``Conv4(ways, in_channels=1, hidden=64, image_size=28)`` is the Omniglot network;
     ``Conv4(ways, in_channels=3, hidden=32, image_size=84)`` the mini-ImageNet one.
+    ``downsample="stride"`` is Finn et al.'s Omniglot variant (learn2learn's ``OmniglotCNN``):
+    stride-2 convolutions instead of max-pooling, then the mean over the positions left.
     """
 
     def __init__(self, ways: int, in_channels: int = 1, hidden: int = 64, image_size: int = 28,
-                 transductive: bool = True):
+                 transductive: bool = True, downsample: str = "max-pool"):
         super().__init__()
+        if downsample not in DOWNSAMPLING:
+            raise ValueError(f"downsample={downsample!r}; choose one of: {', '.join(DOWNSAMPLING)}")
+        self.downsample = downsample
         channels = [in_channels, hidden, hidden, hidden, hidden]
         self.features = nn.Sequential(
-            *(_conv_block(a, b, transductive) for a, b in zip(channels, channels[1:]))
+            *(_conv_block(a, b, transductive, downsample) for a, b in zip(channels, channels[1:]))
         )
         side = image_size
         for _ in range(4):
             side //= 2
-        self.classifier = nn.Linear(hidden * side * side, ways)
+        self.classifier = nn.Linear(hidden if downsample == "stride" else hidden * side * side, ways)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x).flatten(1))
+        x = self.features(x)
+        return self.classifier(x.mean(dim=(2, 3)) if self.downsample == "stride" else x.flatten(1))
 
 
 class MLP(nn.Module):
@@ -101,16 +111,18 @@ class ResNet12(nn.Module):
         return self.classifier(self.features(x).flatten(1))
 
 
-MODELS = ("conv4", "resnet12", "mlp")
+MODELS = ("conv4", "conv4-strided", "resnet12", "mlp")
 
 
 def build_model(name: str, ways: int, in_channels: int = 1, image_size: int = 28, width: int | None = None,
                 in_features: int = 1) -> nn.Module:
-    """A backbone by name: ``conv4`` (``width`` filters, default 64), ``resnet12`` (``width`` is the
+    """A backbone by name: ``conv4`` (``width`` filters, default 64; ``conv4-strided`` is Finn et al.'s
+    Omniglot variant with stride-2 convolutions instead of max-pooling), ``resnet12`` (``width`` is the
     first stage's channels, default 64, then ×2.5, ×5, ×10) or ``mlp`` (two hidden layers of
     ``width``, default 40; ``ways`` outputs, or 1 for regression)."""
-    if name == "conv4":
-        return Conv4(ways, in_channels=in_channels, hidden=width or 64, image_size=image_size)
+    if name in ("conv4", "conv4-strided"):
+        return Conv4(ways, in_channels=in_channels, hidden=width or 64, image_size=image_size,
+                     downsample="stride" if name == "conv4-strided" else "max-pool")
     if name == "resnet12":
         base = width or 64
         return ResNet12(ways, in_channels, channels=(base, base * 5 // 2, base * 5, base * 10))

@@ -106,3 +106,22 @@ def test_pool_before_norm_is_the_same_function_with_negative_scales_too():
     assert torch.allclose(plain(x), other(x), atol=1e-12)
     for a, b in zip(second_order(plain), second_order(other)):
         assert torch.allclose(a, b, atol=1e-9), (a - b).abs().max()
+
+
+def test_benchmark_runs_finn_et_al_strided_network(tmp_path, omniglot_root):
+    """--model conv4-strided times learn2learn's OmniglotCNN architecture: same rows, its own FLOPs
+    (stride-2 convolutions compute a quarter of the positions of the max-pool network's)."""
+    reports = {}
+    for model in ("conv4", "conv4-strided"):
+        out = tmp_path / f"{model}.json"
+        done = subprocess.run(
+            [sys.executable, str(REPO / "benchmarks" / "meta_iteration.py"), "--data-root", str(omniglot_root),
+             "--model", model, "--meta-batch-size", "2", "--steps", "1", "--queries", "1", "--memory-steps",
+             "--repeats", "1", "--implementations", "ours maml vectorized", "learn2learn maml", "--json", str(out)],
+            capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert f"{model}-64, 28×28" in done.stdout
+        reports[model] = json.loads(out.read_text())
+    assert reports["conv4-strided"]["model"] == "conv4-strided"
+    strided, pooled = (reports[m]["rows"][0]["gflop"] for m in ("conv4-strided", "conv4"))
+    assert 0 < strided < pooled / 2
