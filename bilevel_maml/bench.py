@@ -76,7 +76,8 @@ def ours(algorithm, vectorize, model, tasks, steps, chunk=None):
     if vectorize and not built.vectorized:
         # The CPU auto rule chose task by task for tasks this large; time the vectorized path with
         # the largest chunk that fits one call all the same.
-        built = engine(MetaEngine.largest_cpu_chunk(len(xs), xs.shape[1] + xq.shape[1]))
+        built = engine(MetaEngine.largest_cpu_chunk(len(xs), xs.shape[1] + xq.shape[1],
+                                                     built.activation_bytes_per_example))
     built.train()
     return built.meta_step
 

@@ -68,8 +68,9 @@ class MetaEngine(Engine):
     :param callbacks: progress bars, checkpointers, ... (see :attr:`callbacks`).
     :param vectorize: adapt several tasks at once with ``torch.func.vmap`` (same meta-gradient,
         fewer and larger kernels): ``True`` chooses how many (the whole meta-batch on a GPU;
-        on CPU chunks of about :attr:`CPU_EXAMPLES_PER_CALL` examples, or task by task when
-        fewer than :attr:`CPU_MIN_TASKS_PER_CALL` tasks fit in one; see there), an int fixes
+        on CPU chunks whose largest activation stays within :attr:`CPU_ACTIVATION_BYTES_PER_CALL`,
+        or task by task when fewer than :attr:`CPU_MIN_TASKS_PER_CALL` tasks fit in one; see
+        there), an int fixes
         it (a divisor of the meta-batch size), ``False`` adapts task by task. A model that cannot
         run under ``vmap`` (one that writes buffers in ``forward``, say) falls back to the
         per-task path with a warning.
@@ -133,6 +134,8 @@ class MetaEngine(Engine):
                 problem.logger = logger
         self.vectorized = False
         self.tasks_per_step = 1
+        #: bytes of the model's largest activation per example, measured on the probe tasks
+        self.activation_bytes_per_example: int | None = None
         if vectorize:
             if vectorize is not True:
                 check_positive_int("vectorize", vectorize)
@@ -149,26 +152,29 @@ class MetaEngine(Engine):
                 warnings.warn(f"{type(upper.module).__name__} cannot be vectorized ({blocker}); "
                               f"adapting tasks one at a time instead", stacklevel=2)
 
-    #: On CPU, one vmapped call should hold about this many examples: measured on a 2-core CPU with
-    #: conv4, 32 tasks of 80 examples in one call ran 2.9× slower than task by task (the activations
-    #: no longer fit the caches), while calls of about 80-160 examples were the fastest.
-    CPU_EXAMPLES_PER_CALL = 160
+    #: On CPU, the largest activation of one vmapped call should stay within about this many bytes.
+    #: Measured on a 2-core CPU with conv4 on 28×28 images (largest activation 64×28×28 floats an
+    #: example): 32 tasks of 80 examples in one call ran 2.9× slower than task by task, while calls
+    #: of 80-160 examples were the fastest; with Finn et al.'s strided conv4 (a quarter of that per
+    #: example) 8 tasks of 80 examples were fastest, and a 40-unit MLP ran fastest whole.
+    CPU_ACTIVATION_BYTES_PER_CALL = 160 * 64 * 28 * 28 * 4
     #: ... and vectorizing pays only when at least this many tasks fit in such a call: with 80
-    #: examples per task, chunks of 2 and 4 tasks were 1.15× slower than task by task.
+    #: examples per task, chunks of 2 and 4 tasks of conv4 were 1.15× slower than task by task.
     CPU_MIN_TASKS_PER_CALL = 4
 
     @classmethod
-    def largest_cpu_chunk(cls, meta_batch_size: int, examples_per_task: int) -> int:
-        """The most tasks (a divisor of the meta-batch, at least 1) whose examples fit one CPU call."""
+    def largest_cpu_chunk(cls, meta_batch_size: int, examples_per_task: int, activation_bytes_per_example: int) -> int:
+        """The most tasks (a divisor of the meta-batch, at least 1) whose largest activation fits one CPU call."""
+        task_bytes = examples_per_task * activation_bytes_per_example
         return max((c for c in range(1, meta_batch_size + 1)
-                    if meta_batch_size % c == 0 and c * examples_per_task <= cls.CPU_EXAMPLES_PER_CALL), default=1)
+                    if meta_batch_size % c == 0 and c * task_bytes <= cls.CPU_ACTIVATION_BYTES_PER_CALL), default=1)
 
     def _auto_chunk(self, examples_per_task: int) -> int:
         """Tasks per vmapped call (1: task by task): the whole meta-batch on accelerators,
         cache-sized chunks on CPU."""
         if self.device.type != "cpu":
             return self.meta_batch_size
-        chunk = self.largest_cpu_chunk(self.meta_batch_size, examples_per_task)
+        chunk = self.largest_cpu_chunk(self.meta_batch_size, examples_per_task, self.activation_bytes_per_example)
         return chunk if chunk >= min(self.CPU_MIN_TASKS_PER_CALL, self.meta_batch_size) else 1
 
     def _probe_tasks(self):
@@ -180,13 +186,26 @@ class MetaEngine(Engine):
             self.env.load_state_dict(saved)
 
     def _vectorization_blocker(self, inputs) -> str | None:
-        """Why the model cannot run under ``vmap`` (tried on two stacked probe tasks), or None."""
+        """Why the model cannot run under ``vmap`` (tried on two stacked probe tasks), or None.
+        On the way, measures :attr:`activation_bytes_per_example`: the largest output of any
+        submodule (under ``vmap``, one task's), per example."""
         params = tuple(p.detach().expand(2, *p.shape) for p in self.meta_learner.initialization())
+        largest = [inputs[0, 0].numel() * inputs.element_size()]
+
+        def record(module, args, output):
+            if isinstance(output, torch.Tensor):
+                largest[0] = max(largest[0], output.numel() * output.element_size() // inputs.shape[1])
+
+        hooks = [m.register_forward_hook(record) for m in self.meta_learner.module.modules()]
         try:
             with torch.no_grad():
                 vmap(self.task_learner.forward)(inputs, params)
         except Exception as error:  # any failure means: not vectorizable, use the per-task path
             return f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
+        finally:
+            for hook in hooks:
+                hook.remove()
+        self.activation_bytes_per_example = largest[0]
         return None
 
     def _use_task_batches(self, tasks: int) -> None:

@@ -108,19 +108,26 @@ def test_the_probe_does_not_change_the_task_stream():
     assert torch.equal(env.batch["support"][0], expected[0][0])
 
 
-@pytest.mark.parametrize("per_class, meta_batch, expected_tasks_per_call", [
-    (2, 32, 16),   # 10 examples a task: 16 tasks fill a call of 160
-    (16, 32, 1),   # 80 examples a task: only 2 would fit, task by task is faster on CPU
-    (16, 2, 2),    # a meta-batch of 2 that fits: vectorized as a whole
-    (40, 4, 1),    # 200 examples: not even one task fits
+CONV4_ACTIVATION = 64 * 28 * 28  # floats of the max-pool conv4's largest activation, per example
+
+
+@pytest.mark.parametrize("width, per_class, meta_batch, expected_tasks_per_call", [
+    (CONV4_ACTIVATION, 2, 32, 16),        # 10 examples a task: 16 tasks fill a call of 160 conv4 examples
+    (CONV4_ACTIVATION, 16, 32, 1),        # 80 examples a task: only 2 would fit, task by task is faster on CPU
+    (CONV4_ACTIVATION, 16, 2, 2),         # a meta-batch of 2 that fits: vectorized as a whole
+    (CONV4_ACTIVATION, 40, 4, 1),         # 200 examples: not even one task fits
+    (CONV4_ACTIVATION // 4, 16, 32, 8),   # strided conv4's quarter-size activations: 8 tasks of 80 fit
+    (40, 16, 32, 32),                     # a 40-unit MLP: the whole meta-batch
 ])
-def test_the_cpu_auto_rule_vectorizes_only_when_enough_tasks_fit_one_call(per_class, meta_batch, expected_tasks_per_call):
-    model = nn.Linear(6, 5)
+def test_the_cpu_auto_rule_sizes_chunks_by_the_models_largest_activation(width, per_class, meta_batch,
+                                                                        expected_tasks_per_call):
+    model = nn.Sequential(nn.Linear(6, width), nn.ReLU(), nn.Linear(width, 5))
     upper_cls, lower_cls = ALGORITHMS["maml"]
     upper = upper_cls(model, torch.optim.SGD(model.parameters(), lr=0.1), meta_batch_size=meta_batch)
     lower = lower_cls(model, inner_lr=0.1)
     env = EpisodicEnv(random_classification_source(5, per_class, 6, dtype=torch.float32), ways=5, shots=1,
                       query_shots=per_class - 1)
     engine = MetaEngine(upper, lower, env, meta_iterations=1, vectorize=True, device="cpu")
+    assert engine.activation_bytes_per_example == width * 4
     assert engine.tasks_per_step == expected_tasks_per_call
     assert engine.vectorized == (expected_tasks_per_call > 1)
