@@ -1,7 +1,8 @@
 """Held-out accuracy after the same wall-clock budget: ours (MAML, FOMAML, iMAML) vs learn2learn MAML.
 
 Same data (the real Omniglot small subsets: meta-train on small1's characters, test on small2's
-characters absent from small1), same model (conv4, 64 filters), same hyperparameters (5-way 1-shot,
+characters absent from small1), same model (conv4, 64 filters; ``--model conv4-strided`` for Finn et al.'s
+Omniglot network), same hyperparameters (5-way 1-shot,
 1 query per class, inner SGD step 0.4, Adam 1e-3, meta-batch 32, the same number of inner steps),
 the same training task stream and the same 600 test tasks. Each learner trains until its budget
 is spent, then is scored with the MAML adaptation rule (iMAML adapts with its proximal term).
@@ -26,7 +27,7 @@ from bilevel_maml import build_engine
 from bilevel_maml.allocator import keep_freed_memory
 from bilevel_maml.data import omniglot_small_tasksets
 from bilevel_maml.data._learn2learn import import_learn2learn
-from bilevel_maml.models import Conv4
+from bilevel_maml.models import build_model
 
 SETTINGS = dict(ways=5, shots=1, query_shots=1, inner_lr=0.4, meta_lr=1e-3, lam=1.0, cg_iterations=5)
 LEARNERS = ("learn2learn maml", "ours maml", "ours fomaml", "ours imaml")
@@ -34,7 +35,7 @@ LEARNERS = ("learn2learn maml", "ours maml", "ours fomaml", "ours imaml")
 
 def engine_for(algorithm, tasksets, args):
     torch.manual_seed(args.seed)
-    return build_engine(algorithm, Conv4(5), tasksets, inner_steps=args.inner_steps,
+    return build_engine(algorithm, build_model(args.model, ways=5), tasksets, inner_steps=args.inner_steps,
                         meta_batch_size=args.meta_batch_size, meta_iterations=10**9, valid_step=10**9,
                         seed=args.seed, **{**SETTINGS, "inner_lr": args.inner_lr, "lam": args.lam})
 
@@ -73,6 +74,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default="../shared/data/omniglot-small")
     parser.add_argument("--budget-minutes", type=float, default=10.0, help="wall-clock training budget of each")
+    parser.add_argument("--model", choices=("conv4", "conv4-strided"), default="conv4",
+                        help="conv4: max-pool network; conv4-strided: Finn et al.'s Omniglot network")
     parser.add_argument("--inner-steps", type=int, default=1)
     parser.add_argument("--inner-lr", type=float, default=SETTINGS["inner_lr"])
     parser.add_argument("--lam", type=float, default=SETTINGS["lam"], help="iMAML proximal strength")
@@ -86,7 +89,7 @@ def main(argv=None):
 
     tasksets = omniglot_small_tasksets(args.data_root, ways=5, samples_per_class=2)
     budget = args.budget_minutes * 60
-    print(f"equal budget: {args.budget_minutes:g} min each, 5-way 1-shot Omniglot, conv4-64, meta-batch "
+    print(f"equal budget: {args.budget_minutes:g} min each, 5-way 1-shot Omniglot, {args.model}-64, meta-batch "
           f"{args.meta_batch_size}, {args.inner_steps} inner step(s) of {args.inner_lr:g}, iMAML λ {args.lam:g}, "
           f"{args.test_tasks} test tasks; "
           f"{torch.get_num_threads()} CPU threads", flush=True)

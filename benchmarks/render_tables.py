@@ -42,7 +42,8 @@ def meta_iteration_table(report: dict) -> str:
 def equal_budget_table(report: dict) -> str:
     settings = report["settings"]
     inner = f" of {settings['inner_lr']:g}, iMAML λ {settings['lam']:g}" if "inner_lr" in settings else ""
-    lines = [f"Budget {settings['budget_minutes']:g} min each, meta-batch {settings['meta_batch_size']}, "
+    model = f", model {settings['model']}" if "model" in settings else ""
+    lines = [f"Budget {settings['budget_minutes']:g} min each{model}, meta-batch {settings['meta_batch_size']}, "
              f"{settings['inner_steps']} inner step(s){inner}, {settings['test_tasks']} test tasks.", "",
              "| learner | meta-iterations | tasks/s | held-out accuracy |", "|---|---:|---:|---:|"]
     lines += [f"| {r['learner']} | {r['meta_iterations']} | {r['tasks_per_second']:.1f} | "

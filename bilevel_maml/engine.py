@@ -70,10 +70,9 @@ class MetaEngine(Engine):
         fewer and larger kernels): ``True`` chooses how many (the whole meta-batch on a GPU;
         on CPU chunks whose largest activation stays within :attr:`CPU_ACTIVATION_BYTES_PER_CALL`,
         or task by task when fewer than :attr:`CPU_MIN_TASKS_PER_CALL` tasks fit in one; see
-        there), an int fixes
-        it (a divisor of the meta-batch size), ``False`` adapts task by task. A model that cannot
-        run under ``vmap`` (one that writes buffers in ``forward``, say) falls back to the
-        per-task path with a warning.
+        there), an int fixes it (a divisor of the meta-batch size), ``False`` adapts task by
+        task. A model that cannot run under ``vmap`` (one that writes buffers in ``forward``,
+        say) falls back to the per-task path with a warning.
     :param verbose: keep Betty's INFO messages about problem set-up.
     """
 

@@ -125,3 +125,23 @@ def test_benchmark_runs_finn_et_al_strided_network(tmp_path, omniglot_root):
     assert reports["conv4-strided"]["model"] == "conv4-strided"
     strided, pooled = (reports[m]["rows"][0]["gflop"] for m in ("conv4-strided", "conv4"))
     assert 0 < strided < pooled / 2
+
+
+def test_equal_budget_benchmark_trains_each_learner_for_the_budget_and_scores_it(tmp_path, omniglot_root):
+    out = tmp_path / "budget.json"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "equal_budget.py"), "--data-root", str(omniglot_root),
+         "--model", "conv4-strided", "--budget-minutes", "0.05", "--meta-batch-size", "2", "--test-tasks", "20",
+         "--learners", "learn2learn maml", "ours maml", "--json", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["settings"]["model"] == "conv4-strided"
+    assert [r["learner"] for r in report["results"]] == ["learn2learn maml", "ours maml"]
+    for row in report["results"]:
+        assert row["meta_iterations"] >= 1 and row["train_seconds"] >= 3.0  # trained for the budget
+        assert row["tasks"] == 20 and 0.0 <= row["accuracy"] <= 1.0
+    assert "ours maml: " in done.stdout and "learn2learn MAML" in done.stdout
+    tables = subprocess.run([sys.executable, str(REPO / "benchmarks" / "render_tables.py"), str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert tables.returncode == 0 and "model conv4-strided" in tables.stdout, tables.stderr[-2000:]
