@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from bilevel_maml import build_engine
 from bilevel_maml.allocator import keep_freed_memory
+from bilevel_maml.bench import BENCHMARK_MODELS
 from bilevel_maml.data import omniglot_small_tasksets
 from bilevel_maml.data._learn2learn import import_learn2learn
 from bilevel_maml.models import build_model
@@ -74,7 +75,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default="../shared/data/omniglot-small")
     parser.add_argument("--budget-minutes", type=float, default=10.0, help="wall-clock training budget of each")
-    parser.add_argument("--model", choices=("conv4", "conv4-strided"), default="conv4",
+    parser.add_argument("--model", choices=BENCHMARK_MODELS, default="conv4",
                         help="conv4: max-pool network; conv4-strided: Finn et al.'s Omniglot network")
     parser.add_argument("--inner-steps", type=int, default=1)
     parser.add_argument("--inner-lr", type=float, default=SETTINGS["inner_lr"])

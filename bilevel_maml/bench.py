@@ -155,7 +155,6 @@ def torch_func_sketch(model, tasks, steps):
     return step
 
 
-
 # -- other formulations of MAML's exact meta-gradient, timed to see whether any beats ours on CPU ---
 def _summed_loss(model):
     """``summed(params, x, y)``: the sum over tasks of each task's loss, ``params`` batched by task. Its

@@ -141,7 +141,7 @@ class MetaEngine(Engine):
                 if self.meta_batch_size % vectorize:
                     raise ValueError(f"vectorize={vectorize} must divide meta_batch_size={self.meta_batch_size}")
             (support_inputs, _), (query_inputs, _) = self._probe_tasks()
-            blocker = self._vectorization_blocker(support_inputs)
+            blocker = self._probe_vmap(support_inputs)
             if blocker is None:
                 examples = support_inputs.shape[1] + query_inputs.shape[1]
                 tasks = vectorize if vectorize is not True else self._auto_chunk(examples)
@@ -184,10 +184,10 @@ class MetaEngine(Engine):
         finally:
             self.env.load_state_dict(saved)
 
-    def _vectorization_blocker(self, inputs) -> str | None:
-        """Why the model cannot run under ``vmap`` (tried on two stacked probe tasks), or None.
-        On the way, measures :attr:`activation_bytes_per_example`: the largest output of any
-        submodule (under ``vmap``, one task's), per example."""
+    def _probe_vmap(self, inputs) -> str | None:
+        """Runs the model under ``vmap`` on two stacked probe tasks and returns why it cannot be
+        vectorized, or None; the same forward measures :attr:`activation_bytes_per_example`: the
+        largest output of any submodule (under ``vmap``, one task's), per example."""
         params = tuple(p.detach().expand(2, *p.shape) for p in self.meta_learner.initialization())
         largest = [inputs[0, 0].numel() * inputs.element_size()]
 

@@ -45,9 +45,7 @@ class Conv4(nn.Module):
         self.features = nn.Sequential(
             *(_conv_block(a, b, transductive, downsample) for a, b in zip(channels, channels[1:]))
         )
-        side = image_size
-        for _ in range(4):
-            side //= 2
+        side = image_size // 2**4  # after four 2×2 max-pools
         self.classifier = nn.Linear(hidden if downsample == "stride" else hidden * side * side, ways)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
