@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
 from bilevel_maml import distributed
+from bilevel_maml.data.device_sampler import (DeviceTaskSampler, UnsupportedTaskSource, device_memory_budget,
+                                              sampler_from_taskset)
 from bilevel_maml.engine import MetaEngine
 from bilevel_maml.env import EpisodicEnv
 from bilevel_maml.problems import ALGORITHMS, IMAMLLower, IMAMLUpper
@@ -26,6 +30,11 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 }
 
 SPLITS = ("train", "validation", "test")
+
+#: how tasks are drawn: ``device`` holds each split on the engine's device and draws whole batches
+#: there, ``learn2learn`` draws task by task on the CPU through the source, ``auto`` is ``device``
+#: where the source allows it and the splits fit the memory budget, else ``learn2learn``.
+SAMPLERS = ("auto", "device", "learn2learn")
 
 
 def _split_sources(tasksets) -> dict:
@@ -44,6 +53,42 @@ def _split_sources(tasksets) -> dict:
         "tasksets must have train/validation/test task datasets (as learn2learn's get_tasksets "
         f"returns), be a mapping with those keys, or be one task source; got {type(tasksets).__name__}"
     )
+
+
+def device_sources(sources: dict, sampler: str, ways: int, shots: int, query_shots: int, device,
+                   memory_budget: int | None = None) -> dict:
+    """Replace each learn2learn ``Taskset`` of ``sources`` by a :class:`DeviceTaskSampler` of the
+    same task distribution, as ``sampler`` asks. Splits share ``memory_budget`` bytes (default:
+    a quarter of the device's memory). Under ``auto`` a split that cannot move stays on the
+    learn2learn path with a one-line warning; under ``device`` it is an error."""
+    if sampler == "learn2learn":
+        return dict(sources)
+    left = device_memory_budget(device) if memory_budget is None else memory_budget
+    converted: dict = {}
+    for split, source in sources.items():
+        already = next((converted[s] for s in converted if sources[s] is source), None)
+        if already is not None:  # one source for several splits: convert it once
+            converted[split] = already
+            continue
+        if isinstance(source, DeviceTaskSampler):
+            converted[split] = source.to(device)
+            continue
+        if not hasattr(source, "task_transforms"):  # a callable or a custom source: only the host path fits it
+            if sampler == "device":
+                raise ValueError(f"sampler='device' needs learn2learn Tasksets or DeviceTaskSamplers; the {split} "
+                                 f"source is a {type(source).__name__}")
+            converted[split] = source
+            continue
+        try:
+            converted[split] = sampler_from_taskset(source, ways, shots, query_shots, device, max_bytes=left)
+            left -= converted[split].nbytes()
+        except UnsupportedTaskSource as reason:
+            if sampler == "device":
+                raise ValueError(f"sampler='device': the {split} split cannot be drawn on the device: {reason}") from None
+            warnings.warn(f"the {split} split is sampled task by task on the CPU through learn2learn: {reason}",
+                          stacklevel=3)
+            converted[split] = source
+    return converted
 
 
 def make_optimizer(optimizer, params, lr: float) -> torch.optim.Optimizer:
@@ -87,6 +132,9 @@ def build_engine(
     dtype: torch.dtype | None = None,
     logger=None,
     vectorize: bool | int = True,
+    sampler: str = "auto",
+    cuda_graph: bool | None = None,
+    precision: str | None = None,
     verbose: bool = False,
 ) -> MetaEngine:
     """Build a :class:`MetaEngine` for ``algorithm`` (``maml``, ``fomaml``, ``imaml`` or a
@@ -95,7 +143,14 @@ def build_engine(
     ``lam`` (λ) and ``cg_iterations`` apply to iMAML. ``scheduler`` is a callable that takes the
     outer optimizer and returns an LR scheduler, stepped once per meta-update. ``regression``
     switches the default loss to MSE and splits tasks without classes. Each split gets its own
-    task stream, seeded from ``seed``. ``vectorize`` is passed to :class:`MetaEngine`.
+    task stream, seeded from ``seed``. ``vectorize``, ``cuda_graph`` and ``precision`` are passed
+    to :class:`MetaEngine`.
+
+    ``sampler`` (one of :data:`SAMPLERS`) says how tasks are drawn: by default each learn2learn
+    ``Taskset`` split whose transforms have an exact tensor equivalent (the built-in datasets') is
+    held on ``device`` and drawn a whole batch at a time (:mod:`bilevel_maml.data.device_sampler`:
+    the same task distribution, another random stream); ``"learn2learn"`` keeps learn2learn's
+    task-by-task path, which any ``TaskDataset`` or callable also takes.
 
     Under ``torch.distributed`` (launched with ``torchrun``) ``meta_batch_size`` is the global
     meta-batch: each of the ``world_size`` ranks adapts ``meta_batch_size / world_size`` tasks
@@ -126,7 +181,11 @@ def build_engine(
                          f"({world_size}): each rank adapts meta_batch_size / world_size tasks")
     if gradient_clipping < 0:
         raise ValueError(f"gradient_clipping must be >= 0 (0 disables it), got {gradient_clipping!r}")
+    sampler = check_choice("sampler", sampler, SAMPLERS)
     sources = _split_sources(tasksets)
+    if not regression:
+        sources = device_sources(sources, sampler, ways, shots, shots if query_shots is None else query_shots,
+                                 device)
 
     envs = {
         split: EpisodicEnv(
@@ -169,5 +228,7 @@ def build_engine(
         device=device,
         logger=logger,
         vectorize=vectorize,
+        cuda_graph=cuda_graph,
+        precision=precision,
         verbose=verbose,
     )

@@ -23,10 +23,11 @@ import torch
 
 from bilevel_maml import distributed
 from bilevel_maml.allocator import keep_freed_memory
-from bilevel_maml.builder import OPTIMIZERS, build_engine
+from bilevel_maml.builder import OPTIMIZERS, SAMPLERS, build_engine
 from bilevel_maml.checkpoint import Checkpointer, atomic_save, load_checkpoint
 from bilevel_maml.data.sources import DATASETS, load_tasksets
 from bilevel_maml.engine import MetaEngine, NonFiniteError
+from bilevel_maml.execution import PRECISIONS, check_precision
 from bilevel_maml.logging import WandbLogger
 from bilevel_maml.models import MODELS, build_model
 from bilevel_maml.problems import ALGORITHMS
@@ -57,6 +58,14 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
     add("--cg-iterations", type=int, default=5, help="iMAML conjugate-gradient iterations")
     add("--vectorize", action=argparse.BooleanOptionalAction, default=True,
         help="adapt the meta-batch at once with torch.func.vmap (default) or task by task")
+    add("--sampler", choices=SAMPLERS, default="auto",
+        help="device: each split held on --device and whole meta-batches drawn there; learn2learn: task by "
+             "task on the CPU; auto (default): device where the split allows it and fits, else learn2learn")
+    add("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+        help="on CUDA, capture the meta-iteration as a CUDA graph and replay it (default: wherever it works)")
+    add("--precision", choices=PRECISIONS,
+        help="fp32: no TF32; tf32: TF32 convolutions and matmuls (CUDA); bf16: autocast "
+             "(default: tf32 on CUDA, fp32 elsewhere)")
     add("--seed", type=int, default=0)
     add("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     add("--dtype", choices=sorted(DTYPES), default="float32")
@@ -188,6 +197,10 @@ def _run_config(args: argparse.Namespace) -> dict:
     config["query_shots"] = config["query_shots"] or config["shots"]
     config["inner_lr"] = config["inner_lr"] if config["inner_lr"] is not None else spec.inner_lr
     config["model"] = config["model"] or spec.model
+    try:
+        config["precision"] = check_precision(config["precision"], config["device"], DTYPES[config["dtype"]])
+    except ValueError as error:
+        raise SystemExit(f"bilevel-maml: --precision: {error}") from None
     if config["output"] is None:
         c = config
         config["output"] = f"runs/{c['algorithm']}-{c['dataset']}-{c['ways']}w{c['shots']}s-seed{c['seed']}"
@@ -219,6 +232,10 @@ def build_from_config(config: dict, device: torch.device) -> MetaEngine:
         lam=config["lam"], cg_iterations=config["cg_iterations"], valid_step=config["valid_every"],
         valid_tasks=config["valid_tasks"], seed=config["seed"], device=device,
         dtype=DTYPES[config["dtype"]], vectorize=config.get("vectorize", True),
+        # runs written before these options existed drew their tasks through learn2learn, eagerly
+        sampler=config.get("sampler", "learn2learn"),
+        cuda_graph=config.get("cuda_graph", False) if device.type == "cuda" else False,
+        precision=config.get("precision") if device.type == torch.device(config["device"]).type else None,
     )
 
 

@@ -5,13 +5,15 @@ One meta-iteration is ``meta_batch_size`` tasks; each task is one ``env.step()``
 which accumulates the task's meta-gradient and steps the outer optimizer on the last task of the
 meta-batch. Every ``valid_step`` meta-iterations the engine adapts θ on tasks of the *validation*
 split; :meth:`MetaEngine.test` does the same on the test split for the final report.
+
+This file is that order. How a meta-iteration executes (task by task, vmapped chunks of tasks, a
+replayed CUDA graph) is :mod:`bilevel_maml.execution`; evaluation is :mod:`bilevel_maml.evaluation`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 import warnings
 
@@ -19,25 +21,12 @@ import torch
 from betty.engine import Engine
 from betty.configs import EngineConfig
 from betty.logging.logger_base import get_logger
-from torch.func import vmap
 
-from bilevel_maml import distributed
+from bilevel_maml import distributed, evaluation, execution
 from bilevel_maml.env import EpisodicEnv, global_rng_state, set_global_rng_state
-from bilevel_maml.problems.base import MetaLearner, NonFiniteError, TaskLearner, task_metrics
+from bilevel_maml.evaluation import mean_and_ci95
+from bilevel_maml.problems.base import MetaLearner, NonFiniteError, TaskLearner
 from bilevel_maml.validation import check_positive_int
-
-#: two-sided 95% normal quantile, for confidence intervals over tasks
-Z_95 = 1.959963984540054
-
-
-def mean_and_ci95(values: list[float]) -> tuple[float, float]:
-    """Mean and half-width of the 95% confidence interval of the mean."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, float("nan")
-    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, Z_95 * math.sqrt(variance / n)
 
 
 @contextlib.contextmanager
@@ -68,11 +57,19 @@ class MetaEngine(Engine):
     :param callbacks: progress bars, checkpointers, ... (see :attr:`callbacks`).
     :param vectorize: adapt several tasks at once with ``torch.func.vmap`` (same meta-gradient,
         fewer and larger kernels): ``True`` chooses how many (the whole meta-batch on a GPU;
-        on CPU chunks whose largest activation stays within :attr:`CPU_ACTIVATION_BYTES_PER_CALL`,
-        or task by task when fewer than :attr:`CPU_MIN_TASKS_PER_CALL` tasks fit in one; see
+        on CPU chunks whose largest activation stays within
+        :data:`~bilevel_maml.execution.CPU_ACTIVATION_BYTES_PER_CALL`,
+        or task by task when fewer than :data:`~bilevel_maml.execution.CPU_MIN_TASKS_PER_CALL` tasks fit in one; see
         there), an int fixes it (a divisor of the meta-batch size), ``False`` adapts task by
         task. A model that cannot run under ``vmap`` (one that writes buffers in ``forward``,
-        say) falls back to the per-task path with a warning.
+        say) falls back to the per-task path with a warning. Evaluation adapts its tasks in
+        vmapped batches too, unless ``vectorize`` is ``False`` or the model cannot be vectorized.
+    :param cuda_graph: on CUDA, capture the meta-iteration once as a CUDA graph and replay it
+        (:class:`~bilevel_maml.execution.CapturedExecution`). ``None`` (default): wherever it works,
+        else eager with a one-line warning saying why; ``False``: always eager; ``True`` on a
+        device other than CUDA is an error.
+    :param precision: ``fp32``, ``tf32`` (CUDA) or ``bf16`` (autocast); default ``tf32`` on CUDA,
+        ``fp32`` elsewhere (:data:`~bilevel_maml.execution.PRECISIONS`).
     :param verbose: keep Betty's INFO messages about problem set-up.
     """
 
@@ -91,6 +88,8 @@ class MetaEngine(Engine):
         logger=None,
         callbacks=(),
         vectorize: bool | int = True,
+        cuda_graph: bool | None = None,
+        precision: str | None = None,
         verbose: bool = False,
     ):
         if not isinstance(upper, MetaLearner):
@@ -131,50 +130,39 @@ class MetaEngine(Engine):
             self.logger = logger
             for problem in self.problems:
                 problem.logger = logger
+        self.precision = execution.check_precision(precision, self.device, next(upper.module.parameters()).dtype)
         self.vectorized = False
         self.tasks_per_step = 1
+        #: tasks adapted per vmapped call in evaluation (1: one at a time)
+        self.evaluation_tasks_per_call = 1
         #: bytes of the model's largest activation per example, measured on the probe tasks
         self.activation_bytes_per_example: int | None = None
         if vectorize:
-            if vectorize is not True:
-                check_positive_int("vectorize", vectorize)
-                if self.meta_batch_size % vectorize:
-                    raise ValueError(f"vectorize={vectorize} must divide meta_batch_size={self.meta_batch_size}")
-            (support_inputs, _), (query_inputs, _) = self._probe_tasks()
-            blocker = self._probe_vmap(support_inputs)
-            if blocker is None:
-                examples = support_inputs.shape[1] + query_inputs.shape[1]
-                tasks = vectorize if vectorize is not True else self._auto_chunk(examples)
-                if tasks > 1 or vectorize is not True:
-                    self._use_task_batches(tasks)
-            else:
-                warnings.warn(f"{type(upper.module).__name__} cannot be vectorized ({blocker}); "
-                              f"adapting tasks one at a time instead", stacklevel=2)
+            self._plan_vectorization(vectorize)
+        #: how meta-iterations run (:mod:`bilevel_maml.execution`), and why not captured, if not
+        self.execution, self.eager_reason = execution.choose_execution(self, cuda_graph)
+        if self.eager_reason is not None:
+            execution.warn_eager(self.eager_reason)
 
-    #: On CPU, the largest activation of one vmapped call should stay within about this many bytes.
-    #: Measured on a 2-core CPU with conv4 on 28×28 images (largest activation 64×28×28 floats an
-    #: example): 32 tasks of 80 examples in one call ran 2.9× slower than task by task, while calls
-    #: of 80-160 examples were the fastest; with Finn et al.'s strided conv4 (a quarter of that per
-    #: example) 8 tasks of 80 examples were fastest, and a 40-unit MLP ran fastest whole.
-    CPU_ACTIVATION_BYTES_PER_CALL = 160 * 64 * 28 * 28 * 4
-    #: ... and vectorizing pays only when at least this many tasks fit in such a call: with 80
-    #: examples per task, chunks of 2 and 4 tasks of conv4 were 1.15× slower than task by task.
-    CPU_MIN_TASKS_PER_CALL = 4
-
-    @classmethod
-    def largest_cpu_chunk(cls, meta_batch_size: int, examples_per_task: int, activation_bytes_per_example: int) -> int:
-        """The most tasks (a divisor of the meta-batch, at least 1) whose largest activation fits one CPU call."""
-        task_bytes = examples_per_task * activation_bytes_per_example
-        return max((c for c in range(1, meta_batch_size + 1)
-                    if meta_batch_size % c == 0 and c * task_bytes <= cls.CPU_ACTIVATION_BYTES_PER_CALL), default=1)
-
-    def _auto_chunk(self, examples_per_task: int) -> int:
-        """Tasks per vmapped call (1: task by task): the whole meta-batch on accelerators,
-        cache-sized chunks on CPU."""
-        if self.device.type != "cpu":
-            return self.meta_batch_size
-        chunk = self.largest_cpu_chunk(self.meta_batch_size, examples_per_task, self.activation_bytes_per_example)
-        return chunk if chunk >= min(self.CPU_MIN_TASKS_PER_CALL, self.meta_batch_size) else 1
+    def _plan_vectorization(self, vectorize: bool | int) -> None:
+        if vectorize is not True:
+            check_positive_int("vectorize", vectorize)
+            if self.meta_batch_size % vectorize:
+                raise ValueError(f"vectorize={vectorize} must divide meta_batch_size={self.meta_batch_size}")
+        (support_inputs, _), (query_inputs, _) = self._probe_tasks()
+        blocker, self.activation_bytes_per_example = execution.probe_vmap(
+            self.task_learner, self.meta_learner, support_inputs)
+        if blocker is not None:
+            warnings.warn(f"{type(self.meta_learner.module).__name__} cannot be vectorized ({blocker}); "
+                          f"adapting tasks one at a time instead", stacklevel=3)
+            return
+        examples = support_inputs.shape[1] + query_inputs.shape[1]
+        tasks = vectorize if vectorize is not True else execution.plan_tasks_per_call(
+            self.device, self.meta_batch_size, examples, self.activation_bytes_per_example)
+        if tasks > 1 or vectorize is not True:
+            self._use_task_batches(tasks)
+        self.evaluation_tasks_per_call = execution.evaluation_tasks_per_call(
+            self.device, examples, self.activation_bytes_per_example)
 
     def _probe_tasks(self):
         """Two tasks of the training stream, drawn without advancing it."""
@@ -184,35 +172,18 @@ class MetaEngine(Engine):
         finally:
             self.env.load_state_dict(saved)
 
-    def _probe_vmap(self, inputs) -> str | None:
-        """Runs the model under ``vmap`` on two stacked probe tasks and returns why it cannot be
-        vectorized, or None; the same forward measures :attr:`activation_bytes_per_example`: the
-        largest output of any submodule (under ``vmap``, one task's), per example."""
-        params = tuple(p.detach().expand(2, *p.shape) for p in self.meta_learner.initialization())
-        largest = [inputs[0, 0].numel() * inputs.element_size()]
-
-        def record(module, args, output):
-            if isinstance(output, torch.Tensor):
-                largest[0] = max(largest[0], output.numel() * output.element_size() // inputs.shape[1])
-
-        hooks = [m.register_forward_hook(record) for m in self.meta_learner.module.modules()]
-        try:
-            with torch.no_grad():
-                vmap(self.task_learner.forward)(inputs, params)
-        except Exception as error:  # any failure means: not vectorizable, use the per-task path
-            return f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
-        finally:
-            for hook in hooks:
-                hook.remove()
-        self.activation_bytes_per_example = largest[0]
-        return None
-
     def _use_task_batches(self, tasks: int) -> None:
         # One Betty step of each problem now covers `tasks` tasks; the Upper accumulates the rest.
         self.vectorized = True
         self.tasks_per_step = self.env.tasks_per_step = tasks
         self.task_learner.tasks_in_batch = self.meta_learner.tasks_in_batch = tasks
         self.meta_learner.gas = self.meta_batch_size // tasks
+
+    def use_execution(self, strategy, reason: str | None = None) -> None:
+        """Switch how meta-iterations run (the captured strategy falls back this way), saying why."""
+        self.execution, self.eager_reason = strategy, reason
+        if reason is not None:
+            execution.warn_eager(reason)
 
     def _learn_task_learner_meta_parameters(self) -> None:
         """Put the task learner's meta-parameters (Meta-SGD's step sizes, say) on the device and
@@ -241,14 +212,9 @@ class MetaEngine(Engine):
             leaf.step(global_step=self.global_step)
 
     def meta_step(self) -> dict:
-        """One meta-iteration: ``meta_batch_size`` tasks, ending in one outer optimizer step."""
-        env_steps = self.meta_batch_size // self.tasks_per_step
-        for _ in range(env_steps * self.inner_steps):
-            self.global_step += 1
-            self.train_step()
-        per_task = self.meta_learner.task_stats
-        self.meta_learner.task_stats = []
-        return {key: sum(s[key] for s in per_task) / len(per_task) for key in per_task[0]}
+        """One meta-iteration: ``meta_batch_size`` tasks, ending in one outer optimizer step, run
+        by :attr:`execution`; returns the mean query loss (and accuracy) over its tasks."""
+        return self.execution.meta_step()
 
     def run(self) -> list[dict]:
         """Meta-train until ``meta_iterations``; returns the per-iteration training statistics.
@@ -269,7 +235,7 @@ class MetaEngine(Engine):
                     f"meta-iteration {iteration}: {error}; θ was not updated at this iteration"
                 ) from None
             self.meta_iteration = iteration
-            stats["lr"] = self.meta_learner.optimizer.param_groups[0]["lr"]
+            stats["lr"] = float(self.meta_learner.optimizer.param_groups[0]["lr"])
             stats["tasks_per_second"] = self.meta_batch_size * self.world_size / (time.perf_counter() - started)
             self.history.append(stats)
             metrics = {f"train/{key}": value for key, value in stats.items()}
@@ -350,28 +316,13 @@ class MetaEngine(Engine):
 
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self, env: EpisodicEnv, num_tasks: int) -> dict:
-        """Adapt a copy of θ on each task's support set and score it on the query set.
+        """Adapt a copy of θ on each task's support set and score it on the query set
+        (:func:`bilevel_maml.evaluation.evaluate`).
 
         Returns the mean over tasks and the 95% confidence half-width of the query loss and,
         for classification, of the accuracy.
         """
-        check_positive_int("num_tasks", num_tasks)
-        self.eval()
-        per_task: list[dict] = []
-        try:
-            for _ in range(num_tasks):
-                support, (inputs, labels) = env.sample_task()
-                params = self.task_learner.adapt(support)
-                with torch.no_grad():
-                    outputs = self.task_learner.forward(inputs, params)
-                    loss = self.meta_learner.loss_fn(outputs, labels)
-                per_task.append({k: float(v) for k, v in task_metrics(outputs, labels, loss).items()})
-        finally:
-            self.train()
-        report = {"tasks": num_tasks}
-        for key in per_task[0]:
-            report[key], report[f"{key}_ci95"] = mean_and_ci95([s[key] for s in per_task])
-        return report
+        return evaluation.evaluate(self, env, num_tasks)
 
     def validation(self) -> dict:
         return self.evaluate(self.valid_env, self.valid_tasks)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from betty.envs import Env
 
+from bilevel_maml.data.device_sampler import DeviceTaskSampler
 from bilevel_maml.validation import check_positive_int
 
 
@@ -90,9 +91,10 @@ def _seeded_states(seed: int) -> dict:
 class EpisodicEnv(Env):
     """Samples one task per :meth:`step` and exposes ``batch["support"]`` and ``batch["query"]``.
 
-    :param tasks: a learn2learn ``TaskDataset`` (anything with ``sample()``), or a callable that
-        returns ``(inputs, labels)`` for one task, or ``{"support": (x, y), "query": (x, y)}`` for
-        a task it has already split (used as given).
+    :param tasks: a :class:`~bilevel_maml.data.device_sampler.DeviceTaskSampler` (whole draws of
+        tasks on the device, from a ``torch.Generator`` there), a learn2learn ``TaskDataset``
+        (anything with ``sample()``), or a callable that returns ``(inputs, labels)`` for one task,
+        or ``{"support": (x, y), "query": (x, y)}`` for a task it has already split (used as given).
     :param ways: classes per task (classification); ignored for regression.
     :param shots: support examples per class (per task, for regression).
     :param query_shots: query examples per class (per task, for regression); defaults to ``shots``.
@@ -115,7 +117,10 @@ class EpisodicEnv(Env):
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
-        if callable(getattr(tasks, "sample", None)):
+        self.on_device = isinstance(tasks, DeviceTaskSampler)
+        if self.on_device:
+            self._draw = None
+        elif callable(getattr(tasks, "sample", None)):
             self._draw = tasks.sample
         elif callable(tasks):
             self._draw = tasks
@@ -129,15 +134,38 @@ class EpisodicEnv(Env):
         self.ways = None if regression else check_positive_int("ways", ways)
         self.shots = check_positive_int("shots", shots)
         self.query_shots = self.shots if query_shots is None else check_positive_int("query_shots", query_shots)
-        self.device = torch.device(device)
+        if self.on_device and (regression or (self.ways, self.shots, self.query_shots)
+                               != (tasks.ways, tasks.shots, tasks.query_shots)):
+            raise ValueError(f"the DeviceTaskSampler draws {tasks.ways}-way tasks of {tasks.shots} + "
+                             f"{tasks.query_shots} examples per class; this env asks for "
+                             + ("regression tasks" if regression else
+                                f"{self.ways}-way tasks of {self.shots} + {self.query_shots}"))
         self.dtype = dtype
         self.seed = seed
         self._rng = _seeded_states(seed)
         self.tasks_sampled = 0
+        self._device = None
+        self.device = device
         #: tasks per :meth:`step`; above 1, ``batch`` holds them stacked along a leading task axis
         #: (the engine's vectorized path sets it to the tasks it adapts at once).
         self.tasks_per_step = 1
         self.batch = {"support": None, "query": None}
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @device.setter
+    def device(self, device) -> None:
+        device = torch.device(device)
+        if self.on_device and device != self._device:
+            if self._device is not None and self.tasks_sampled:
+                raise RuntimeError(f"cannot move a device-resident task stream from {self._device} to {device} "
+                                   f"after it has drawn tasks")
+            # The stream is the generator's on that device (CPU and CUDA generators differ).
+            self.tasks.to(device)
+            self.generator = self.tasks.generator(self.seed)
+        self._device = device
 
     @contextmanager
     def own_random_state(self):
@@ -153,6 +181,9 @@ class EpisodicEnv(Env):
 
     def sample_task(self):
         """Draw and split one task on this env's stream; returns ``(support, query)`` on device."""
+        if self.on_device:
+            (xs, ys), (xq, yq) = self.tasks.sample(1, self.generator, self.dtype)
+            return (xs[0], ys[0]), (xq[0], yq[0])
         with self.own_random_state():
             drawn = self._draw()
             if isinstance(drawn, dict):  # the source split the task itself
@@ -176,7 +207,10 @@ class EpisodicEnv(Env):
 
     def sample_tasks(self, count: int):
         """``count`` consecutive tasks of this env's stream, stacked: the same tasks, in the same
-        order, as ``count`` calls of :meth:`sample_task`."""
+        order, as ``count`` calls of :meth:`sample_task` (for a device-resident source: one draw of
+        ``count`` tasks, which is not the same stream as ``count`` draws of one)."""
+        if self.on_device:
+            return self.tasks.sample(count, self.generator, self.dtype)
         tasks = [self.sample_task() for _ in range(count)]
         return tuple(
             tuple(torch.stack([task[part][i] for task in tasks]) for i in range(2)) for part in range(2)
@@ -195,6 +229,8 @@ class EpisodicEnv(Env):
         Checks class and example counts against a learn2learn ``MetaDataset`` when there is one,
         then samples and splits one task without advancing this env's stream.
         """
+        if self.on_device:
+            return  # DeviceTaskSampler checked ways and shots against its classes when it was built
         dataset = getattr(self.tasks, "dataset", None)
         per_class = getattr(dataset, "labels_to_indices", None)
         if not self.regression and per_class:
@@ -217,8 +253,22 @@ class EpisodicEnv(Env):
             self._rng = saved
 
     def state_dict(self) -> dict:
+        if self.on_device:
+            return {"generator": self.generator.get_state(), "device": self.device.type,
+                    "tasks_sampled": self.tasks_sampled}
         return {"rng": self._rng, "tasks_sampled": self.tasks_sampled}
 
     def load_state_dict(self, state: dict) -> None:
-        self._rng = state["rng"]
+        if self.on_device != ("generator" in state):
+            saved, here = ("a device-resident sampler", "learn2learn's") if "generator" in state else \
+                ("learn2learn's sampler", "a device-resident one")
+            raise ValueError(f"the saved task stream came from {saved} and this env uses {here}: "
+                             f"resume with the same --sampler")
+        if self.on_device:
+            if state["device"] != self.device.type:
+                raise ValueError(f"the saved task stream was drawn on a {state['device']} device, this env is on "
+                                 f"{self.device.type}: resume on a {state['device']} device (its random stream differs)")
+            self.generator.set_state(state["generator"])
+        else:
+            self._rng = state["rng"]
         self.tasks_sampled = state["tasks_sampled"]

@@ -23,7 +23,7 @@ apply the single-task hooks with ``torch.func.vmap``, so a variant gets vectoriz
 
 from __future__ import annotations
 
-import math
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -53,6 +53,43 @@ def task_metrics(outputs: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor
 
 class NonFiniteError(FloatingPointError):
     """A loss or meta-gradient became NaN or infinite; θ is left as it was."""
+
+
+class IterationReadout:
+    """A meta-iteration's checks (each a 0-d bool tensor: was it finite?) and statistics (0-d
+    tensors), stacked into one device vector, so that the host reads them with one transfer."""
+
+    def __init__(self, checks: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]):
+        self.check_names, self.stat_names = list(checks), list(stats)
+        self.vector = torch.stack([*(c.to(torch.float64) for c in checks.values()),
+                                   *(v.to(torch.float64) for v in stats.values())])
+
+    def read(self) -> dict[str, float]:
+        """The statistics as floats; raises :class:`NonFiniteError` for the first failed check."""
+        values = self.vector.tolist()
+        checks, stats = values[:len(self.check_names)], values[len(self.check_names):]
+        stats = dict(zip(self.stat_names, stats))
+        for name, passed in zip(self.check_names, checks):
+            if not passed:
+                detail = f"is {stats['loss']}" if name == "the query loss" else "is not finite"
+                raise NonFiniteError(f"{name} {detail}")
+        return stats
+
+
+@contextmanager
+def keep_unless(condition: torch.Tensor, optimizer: torch.optim.Optimizer):
+    """Run an optimizer step, then put every parameter and state tensor back where it was unless
+    ``condition`` (a 0-d bool tensor) holds: the step is taken or not without the host reading
+    ``condition``. State tensors the step created are reset to zero (a fresh state)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    before = {id(t): t.detach().clone() for p in params
+              for t in (p, *(v for v in optimizer.state[p].values() if isinstance(v, torch.Tensor)))}
+    yield
+    with torch.no_grad():
+        for p in params:
+            for t in (p, *(v for v in optimizer.state[p].values() if isinstance(v, torch.Tensor))):
+                old = before.get(id(t))
+                t.copy_(torch.where(condition, t, old if old is not None else torch.zeros_like(t)))
 
 
 class _NoRollBack:
@@ -166,6 +203,22 @@ class TaskLearner(_NoRollBack, Problem):
             return vmap(hook)(params, batch).sum()
         return hook(params, batch)
 
+    def apply_update(self, params, grads) -> tuple[torch.Tensor, ...]:
+        """:meth:`inner_update` for one task, or for every stacked task when vectorized."""
+        update = self.inner_update
+        if self.tasks_in_batch:  # a parameter that is not adapted has no gradient to batch over
+            update = vmap(update, in_dims=(0, tuple(None if g is None else 0 for g in grads)))
+        return update(params, grads)
+
+    @contextmanager
+    def tasks_at_once(self, tasks: int | None):
+        """Within the block, hooks treat φ and batches as ``tasks`` stacked tasks (one task if None)."""
+        saved, self.tasks_in_batch = self.tasks_in_batch, tasks
+        try:
+            yield
+        finally:
+            self.tasks_in_batch = saved
+
     # -- Betty hooks ---------------------------------------------------------------------------
     def on_inner_loop_start(self):
         start = self.start_params()
@@ -179,16 +232,20 @@ class TaskLearner(_NoRollBack, Problem):
     def training_step(self, batch):
         return self.over_tasks(self.inner_loss, self.params, batch)
 
+    def get_loss(self, batch):
+        # Betty's get_loss reads loss.item() at every step, a host synchronisation per inner step
+        # (and one a CUDA graph cannot capture); the statistics stay on the device here.
+        loss = self.training_step_exec(batch)
+        loss = loss["loss"] if isinstance(loss, dict) else loss
+        return loss / self.gas, {"loss": loss.detach()}
+
     def backward(self, loss, params, paths, create_graph=False, retain_graph=True, allow_unused=True):
         # The gradient is kept off `.grad`: at MAML's first inner step `params` are θ itself, whose
         # `.grad` is accumulating the meta-gradient of the earlier tasks of the meta-batch.
         self._grads = self.inner_gradients(loss, tuple(params), create_graph=self.second_order)
 
     def optimizer_step(self, *args, **kwargs):
-        update = self.inner_update
-        if self.tasks_in_batch:  # a parameter that is not adapted has no gradient to batch over
-            update = vmap(update, in_dims=(0, tuple(None if g is None else 0 for g in self._grads)))
-        new_params = update(self.params, self._grads)
+        new_params = self.apply_update(self.params, self._grads)
         if not self.second_order:
             new_params = tuple(p if g is None else p.detach().requires_grad_()
                                for p, g in zip(new_params, self._grads))
@@ -204,14 +261,17 @@ class TaskLearner(_NoRollBack, Problem):
         return self.params
 
     # -- evaluation ----------------------------------------------------------------------------
-    def adapt(self, batch, steps: int | None = None) -> tuple[torch.Tensor, ...]:
-        """Adapt a graph-free copy of θ to ``batch`` with the same hooks as training."""
-        with torch.enable_grad():
+    def adapt(self, batch, steps: int | None = None, tasks: int | None = None) -> tuple[torch.Tensor, ...]:
+        """Adapt a graph-free copy of θ to ``batch`` with the same hooks as training. With ``tasks``,
+        ``batch`` holds that many stacked tasks, adapted at once (vmapped) as on the training path;
+        the returned φ then has a leading task axis."""
+        with torch.enable_grad(), self.tasks_at_once(tasks):
             params = tuple(p.detach().requires_grad_() for p in self.start_params())
+            if tasks:
+                params = tuple(p.expand(tasks, *p.shape) for p in params)
             for _ in range(self.inner_steps if steps is None else steps):
-                grads = self.inner_gradients(self.inner_loss(params, batch), params)
-                updated = self.inner_update(params, grads)
-                params = tuple(p.detach().requires_grad_() for p in updated)
+                grads = self.inner_gradients(self.over_tasks(self.inner_loss, params, batch), params)
+                params = tuple(p.detach().requires_grad_() for p in self.apply_update(params, grads))
         return params
 
 
@@ -251,10 +311,18 @@ class MetaLearner(_NoRollBack, Problem):
         super().__init__(name=name, config=config, module=module, optimizer=optimizer, device=device)
         self.lr_scheduler = scheduler
         self.loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
-        self.task_stats: list[dict] = []
         self._meta_batch_size = config.gradient_accumulation
         #: set with the task learner's on the vectorized path (one Betty step then covers that many tasks)
         self.tasks_in_batch: int | None = None
+        #: False: the non-finite check is read on the host just before the outer step, which is
+        #: skipped by raising (one synchronisation per meta-iteration). True (the captured CUDA-graph
+        #: step): the outer step is masked on the device instead, so θ and the optimizer state keep
+        #: their values, and the engine reads the check with the statistics after the iteration.
+        self.check_on_device = False
+        #: the meta-iteration's statistics and checks, as one device vector (see IterationReadout)
+        self.readout: IterationReadout | None = None
+        self._step_stats: list[dict[str, torch.Tensor]] = []
+        self._read: dict | None = None
 
     @property
     def task_learner(self) -> TaskLearner:
@@ -287,11 +355,14 @@ class MetaLearner(_NoRollBack, Problem):
         return {**task_metrics(outputs, labels, loss), "loss": loss}
 
     def get_loss(self, batch):
-        loss, stats = super().get_loss(batch)
-        if not math.isfinite(stats["loss"]):
-            raise NonFiniteError(f"the query loss is {stats['loss']}")
-        self.task_stats.append({k: float(v) for k, v in stats.items()})
-        return loss, stats
+        # Betty's get_loss reads loss.item() at every step (a host synchronisation, and one a CUDA
+        # graph cannot capture); the statistics stay on the device until the iteration ends.
+        out = self.training_step_exec(batch)
+        loss = out["loss"] if isinstance(out, dict) else out
+        stats = {k: v.detach() if isinstance(v, torch.Tensor) else torch.as_tensor(v, device=loss.device)
+                 for k, v in (out.items() if isinstance(out, dict) else [("loss", loss)])}
+        self._step_stats.append(stats)
+        return loss / self.gas, stats
 
     def backward(self, loss, params, paths, create_graph=False, retain_graph=True, allow_unused=True):
         grads = self.meta_gradient(loss)
@@ -308,16 +379,37 @@ class MetaLearner(_NoRollBack, Problem):
 
     def optimizer_step(self, *args, **kwargs):
         average_gradients(self.trainable_parameters())  # across torch.distributed ranks; no-op otherwise
-        named = [*self.module.named_parameters(),
-                 *((f"task learner's meta-parameter {i}", p) for i, p in enumerate(self._task_learner_meta_parameters()))]
-        for name, param in named:
-            if param.grad is not None and not torch.isfinite(param.grad).all():
-                raise NonFiniteError(f"the meta-gradient of {name!r} is not finite")
+        named = [(name, p) for name, p in [
+            *self.module.named_parameters(),
+            *((f"task learner's meta-parameter {i}", p) for i, p in enumerate(self._task_learner_meta_parameters()))]
+            if p.grad is not None]
+        stats = {key: torch.stack([s[key] for s in self._step_stats]).mean() for key in self._step_stats[0]}
+        self._step_stats = []
+        checks = {"the query loss": torch.isfinite(stats["loss"]).all()}
+        checks.update((f"the meta-gradient of {name!r}", torch.isfinite(p.grad).all()) for name, p in named)
+        self.readout = IterationReadout(checks, stats)
+        if self.check_on_device:
+            self._read = None
+            with keep_unless(torch.stack(list(checks.values())).all(), self.optimizer):
+                self._outer_step()
+        else:
+            self._read = self.readout.read()  # raises before θ changes if a check failed
+            self._outer_step()
+
+    def _outer_step(self):
         if self.gradient_clipping > 0.0:
             self.clip_grad()
         self.optimizer.step()
+
+    def end_iteration(self) -> dict:
+        """The meta-iteration's statistics as floats (read from the device now if the check was
+        left there), then one step of the LR scheduler. Raises :class:`NonFiniteError` naming what
+        was not finite; θ and the optimizer then hold their values from before the iteration."""
+        stats = self._read if self._read is not None else self.readout.read()
+        self._read = None
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
+        return stats
 
     def initialization(self) -> list[torch.Tensor]:
         """θ: the module's parameters, where every inner loop starts."""

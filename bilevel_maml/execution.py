@@ -1,0 +1,369 @@
+"""How a meta-iteration is executed: task by task, in vmapped chunks of tasks, or replayed as a CUDA graph.
+
+:class:`~bilevel_maml.engine.MetaEngine` says *what* a meta-iteration is (an env step per task or
+chunk, the inner steps, the Upper's step, in Betty's order); the strategies here say *how* it runs:
+
+* :class:`EagerExecution`: Betty steps the problems, ``tasks_per_step`` tasks at a time (1: task by
+  task; more: ``torch.func.vmap`` over stacked tasks, see :func:`plan_tasks_per_call`). The host
+  reads the iteration's statistics and non-finite checks once, just before the outer step.
+* :class:`CapturedExecution` (CUDA): the same steps, captured once as a CUDA graph after a few
+  eager warm-up iterations and replayed, so a meta-iteration is one launch instead of ~1,700. The
+  non-finite check then masks the outer step on the device and is read after the replay.
+
+Also here: the precision policy (``fp32``/``tf32``/``bf16``) and :class:`HostReadWatch`, which
+finds the operations that would read a tensor on the host inside a captured region.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch.func import vmap
+from torch.overrides import TorchFunctionMode
+
+# -- tasks per vmapped call -------------------------------------------------------------------------
+#: On CPU, the largest activation of one vmapped call should stay within about this many bytes.
+#: Measured on a 2-core CPU with conv4 on 28×28 images (largest activation 64×28×28 floats an
+#: example): 32 tasks of 80 examples in one call ran 2.9× slower than task by task, while calls
+#: of 80-160 examples were the fastest; with Finn et al.'s strided conv4 (a quarter of that per
+#: example) 8 tasks of 80 examples were fastest, and a 40-unit MLP ran fastest whole.
+CPU_ACTIVATION_BYTES_PER_CALL = 160 * 64 * 28 * 28 * 4
+#: ... and vectorizing pays only when at least this many tasks fit in such a call: with 80
+#: examples per task, chunks of 2 and 4 tasks of conv4 were 1.15× slower than task by task.
+CPU_MIN_TASKS_PER_CALL = 4
+#: On an accelerator, evaluation adapts as many tasks per call as keep the largest activation
+#: within this (training takes the whole meta-batch).
+ACCELERATOR_ACTIVATION_BYTES_PER_CALL = 2 * 2**30
+
+
+def largest_cpu_chunk(meta_batch_size: int, examples_per_task: int, activation_bytes_per_example: int) -> int:
+    """The most tasks (a divisor of the meta-batch, at least 1) whose largest activation fits one CPU call."""
+    task_bytes = examples_per_task * activation_bytes_per_example
+    return max((c for c in range(1, meta_batch_size + 1)
+                if meta_batch_size % c == 0 and c * task_bytes <= CPU_ACTIVATION_BYTES_PER_CALL), default=1)
+
+
+def plan_tasks_per_call(device: torch.device, meta_batch_size: int, examples_per_task: int,
+                        activation_bytes_per_example: int) -> int:
+    """Tasks per vmapped call when ``vectorize=True`` (1: task by task): the whole meta-batch on
+    accelerators, cache-sized chunks on CPU."""
+    if device.type != "cpu":
+        return meta_batch_size
+    chunk = largest_cpu_chunk(meta_batch_size, examples_per_task, activation_bytes_per_example)
+    return chunk if chunk >= min(CPU_MIN_TASKS_PER_CALL, meta_batch_size) else 1
+
+
+def evaluation_tasks_per_call(device: torch.device, examples_per_task: int, activation_bytes_per_example: int) -> int:
+    """Tasks adapted per vmapped call in evaluation (1: task by task), by the same activation budget."""
+    budget = CPU_ACTIVATION_BYTES_PER_CALL if device.type == "cpu" else ACCELERATOR_ACTIVATION_BYTES_PER_CALL
+    tasks = budget // max(1, examples_per_task * activation_bytes_per_example)
+    return tasks if tasks >= CPU_MIN_TASKS_PER_CALL or device.type != "cpu" else 1
+
+
+def probe_vmap(task_learner, meta_learner, inputs) -> tuple[str | None, int | None]:
+    """Runs the model under ``vmap`` on two stacked probe tasks. Returns why it cannot be
+    vectorized (or None) and the bytes of its largest activation per example: the largest output
+    of any submodule (under ``vmap``, one task's), per example."""
+    params = tuple(p.detach().expand(2, *p.shape) for p in meta_learner.initialization())
+    largest = [inputs[0, 0].numel() * inputs.element_size()]
+
+    def record(module, args, output):
+        if isinstance(output, torch.Tensor):
+            largest[0] = max(largest[0], output.numel() * output.element_size() // inputs.shape[1])
+
+    hooks = [m.register_forward_hook(record) for m in meta_learner.module.modules()]
+    try:
+        with torch.no_grad():
+            vmap(task_learner.forward)(inputs, params)
+    except Exception as error:  # any failure means: not vectorizable, use the per-task path
+        return f"{type(error).__name__}: {str(error).strip().splitlines()[0]}", None
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return None, largest[0]
+
+
+# -- precision --------------------------------------------------------------------------------------
+#: ``fp32``: IEEE float32 everywhere (no TF32); ``tf32``: TF32 convolutions (PyTorch's default on
+#: CUDA) and TF32 matrix multiplications; ``bf16``: autocast to bfloat16, TF32 for what stays float32.
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def default_precision(device: torch.device) -> str:
+    return "tf32" if torch.device(device).type == "cuda" else "fp32"
+
+
+def check_precision(precision: str | None, device, dtype: torch.dtype | None = None) -> str:
+    """``precision`` resolved for ``device`` (None: ``tf32`` on CUDA, ``fp32`` elsewhere), or a
+    ValueError naming what is allowed."""
+    device = torch.device(device)
+    if precision is None:
+        return default_precision(device)
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    if precision == "tf32" and device.type != "cuda":
+        raise ValueError(f"precision='tf32' is a CUDA tensor-core mode; on {device.type} use fp32 or bf16")
+    if precision != "fp32" and dtype is not None and dtype != torch.float32:
+        raise ValueError(f"precision={precision!r} lowers float32 arithmetic; with dtype={dtype} use precision='fp32'")
+    return precision
+
+
+def _tf32(enabled: bool) -> None:
+    mode = "tf32" if enabled else "ieee"
+    if hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cudnn.conv.fp32_precision = mode
+        torch.backends.cuda.matmul.fp32_precision = mode
+    else:  # PyTorch before the fp32_precision settings
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
+
+
+def _tf32_state():
+    if hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        return torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+
+
+def _set_tf32_state(state) -> None:
+    if isinstance(state[0], str):
+        torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = state
+    else:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = state
+
+
+@contextlib.contextmanager
+def precision_scope(precision: str, device, capturing: bool = False):
+    """Run the block at ``precision`` on ``device``; the global TF32 settings are restored after."""
+    device = torch.device(device)
+    saved = _tf32_state() if device.type == "cuda" else None
+    try:
+        if device.type == "cuda":
+            _tf32(precision != "fp32")
+        if precision == "bf16":
+            # autocast's cast cache would hold tensors of the capture's memory pool across replays
+            with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not capturing):
+                yield
+        else:
+            yield
+    finally:
+        if saved is not None:
+            _set_tf32_state(saved)
+
+
+# -- reading tensors on the host --------------------------------------------------------------------
+#: Tensor methods that copy a value to the host (a synchronisation on an accelerator, and an error
+#: inside CUDA-graph capture), and operations whose output shape depends on tensor values.
+HOST_READS = frozenset({"item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__",
+                        "__complex__", "__format__", "nonzero", "unique", "unique_consecutive",
+                        "masked_select", "argwhere"})
+_OWN_FILES = {str(Path(__file__).resolve()), str(Path(torch.__file__).resolve().parent)}
+
+
+class HostReadWatch(TorchFunctionMode):
+    """Records the first operation in the block that reads a tensor on the host, and where: the
+    innermost frame outside PyTorch (``HostReadWatch.first``, one line, or None)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first: str | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if self.first is None and name in HOST_READS:
+            self.first = f"{self._caller()} reads a tensor on the host ({name})"
+        return func(*args, **(kwargs or {}))
+
+    @staticmethod
+    def _caller() -> str:
+        frame = inspect.currentframe()
+        while frame is not None:
+            path = str(Path(frame.f_code.co_filename).resolve())
+            if not any(path == own or path.startswith(own + os.sep) for own in _OWN_FILES):
+                owner = frame.f_locals.get("self")
+                where = f"{type(owner).__name__}.{frame.f_code.co_name}" if owner is not None else frame.f_code.co_name
+                return f"{where} ({Path(path).name}:{frame.f_lineno})"
+            frame = frame.f_back
+        return "an operation"
+
+
+# -- strategies -------------------------------------------------------------------------------------
+class EagerExecution:
+    """Betty steps the problems in Python, one meta-iteration at a time."""
+
+    name = "eager"
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def run_tasks(self) -> None:
+        """The steps of one meta-iteration: each task (or chunk) gets an env step and its inner
+        steps, and the Upper steps after each; the last Upper step takes the outer step."""
+        engine = self.engine
+        for _ in range(engine.meta_batch_size // engine.tasks_per_step * engine.inner_steps):
+            engine.global_step += 1
+            engine.train_step()
+
+    def meta_step(self) -> dict:
+        with precision_scope(self.engine.precision, self.engine.device):
+            self.run_tasks()
+        return self.engine.meta_learner.end_iteration()
+
+
+def capture_blocker(engine) -> str | None:
+    """Why this engine's meta-iteration cannot be captured as a CUDA graph, known before running
+    it (None: try). What only running shows (a hook reading a tensor on the host, say) is found
+    by :class:`CapturedExecution` during its first warm-up iteration."""
+    if engine.device.type != "cuda":
+        return f"CUDA graphs need a CUDA device, the engine is on {engine.device.type}"
+    if engine.world_size > 1:
+        return "with several processes the meta-gradient's all-reduce runs between the graph's kernels"
+    if not engine.env.on_device:
+        return "the training tasks are drawn on the host (use the device-resident sampler, --sampler device)"
+    optimizer = engine.meta_learner.optimizer
+    if "capturable" not in optimizer.defaults and type(optimizer) is not torch.optim.SGD:
+        return f"{type(optimizer).__name__} has no capturable mode (Adam, AdamW, RMSprop and SGD do)"
+    if engine.meta_learner.lr_scheduler is not None and type(optimizer) is torch.optim.SGD:
+        return "SGD's learning rate is a number fixed into the graph, so an LR scheduler would not reach it"
+    return None
+
+
+def python_state(objects: dict) -> dict:
+    """The plain-valued attributes (numbers, strings, flags, lists of them) of ``objects``."""
+    plain = (int, float, bool, str, type(None))
+    return {(name, attr): (list(value) if isinstance(value, (list, tuple)) else value)
+            for name, obj in objects.items() for attr, value in vars(obj).items()
+            if isinstance(value, plain) or (isinstance(value, (list, tuple)) and all(isinstance(v, plain) for v in value))}
+
+
+def restore_python_state(objects: dict, state: dict) -> None:
+    for (name, attr), value in state.items():
+        setattr(objects[name], attr, value)
+
+
+def advance_counters(engine) -> None:
+    """What one meta-iteration does to the Python-side counters of the engine, its problems and
+    its training env, for a replay that ran its kernels without its Python."""
+    env_steps = engine.meta_batch_size // engine.tasks_per_step
+    steps = env_steps * engine.inner_steps
+    engine.global_step += steps
+    engine.task_learner._count += steps
+    engine.task_learner._global_step = engine.global_step
+    engine.meta_learner._count += env_steps
+    engine.env.tasks_sampled += engine.meta_batch_size
+
+
+class CapturedExecution(EagerExecution):
+    """CUDA: a few eager warm-up meta-iterations (on a side stream, as CUDA graphs need), then the
+    meta-iteration captured once and replayed. Falls back to :class:`EagerExecution`, with a
+    one-line warning, when the first warm-up iteration reads a tensor on the host or the capture
+    fails."""
+
+    name = "cuda-graph"
+    #: eager meta-iterations before capture (lazy initialisation of cuDNN, cuBLAS, autograd and
+    #: the optimizer state must happen outside the graph)
+    WARMUP_ITERATIONS = 3
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        self.graph = None
+        self.warmups_done = 0
+        self.stream = torch.cuda.Stream(engine.device)
+
+    def _objects(self) -> dict:
+        engine = self.engine
+        return {"engine": engine, "upper": engine.meta_learner, "lower": engine.task_learner, "env": engine.env}
+
+    def meta_step(self) -> dict:
+        engine = self.engine
+        upper = engine.meta_learner
+        if self.graph is None:
+            _make_capturable(upper)
+            upper.check_on_device = True
+            if self.warmups_done < self.WARMUP_ITERATIONS:
+                return self._warm_up()
+            if not self._capture():
+                return self.engine.execution.meta_step()
+        self.graph.replay()
+        advance_counters(engine)
+        return upper.end_iteration()
+
+    def _warm_up(self) -> dict:
+        engine = self.engine
+        current = torch.cuda.current_stream(engine.device)
+        self.stream.wait_stream(current)
+        watch = HostReadWatch() if self.warmups_done == 0 else contextlib.nullcontext()
+        with torch.cuda.stream(self.stream), precision_scope(engine.precision, engine.device), watch:
+            self.run_tasks()
+        current.wait_stream(self.stream)
+        self.warmups_done += 1
+        stats = engine.meta_learner.end_iteration()
+        if isinstance(watch, HostReadWatch) and watch.first is not None:
+            self._fall_back(watch.first)
+        return stats
+
+    def _capture(self) -> bool:
+        engine = self.engine
+        objects = self._objects()
+        saved = python_state(objects)
+        graph = torch.cuda.CUDAGraph()
+        if engine.env.on_device:
+            graph.register_generator_state(engine.env.generator)
+        try:
+            with torch.cuda.graph(graph, stream=self.stream), \
+                    precision_scope(engine.precision, engine.device, capturing=True):
+                self.run_tasks()
+        except Exception as error:  # whatever fails in capture, the eager path still works
+            restore_python_state(objects, saved)
+            for p in engine.meta_learner.trainable_parameters():
+                p.grad = None
+            self._fall_back(f"capturing failed ({type(error).__name__}: {str(error).strip().splitlines()[0]})")
+            return False
+        restore_python_state(objects, saved)
+        self.graph = graph
+        return True
+
+    def _fall_back(self, reason: str) -> None:
+        engine = self.engine
+        engine.meta_learner.check_on_device = False
+        _make_capturable(engine.meta_learner, False)
+        engine.use_execution(EagerExecution(engine), reason)
+
+
+def _make_capturable(upper, capturable: bool = True) -> None:
+    """Switch the outer optimizer in or out of its capturable mode (state steps on the device) and,
+    with an LR scheduler, hold the learning rate as a device tensor the scheduler updates in place."""
+    optimizer = upper.optimizer
+    if "capturable" not in optimizer.defaults:
+        return
+    for group in optimizer.param_groups:
+        group["capturable"] = capturable
+        if capturable and upper.lr_scheduler is not None and not isinstance(group["lr"], torch.Tensor):
+            group["lr"] = torch.tensor(group["lr"], device=group["params"][0].device)
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if isinstance(step, torch.Tensor):
+                optimizer.state[p]["step"] = step.to(p.device if capturable else "cpu")
+
+
+def choose_execution(engine, cuda_graph: bool | None):
+    """The strategy for ``engine``: captured on CUDA unless ``cuda_graph`` is False or
+    :func:`capture_blocker` names a reason (then eager, with a one-line warning if the graph was
+    asked for or is the CUDA default)."""
+    if cuda_graph is False:
+        return EagerExecution(engine), None
+    if cuda_graph is True and engine.device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a CUDA device, the engine is on {engine.device}")
+    if engine.device.type != "cuda":
+        return EagerExecution(engine), None
+    reason = capture_blocker(engine)
+    if reason is not None:
+        return EagerExecution(engine), reason
+    return CapturedExecution(engine), None
+
+
+def warn_eager(reason: str) -> None:
+    warnings.warn(f"CUDA graph off, the meta-iteration runs eagerly: {reason}", stacklevel=3)
