@@ -201,6 +201,9 @@ def _run_config(args: argparse.Namespace) -> dict:
         config["precision"] = check_precision(config["precision"], config["device"], DTYPES[config["dtype"]])
     except ValueError as error:
         raise SystemExit(f"bilevel-maml: --precision: {error}") from None
+    if config["cuda_graph"] and torch.device(config["device"]).type != "cuda":
+        raise SystemExit(f"bilevel-maml: --cuda-graph needs a CUDA device, got --device {config['device']}; "
+                         f"drop the flag (CUDA runs use graphs wherever they work)")
     if config["output"] is None:
         c = config
         config["output"] = f"runs/{c['algorithm']}-{c['dataset']}-{c['ways']}w{c['shots']}s-seed{c['seed']}"

@@ -315,14 +315,14 @@ class MetaEngine(Engine):
             set_global_rng_state(ranks[self.rank]["rng"])
 
     # -- evaluation ---------------------------------------------------------------------------
-    def evaluate(self, env: EpisodicEnv, num_tasks: int) -> dict:
-        """Adapt a copy of θ on each task's support set and score it on the query set
-        (:func:`bilevel_maml.evaluation.evaluate`).
+    def evaluate(self, env: EpisodicEnv, num_tasks: int, per_task: bool = False) -> dict:
+        """Adapt a copy of θ on each task's support set and score it on the query set, in vmapped
+        batches of :attr:`evaluation_tasks_per_call` tasks (:func:`bilevel_maml.evaluation.evaluate`).
 
         Returns the mean over tasks and the 95% confidence half-width of the query loss and,
-        for classification, of the accuracy.
+        for classification, of the accuracy (and, with ``per_task``, every task's values).
         """
-        return evaluation.evaluate(self, env, num_tasks)
+        return evaluation.evaluate(self, env, num_tasks, per_task)
 
     def validation(self) -> dict:
         return self.evaluate(self.valid_env, self.valid_tasks)

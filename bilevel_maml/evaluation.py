@@ -57,9 +57,11 @@ def score_tasks(task_learner, loss_fn, support, query, stacked: bool) -> dict[st
     return scores
 
 
-def evaluate(engine, env, num_tasks: int) -> dict:
+def evaluate(engine, env, num_tasks: int, per_task: bool = False) -> dict:
     """Mean and 95% confidence half-width over ``num_tasks`` tasks of ``env`` of the query loss
-    and, for classification, the accuracy, with θ adapted by ``engine``'s task learner."""
+    and, for classification, the accuracy, with θ adapted by ``engine``'s task learner. With
+    ``per_task``, ``report["per_task"]`` also lists each task's values, in the order drawn (two
+    checkpoints evaluated from the same env state can then be compared task by task)."""
     check_positive_int("num_tasks", num_tasks)
     per_call = engine.evaluation_tasks_per_call
     learner, loss_fn = engine.task_learner, engine.meta_learner.loss_fn
@@ -85,8 +87,10 @@ def evaluate(engine, env, num_tasks: int) -> dict:
     finally:
         engine.train()
     keys = list(scores[0])
-    per_task = torch.stack([torch.cat([s[k] for s in scores]).to(torch.float64) for k in keys]).tolist()
+    per_task_values = torch.stack([torch.cat([s[k] for s in scores]).to(torch.float64) for k in keys]).tolist()
     report: dict = {"tasks": num_tasks}
-    for key, values in zip(keys, per_task):
+    for key, values in zip(keys, per_task_values):
         report[key], report[f"{key}_ci95"] = mean_and_ci95(values)
+    if per_task:
+        report["per_task"] = dict(zip(keys, per_task_values))
     return report

@@ -91,6 +91,7 @@ def probe_vmap(task_learner, meta_learner, inputs) -> tuple[str | None, int | No
 # -- precision --------------------------------------------------------------------------------------
 #: ``fp32``: IEEE float32 everywhere (no TF32); ``tf32``: TF32 convolutions (PyTorch's default on
 #: CUDA) and TF32 matrix multiplications; ``bf16``: autocast to bfloat16, TF32 for what stays float32.
+#: ``tf32`` and ``bf16`` are CUDA modes.
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
@@ -107,7 +108,11 @@ def check_precision(precision: str | None, device, dtype: torch.dtype | None = N
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
     if precision == "tf32" and device.type != "cuda":
-        raise ValueError(f"precision='tf32' is a CUDA tensor-core mode; on {device.type} use fp32 or bf16")
+        raise ValueError(f"precision='tf32' is a CUDA tensor-core mode; on {device.type} use fp32")
+    if precision == "bf16" and device.type != "cuda":
+        # CPU autocast lists conv2d but not the aten.convolution that vmap's batching rule calls
+        raise ValueError(f"precision='bf16' needs CUDA (on {device.type}, autocast would leave the vectorized "
+                         f"convolutions in float32); on {device.type} use fp32")
     if precision != "fp32" and dtype is not None and dtype != torch.float32:
         raise ValueError(f"precision={precision!r} lowers float32 arithmetic; with dtype={dtype} use precision='fp32'")
     return precision
@@ -217,8 +222,6 @@ def capture_blocker(engine) -> str | None:
     """Why this engine's meta-iteration cannot be captured as a CUDA graph, known before running
     it (None: try). What only running shows (a hook reading a tensor on the host, say) is found
     by :class:`CapturedExecution` during its first warm-up iteration."""
-    if engine.device.type != "cuda":
-        return f"CUDA graphs need a CUDA device, the engine is on {engine.device.type}"
     if engine.world_size > 1:
         return "with several processes the meta-gradient's all-reduce runs between the graph's kernels"
     if not engine.env.on_device:
@@ -260,7 +263,8 @@ class CapturedExecution(EagerExecution):
     """CUDA: a few eager warm-up meta-iterations (on a side stream, as CUDA graphs need), then the
     meta-iteration captured once and replayed. Falls back to :class:`EagerExecution`, with a
     one-line warning, when the first warm-up iteration reads a tensor on the host or the capture
-    fails."""
+    fails. Each replay draws its tasks inside the graph (the env's generator is registered with
+    it), so the host only launches the graph and reads the iteration's statistics."""
 
     name = "cuda-graph"
     #: eager meta-iterations before capture (lazy initialisation of cuDNN, cuBLAS, autograd and
@@ -271,7 +275,7 @@ class CapturedExecution(EagerExecution):
         super().__init__(engine)
         self.graph = None
         self.warmups_done = 0
-        self.stream = torch.cuda.Stream(engine.device)
+        self._stream = None
 
     def _objects(self) -> dict:
         engine = self.engine
@@ -291,14 +295,36 @@ class CapturedExecution(EagerExecution):
         advance_counters(engine)
         return upper.end_iteration()
 
+    # -- the two CUDA-only operations ------------------------------------------------------------
+    @contextlib.contextmanager
+    def _on_side_stream(self):
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.engine.device)
+        current = torch.cuda.current_stream(self.engine.device)
+        self._stream.wait_stream(current)
+        with torch.cuda.stream(self._stream):
+            yield
+        current.wait_stream(self._stream)
+
+    def _record(self, run):
+        """``run``'s kernels as a CUDA graph (its Python runs once, now, and never again)."""
+        engine = self.engine
+        graph = torch.cuda.CUDAGraph()
+        if engine.env.on_device:
+            graph.register_generator_state(engine.env.generator)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(engine.device)
+        with torch.cuda.graph(graph, stream=self._stream), \
+                precision_scope(engine.precision, engine.device, capturing=True):
+            run()
+        return graph
+
+    # ------------------------------------------------------------------------------------------
     def _warm_up(self) -> dict:
         engine = self.engine
-        current = torch.cuda.current_stream(engine.device)
-        self.stream.wait_stream(current)
         watch = HostReadWatch() if self.warmups_done == 0 else contextlib.nullcontext()
-        with torch.cuda.stream(self.stream), precision_scope(engine.precision, engine.device), watch:
+        with self._on_side_stream(), precision_scope(engine.precision, engine.device), watch:
             self.run_tasks()
-        current.wait_stream(self.stream)
         self.warmups_done += 1
         stats = engine.meta_learner.end_iteration()
         if isinstance(watch, HostReadWatch) and watch.first is not None:
@@ -309,13 +335,8 @@ class CapturedExecution(EagerExecution):
         engine = self.engine
         objects = self._objects()
         saved = python_state(objects)
-        graph = torch.cuda.CUDAGraph()
-        if engine.env.on_device:
-            graph.register_generator_state(engine.env.generator)
         try:
-            with torch.cuda.graph(graph, stream=self.stream), \
-                    precision_scope(engine.precision, engine.device, capturing=True):
-                self.run_tasks()
+            graph = self._record(self.run_tasks)
         except Exception as error:  # whatever fails in capture, the eager path still works
             restore_python_state(objects, saved)
             for p in engine.meta_learner.trainable_parameters():

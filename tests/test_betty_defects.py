@@ -143,3 +143,35 @@ def test_engine_has_a_device_and_puts_problems_and_envs_on_it():
     engine = MetaEngine(upper, lower, env, device=other_device())
     assert engine.device.type == other_device() and env.device.type == other_device()
     assert all(p.device.type == other_device() for p in model.parameters())
+
+
+def test_get_loss_keeps_the_loss_on_the_device():
+    """Betty's Problem.get_loss calls loss.item() at every step of every problem: a host
+    synchronisation per inner step, and an error inside CUDA-graph capture. Ours returns the same
+    scaled loss and keeps the statistic a tensor."""
+    from betty.problems import Problem
+
+    from bilevel_maml.execution import HostReadWatch
+
+    model = torch.nn.Linear(3, 5)
+    env = EpisodicEnv(random_classification_source(5, 2, 3, dtype=torch.float32), ways=5, shots=1)
+    upper = MAMLUpper(model, torch.optim.SGD(model.parameters(), lr=0.1), meta_batch_size=2)
+    lower = MAMLLower(model, inner_lr=0.1)
+    MetaEngine(upper, lower, env, vectorize=False).train()
+    env.step()
+    lower.on_inner_loop_start()
+    batch = lower.get_batch()
+
+    watch = HostReadWatch()
+    with watch:
+        betty_loss, betty_stats = Problem.get_loss(lower, batch)
+    assert watch.first is not None and "(item)" in watch.first, "Betty's get_loss no longer reads the loss; drop ours"
+    assert isinstance(betty_stats["loss"], float)
+
+    watch = HostReadWatch()
+    with watch:
+        loss, stats = lower.get_loss(batch)
+        upper_loss, upper_stats = upper.get_loss(upper.get_batch())
+    assert watch.first is None, watch.first
+    assert torch.equal(loss, betty_loss) and stats["loss"].item() == betty_stats["loss"]
+    assert isinstance(upper_stats["loss"], torch.Tensor) and upper_loss.requires_grad

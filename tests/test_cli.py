@@ -23,14 +23,15 @@ def test_every_training_flag_reaches_the_run(tmp_path, omniglot_root):
         "--model", "resnet12", "--width", "4", "--lam", "2.0", "--cg-iterations", "2", "--no-vectorize", "--seed", "5",
         "--device", "cpu", "--dtype", "float64", "--valid-every", "3", "--valid-tasks", "2",
         "--test-tasks", "4", "--checkpoint-every", "1", "--output", str(output), "--wandb", "disabled",
-        "--no-progress",
+        "--no-progress", "--sampler", "learn2learn", "--no-cuda-graph", "--precision", "fp32",
     ])
     config = json.loads((output / "config.json").read_text())
     expected = dict(algorithm="imaml", dataset="omniglot-small", data_root=str(omniglot_root), ways=3, shots=2,
                     query_shots=3, inner_steps=2, inner_lr=0.2, meta_lr=0.005, meta_batch_size=2, iterations=3,
                     optimizer="adafactor", model="resnet12", width=4, lam=2.0, cg_iterations=2, vectorize=False, seed=5,
                     device="cpu", dtype="float64", valid_every=3, valid_tasks=2, test_tasks=4,
-                    checkpoint_every=1, output=str(output), wandb="disabled", progress=False)
+                    checkpoint_every=1, output=str(output), wandb="disabled", progress=False,
+                    sampler="learn2learn", cuda_graph=False, precision="fp32")
     assert {k: config[k] for k in expected} == expected
     assert result["tasks"] == 4 and 0 <= result["accuracy"] <= 1
 
@@ -41,6 +42,8 @@ def test_every_training_flag_reaches_the_run(tmp_path, omniglot_root):
     assert (lower.inner_lr, lower.inner_steps, upper.meta_batch_size) == (0.2, 2, 2)
     assert not engine.vectorized and cli.build_from_config({**config, "vectorize": True}, torch.device("cpu")).vectorized
     assert (env.ways, env.shots, env.query_shots, env.seed) == (3, 2, 3, 15)
+    assert not env.on_device and cli.build_from_config({**config, "sampler": "device"}, torch.device("cpu")).env.on_device
+    assert engine.precision == "fp32" and engine.execution.name == "eager"
     assert isinstance(upper.optimizer, torch.optim.Adafactor) and upper.optimizer.defaults["lr"] == 0.005
     assert type(upper.module).__name__ == "ResNet12" and upper.module.classifier.out_features == 3
     assert upper.module.features[0].body[0].out_channels == 4
@@ -136,3 +139,38 @@ def test_console_script_and_module_entry_points():
         assert done.returncode == 0, done.stderr
     assert "{train,evaluate,bench,resume}" in subprocess.run(
         [str(VENV_BIN / "bilevel-maml"), "--help"], capture_output=True, text=True, timeout=120).stdout
+
+
+def omniglot_run(output, root, *extra):
+    return ["train", "--dataset", "omniglot-small", "--data-root", str(root), "--width", "4", "--meta-batch-size", "2",
+            "--valid-every", "2", "--valid-tasks", "3", "--test-tasks", "5", "--checkpoint-every", "1",
+            "--output", str(output), "--wandb", "disabled", "--dtype", "float64", *extra]
+
+
+def test_a_device_sampled_run_resumes_to_exactly_the_same_theta(tmp_path, omniglot_root):
+    """The device sampler's generator state travels in the checkpoint: stopped at 3 of 6 and resumed,
+    the run draws the tasks the straight run drew."""
+    cli.run(omniglot_run(tmp_path / "straight", omniglot_root, "--iterations", "6"))
+    cli.run(omniglot_run(tmp_path / "stopped", omniglot_root, "--iterations", "3"))
+    config = json.loads((tmp_path / "stopped" / "config.json").read_text())
+    assert config["sampler"] == "auto" and cli.build_from_config(config, torch.device("cpu")).env.on_device
+    cli.run(["resume", "--output", str(tmp_path / "stopped"), "--iterations", "6", "--wandb", "disabled"])
+    straight, resumed = (load_checkpoint(tmp_path / run / "checkpoints" / "last.pt")["engine"]
+                         for run in ("straight", "stopped"))
+    assert "generator" in straight["envs"]["train"]
+    assert torch.equal(straight["envs"]["train"]["generator"], resumed["envs"]["train"]["generator"])
+    for name, value in straight["theta"].items():
+        assert torch.equal(value, resumed["theta"][name]), name
+    assert [h["loss"] for h in straight["history"]] == [h["loss"] for h in resumed["history"]]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--cuda-graph"], "--cuda-graph needs a CUDA device, got --device cpu"),
+    (["--precision", "tf32"], "--precision: precision='tf32' is a CUDA tensor-core mode; on cpu use fp32"),
+    (["--precision", "bf16"], "--precision: precision='bf16' needs CUDA"),
+])
+def test_cuda_only_options_on_the_cpu_are_refused_in_one_line(tmp_path, flags, message):
+    with pytest.raises(SystemExit) as stop:
+        cli.run(sinusoid_run(tmp_path / "run", *flags))
+    assert message in str(stop.value) and "\n" not in str(stop.value)
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,375 @@
+"""How meta-iterations execute: one host read per eager iteration, a capturable region that reads
+nothing on the host, the device-side non-finite check, and the CUDA-graph strategy's logic (on CPU
+with stand-ins for its two CUDA-only operations; on a GPU for real)."""
+
+import contextlib
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from bilevel_maml import ALGORITHMS, MAMLLower, MAMLUpper, MetaEngine
+from bilevel_maml.data.device_sampler import DeviceTaskSampler
+from bilevel_maml.engine import NonFiniteError
+from bilevel_maml.env import EpisodicEnv
+from bilevel_maml.execution import (CapturedExecution, HostReadWatch, advance_counters, capture_blocker,
+                                    python_state, restore_python_state)
+from bilevel_maml.models import Conv4
+
+from conftest import random_classification_source
+
+CLASSES, PER_CLASS = 12, 4
+
+
+def device_tasks(dtype=torch.float64, seed=0, poison_after=None):
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(CLASSES).repeat_interleave(PER_CLASS)
+    images = torch.randn(CLASSES * PER_CLASS, 1, 16, 16, generator=generator, dtype=dtype) + labels.view(-1, 1, 1, 1) / 4
+    members = [range(c * PER_CLASS, (c + 1) * PER_CLASS) for c in range(CLASSES)]
+    return DeviceTaskSampler(images, members, ways=5, shots=1, query_shots=2)
+
+
+class L2Lower(MAMLLower):
+    """A user's variant on the public hooks only: an L2 pull towards θ in the inner loss."""
+
+    def inner_loss(self, params, batch):
+        theta = self.meta_learner.initialization()
+        return self.task_loss(params, batch) + 0.1 * sum(((p - t) ** 2).sum() for p, t in zip(params, theta))
+
+
+class ReadingLower(MAMLLower):
+    """A variant that reads a tensor on the host in its inner loss (logging a value, say)."""
+
+    def inner_loss(self, params, batch):
+        loss = self.task_loss(params, batch)
+        self.last_loss = float(loss)
+        return loss
+
+
+VARIANTS = {**ALGORITHMS, "l2 (user variant)": (MAMLUpper, L2Lower)}
+
+
+def engine(algorithm="maml", vectorize=True, optimizer=None, meta_batch=4, inner_steps=2, sampler=None, cuda_graph=None,
+           **env_options):
+    torch.manual_seed(0)
+    model = Conv4(5, hidden=4, image_size=16).double()
+    upper_cls, lower_cls = VARIANTS[algorithm] if isinstance(algorithm, str) else algorithm
+    optimizer = (optimizer or (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)))(model.parameters())
+    extra = ({"cg_iterations": 3}, {"lam": 0.5}) if algorithm == "imaml" else ({}, {})
+    upper = upper_cls(model, optimizer, meta_batch_size=meta_batch, **extra[0])
+    lower = lower_cls(model, inner_lr=0.1, inner_steps=inner_steps, **extra[1])
+    env = EpisodicEnv(sampler or device_tasks(), ways=5, shots=1, query_shots=2, seed=3, **env_options)
+    return MetaEngine(upper, lower, env, meta_iterations=10, vectorize=vectorize, cuda_graph=cuda_graph)
+
+
+class CountingWatch(HostReadWatch):
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in {"item", "tolist", "numpy", "__bool__", "__float__", "__int__",
+                                             "__index__", "__format__", "nonzero", "unique"}:
+            self.reads.append(func.__name__)
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+@pytest.mark.parametrize("vectorize", [False, True], ids=["per-task", "vectorized"])
+@pytest.mark.parametrize("algorithm", list(VARIANTS))
+def test_an_eager_meta_iteration_reads_the_host_once(algorithm, vectorize):
+    """Betty's get_loss and the old statistics read every step; now one transfer per meta-iteration
+    carries the statistics and the non-finite checks."""
+    built = engine(algorithm, vectorize)
+    built.train()
+    built.meta_step()
+    watch = CountingWatch()
+    with watch:
+        stats = built.meta_step()
+    assert watch.reads == ["tolist"], watch.reads
+    assert set(stats) == {"loss", "accuracy"} and math.isfinite(stats["loss"])
+
+
+@pytest.mark.parametrize("vectorize", [False, True], ids=["per-task", "vectorized"])
+@pytest.mark.parametrize("algorithm", list(VARIANTS))
+def test_with_the_check_on_the_device_the_capturable_region_reads_nothing(algorithm, vectorize):
+    built = engine(algorithm, vectorize)
+    built.train()
+    built.meta_step()
+    built.meta_learner.check_on_device = True
+    watch = HostReadWatch()
+    with watch:
+        built.execution.run_tasks()
+    assert watch.first is None, watch.first
+    assert math.isfinite(built.meta_learner.end_iteration()["loss"])
+
+
+def test_a_hook_that_reads_the_host_is_named_with_its_line():
+    built = engine((MAMLUpper, ReadingLower), vectorize=False)  # (under vmap a host read is an error of its own)
+    built.train()
+    built.meta_learner.check_on_device = True
+    watch = HostReadWatch()
+    with watch:
+        built.execution.run_tasks()
+    assert watch.first.startswith("ReadingLower.inner_loss (test_execution.py:"), watch.first
+    assert watch.first.endswith("reads a tensor on the host (__float__)")
+
+
+def poisoned(after_tasks):
+    """A device sampler whose draws turn NaN after ``after_tasks`` tasks."""
+    sampler = device_tasks()
+    plain = sampler.sample
+    drawn = [0]
+
+    def sample(count, generator, dtype=None):
+        (xs, ys), (xq, yq) = plain(count, generator, dtype)
+        drawn[0] += count
+        return (xs, ys), (xq * (math.nan if drawn[0] > after_tasks else 1.0), yq)
+
+    sampler.sample = sample
+    return sampler
+
+
+def adam(params):
+    return torch.optim.Adam(params, lr=0.01)
+
+
+@pytest.mark.parametrize("first_iteration", [False, True], ids=["with-state", "before-any-state"])
+def test_the_device_side_check_masks_the_step_and_leaves_theta_and_adam_unchanged(first_iteration):
+    # the env draws 2 tasks to probe vmap (restored), then 4 a meta-iteration
+    built = engine("maml", vectorize=True, optimizer=adam, sampler=poisoned(2 + (0 if first_iteration else 4)))
+    built.train()
+    if not first_iteration:
+        built.meta_step()
+    params = [p.detach().clone() for p in built.meta_learner.trainable_parameters()]
+    state = copy.deepcopy(built.meta_learner.optimizer.state_dict()["state"])
+    built.meta_learner.check_on_device = True
+    built.execution.run_tasks()
+    with pytest.raises(NonFiniteError, match="^the query loss is nan$"):
+        built.meta_learner.end_iteration()
+    for before, after in zip(params, built.meta_learner.trainable_parameters()):
+        assert torch.equal(before, after)
+    after_state = built.meta_learner.optimizer.state_dict()["state"]
+    if first_iteration:  # the state the step created is reset to a fresh (zero) one
+        assert all(torch.count_nonzero(t) == 0 for s in after_state.values() for t in s.values())
+    else:
+        for key, values in state.items():
+            for name, tensor in values.items():
+                assert torch.equal(tensor, after_state[key][name]), name
+
+
+def test_the_device_side_check_takes_the_same_step_when_all_is_finite():
+    host, device = engine(optimizer=adam), engine(optimizer=adam)
+    for built in (host, device):
+        built.train()
+    device.meta_learner.check_on_device = True
+    for _ in range(3):
+        stats = host.meta_step()
+        device.execution.run_tasks()
+        assert device.meta_learner.end_iteration() == stats
+    for a, b in zip(host.meta_learner.trainable_parameters(), device.meta_learner.trainable_parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("vectorize", [False, 2, True], ids=["per-task", "chunks", "whole-batch"])
+def test_advance_counters_does_to_python_state_what_an_eager_iteration_does(vectorize):
+    built = engine("fomaml", vectorize)
+    built.train()
+    objects = {"engine": built, "upper": built.meta_learner, "lower": built.task_learner, "env": built.env}
+    built.meta_step()
+    before = python_state(objects)
+    built.meta_step()
+    after = python_state(objects)
+    assert after != before
+    restore_python_state(objects, before)
+    advance_counters(built)
+    assert python_state(objects) == after
+
+
+def test_what_stops_a_capture_is_said_before_running():
+    assert capture_blocker(engine()) is None
+    assert capture_blocker(engine(optimizer=adam)) is None
+    assert capture_blocker(engine(optimizer=lambda p: torch.optim.Adafactor(p))) == \
+        "Adafactor has no capturable mode (Adam, AdamW, RMSprop and SGD do)"
+    with_scheduler = engine()
+    with_scheduler.meta_learner.lr_scheduler = torch.optim.lr_scheduler.StepLR(with_scheduler.meta_learner.optimizer, 5)
+    assert "SGD's learning rate is a number fixed into the graph" in capture_blocker(with_scheduler)
+    on_host = engine(sampler=random_classification_source(5, 3, 6), vectorize=False)
+    assert capture_blocker(on_host).startswith("the training tasks are drawn on the host")
+    distributed = engine()
+    distributed.world_size = 2
+    assert capture_blocker(distributed).startswith("with several processes")
+
+
+def test_cuda_graphs_are_a_cuda_matter():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert engine().execution.name == "eager" and engine().eager_reason is None
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="^cuda_graph=True needs a CUDA device, the engine is on cpu$"):
+            engine(cuda_graph=True)
+
+
+# -- the captured strategy's logic, with CPU stand-ins for its CUDA-only operations ----------------
+class CPUReplay:
+    """What a replayed graph does: the recorded kernels again, none of the recorded Python's side
+    effects (counters, flags) — so those are put back after running it."""
+
+    def __init__(self, run, objects):
+        self.run, self.objects, self.replays = run, objects, 0
+
+    def replay(self):
+        saved = python_state(self.objects)
+        self.run()
+        restore_python_state(self.objects, saved)
+        self.replays += 1
+
+
+class CapturedOnCPU(CapturedExecution):
+    fail_with = None
+
+    def _on_side_stream(self):
+        return contextlib.nullcontext()
+
+    def _record(self, run):
+        if self.fail_with is not None:
+            raise self.fail_with
+        return CPUReplay(run, self._objects())
+
+
+def run_both(algorithm="maml", iterations=CapturedExecution.WARMUP_ITERATIONS + 3, fail_with=None, **options):
+    eager, captured = engine(algorithm, **options), engine(algorithm, **options)
+    strategy = CapturedOnCPU(captured)
+    strategy.fail_with = fail_with
+    captured.use_execution(strategy)
+    for built in (eager, captured):
+        built.meta_iterations = iterations
+        built.run()
+    return eager, captured, strategy
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "imaml", "metasgd", "anil", "l2 (user variant)"])
+def test_captured_iterations_equal_eager_ones(algorithm):
+    eager, captured, strategy = run_both(algorithm)
+    assert captured.execution is strategy and strategy.graph.replays == 3
+    for a, b in zip(eager.meta_learner.trainable_parameters(), captured.meta_learner.trainable_parameters()):
+        assert torch.equal(a, b)
+    assert [h["loss"] for h in eager.history] == [h["loss"] for h in captured.history]
+    for counter in ("global_step", "meta_iteration"):
+        assert getattr(eager, counter) == getattr(captured, counter)
+    assert eager.env.tasks_sampled == captured.env.tasks_sampled == 6 * 4 + 0
+    assert eager.task_learner._count == captured.task_learner._count
+    assert torch.equal(eager.env.generator.get_state(), captured.env.generator.get_state())
+
+
+def test_a_variant_that_reads_the_host_falls_back_after_its_first_warm_up_saying_where():
+    with pytest.warns(UserWarning, match=r"^CUDA graph off, the meta-iteration runs eagerly: "
+                                         r"ReadingLower.inner_loss \(test_execution.py:\d+\) reads a tensor on the "
+                                         r"host \(__float__\)$"):
+        eager, captured, strategy = run_both((MAMLUpper, ReadingLower), vectorize=False)
+    assert captured.execution.name == "eager" and strategy.warmups_done == 1 and strategy.graph is None
+    assert not captured.meta_learner.check_on_device
+    for a, b in zip(eager.meta_learner.trainable_parameters(), captured.meta_learner.trainable_parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_failed_capture_falls_back_and_loses_no_iteration():
+    with pytest.warns(UserWarning, match=r"capturing failed \(RuntimeError: operation not permitted\)$"):
+        eager, captured, strategy = run_both(fail_with=RuntimeError("operation not permitted\nmore"))
+    assert captured.execution.name == "eager" and captured.meta_iteration == eager.meta_iteration
+    for a, b in zip(eager.meta_learner.trainable_parameters(), captured.meta_learner.trainable_parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_non_finite_replay_stops_with_theta_from_before_it():
+    warmups = CapturedExecution.WARMUP_ITERATIONS
+    built = engine(sampler=poisoned(2 + 4 * (warmups + 1)))  # the second replay draws NaN
+    built.use_execution(CapturedOnCPU(built))
+    built.meta_iterations = warmups + 3
+    kept = []
+    built.callbacks.append(type("Keep", (), {"on_iteration_end": lambda self, e, m: kept.append(
+        [p.detach().clone() for p in e.meta_learner.trainable_parameters()])})())
+    with pytest.raises(NonFiniteError, match=f"^meta-iteration {warmups + 2}: the query loss is nan; θ was not updated"):
+        built.run()
+    for before, after in zip(kept[-1], built.meta_learner.trainable_parameters()):
+        assert torch.equal(before, after)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "imaml", "metasgd", "anil"])
+def test_on_a_gpu_three_captured_meta_iterations_equal_eager_ones(algorithm):
+    """The real thing: θ after the warm-up and 3 replayed meta-iterations equals eager θ (fp32,
+    same tasks: the replays draw from the registered device generator like eager draws would)."""
+    results = []
+    for cuda_graph in (False, True):
+        torch.manual_seed(0)
+        model = Conv4(5, hidden=16, image_size=16).cuda()
+        upper_cls, lower_cls = ALGORITHMS[algorithm]
+        extra = ({"cg_iterations": 3}, {"lam": 0.5}) if algorithm == "imaml" else ({}, {})
+        upper = upper_cls(model, torch.optim.Adam(model.parameters(), lr=1e-3), meta_batch_size=8, **extra[0])
+        lower = lower_cls(model, inner_lr=0.1, inner_steps=2, **extra[1])
+        env = EpisodicEnv(device_tasks(torch.float32).to("cuda"), ways=5, shots=1, query_shots=2, seed=3, device="cuda")
+        built = MetaEngine(upper, lower, env, meta_iterations=CapturedExecution.WARMUP_ITERATIONS + 3,
+                           cuda_graph=cuda_graph, precision="fp32", device="cuda")
+        built.run()
+        assert built.execution.name == ("cuda-graph" if cuda_graph else "eager"), built.eager_reason
+        results.append(built)
+    eager, captured = results
+    assert captured.execution.graph is not None
+    for a, b in zip(eager.meta_learner.trainable_parameters(), captured.meta_learner.trainable_parameters()):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0), (a - b).abs().max()
+    assert torch.equal(eager.env.generator.get_state(), captured.env.generator.get_state())
+
+
+# -- precision ---------------------------------------------------------------------------------------
+def test_precision_is_resolved_per_device_and_bad_combinations_are_refused():
+    from bilevel_maml.execution import check_precision
+
+    assert check_precision(None, "cpu") == "fp32" and check_precision(None, "cuda") == "tf32"
+    assert check_precision("bf16", "cuda", torch.float32) == "bf16"
+    with pytest.raises(ValueError, match="^precision='tf32' is a CUDA tensor-core mode; on cpu use fp32$"):
+        check_precision("tf32", "cpu")
+    with pytest.raises(ValueError, match=r"^precision='bf16' needs CUDA \(on cpu, autocast would leave the "
+                                         r"vectorized convolutions in float32\); on cpu use fp32$"):
+        check_precision("bf16", "cpu")
+    with pytest.raises(ValueError, match="with dtype=torch.float64 use precision='fp32'"):
+        check_precision("bf16", "cuda", torch.float64)
+    with pytest.raises(ValueError, match="unknown precision 'fp16'; choose one of: fp32, tf32, bf16"):
+        check_precision("fp16", "cuda")
+
+
+def test_the_tf32_settings_hold_inside_the_scope_and_are_restored_after():
+    from bilevel_maml.execution import _tf32_state, precision_scope
+
+    before = _tf32_state()
+    for precision, expected in (("fp32", {"ieee", False}), ("tf32", {"tf32", True})):
+        with precision_scope(precision, torch.device("cuda")):
+            assert set(_tf32_state()) <= expected, (precision, _tf32_state())
+        assert _tf32_state() == before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_bf16_runs_the_vectorized_convolutions_of_training_and_evaluation_in_bfloat16():
+    seen = []
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = Conv4(5, hidden=4, image_size=16).cuda()
+        upper = MAMLUpper(model, torch.optim.Adam(model.parameters(), lr=1e-3), meta_batch_size=4)
+        lower = MAMLLower(model, inner_lr=0.1)
+        env = EpisodicEnv(device_tasks(torch.float32).to("cuda"), ways=5, shots=1, query_shots=2, device="cuda")
+        built = MetaEngine(upper, lower, env, meta_iterations=5, test_env=env, precision=precision, device="cuda")
+        assert built.vectorized
+        dtypes = set()
+        hook = model.features[0][0].register_forward_hook(lambda m, a, out: dtypes.add(out.dtype))
+        built.run()
+        trained = set(dtypes)
+        dtypes.clear()
+        report = built.test(20)
+        hook.remove()
+        seen.append((trained, set(dtypes), report["loss"]))
+        assert all(p.dtype == torch.float32 for p in model.parameters())  # θ itself stays float32
+    (fp32_train, fp32_eval, _), (bf16_train, bf16_eval, bf16_loss) = seen
+    assert fp32_train == fp32_eval == {torch.float32}
+    assert bf16_train == bf16_eval == {torch.bfloat16} and math.isfinite(bf16_loss)
