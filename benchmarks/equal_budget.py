@@ -4,8 +4,10 @@ Same data (the real Omniglot small subsets: meta-train on small1's characters, t
 characters absent from small1), same model (conv4, 64 filters; ``--model conv4-strided`` for Finn et al.'s
 Omniglot network), same hyperparameters (5-way 1-shot,
 1 query per class, inner SGD step 0.4, Adam 1e-3, meta-batch 32, the same number of inner steps),
-the same training task stream and the same 600 test tasks. Each learner trains until its budget
-is spent, then is scored with the MAML adaptation rule (iMAML adapts with its proximal term).
+the same task distribution and the same 600 test tasks. Each learner draws its training tasks its
+own way (learn2learn through its Taskset on the CPU; ours with ``--sampler``, by default held on
+``--device``), trains until its budget is spent, then is scored on one shared held-out task stream
+with the MAML adaptation rule (iMAML adapts with its proximal term).
 
     .venv/bin/python benchmarks/equal_budget.py --inner-steps 5 --json benchmarks/results/equal_budget-cpu.json
 
@@ -17,41 +19,47 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import BENCHMARK_MODELS, sync  # noqa: E402
+
 from bilevel_maml import build_engine
 from bilevel_maml.allocator import keep_freed_memory
-from bilevel_maml.bench import BENCHMARK_MODELS
 from bilevel_maml.data import omniglot_small_tasksets
 from bilevel_maml.data._learn2learn import import_learn2learn
+from bilevel_maml.env import EpisodicEnv
 from bilevel_maml.models import build_model
 
 SETTINGS = dict(ways=5, shots=1, query_shots=1, inner_lr=0.4, meta_lr=1e-3, lam=1.0, cg_iterations=5)
 LEARNERS = ("learn2learn maml", "ours maml", "ours fomaml", "ours imaml")
 
 
-def engine_for(algorithm, tasksets, args):
+def engine_for(algorithm, tasksets, args, sampler):
     torch.manual_seed(args.seed)
     return build_engine(algorithm, build_model(args.model, ways=5), tasksets, inner_steps=args.inner_steps,
                         meta_batch_size=args.meta_batch_size, meta_iterations=10**9, valid_step=10**9,
-                        seed=args.seed, **{**SETTINGS, "inner_lr": args.inner_lr, "lam": args.lam})
+                        seed=args.seed, device=args.device, sampler=sampler,
+                        **{**SETTINGS, "inner_lr": args.inner_lr, "lam": args.lam})
 
 
 def train_ours(engine, budget_seconds):
     engine.train()
     started = time.perf_counter()
     while time.perf_counter() - started < budget_seconds:
-        engine.meta_step()
+        engine.meta_step()  # ends by reading the statistics, so the clock sees the device's work
         engine.meta_iteration += 1
     return engine.meta_iteration, time.perf_counter() - started
 
 
 def train_learn2learn(engine, budget_seconds, inner_steps, inner_lr):
-    """learn2learn's clone/adapt MAML on θ of `engine`, drawing the same training tasks."""
+    """learn2learn's clone/adapt MAML on θ of `engine`, drawing tasks one at a time through its Taskset."""
     l2l = import_learn2learn()
     model = engine.meta_learner.module
     maml = l2l.algorithms.MAML(model, lr=inner_lr, first_order=False)
@@ -68,6 +76,7 @@ def train_learn2learn(engine, budget_seconds, inner_steps, inner_lr):
             (F.cross_entropy(learner(xq), yq) / tasks).backward()
         optimizer.step()
         iterations += 1
+    sync(engine.device)
     return iterations, time.perf_counter() - started
 
 
@@ -84,6 +93,9 @@ def main(argv=None):
     parser.add_argument("--meta-batch-size", type=int, default=32)
     parser.add_argument("--test-tasks", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sampler", choices=("auto", "device", "learn2learn"), default="auto",
+                        help="how our learners draw training tasks (learn2learn's always uses its Taskset)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     keep_freed_memory()  # the same allocator setting for every learner (see bilevel_maml.allocator)
@@ -92,17 +104,23 @@ def main(argv=None):
     budget = args.budget_minutes * 60
     print(f"equal budget: {args.budget_minutes:g} min each, 5-way 1-shot Omniglot, {args.model}-64, meta-batch "
           f"{args.meta_batch_size}, {args.inner_steps} inner step(s) of {args.inner_lr:g}, iMAML λ {args.lam:g}, "
-          f"{args.test_tasks} test tasks; "
-          f"{torch.get_num_threads()} CPU threads", flush=True)
+          f"{args.test_tasks} test tasks; device {args.device}"
+          + (f" ({torch.cuda.get_device_name(args.device)})" if torch.device(args.device).type == "cuda"
+             else f" ({torch.get_num_threads()} CPU threads)"), flush=True)
+    # one held-out stream, restarted for every learner: all are scored on the same tasks
+    test_env = EpisodicEnv(tasksets.test, ways=5, shots=1, query_shots=1, seed=args.seed * 3 + 2, device=args.device)
+    test_start = test_env.state_dict()
     results = []
     for name in args.learners:
         algorithm = name.split()[1]
-        engine = engine_for(algorithm, tasksets, args)
-        if name.startswith("learn2learn"):
+        learn2learn = name.startswith("learn2learn")
+        engine = engine_for(algorithm, tasksets, args, "learn2learn" if learn2learn else args.sampler)
+        if learn2learn:
             iterations, seconds = train_learn2learn(engine, budget, args.inner_steps, args.inner_lr)
         else:
             iterations, seconds = train_ours(engine, budget)
-        test = engine.test(args.test_tasks)
+        test_env.load_state_dict(test_start)
+        test = engine.evaluate(test_env, args.test_tasks)
         results.append(dict(learner=name, meta_iterations=iterations, train_seconds=seconds,
                             tasks_per_second=iterations * args.meta_batch_size / seconds,
                             accuracy=test["accuracy"], accuracy_ci95=test["accuracy_ci95"], tasks=test["tasks"]))

@@ -6,22 +6,36 @@
 
 import json
 import sys
+from pathlib import Path
 
-from bilevel_maml.bench import BASELINE, algorithm_of
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from implementations import BASELINE, algorithm_of  # noqa: E402
+
+
+def _mb(value) -> str:
+    return "—" if value is None else f"{value:.0f}"
 
 
 def meta_iteration_table(report: dict) -> str:
     rows = report["rows"]
     baseline = {(r["inner_steps"], r["query"], r["implementation"]): r["seconds"] for r in rows}
     model = f", model {report['model']}" if "model" in report else ""
-    lines = [f"Device: {report['device']}{model}, meta-batch {report['meta_batch']}.", "",
-             "| inner steps | query/class | implementation | s / meta-iteration | tasks/s | peak MB | vs learn2learn | of compute-bound limit |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|"]
+    named = f" ({report['device_name']})" if report.get("device_name") else ""
+    precision = f", precision {report['precision']}" if "precision" in report else ""
+    lines = [f"Device: {report['device']}{named}{model}, meta-batch {report['meta_batch']}{precision}.", ""]
+    lines += [f"Not run: {note}." for note in report.get("notes", [])]
+    if rows:
+        lines += ["" if report.get("notes") else None,
+                  "| inner steps | query/class | implementation | s / meta-iteration | tasks/s | peak MB | vs learn2learn | of compute-bound limit |",
+                  "|---:|---:|---|---:|---:|---:|---:|---:|"]
+        lines = [line for line in lines if line is not None]
     for r in rows:
-        reference = BASELINE[algorithm_of(r["implementation"])]
-        ratio = baseline[(r["inner_steps"], r["query"], reference)] / r["seconds"]
-        lines.append(f"| {r['inner_steps']} | {r['query']} | {r['implementation']} | {r['seconds']:.3f} | "
-                     f"{r['tasks_per_second']:.1f} | {r['peak_mb']:.0f} | {ratio:.2f}× | "
+        reference = baseline.get((r["inner_steps"], r["query"], BASELINE[algorithm_of(r["implementation"])]))
+        ratio = f"{reference / r['seconds']:.2f}×" if reference else "—"
+        seconds = f"{r['seconds']:.3f}" if r["seconds"] >= 0.1 else f"{r['seconds']:.4f}"
+        lines.append(f"| {r['inner_steps']} | {r['query']} | {r['implementation']} | {seconds} | "
+                     f"{r['tasks_per_second']:.1f} | {_mb(r['peak_mb'])} | {ratio} | "
                      f"{r['limit_seconds'] / r['seconds']:.0%} |")
     profiled = [r for r in rows if r.get("seconds_by_layer")]
     if profiled:
@@ -36,6 +50,20 @@ def meta_iteration_table(report: dict) -> str:
     if report.get("memory"):
         lines += ["", "| implementation | inner steps | peak MB |", "|---|---:|---:|"]
         lines += [f"| {m['implementation']} | {m['inner_steps']} | {m['peak_mb']:.0f} |" for m in report["memory"]]
+    if report.get("end_to_end"):
+        lines += ["", "End to end (tasks drawn from the Omniglot subsets, meta-step, statistics read back):", "",
+                  "| inner steps | setup | s / meta-iteration | tasks/s |", "|---:|---|---:|---:|"]
+        lines += [f"| {r['inner_steps']} | {r['setup']} | {r['seconds']:.4f} | {r['tasks_per_second']:.0f} |"
+                  for r in report["end_to_end"]]
+    if report.get("evaluation"):
+        lines += ["", "Evaluation on held-out tasks:", "",
+                  "| inner steps | setup | tasks | seconds | tasks per call |", "|---:|---|---:|---:|---:|"]
+        lines += [f"| {r['inner_steps']} | {r['setup']} | {r['tasks']} | {r['seconds']:.2f} | {r['tasks_per_call']} |"
+                  for r in report["evaluation"]]
+    if report.get("sampling"):
+        lines += ["", f"Drawing one meta-batch of {report['sampling'][0]['tasks']} tasks:", "",
+                  "| sampler | ms |", "|---|---:|"]
+        lines += [f"| {r['sampler']} | {r['milliseconds']:.2f} |" for r in report["sampling"]]
     return "\n".join(lines)
 
 

@@ -3,7 +3,7 @@
     bilevel-maml train --algorithm maml --dataset omniglot-small --ways 5 --shots 1 --output runs/maml
     bilevel-maml evaluate --output runs/maml            # accuracy ± 95% CI over 600 test tasks
     bilevel-maml resume --output runs/maml --iterations 2000
-    bilevel-maml bench --steps 1 5                      # seconds per meta-iteration vs learn2learn
+    bilevel-maml bench --steps 1 5                      # meta-iteration speed vs learn2learn (and JAX)
     torchrun --nproc_per_node 2 -m bilevel_maml train --meta-batch-size 32 --output runs/maml-2p
 
 A run folder holds ``config.json``, ``checkpoints/last.pt`` and ``checkpoints/best.pt``, the
@@ -110,7 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default=None, help="default: the run's device")
     evaluate.add_argument("--result", help="JSON file to write (default: <run folder>/evaluation.json)")
 
-    commands.add_parser("bench", help="seconds per meta-iteration vs learn2learn (benchmarks/meta_iteration.py)",
+    commands.add_parser("bench", help="meta-iteration, end-to-end and evaluation speed against learn2learn and JAX "
+                                      "(benchmarks/meta_iteration.py of a source checkout; bench --help)",
                         add_help=False)
 
     resume = commands.add_parser("resume", help="continue an interrupted or finished run")
@@ -370,13 +371,25 @@ def command_evaluate(args: argparse.Namespace) -> dict:
     return result
 
 
+def _bench(argv: list[str]) -> dict:
+    """``bilevel-maml bench``: the source checkout's ``benchmarks/meta_iteration.py`` (the comparison
+    harness is not part of the installed package)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "meta_iteration.py"
+    if not script.is_file():
+        raise SystemExit("bilevel-maml bench runs benchmarks/meta_iteration.py of a source checkout of bilevel_maml "
+                         "(the comparison harness is not installed with the package); clone the repository and "
+                         "install it with `pip install -e .`")
+    sys.path.insert(0, str(script.parent))
+    import meta_iteration
+
+    return meta_iteration.main(argv, prog="bilevel-maml bench")
+
+
 def run(argv: list[str] | None = None) -> dict:
     """Run one command; returns its result (raises ``SystemExit`` with a message on bad input)."""
     args = parse(argv)
     if args.command == "bench":
-        from bilevel_maml.bench import main as bench
-
-        return bench(args.bench_args)
+        return _bench(args.bench_args)
     command = {"train": command_train, "evaluate": command_evaluate, "resume": command_resume}[args.command]
     try:
         return command(args)

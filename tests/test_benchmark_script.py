@@ -11,6 +11,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 def test_meta_iteration_benchmark_reports_ratios_limits_and_memory(tmp_path, omniglot_root):
@@ -19,14 +20,18 @@ def test_meta_iteration_benchmark_reports_ratios_limits_and_memory(tmp_path, omn
         [sys.executable, str(REPO / "benchmarks" / "meta_iteration.py"), "--data-root", str(omniglot_root),
          "--meta-batch-size", "2", "--steps", "1", "--queries", "1", "--memory-steps", "1", "2", "--repeats", "1",
          "--implementations", "ours maml vectorized", "ours maml per-task", "ours fomaml vectorized",
-         "learn2learn maml", "learn2learn fomaml", "textbook maml loop", "--breakdown", "--json", str(out)],
+         "learn2learn maml", "learn2learn fomaml", "textbook maml loop", "ours maml vectorized, cuda graph",
+         "--breakdown", "--sections", "meta-iteration", "--json", str(out)],
         capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "device: cpu" in done.stdout and "conv throughput" in done.stdout
+    assert "device: cpu" in done.stdout and "conv throughput" in done.stdout and "precision fp32" in done.stdout
+    assert "ours maml vectorized, cuda graph: skipped, CUDA graphs need a CUDA device" in done.stdout
     assert "× the meta-iterations/s of learn2learn maml" in done.stdout
     assert "FOMAML vs MAML (vectorized)" in done.stdout
     assert "ours imaml vectorized: peak memory at 2 inner steps is" in done.stdout
     report = json.loads(out.read_text())
+    assert report["precision"] == "fp32" and all(row["precision"] == "fp32" for row in report["rows"])
+    assert report["notes"] == ["ours maml vectorized, cuda graph: skipped, CUDA graphs need a CUDA device"]
     names = {row["implementation"] for row in report["rows"]}
     assert names == {"ours maml vectorized", "ours maml per-task", "ours fomaml vectorized", "learn2learn maml",
                      "learn2learn fomaml", "textbook maml loop"}
@@ -45,7 +50,8 @@ def test_meta_iteration_benchmark_reports_ratios_limits_and_memory(tmp_path, omn
 
 
 def one_step(name, monkeypatch):
-    from bilevel_maml.bench import IMPLEMENTATIONS
+    from implementations import IMPLEMENTATIONS
+
     from bilevel_maml.models import Conv4
 
     monkeypatch.setattr(torch.optim, "Adam", lambda params, lr: torch.optim.SGD(params, lr=1.0))
@@ -85,7 +91,8 @@ def test_the_torch_func_sketch_gets_batchnorm_second_order_terms_wrong(monkeypat
 def test_pool_before_norm_is_the_same_function_with_negative_scales_too():
     """The reordered block (benchmark row "pool before norm") equals conv–BN–ReLU–max-pool, values and
     second-order gradients, with channels of both signs of γ (negative ones must be min-pooled)."""
-    from bilevel_maml.bench import rewritten
+    from implementations import rewritten
+
     from bilevel_maml.models import Conv4
 
     torch.manual_seed(0)
@@ -117,7 +124,8 @@ def test_benchmark_runs_finn_et_al_strided_network(tmp_path, omniglot_root):
         done = subprocess.run(
             [sys.executable, str(REPO / "benchmarks" / "meta_iteration.py"), "--data-root", str(omniglot_root),
              "--model", model, "--meta-batch-size", "2", "--steps", "1", "--queries", "1", "--memory-steps",
-             "--repeats", "1", "--implementations", "ours maml vectorized", "learn2learn maml", "--json", str(out)],
+             "--repeats", "1", "--implementations", "ours maml vectorized", "learn2learn maml",
+             "--sections", "meta-iteration", "--json", str(out)],
             capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]
         assert f"{model}-64, 28×28" in done.stdout
@@ -132,7 +140,7 @@ def test_equal_budget_benchmark_trains_each_learner_for_the_budget_and_scores_it
     done = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "equal_budget.py"), "--data-root", str(omniglot_root),
          "--model", "conv4-strided", "--budget-minutes", "0.05", "--meta-batch-size", "2", "--test-tasks", "20",
-         "--learners", "learn2learn maml", "ours maml", "--json", str(out)],
+         "--learners", "learn2learn maml", "ours maml", "--device", "cpu", "--json", str(out)],
         capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -145,3 +153,94 @@ def test_equal_budget_benchmark_trains_each_learner_for_the_budget_and_scores_it
     tables = subprocess.run([sys.executable, str(REPO / "benchmarks" / "render_tables.py"), str(out)],
                             capture_output=True, text=True, timeout=120)
     assert tables.returncode == 0 and "model conv4-strided" in tables.stdout, tables.stderr[-2000:]
+
+
+def test_end_to_end_evaluation_and_sampling_sections(tmp_path, omniglot_root):
+    out = tmp_path / "sections.json"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "meta_iteration.py"), "--data-root", str(omniglot_root),
+         "--meta-batch-size", "4", "--steps", "1", "--sections", "end-to-end", "evaluation", "sampling",
+         "--end-to-end-iterations", "2", "--eval-tasks", "20", "--repeats", "2", "--json", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert [r["setup"] for r in report["end_to_end"]] == [
+        "ours, device sampler, eager", "ours, learn2learn sampler, eager", "learn2learn (its own loop)"]
+    assert all(r["tasks_per_second"] > 0 and r["inner_steps"] == 1 for r in report["end_to_end"])
+    evaluation = {r["setup"]: r for r in report["evaluation"]}
+    assert evaluation["vectorized, device sampler"]["tasks_per_call"] > 1
+    assert evaluation["task by task, device sampler"]["tasks_per_call"] == 1
+    # the same tasks, scored vectorized and one at a time: the same accuracy
+    assert evaluation["vectorized, device sampler"]["accuracy"] == pytest.approx(
+        evaluation["task by task, device sampler"]["accuracy"], abs=1e-6)
+    assert {r["sampler"] for r in report["sampling"]} == {"device sampler", "learn2learn sampler"}
+    assert "sampling 4 tasks, device sampler:" in done.stdout
+    tables = subprocess.run([sys.executable, str(REPO / "benchmarks" / "render_tables.py"), str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert tables.returncode == 0, tables.stderr[-2000:]
+    assert "| 1 | ours, device sampler, eager |" in tables.stdout and "| device sampler |" in tables.stdout
+
+
+def test_bench_runs_the_benchmark_under_its_own_name():
+    done = subprocess.run([sys.executable, "-m", "bilevel_maml", "bench", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("usage: bilevel-maml bench "), done.stdout[:200]
+    assert "--sections" in done.stdout and "--precision" in done.stdout
+
+
+def jax_or_skip():
+    return pytest.importorskip("jax", reason="jax is optional (pip install jax optax to run the JAX row)")
+
+
+def test_the_jax_row_computes_the_textbook_meta_gradient():
+    """float64 (JAX's x64 mode, in a subprocess): MAML's meta-gradient from the JAX implementation equals the
+    textbook PyTorch loop's, max-pool and strided networks, 2 inner steps."""
+    jax_or_skip()
+    script = """
+import sys, torch, torch.nn.functional as F
+sys.path.insert(0, sys.argv[1])
+import jax; jax.config.update("jax_enable_x64", True)
+import jax_maml
+from implementations import functional_loss
+from bilevel_maml.models import Conv4
+worst = 0.0
+for downsample in ("max-pool", "stride"):
+    torch.manual_seed(0)
+    model = Conv4(5, hidden=6, image_size=28, downsample=downsample).double()
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(5).expand(3, 5)
+    xs, xq = (torch.randn(3, 5, 1, 28, 28, generator=g, dtype=torch.float64) for _ in range(2))
+    loss, params0 = functional_loss(model), list(model.parameters())
+    total = 0
+    for i in range(3):
+        params = params0
+        for _ in range(2):
+            params = [p - 0.4 * d for p, d in zip(params, torch.autograd.grad(loss(params, xs[i], labels[i]), params,
+                                                                               create_graph=True))]
+        total = total + loss(params, xq[i], labels[i]) / 3
+    reference = torch.autograd.grad(total, params0)
+    theirs = jax_maml.meta_gradient(model, (xs, labels, xq, labels), 2, 0.4)
+    names = [n for n, _ in model.named_parameters()]
+    assert max(float(r.abs().max()) for r in reference) > 1e-2
+    worst = max(worst, max(float((torch.as_tensor(theirs[n]) - r).abs().max()) for n, r in zip(names, reference)))
+print(worst)
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(REPO / "benchmarks")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.split()[-1]) < 1e-10
+
+
+def test_the_benchmark_times_jax_after_checking_it(tmp_path, omniglot_root):
+    jax_or_skip()
+    out = tmp_path / "jax.json"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "meta_iteration.py"), "--data-root", str(omniglot_root),
+         "--meta-batch-size", "2", "--steps", "1", "--queries", "1", "--memory-steps", "--repeats", "1",
+         "--sections", "meta-iteration", "--implementations", "ours maml vectorized", "jax maml (jit + vmap)",
+         "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "JAX (cpu: cpu): meta-gradient at 1 inner step within" in done.stdout
+    assert "× JAX's time per meta-iteration" in done.stdout
+    rows = {r["implementation"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["jax maml (jit + vmap)"]["seconds"] > 0 and rows["jax maml (jit + vmap)"]["peak_mb"] is None
