@@ -24,7 +24,7 @@ def meta_iteration_table(report: dict) -> str:
     named = f" ({report['device_name']})" if report.get("device_name") else ""
     precision = f", precision {report['precision']}" if "precision" in report else ""
     lines = [f"Device: {report['device']}{named}{model}, meta-batch {report['meta_batch']}{precision}.", ""]
-    lines += [f"Not run: {note}." for note in report.get("notes", [])]
+    lines += [f"Note: {note}." for note in report.get("notes", [])]
     if rows:
         lines += ["" if report.get("notes") else None,
                   "| inner steps | query/class | implementation | s / meta-iteration | tasks/s | peak MB | vs learn2learn | of compute-bound limit |",

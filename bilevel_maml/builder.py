@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from bilevel_maml import distributed
-from bilevel_maml.data.device_sampler import (DeviceTaskSampler, UnsupportedTaskSource, device_memory_budget,
-                                              sampler_from_taskset)
+from bilevel_maml.data.device_sampler import (AUTO_MAX_EXAMPLES, DeviceTaskSampler, UnsupportedTaskSource,
+                                              device_memory_budget, sampler_from_taskset)
 from bilevel_maml.engine import MetaEngine
 from bilevel_maml.env import EpisodicEnv
 from bilevel_maml.problems import ALGORITHMS, IMAMLLower, IMAMLUpper
@@ -80,7 +80,8 @@ def device_sources(sources: dict, sampler: str, ways: int, shots: int, query_sho
             converted[split] = source
             continue
         try:
-            converted[split] = sampler_from_taskset(source, ways, shots, query_shots, device, max_bytes=left)
+            converted[split] = sampler_from_taskset(source, ways, shots, query_shots, device, max_bytes=left,
+                                                    max_examples=AUTO_MAX_EXAMPLES if sampler == "auto" else None)
             left -= converted[split].nbytes()
         except UnsupportedTaskSource as reason:
             if sampler == "device":

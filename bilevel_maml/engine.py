@@ -298,6 +298,9 @@ class MetaEngine(Engine):
         upper = self.meta_learner
         self.load_parameters(state)
         upper.optimizer.load_state_dict(state["optimizer"])
+        if not isinstance(self.execution, execution.CapturedExecution):
+            # a checkpoint of a captured CUDA run holds the optimizer in its capturable mode
+            execution.make_capturable(upper, False)
         if upper.lr_scheduler is not None and state["scheduler"] is not None:
             upper.lr_scheduler.load_state_dict(state["scheduler"])
         envs = self._envs()

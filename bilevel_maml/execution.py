@@ -8,7 +8,7 @@ chunk, the inner steps, the Upper's step, in Betty's order); the strategies here
   reads the iteration's statistics and non-finite checks once, just before the outer step.
 * :class:`CapturedExecution` (CUDA): the same steps, captured once as a CUDA graph after a few
   eager warm-up iterations and replayed, so a meta-iteration is one launch instead of ~1,700. The
-  non-finite check then masks the outer step on the device and is read after the replay.
+  non-finite check is read after the replay, which undoes the outer step if it failed.
 
 Also here: the precision policy (``fp32``/``tf32``/``bf16``) and :class:`HostReadWatch`, which
 finds the operations that would read a tensor on the host inside a captured region.
@@ -187,12 +187,49 @@ class HostReadWatch(TorchFunctionMode):
         frame = inspect.currentframe()
         while frame is not None:
             path = str(Path(frame.f_code.co_filename).resolve())
-            if not any(path == own or path.startswith(own + os.sep) for own in _OWN_FILES):
+            if not any(path == own or path.startswith(own + os.sep) for own in _OWN_FILES | _WARNINGS_FILES):
                 owner = frame.f_locals.get("self")
                 where = f"{type(owner).__name__}.{frame.f_code.co_name}" if owner is not None else frame.f_code.co_name
                 return f"{where} ({Path(path).name}:{frame.f_lineno})"
             frame = frame.f_back
         return "an operation"
+
+
+_WARNINGS_FILES = {str(Path(warnings.__file__).resolve())}
+
+
+class SyncWatch:
+    """CUDA: records the first operation in the block that makes the host wait for the device (a
+    read of a value, a copy from pageable host memory such as ``torch.tensor(..., device="cuda")``),
+    and where, with PyTorch's sync debug mode. Such an operation is an error inside CUDA-graph
+    capture; :class:`HostReadWatch` names the reads, this catches the copies too."""
+
+    MESSAGE = "called a synchronizing CUDA operation"
+
+    def __init__(self):
+        self.first: str | None = None
+
+    def __enter__(self):
+        self._mode = torch.cuda.get_sync_debug_mode()
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.filterwarnings("always", message=self.MESSAGE)
+        shown = warnings.showwarning
+
+        def record(message, category, filename, lineno, file=None, line=None):
+            if self.MESSAGE not in str(message):
+                return shown(message, category, filename, lineno, file, line)
+            if self.first is None:
+                self.first = f"{HostReadWatch._caller()} makes the host wait for the device (a synchronizing operation)"
+
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode(self._mode)
+        self._warnings.__exit__(*exc)
+        return False
 
 
 # -- strategies -------------------------------------------------------------------------------------
@@ -285,7 +322,7 @@ class CapturedExecution(EagerExecution):
         engine = self.engine
         upper = engine.meta_learner
         if self.graph is None:
-            _make_capturable(upper)
+            make_capturable(upper)
             upper.check_on_device = True
             if self.warmups_done < self.WARMUP_ITERATIONS:
                 return self._warm_up()
@@ -320,27 +357,40 @@ class CapturedExecution(EagerExecution):
         return graph
 
     # ------------------------------------------------------------------------------------------
+    def _watches(self) -> list:
+        return [HostReadWatch(), SyncWatch()] if self.engine.device.type == "cuda" else [HostReadWatch()]
+
     def _warm_up(self) -> dict:
         engine = self.engine
-        watch = HostReadWatch() if self.warmups_done == 0 else contextlib.nullcontext()
-        with self._on_side_stream(), precision_scope(engine.precision, engine.device), watch:
+        watches = self._watches() if self.warmups_done == 0 else []
+        with self._on_side_stream(), precision_scope(engine.precision, engine.device), \
+                contextlib.ExitStack() as stack:
+            for watch in watches:
+                stack.enter_context(watch)
             self.run_tasks()
         self.warmups_done += 1
         stats = engine.meta_learner.end_iteration()
-        if isinstance(watch, HostReadWatch) and watch.first is not None:
-            self._fall_back(watch.first)
+        found = next((watch.first for watch in watches if watch.first is not None), None)
+        if found is not None:
+            self._fall_back(found)
         return stats
 
     def _capture(self) -> bool:
         engine = self.engine
         objects = self._objects()
         saved = python_state(objects)
+        stream_state = engine.env.generator.get_state() if engine.env.on_device else None
         try:
             graph = self._record(self.run_tasks)
         except Exception as error:  # whatever fails in capture, the eager path still works
             restore_python_state(objects, saved)
             for p in engine.meta_learner.trainable_parameters():
                 p.grad = None
+            if stream_state is not None:
+                # a generator registered with a failed capture stays in capture mode: start a new
+                # one where the old one stood
+                engine.env.generator = engine.env.tasks.generator(0)
+                engine.env.generator.set_state(stream_state)
             self._fall_back(f"capturing failed ({type(error).__name__}: {str(error).strip().splitlines()[0]})")
             return False
         restore_python_state(objects, saved)
@@ -350,11 +400,11 @@ class CapturedExecution(EagerExecution):
     def _fall_back(self, reason: str) -> None:
         engine = self.engine
         engine.meta_learner.check_on_device = False
-        _make_capturable(engine.meta_learner, False)
+        make_capturable(engine.meta_learner, False)
         engine.use_execution(EagerExecution(engine), reason)
 
 
-def _make_capturable(upper, capturable: bool = True) -> None:
+def make_capturable(upper, capturable: bool = True) -> None:
     """Switch the outer optimizer in or out of its capturable mode (state steps on the device) and,
     with an LR scheduler, hold the learning rate as a device tensor the scheduler updates in place."""
     optimizer = upper.optimizer
@@ -364,6 +414,8 @@ def _make_capturable(upper, capturable: bool = True) -> None:
         group["capturable"] = capturable
         if capturable and upper.lr_scheduler is not None and not isinstance(group["lr"], torch.Tensor):
             group["lr"] = torch.tensor(group["lr"], device=group["params"][0].device)
+        elif not capturable and isinstance(group["lr"], torch.Tensor):
+            group["lr"] = float(group["lr"])
         for p in group["params"]:
             step = optimizer.state.get(p, {}).get("step")
             if isinstance(step, torch.Tensor):

@@ -16,9 +16,23 @@ from torch import nn
 DOWNSAMPLING = ("max-pool", "stride")
 
 
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` that follows autocast under ``torch.func.vmap`` too: vmap's batching rule
+    calls ``aten.convolution``, which autocast's lists miss (they name ``conv2d``), so a vectorized
+    inner loop would otherwise convolve in float32 under ``precision="bf16"``."""
+
+    def _conv_forward(self, input, weight, bias):
+        device = input.device.type
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            input, weight = input.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        return super()._conv_forward(input, weight, bias)
+
+
 def _conv_block(in_channels: int, out_channels: int, transductive: bool, downsample: str) -> nn.Sequential:
     stride = 2 if downsample == "stride" else 1
-    layers = [nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1),
+    layers = [Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1),
               nn.BatchNorm2d(out_channels, track_running_stats=not transductive),
               nn.ReLU()]
     if downsample == "max-pool":
@@ -77,11 +91,11 @@ class _ResidualBlock(nn.Module):
             return nn.BatchNorm2d(out_channels, track_running_stats=not transductive)
 
         self.body = nn.Sequential(
-            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), norm(), nn.LeakyReLU(0.1),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), norm(), nn.LeakyReLU(0.1),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), norm(),
+            Conv2d(in_channels, out_channels, 3, padding=1, bias=False), norm(), nn.LeakyReLU(0.1),
+            Conv2d(out_channels, out_channels, 3, padding=1, bias=False), norm(), nn.LeakyReLU(0.1),
+            Conv2d(out_channels, out_channels, 3, padding=1, bias=False), norm(),
         )
-        self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), norm())
+        self.shortcut = nn.Sequential(Conv2d(in_channels, out_channels, 1, bias=False), norm())
         self.out = nn.Sequential(nn.LeakyReLU(0.1), nn.MaxPool2d(2))
 
     def forward(self, x):

@@ -201,6 +201,29 @@ def test_eight_bit_images_are_kept_as_uint8_and_come_back_exactly():
     assert all(bytes(x.numpy()) in originals for x in torch.cat([xs.flatten(0, 1), xq.flatten(0, 1)]))
 
 
+def test_a_split_that_is_not_eight_bit_after_all_is_kept_as_floats():
+    from bilevel_maml.data._learn2learn import import_learn2learn
+
+    l2l = import_learn2learn()
+    values = [torch.randint(0, 256, (1, 3, 3)).float() / 255.0 for _ in range(8)]
+    values[5] = torch.rand(1, 3, 3)  # the first images are 8-bit, this one is not
+
+    class Mixed(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return values[i], i // 2
+
+    dataset = l2l.data.MetaDataset(Mixed())
+    taskset = l2l.data.Taskset(dataset, task_transforms=[
+        l2l.data.transforms.NWays(dataset, 2), l2l.data.transforms.KShots(dataset, 2),
+        l2l.data.transforms.LoadData(dataset)])
+    sampler = sampler_from_taskset(taskset, ways=2, shots=1, query_shots=1, device="cpu")
+    assert sampler.images.dtype == torch.float32
+    assert all(torch.equal(sampler.images[i], values[i]) for i in range(8))
+
+
 def test_what_has_no_device_equivalent_is_named():
     from bilevel_maml.data._learn2learn import import_learn2learn
 
@@ -217,6 +240,9 @@ def test_what_has_no_device_equivalent_is_named():
     plain = task_dataset(CharacterImages(coded_images()), WAYS, SHOTS + QUERY)
     with pytest.raises(UnsupportedTaskSource, match=r"need 0 MB on cpu, over the 0 MB left"):
         sampler_from_taskset(plain, WAYS, SHOTS, QUERY, "cpu", max_bytes=10)
+    with pytest.raises(UnsupportedTaskSource, match=r"^its 30 examples are more than the 29 loaded up front by "
+                                                    r"default \(--sampler device / sampler='device' loads them all\)$"):
+        sampler_from_taskset(plain, WAYS, SHOTS, QUERY, "cpu", max_examples=29)
 
 
 def engine_for(sampler, tasksets):

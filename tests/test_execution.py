@@ -137,7 +137,7 @@ def adam(params):
 
 
 @pytest.mark.parametrize("first_iteration", [False, True], ids=["with-state", "before-any-state"])
-def test_the_device_side_check_masks_the_step_and_leaves_theta_and_adam_unchanged(first_iteration):
+def test_a_failed_device_side_check_undoes_the_step_and_leaves_theta_and_adam_unchanged(first_iteration):
     # the env draws 2 tasks to probe vmap (restored), then 4 a meta-iteration
     built = engine("maml", vectorize=True, optimizer=adam, sampler=poisoned(2 + (0 if first_iteration else 4)))
     built.train()
@@ -210,6 +210,22 @@ def test_cuda_graphs_are_a_cuda_matter():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="^cuda_graph=True needs a CUDA device, the engine is on cpu$"):
             engine(cuda_graph=True)
+
+
+def test_a_checkpoint_of_a_captured_run_resumes_eagerly():
+    """A captured CUDA run saves its optimizer in capturable mode (with a scheduler, its learning rate
+    as a tensor); an eager engine, on a CPU say, switches it back when it loads the checkpoint."""
+    source = engine(optimizer=adam)
+    source.train()
+    source.meta_step()
+    for group in source.meta_learner.optimizer.param_groups:
+        group["capturable"], group["lr"] = True, torch.tensor(0.01)
+    resumed = engine(optimizer=adam)
+    resumed.load_state_dict(source.state_dict())
+    resumed.train()
+    assert math.isfinite(resumed.meta_step()["loss"])  # capturable Adam would refuse CPU tensors here
+    assert all(g["capturable"] is False and g["lr"] == pytest.approx(0.01)
+               for g in resumed.meta_learner.optimizer.param_groups)
 
 
 # -- the captured strategy's logic, with CPU stand-ins for its CUDA-only operations ----------------
@@ -303,12 +319,16 @@ def test_on_a_gpu_three_captured_meta_iterations_equal_eager_ones(algorithm):
     """The real thing: θ after the warm-up and 3 replayed meta-iterations equals eager θ (fp32,
     same tasks: the replays draw from the registered device generator like eager draws would)."""
     results = []
-    for cuda_graph in (False, True):
+    for cuda_graph in (False, False, True):
         torch.manual_seed(0)
         model = Conv4(5, hidden=16, image_size=16).cuda()
         upper_cls, lower_cls = ALGORITHMS[algorithm]
         extra = ({"cg_iterations": 3}, {"lam": 0.5}) if algorithm == "imaml" else ({}, {})
-        upper = upper_cls(model, torch.optim.Adam(model.parameters(), lr=1e-3), meta_batch_size=8, **extra[0])
+        # Adam's eps well above rounding noise: a conv bias before BatchNorm has a zero meta-gradient
+        # in exact arithmetic, and Adam's g/√v would turn the noise left in its place (which differs
+        # between cuDNN's eager and captured kernels) into full ±lr steps
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-3)
+        upper = upper_cls(model, optimizer, meta_batch_size=8, **extra[0])
         lower = lower_cls(model, inner_lr=0.1, inner_steps=2, **extra[1])
         env = EpisodicEnv(device_tasks(torch.float32).to("cuda"), ways=5, shots=1, query_shots=2, seed=3, device="cuda")
         built = MetaEngine(upper, lower, env, meta_iterations=CapturedExecution.WARMUP_ITERATIONS + 3,
@@ -316,10 +336,16 @@ def test_on_a_gpu_three_captured_meta_iterations_equal_eager_ones(algorithm):
         built.run()
         assert built.execution.name == ("cuda-graph" if cuda_graph else "eager"), built.eager_reason
         results.append(built)
-    eager, captured = results
+    eager, again, captured = results
     assert captured.execution.graph is not None
-    for a, b in zip(eager.meta_learner.trainable_parameters(), captured.meta_learner.trainable_parameters()):
-        assert torch.allclose(a, b, atol=1e-5, rtol=0), (a - b).abs().max()
+
+    def largest_difference(x, y):
+        return max((a - b).abs().max().item() for a, b in zip(x.meta_learner.trainable_parameters(),
+                                                                y.meta_learner.trainable_parameters()))
+
+    # the tolerance is 1e-5, or twice what two eager runs differ by if cuDNN's atomics make that more
+    noise = largest_difference(eager, again)
+    assert largest_difference(eager, captured) <= max(1e-5, 2 * noise), (largest_difference(eager, captured), noise)
     assert torch.equal(eager.env.generator.get_state(), captured.env.generator.get_state())
 
 
@@ -371,5 +397,5 @@ def test_on_a_gpu_bf16_runs_the_vectorized_convolutions_of_training_and_evaluati
         seen.append((trained, set(dtypes), report["loss"]))
         assert all(p.dtype == torch.float32 for p in model.parameters())  # θ itself stays float32
     (fp32_train, fp32_eval, _), (bf16_train, bf16_eval, bf16_loss) = seen
-    assert fp32_train == fp32_eval == {torch.float32}
-    assert bf16_train == bf16_eval == {torch.bfloat16} and math.isfinite(bf16_loss)
+    assert fp32_train == fp32_eval == {torch.float32}, seen
+    assert bf16_train == bf16_eval == {torch.bfloat16} and math.isfinite(bf16_loss), seen

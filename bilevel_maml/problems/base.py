@@ -56,13 +56,12 @@ class NonFiniteError(FloatingPointError):
 
 
 class IterationReadout:
-    """A meta-iteration's checks (each a 0-d bool tensor: was it finite?) and statistics (0-d
-    tensors), stacked into one device vector, so that the host reads them with one transfer."""
+    """A meta-iteration's checks (a bool vector: was each finite?) and statistics (0-d tensors),
+    joined into one device vector, so that the host reads them with one transfer."""
 
-    def __init__(self, checks: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]):
-        self.check_names, self.stat_names = list(checks), list(stats)
-        self.vector = torch.stack([*(c.to(torch.float64) for c in checks.values()),
-                                   *(v.to(torch.float64) for v in stats.values())])
+    def __init__(self, check_names: list[str], checks: torch.Tensor, stats: dict[str, torch.Tensor]):
+        self.check_names, self.stat_names = check_names, list(stats)
+        self.vector = torch.cat([checks.to(torch.float64), torch.stack(list(stats.values())).to(torch.float64)])
 
     def read(self) -> dict[str, float]:
         """The statistics as floats; raises :class:`NonFiniteError` for the first failed check."""
@@ -76,20 +75,43 @@ class IterationReadout:
         return stats
 
 
-@contextmanager
-def keep_unless(condition: torch.Tensor, optimizer: torch.optim.Optimizer):
-    """Run an optimizer step, then put every parameter and state tensor back where it was unless
-    ``condition`` (a 0-d bool tensor) holds: the step is taken or not without the host reading
-    ``condition``. State tensors the step created are reset to zero (a fresh state)."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    before = {id(t): t.detach().clone() for p in params
-              for t in (p, *(v for v in optimizer.state[p].values() if isinstance(v, torch.Tensor)))}
-    yield
-    with torch.no_grad():
-        for p in params:
-            for t in (p, *(v for v in optimizer.state[p].values() if isinstance(v, torch.Tensor))):
-                old = before.get(id(t))
-                t.copy_(torch.where(condition, t, old if old is not None else torch.zeros_like(t)))
+def _copy_all(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    # one multi-tensor kernel per device instead of a copy per tensor
+    by_device: dict[torch.device, tuple[list, list]] = {}
+    for d, s in zip(destinations, sources):
+        by_device.setdefault(d.device, ([], []))
+        by_device[d.device][0].append(d)
+        by_device[d.device][1].append(s)
+    for d, s in by_device.values():
+        torch._foreach_copy_(d, s)
+
+
+class StepSnapshot:
+    """θ and the optimizer's state as they were before an outer step, kept on the device so that a
+    step the host only later finds non-finite can be undone (:meth:`undo`) without the host
+    having read anything before it."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.tensors = [t for p in self.params for t in self._tensors_of(p)]
+        self.saved = [torch.empty_like(t) for t in self.tensors]
+        with torch.no_grad():
+            _copy_all(self.saved, self.tensors)
+
+    def _tensors_of(self, p):
+        return (p, *(v for v in self.optimizer.state[p].values() if isinstance(v, torch.Tensor)))
+
+    def undo(self) -> None:
+        """Put every saved tensor back; state tensors the step created are reset to zero (a
+        fresh state)."""
+        known = {id(t) for t in self.tensors}
+        with torch.no_grad():
+            _copy_all(self.tensors, self.saved)
+            for p in self.params:
+                for t in self._tensors_of(p):
+                    if id(t) not in known:
+                        t.zero_()
 
 
 class _NoRollBack:
@@ -316,13 +338,15 @@ class MetaLearner(_NoRollBack, Problem):
         self.tasks_in_batch: int | None = None
         #: False: the non-finite check is read on the host just before the outer step, which is
         #: skipped by raising (one synchronisation per meta-iteration). True (the captured CUDA-graph
-        #: step): the outer step is masked on the device instead, so θ and the optimizer state keep
-        #: their values, and the engine reads the check with the statistics after the iteration.
+        #: step): the step is taken on the device after a copy of θ and the optimizer state is kept
+        #: there (StepSnapshot); the engine reads the check with the statistics after the iteration
+        #: and, if it failed, puts the copy back before raising.
         self.check_on_device = False
         #: the meta-iteration's statistics and checks, as one device vector (see IterationReadout)
         self.readout: IterationReadout | None = None
         self._step_stats: list[dict[str, torch.Tensor]] = []
         self._read: dict | None = None
+        self._snapshot: StepSnapshot | None = None
 
     @property
     def task_learner(self) -> TaskLearner:
@@ -385,13 +409,17 @@ class MetaLearner(_NoRollBack, Problem):
             if p.grad is not None]
         stats = {key: torch.stack([s[key] for s in self._step_stats]).mean() for key in self._step_stats[0]}
         self._step_stats = []
-        checks = {"the query loss": torch.isfinite(stats["loss"]).all()}
-        checks.update((f"the meta-gradient of {name!r}", torch.isfinite(p.grad).all()) for name, p in named)
-        self.readout = IterationReadout(checks, stats)
+        # A sum of |g| is finite exactly when every entry is (short of overflowing float's range),
+        # and one multi-tensor kernel takes it for every gradient.
+        magnitudes = torch._foreach_norm([p.grad for _, p in named], ord=1) if named else []
+        checks = torch.isfinite(torch.stack([stats["loss"].to(torch.float64),
+                                             *(m.to(torch.float64) for m in magnitudes)]))
+        names = ["the query loss", *(f"the meta-gradient of {name!r}" for name, _ in named)]
+        self.readout = IterationReadout(names, checks, stats)
         if self.check_on_device:
             self._read = None
-            with keep_unless(torch.stack(list(checks.values())).all(), self.optimizer):
-                self._outer_step()
+            self._snapshot = StepSnapshot(self.optimizer)
+            self._outer_step()
         else:
             self._read = self.readout.read()  # raises before θ changes if a check failed
             self._outer_step()
@@ -405,7 +433,14 @@ class MetaLearner(_NoRollBack, Problem):
         """The meta-iteration's statistics as floats (read from the device now if the check was
         left there), then one step of the LR scheduler. Raises :class:`NonFiniteError` naming what
         was not finite; θ and the optimizer then hold their values from before the iteration."""
-        stats = self._read if self._read is not None else self.readout.read()
+        if self._read is not None:
+            stats = self._read
+        else:
+            try:
+                stats = self.readout.read()
+            except NonFiniteError:
+                self._snapshot.undo()
+                raise
         self._read = None
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()

@@ -1,0 +1,121 @@
+"""Where a meta-iteration's GPU time goes: its kernels grouped by kind, and what cuDNN's autotuner changes.
+
+    python3 benchmarks/gpu_kernels.py --data-root $BILEVEL_MAML_DATA --steps 1 5
+
+For ours (MAML, vectorized, the setting of ``meta_iteration.py``): the number of kernels one eager
+meta-iteration launches and the GPU time they take, by kind and the heaviest by name (this is the
+floor a CUDA graph can reach: it removes the gaps between kernels, not the kernels), then the
+captured meta-iteration's median time with ``torch.backends.cudnn.benchmark`` off and on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import network, omniglot_tasks  # noqa: E402
+from implementations import PRECISION, ours  # noqa: E402
+
+from bilevel_maml.execution import precision_scope  # noqa: E402
+
+#: kernel kinds, by substrings of the kernel's name (first match wins)
+KINDS = {
+    "convolution": ("conv", "implicit_gemm", "wgrad", "dgrad", "fprop", "cudnn", "xmma", "sm90_", "cutlass"),
+    "matrix product": ("gemm", "gemv", "cublas"),
+    "batch norm": ("batch_norm", "batchnorm", "bn_"),
+    "max-pool": ("max_pool", "maxpool", "pool"),
+    "reduction": ("reduce", "sum", "norm_kernel"),
+    "copy": ("copy", "memcpy", "memset", "cat", "index", "gather", "scatter"),
+    "element-wise": ("elementwise", "vectorized", "foreach", "unrolled"),
+}
+
+
+def kind_of(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, keys in KINDS.items() if any(key in lowered for key in keys)), "other")
+
+
+def kernel_profile(step) -> list[tuple[str, int, float]]:
+    """(name, count, GPU seconds) of every kernel one call of ``step`` launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as profiled:
+        step()
+        torch.cuda.synchronize()
+    totals = defaultdict(lambda: [0, 0.0])
+    for event in profiled.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.name][0] += 1
+            totals[event.name][1] += event.device_time_total / 1e6
+    return sorted(((name, c, s) for name, (c, s) in totals.items()), key=lambda row: -row[2])
+
+
+def median_seconds(step, repeats: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="gpu_kernels.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", default="../shared/data/omniglot-small")
+    parser.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="tf32")
+    parser.add_argument("--steps", type=int, nargs="+", default=[1, 5])
+    parser.add_argument("--queries", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--top", type=int, default=15)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.exit(0, "gpu_kernels.py: no CUDA device here; nothing to measure\n")
+    device = torch.device("cuda")
+    PRECISION["value"] = args.precision
+    tasks = omniglot_tasks(args.data_root, 32, 5, 1, args.queries, device)
+    summary = []
+    for steps in args.steps:
+        torch.manual_seed(0)
+        eager = ours("maml", True, network("conv4", device), tasks, steps)
+        for _ in range(3):
+            eager()
+        with precision_scope(args.precision, device):
+            kernels = kernel_profile(eager)
+        total = sum(s for _, _, s in kernels)
+        print(f"\n{steps} inner step(s), {args.precision}: one eager meta-iteration launches "
+              f"{sum(c for _, c, _ in kernels)} kernels, {total * 1e3:.2f} ms of GPU time")
+        by_kind = defaultdict(lambda: [0, 0.0])
+        for name, count, seconds in kernels:
+            by_kind[kind_of(name)][0] += count
+            by_kind[kind_of(name)][1] += seconds
+        for kind, (count, seconds) in sorted(by_kind.items(), key=lambda kv: -kv[1][1]):
+            print(f"  {kind:<16} {count:5d} kernels {seconds * 1e3:8.2f} ms {100 * seconds / total:5.1f}%")
+        print(f"  heaviest {args.top}:")
+        for name, count, seconds in kernels[:args.top]:
+            print(f"    {seconds * 1e3:7.2f} ms {count:4d}×  {name[:110]}")
+        timings = {}
+        for autotune in (False, True):
+            torch.backends.cudnn.benchmark = autotune
+            torch.manual_seed(0)
+            captured = ours("maml", True, network("conv4", device), tasks, steps, cuda_graph=True)
+            timings[autotune] = median_seconds(captured, args.repeats)
+        torch.backends.cudnn.benchmark = False
+        summary.append((steps, total, timings[False], timings[True]))
+    print("\nsteps  eager kernels' GPU time  captured  captured, cudnn.benchmark")
+    for steps, total, plain, tuned in summary:
+        print(f"{steps:5d}  {total * 1e3:20.2f} ms  {plain * 1e3:6.2f} ms  {tuned * 1e3:12.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
