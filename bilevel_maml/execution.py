@@ -110,9 +110,7 @@ def check_precision(precision: str | None, device, dtype: torch.dtype | None = N
     if precision == "tf32" and device.type != "cuda":
         raise ValueError(f"precision='tf32' is a CUDA tensor-core mode; on {device.type} use fp32")
     if precision == "bf16" and device.type != "cuda":
-        # CPU autocast lists conv2d but not the aten.convolution that vmap's batching rule calls
-        raise ValueError(f"precision='bf16' needs CUDA (on {device.type}, autocast would leave the vectorized "
-                         f"convolutions in float32); on {device.type} use fp32")
+        raise ValueError(f"precision='bf16' is a CUDA mode; on {device.type} use fp32")
     if precision != "fp32" and dtype is not None and dtype != torch.float32:
         raise ValueError(f"precision={precision!r} lowers float32 arithmetic; with dtype={dtype} use precision='fp32'")
     return precision

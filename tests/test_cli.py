@@ -167,7 +167,7 @@ def test_a_device_sampled_run_resumes_to_exactly_the_same_theta(tmp_path, omnigl
 @pytest.mark.parametrize("flags, message", [
     (["--cuda-graph"], "--cuda-graph needs a CUDA device, got --device cpu"),
     (["--precision", "tf32"], "--precision: precision='tf32' is a CUDA tensor-core mode; on cpu use fp32"),
-    (["--precision", "bf16"], "--precision: precision='bf16' needs CUDA"),
+    (["--precision", "bf16"], "--precision: precision='bf16' is a CUDA mode"),
 ])
 def test_cuda_only_options_on_the_cpu_are_refused_in_one_line(tmp_path, flags, message):
     with pytest.raises(SystemExit) as stop:

@@ -357,8 +357,7 @@ def test_precision_is_resolved_per_device_and_bad_combinations_are_refused():
     assert check_precision("bf16", "cuda", torch.float32) == "bf16"
     with pytest.raises(ValueError, match="^precision='tf32' is a CUDA tensor-core mode; on cpu use fp32$"):
         check_precision("tf32", "cpu")
-    with pytest.raises(ValueError, match=r"^precision='bf16' needs CUDA \(on cpu, autocast would leave the "
-                                         r"vectorized convolutions in float32\); on cpu use fp32$"):
+    with pytest.raises(ValueError, match=r"^precision='bf16' is a CUDA mode; on cpu use fp32$"):
         check_precision("bf16", "cpu")
     with pytest.raises(ValueError, match="with dtype=torch.float64 use precision='fp32'"):
         check_precision("bf16", "cuda", torch.float64)

@@ -33,3 +33,26 @@ def test_strided_conv4_is_learn2learns_omniglot_cnn():
 def test_conv4_refuses_an_unknown_downsampling():
     with pytest.raises(ValueError, match=r"downsample='avg'; choose one of: max-pool, stride"):
         Conv4(5, downsample="avg")
+
+
+def test_the_built_in_convolutions_follow_autocast_under_vmap_where_nn_conv2d_does_not():
+    # vmap's batching rule calls aten.convolution, which autocast's lists miss; CPU autocast shows
+    # the same gap as CUDA's (seen on an H100), so the property is tested here
+    from torch.func import functional_call, vmap
+
+    from bilevel_maml.models import Conv2d
+
+    x = torch.randn(3, 2, 1, 8, 8)
+    for layer, expected in ((Conv2d(1, 4, 3), torch.bfloat16), (torch.nn.Conv2d(1, 4, 3), torch.float32)):
+        params = {k: v.detach().expand(3, *v.shape) for k, v in layer.named_parameters()}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = vmap(lambda xi, p: functional_call(layer, p, (xi,)))(x, params)
+        assert out.dtype == expected, type(layer)
+    model = Conv4(5, hidden=4, image_size=16)
+    x = torch.randn(3, 2, 1, 16, 16)
+    seen = []
+    model.features[0][0].register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    params = {k: v.detach().expand(3, *v.shape) for k, v in model.named_parameters()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        vmap(lambda xi, p: functional_call(model, p, (xi,)))(x, params)
+    assert seen == [torch.bfloat16]
