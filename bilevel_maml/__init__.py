@@ -3,6 +3,7 @@
 from bilevel_maml.builder import build_engine
 from bilevel_maml.engine import MetaEngine
 from bilevel_maml.env import EpisodicEnv
+from bilevel_maml.stopping import GracefulStop
 from bilevel_maml.problems import (
     ALGORITHMS,
     ANILLower,
@@ -29,6 +30,7 @@ __all__ = [
     "EpisodicEnv",
     "FOMAMLLower",
     "FOMAMLUpper",
+    "GracefulStop",
     "IMAMLLower",
     "IMAMLUpper",
     "MAMLLower",

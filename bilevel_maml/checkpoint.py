@@ -1,15 +1,22 @@
-"""Checkpoints that survive a kill at any moment, and resume to exactly the same θ.
+"""Checkpoints that survive a kill at any moment, damage on disk, and a hostile sender.
 
 A checkpoint holds θ, the outer optimizer and scheduler states, the iteration and step counters,
 the global torch/NumPy/Python random states, every env's task-sampler state, the best validation
-result, the training history and the run's configuration. It is written to a temporary file in the
-same folder, flushed to disk and renamed over the old one, so a kill during a write leaves the last
-good checkpoint intact.
+result, the training history and the run's configuration.
+
+* Every write goes to a temporary file in the same folder, is flushed to disk and renamed over the
+  old one, so a kill or a failed write (a full disk) leaves the checkpoints written before intact.
+* ``last.pt`` keeps its predecessor as ``previous.pt``; :func:`newest_intact` picks the newest of
+  ``last.pt``, ``previous.pt`` and ``best.pt`` that loads, so a damaged file costs at most a few
+  meta-iterations, never the run.
+* Loading runs no code: ``torch.load(weights_only=True)`` accepts tensors and plain Python values
+  only, so a ``best.pt`` someone shared cannot execute anything when evaluated or resumed.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -17,42 +24,105 @@ import torch
 from bilevel_maml.distributed import is_main_process
 
 FORMAT_VERSION = 1
+#: the files :func:`newest_intact` considers, preferred in this order at equal iteration
+CHECKPOINT_FILES = ("last.pt", "previous.pt", "best.pt")
 
 
-def atomic_save(obj, path) -> Path:
+class CheckpointError(ValueError):
+    """A checkpoint that is damaged, not a bilevel_maml checkpoint, or unsafe to load."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (the older ones are intact)."""
+
+
+def atomic_save(obj, path, keep_previous=None) -> Path:
+    """Write ``obj`` to ``path`` atomically; with ``keep_previous``, the file ``path`` held is
+    moved there first (also atomically), once the new one is safely on disk."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    with open(partial, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(partial, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
+        os.replace(partial, path)
+    except BaseException as error:  # a full disk, or a second Ctrl-C mid-write: no half file stays behind
+        partial.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise CheckpointWriteError(f"could not write {path} ({error.strerror or error}); "
+                                       f"the checkpoints written before it are intact") from None
+        raise
     return path
 
 
-def save_checkpoint(path, engine, config: dict | None = None) -> Path:
+def save_checkpoint(path, engine, config: dict | None = None, keep_previous=None) -> Path:
     """Under torch.distributed every rank must call this (the state gathers every rank's task
     stream); rank 0 writes the file."""
     state = engine.state_dict()
     if is_main_process():
-        atomic_save({"format": FORMAT_VERSION, "config": config or {}, "engine": state}, path)
+        atomic_save({"format": FORMAT_VERSION, "config": config or {}, "engine": state}, path, keep_previous)
     return Path(path)
 
 
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:  # torch's refusal puts the reason on a line of its own
+        if "Unsupported global" in line or "Unsupported operand" in line:
+            return line.replace("WeightsUnpickler error: ", "")
+    return lines[0] if lines else type(error).__name__
+
+
 def load_checkpoint(path) -> dict:
+    """Load and check a checkpoint written by :func:`save_checkpoint`; raises
+    :class:`CheckpointError` (one line naming the file and what is wrong) for anything else."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if checkpoint.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path} is not a bilevel_maml checkpoint of format {FORMAT_VERSION}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(f"{path} holds more than tensors and plain values ({_first_line(error)}); "
+                              f"refused: loading it could run code") from None
+    except Exception as error:  # torch reports a truncated or garbled file in many ways
+        raise CheckpointError(f"{path} is damaged or not a checkpoint "
+                              f"({type(error).__name__}: {_first_line(error)})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} is not a bilevel_maml checkpoint of format {FORMAT_VERSION}")
+    engine = checkpoint.get("engine")
+    if not isinstance(engine, dict) or not {"meta_iteration", "theta", "optimizer"} <= engine.keys():
+        raise CheckpointError(f"{path} lacks the engine state a bilevel_maml checkpoint holds")
     return checkpoint
 
 
+def newest_intact(folder) -> tuple[Path, dict, list[str]]:
+    """The newest checkpoint in ``folder`` that loads: ``(path, checkpoint, problems)`` where
+    ``problems`` says what was wrong with any newer or preferred file that did not."""
+    folder = Path(folder)
+    found, problems = [], []
+    for preference, name in enumerate(CHECKPOINT_FILES):
+        path = folder / name
+        if not path.exists():
+            continue
+        try:
+            checkpoint = load_checkpoint(path)
+        except (CheckpointError, OSError) as error:
+            problems.append(str(error))
+            continue
+        found.append((checkpoint["engine"]["meta_iteration"], -preference, path, checkpoint))
+    if not found:
+        detail = "; ".join(problems) if problems else f"none of {', '.join(CHECKPOINT_FILES)} is there"
+        raise FileNotFoundError(f"no intact checkpoint in {folder}: {detail}")
+    _, _, path, checkpoint = max(found, key=lambda entry: entry[:2])
+    return path, checkpoint, problems
+
+
 class Checkpointer:
-    """Engine callback: ``last.pt`` every ``every`` meta-iterations and at the end, ``best.pt``
-    whenever validation improves."""
+    """Engine callback: ``last.pt`` (keeping the one before as ``previous.pt``) every ``every``
+    meta-iterations and at the end, ``best.pt`` whenever validation improves."""
 
     def __init__(self, folder, every: int, config: dict | None = None):
         if every < 1:
@@ -63,14 +133,21 @@ class Checkpointer:
         # A resumed run keeps the best checkpoint its earlier part found.
         self.last = self.folder / "last.pt" if (self.folder / "last.pt").exists() else None
         self.best = self.folder / "best.pt" if (self.folder / "best.pt").exists() else None
+        self.last_iteration: int | None = None
+
+    def save_last(self, engine) -> None:
+        self.last = save_checkpoint(self.folder / "last.pt", engine, self.config,
+                                    keep_previous=self.folder / "previous.pt")
+        self.last_iteration = engine.meta_iteration
 
     def on_iteration_end(self, engine, metrics):
         if engine.meta_iteration % self.every == 0:
-            self.last = save_checkpoint(self.folder / "last.pt", engine, self.config)
+            self.save_last(engine)
 
     def on_validation_end(self, engine, stats, improved):
         if improved:
             self.best = save_checkpoint(self.folder / "best.pt", engine, self.config)
 
     def on_train_end(self, engine):
-        self.last = save_checkpoint(self.folder / "last.pt", engine, self.config)
+        if self.last_iteration != engine.meta_iteration:  # else previous.pt would be a copy of last.pt
+            self.save_last(engine)

@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import secrets
+import signal
 import sys
 import time
 import tomllib
@@ -24,7 +28,7 @@ import torch
 from bilevel_maml import distributed
 from bilevel_maml.allocator import keep_freed_memory
 from bilevel_maml.builder import OPTIMIZERS, SAMPLERS, build_engine
-from bilevel_maml.checkpoint import Checkpointer, atomic_save, load_checkpoint
+from bilevel_maml.checkpoint import CHECKPOINT_FILES, Checkpointer, CheckpointWriteError, load_checkpoint, newest_intact
 from bilevel_maml.data.sources import DATASETS, load_tasksets
 from bilevel_maml.engine import MetaEngine, NonFiniteError
 from bilevel_maml.execution import PRECISIONS, check_precision
@@ -32,9 +36,41 @@ from bilevel_maml.logging import WandbLogger
 from bilevel_maml.models import MODELS, build_model
 from bilevel_maml.problems import ALGORITHMS
 from bilevel_maml.progress import ProgressBar
+from bilevel_maml.runlock import RunFolderInUse, RunLock
+from bilevel_maml.stopping import GracefulStop, StoppedAtOnce, exit_status
+from bilevel_maml.validation import check_positive_int
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 RUN_FILES = ("config.json", "checkpoints/last.pt")
+
+
+class BadInput(SystemExit):
+    """Bad input, found before any work: :func:`main` prints the one-line message and exits with
+    status 2 (the message is also the exception's text, for callers of :func:`run`)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's usage block would bury the one line that matters
+        raise BadInput(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
+def _number(kind, smallest, description):
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"must be {description}, got {text!r}") from None
+        if kind is float and not math.isfinite(value) or value < smallest:
+            raise argparse.ArgumentTypeError(f"must be {description}, got {text!r}")
+        return value
+
+    convert.__name__ = description  # argparse names the type in some messages
+    return convert
+
+
+positive_int = _number(int, 1, "an integer >= 1")
+non_negative_int = _number(int, 0, "an integer >= 0")
+positive_float = _number(float, math.ulp(0.0), "a positive finite number")
 
 
 def _training_options(parser: argparse.ArgumentParser) -> None:
@@ -43,19 +79,19 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
     add("--dataset", choices=list(DATASETS), default="omniglot-small")
     add("--data-root", help="folder holding the dataset's files (default depends on --dataset)")
     add("--download", action="store_true", help="let learn2learn download missing benchmark files")
-    add("--ways", type=int, default=5, help="classes per task")
-    add("--shots", type=int, help="support examples per class (default: 1; 10 points for sinusoid)")
-    add("--query-shots", type=int, help="query examples per class (default: --shots)")
-    add("--inner-steps", type=int, default=1)
-    add("--inner-lr", type=float, help="inner-loop SGD step size (default depends on --dataset)")
-    add("--meta-lr", type=float, default=1e-3)
-    add("--meta-batch-size", type=int, default=8, help="tasks per meta-update")
-    add("--iterations", type=int, default=200, help="meta-iterations (outer updates)")
+    add("--ways", type=positive_int, default=5, help="classes per task")
+    add("--shots", type=positive_int, help="support examples per class (default: 1; 10 points for sinusoid)")
+    add("--query-shots", type=positive_int, help="query examples per class (default: --shots)")
+    add("--inner-steps", type=positive_int, default=1)
+    add("--inner-lr", type=positive_float, help="inner-loop SGD step size (default depends on --dataset)")
+    add("--meta-lr", type=positive_float, default=1e-3)
+    add("--meta-batch-size", type=positive_int, default=8, help="tasks per meta-update")
+    add("--iterations", type=positive_int, default=200, help="meta-iterations (outer updates)")
     add("--optimizer", choices=sorted(OPTIMIZERS), default="adam", help="outer optimizer")
     add("--model", choices=MODELS, help="backbone (default depends on --dataset)")
-    add("--width", type=int, help="backbone width: conv4 filters, resnet12 first stage, mlp hidden units")
-    add("--lam", type=float, default=1.0, help="iMAML proximal strength λ")
-    add("--cg-iterations", type=int, default=5, help="iMAML conjugate-gradient iterations")
+    add("--width", type=positive_int, help="backbone width: conv4 filters, resnet12 first stage, mlp hidden units")
+    add("--lam", type=positive_float, default=1.0, help="iMAML proximal strength λ")
+    add("--cg-iterations", type=positive_int, default=5, help="iMAML conjugate-gradient iterations")
     add("--vectorize", action=argparse.BooleanOptionalAction, default=True,
         help="adapt the meta-batch at once with torch.func.vmap (default) or task by task")
     add("--sampler", choices=SAMPLERS, default="auto",
@@ -66,20 +102,20 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
     add("--precision", choices=PRECISIONS,
         help="fp32: no TF32; tf32: TF32 convolutions and matmuls (CUDA); bf16: autocast "
              "(default: tf32 on CUDA, fp32 elsewhere)")
-    add("--seed", type=int, default=0)
+    add("--seed", type=non_negative_int, default=0)
     add("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     add("--dtype", choices=sorted(DTYPES), default="float32")
-    add("--valid-every", type=int, default=50, help="validate every this many meta-iterations")
-    add("--valid-tasks", type=int, default=100)
-    add("--test-tasks", type=int, default=600, help="tasks in the final test report")
-    add("--checkpoint-every", type=int, default=50, help="write checkpoints/last.pt every N meta-iterations")
+    add("--valid-every", type=positive_int, default=50, help="validate every this many meta-iterations")
+    add("--valid-tasks", type=positive_int, default=100)
+    add("--test-tasks", type=positive_int, default=600, help="tasks in the final test report")
+    add("--checkpoint-every", type=positive_int, default=50, help="write checkpoints/last.pt every N meta-iterations")
     add("--output", help="run folder (default: runs/<algorithm>-<dataset>-<ways>w<shots>s-seed<seed>)")
     _distributed_options(parser)
     _logging_options(parser)
 
 
 def _distributed_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dist-timeout", type=float, default=distributed.DEFAULT_TIMEOUT_SECONDS,
+    parser.add_argument("--dist-timeout", type=positive_float, default=distributed.DEFAULT_TIMEOUT_SECONDS,
                         help="under torchrun: seconds a rank waits for the others before stopping with an error")
 
 
@@ -95,7 +131,7 @@ def _logging_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bilevel-maml", description=__doc__,
+    parser = _Parser(prog="bilevel-maml", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -106,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="accuracy ± 95%% CI of a checkpoint on test tasks")
     evaluate.add_argument("--output", help="run folder (uses checkpoints/best.pt, else last.pt)")
     evaluate.add_argument("--checkpoint", help="checkpoint file (instead of --output)")
-    evaluate.add_argument("--test-tasks", type=int, default=600)
+    evaluate.add_argument("--test-tasks", type=positive_int, default=600)
     evaluate.add_argument("--device", default=None, help="default: the run's device")
     evaluate.add_argument("--result", help="JSON file to write (default: <run folder>/evaluation.json)")
 
@@ -116,7 +152,7 @@ def _parser() -> argparse.ArgumentParser:
 
     resume = commands.add_parser("resume", help="continue an interrupted or finished run")
     resume.add_argument("--output", required=True, help="run folder holding checkpoints/last.pt")
-    resume.add_argument("--iterations", type=int, help="new total of meta-iterations (default: the run's)")
+    resume.add_argument("--iterations", type=positive_int, help="new total of meta-iterations (default: the run's)")
     resume.add_argument("--device", default=None, help="default: the run's device")
     _distributed_options(resume)
     _logging_options(resume)
@@ -128,25 +164,49 @@ def _config_file_arguments(path: str, parser: argparse.ArgumentParser) -> list[s
     argparse checks their values and explicit flags win."""
     file = Path(path)
     if not file.is_file():
-        raise SystemExit(f"bilevel-maml: --config file {path!r} does not exist")
-    if file.suffix == ".toml":
-        values = tomllib.loads(file.read_text())
-    elif file.suffix in (".yaml", ".yml"):
-        import yaml
+        raise BadInput(f"bilevel-maml: --config file {path!r} does not exist")
+    if file.suffix not in (".toml", ".yaml", ".yml"):
+        raise BadInput(f"bilevel-maml: --config must be a .yaml, .yml or .toml file, got {path!r}")
+    try:
+        text = file.read_text()
+        if file.suffix == ".toml":
+            values = tomllib.loads(text)
+        else:
+            import yaml
 
-        values = yaml.safe_load(file.read_text()) or {}
-    else:
-        raise SystemExit(f"bilevel-maml: --config must be a .yaml, .yml or .toml file, got {path!r}")
+            values = yaml.safe_load(text)
+    except Exception as error:  # tomllib/yaml syntax errors, undecodable bytes, unreadable files
+        where = " ".join(str(error).split())
+        raise BadInput(f"bilevel-maml: --config {path} is not valid {file.suffix[1:].upper()}: {where}") from None
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise BadInput(f"bilevel-maml: --config {path} must map option names to values, got a {type(values).__name__}")
     known = {a.dest: a for a in parser._actions if a.option_strings}
     arguments: list[str] = []
     for key, value in values.items():
-        dest = key.replace("-", "_")
+        dest = str(key).replace("-", "_")
         if dest not in known or dest in ("config", "help"):
             allowed = ", ".join(sorted(k for k in known if k not in ("config", "help")))
-            raise SystemExit(f"bilevel-maml: unknown option {key!r} in {path}; allowed: {allowed}")
-        flag = known[dest].option_strings[0]
+            raise BadInput(f"bilevel-maml: unknown option {key!r} in {path}; allowed: {allowed}")
+        action = known[dest]
+        flag = action.option_strings[0]
+        takes_list = action.nargs in ("*", "+")
+        if isinstance(value, (dict, list)) and not (takes_list and isinstance(value, list)) or (
+                isinstance(value, bool) and action.nargs != 0 and not isinstance(action, argparse.BooleanOptionalAction)):
+            raise BadInput(f"bilevel-maml: {key} = {value!r} in {path} must be a single "
+                           f"{'value' if action.type is None else action.type.__name__}")
+        for item in value if isinstance(value, list) else [value]:
+            if action.type is not None and not isinstance(item, bool) and item is not None:
+                try:
+                    action.type(str(item))
+                except argparse.ArgumentTypeError as error:
+                    raise BadInput(f"bilevel-maml: {key} = {item!r} in {path}: {error}") from None
+            if action.choices is not None and item is not None and str(item) not in action.choices:
+                raise BadInput(f"bilevel-maml: {key} = {item!r} in {path}: choose one of "
+                               f"{', '.join(map(str, action.choices))}")
         if isinstance(value, bool):
-            if isinstance(known[dest], argparse.BooleanOptionalAction):
+            if isinstance(action, argparse.BooleanOptionalAction):
                 arguments.append(flag if value else flag.replace("--", "--no-", 1))
             elif value:
                 arguments.append(flag)
@@ -174,9 +234,9 @@ def _device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as error:
-        raise SystemExit(f"bilevel-maml: invalid --device {name!r} ({error}); use cpu, cuda or cuda:N")
+        raise BadInput(f"bilevel-maml: invalid --device {name!r} ({error}); use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"bilevel-maml: --device {name} requested but CUDA is not available here; use --device cpu")
+        raise BadInput(f"bilevel-maml: --device {name} requested but CUDA is not available here; use --device cpu")
     return device
 
 
@@ -187,7 +247,7 @@ def _join_process_group(device: torch.device, timeout: float) -> torch.device:
     try:
         return distributed.init_from_environment(device, timeout)
     except ValueError as error:
-        raise SystemExit(f"bilevel-maml: {error}") from None
+        raise BadInput(f"bilevel-maml: {error}") from None
 
 
 def _run_config(args: argparse.Namespace) -> dict:
@@ -201,14 +261,29 @@ def _run_config(args: argparse.Namespace) -> dict:
     try:
         config["precision"] = check_precision(config["precision"], config["device"], DTYPES[config["dtype"]])
     except ValueError as error:
-        raise SystemExit(f"bilevel-maml: --precision: {error}") from None
+        raise BadInput(f"bilevel-maml: --precision: {error}") from None
     if config["cuda_graph"] and torch.device(config["device"]).type != "cuda":
-        raise SystemExit(f"bilevel-maml: --cuda-graph needs a CUDA device, got --device {config['device']}; "
+        raise BadInput(f"bilevel-maml: --cuda-graph needs a CUDA device, got --device {config['device']}; "
                          f"drop the flag (CUDA runs use graphs wherever they work)")
     if config["output"] is None:
         c = config
         config["output"] = f"runs/{c['algorithm']}-{c['dataset']}-{c['ways']}w{c['shots']}s-seed{c['seed']}"
+    _check_writable_folder("--output", Path(config["output"]))
+    if config["data_root"] is not None and Path(config["data_root"]).exists() and not Path(config["data_root"]).is_dir():
+        raise BadInput(f"bilevel-maml: --data-root {config['data_root']!r} is a file; pass the folder holding "
+                       f"the dataset's files")
     return config
+
+
+def _check_writable_folder(flag: str, folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise BadInput(f"bilevel-maml: {flag} {str(folder)!r} is a file; pass a folder (it is created if missing)")
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise BadInput(f"bilevel-maml: {flag} {str(folder)!r} cannot be written here ({existing} is not a "
+                       f"writable folder)")
 
 
 def build_from_config(config: dict, device: torch.device) -> MetaEngine:
@@ -217,7 +292,7 @@ def build_from_config(config: dict, device: torch.device) -> MetaEngine:
     tasksets = load_tasksets(config["dataset"], config["data_root"], config["ways"], config["shots"],
                              config["query_shots"], seed=config["seed"], download=config["download"])
     if spec.regression and config["model"] != "mlp":
-        raise SystemExit(f"bilevel-maml: --dataset sinusoid needs --model mlp, got {config['model']!r}")
+        raise BadInput(f"bilevel-maml: --dataset sinusoid needs --model mlp, got {config['model']!r}")
     torch.manual_seed(config["seed"])
     if spec.regression:
         model = build_model("mlp", 1, width=config["width"])
@@ -266,7 +341,8 @@ def _train(engine: MetaEngine, config: dict, output: Path, args: argparse.Namesp
     run_name = args.run_name or output.name
     if args.wandb != "disabled" and main:
         logger = WandbLogger(project=args.wandb_project, name=run_name, group=args.group,
-                             tags=args.tags, config=config, mode=args.wandb, dir=str(output))
+                             tags=args.tags, config=config, mode=args.wandb, dir=str(output),
+                             id=config.get("wandb_id"))
         engine.logger = logger
     if main:
         ranks = f" on {engine.world_size} processes" if engine.world_size > 1 else ""
@@ -274,7 +350,15 @@ def _train(engine: MetaEngine, config: dict, output: Path, args: argparse.Namesp
               f"{config['iterations']} meta-iterations of {config['meta_batch_size']} tasks{ranks} "
               f"(from iteration {engine.meta_iteration}), run folder {output}", flush=True)
     try:
-        engine.run()
+        with GracefulStop(engine):
+            engine.run()
+    except StoppedAtOnce as stop:
+        kept = checkpointer.last or checkpointer.best
+        if main:
+            print(f"bilevel-maml: {stop}; " + (f"the last checkpoint written is {kept}: continue with "
+                  f"`{_resume_command(engine, output)}`" if kept else "no checkpoint had been written yet"),
+                  file=sys.stderr, flush=True)
+        raise SystemExit(exit_status(stop.signum)) from None
     except distributed.RankFailure:
         if logger is not None:
             logger.finish()
@@ -286,6 +370,14 @@ def _train(engine: MetaEngine, config: dict, output: Path, args: argparse.Namesp
         if logger is not None:
             logger.finish()
         raise SystemExit(message) from None
+    if engine.stop_signal is not None:
+        if logger is not None:
+            logger.finish()
+        if main:
+            print(f"bilevel-maml: stopped by {signal.Signals(engine.stop_signal).name} after meta-iteration "
+                  f"{engine.meta_iteration} of {config['iterations']}; checkpoint written to {checkpointer.last}; "
+                  f"continue with `{_resume_command(engine, output)}`", file=sys.stderr, flush=True)
+        raise SystemExit(exit_status(engine.stop_signal))
     if not main:
         return {"rank": engine.rank, "iteration": engine.meta_iteration}
     if checkpointer.best is not None and engine.best_valid is not None:
@@ -308,42 +400,84 @@ def _train(engine: MetaEngine, config: dict, output: Path, args: argparse.Namesp
     return result
 
 
+def _resume_command(engine: MetaEngine, output: Path) -> str:
+    if engine.world_size > 1:
+        return f"torchrun --nproc_per_node {engine.world_size} -m bilevel_maml resume --output {output}"
+    return f"bilevel-maml resume --output {output}"
+
+
 def atomic_save_json(path: Path, data: dict) -> None:
     partial = path.with_name(f".{path.name}.partial")
     partial.write_text(json.dumps(data, indent=2, default=str))
     partial.replace(path)
 
 
+def _refuse_existing_run(output: Path) -> None:
+    if any((output / "checkpoints" / name).exists() for name in CHECKPOINT_FILES):
+        existing = [f for f in RUN_FILES if (output / f).exists()] or ["checkpoints"]
+        raise BadInput(f"bilevel-maml: {output} already holds a run ({', '.join(existing)}); continue it "
+                         f"with `bilevel-maml resume --output {output}` or choose another --output")
+
+
+def _lock(output: Path, engine: MetaEngine) -> RunLock | None:
+    """Rank 0 locks the run folder; every rank learns whether it could."""
+    lock, refusal = None, None
+    if engine.rank == 0:
+        try:
+            lock = RunLock(output).acquire()
+        except (RunFolderInUse, OSError) as error:
+            refusal = str(error)
+    refusal = distributed.broadcast_object(refusal, what="learning whether rank 0 could lock the run folder")
+    if refusal is not None:
+        raise BadInput(f"bilevel-maml: {refusal}")
+    return lock
+
+
 def command_train(args: argparse.Namespace) -> dict:
     device = _join_process_group(_device(args.device), args.dist_timeout)
     config = _run_config(args)
     output = Path(config["output"])
-    existing = [f for f in RUN_FILES if (output / f).exists()]
-    if (output / "checkpoints" / "last.pt").exists():
-        raise SystemExit(f"bilevel-maml: {output} already holds a run ({', '.join(existing)}); continue it "
-                         f"with `bilevel-maml resume --output {output}` or choose another --output")
+    _refuse_existing_run(output)
     engine = build_from_config(config, device)
-    distributed.barrier("checking the run folder on every rank")  # before rank 0 creates it
-    if engine.rank == 0:
-        output.mkdir(parents=True, exist_ok=True)
-        atomic_save_json(output / "config.json", config)
-    return _train(engine, config, output, args)
+    lock = _lock(output, engine)
+    try:
+        _refuse_existing_run(output)  # again, now that no other process can start one here
+        config["wandb_id"] = secrets.token_hex(4)
+        config["wandb_id"] = distributed.broadcast_object(config["wandb_id"], what="receiving the W&B run id")
+        if engine.rank == 0:
+            atomic_save_json(output / "config.json", config)
+        return _train(engine, config, output, args)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def command_resume(args: argparse.Namespace) -> dict:
     output = Path(args.output)
-    checkpoint = load_checkpoint(output / "checkpoints" / "last.pt")
+    if not output.is_dir():
+        raise BadInput(f"bilevel-maml resume: --output {str(output)!r} is not a run folder")
+    path, checkpoint, problems = newest_intact(output / "checkpoints")
+    if problems or path.name != "last.pt":
+        print(f"bilevel-maml resume: warning: {'; '.join(problems) + '; ' if problems else ''}continuing from "
+              f"{path} (iteration {checkpoint['engine']['meta_iteration']}), the newest intact checkpoint",
+              file=sys.stderr, flush=True)
     config = dict(checkpoint["config"])
+    config.setdefault("wandb_id", secrets.token_hex(4))
     if args.iterations is not None:
-        config["iterations"] = args.iterations
+        config["iterations"] = check_positive_int("--iterations", args.iterations)
     device = _join_process_group(_device(args.device or config["device"]), args.dist_timeout)
     config["world_size"] = distributed.world()[1]
     engine = build_from_config(config, device)
-    engine.load_state_dict(checkpoint["engine"])
-    if engine.meta_iteration >= config["iterations"]:
-        print(f"run already at iteration {engine.meta_iteration} of {config['iterations']}; "
-              f"pass --iterations to train further")
-    return _train(engine, config, output, args)
+    lock = _lock(output, engine)
+    try:
+        engine.load_state_dict(checkpoint["engine"])
+        if engine.meta_iteration >= config["iterations"]:
+            print(f"run already at iteration {engine.meta_iteration} of {config['iterations']}; "
+                  f"pass --iterations to train further")
+        return _train(engine, config, output, args)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def command_evaluate(args: argparse.Namespace) -> dict:
@@ -353,9 +487,9 @@ def command_evaluate(args: argparse.Namespace) -> dict:
         folder = Path(args.output) / "checkpoints"
         path = folder / "best.pt" if (folder / "best.pt").exists() else folder / "last.pt"
     else:
-        raise SystemExit("bilevel-maml evaluate: pass --output RUN_FOLDER or --checkpoint FILE")
+        raise BadInput("bilevel-maml evaluate: pass --output RUN_FOLDER or --checkpoint FILE")
     if distributed.launched_distributed():
-        raise SystemExit("bilevel-maml evaluate runs in one process; start it without torchrun")
+        raise BadInput("bilevel-maml evaluate runs in one process; start it without torchrun")
     checkpoint = load_checkpoint(path)
     config = checkpoint["config"]
     engine = build_from_config(config, _device(args.device or config["device"]))
@@ -376,7 +510,7 @@ def _bench(argv: list[str]) -> dict:
     harness is not part of the installed package)."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "meta_iteration.py"
     if not script.is_file():
-        raise SystemExit("bilevel-maml bench runs benchmarks/meta_iteration.py of a source checkout of bilevel_maml "
+        raise BadInput("bilevel-maml bench runs benchmarks/meta_iteration.py of a source checkout of bilevel_maml "
                          "(the comparison harness is not installed with the package); clone the repository and "
                          "install it with `pip install -e .`")
     sys.path.insert(0, str(script.parent))
@@ -393,7 +527,9 @@ def run(argv: list[str] | None = None) -> dict:
     command = {"train": command_train, "evaluate": command_evaluate, "resume": command_resume}[args.command]
     try:
         return command(args)
-    except (ValueError, TypeError, FileNotFoundError, distributed.RankFailure) as error:
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        raise BadInput(f"bilevel-maml {args.command}: {error}") from None
+    except (CheckpointWriteError, distributed.RankFailure) as error:
         raise SystemExit(f"bilevel-maml {args.command}: {error}") from None
     finally:
         distributed.shutdown()
@@ -401,7 +537,11 @@ def run(argv: list[str] | None = None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()  # this process is ours: reuse freed activations instead of page-faulting them in
-    run(argv)
+    try:
+        run(argv)
+    except BadInput as error:
+        print(error.code, file=sys.stderr)
+        return 2
     return 0
 
 

@@ -112,12 +112,12 @@ def broadcast_tensors(tensors, source: int = 0) -> None:
             dist.broadcast(tensor.data, src=source)
 
 
-def broadcast_object(obj, source: int = 0):
+def broadcast_object(obj, source: int = 0, what: str = "receiving rank 0's validation result"):
     """Rank ``source``'s ``obj`` on every rank."""
     if world()[1] == 1:
         return obj
     box = [obj]
-    with collective("receiving rank 0's validation result"):
+    with collective(what):
         dist.broadcast_object_list(box, src=source)
     return box[0]
 
@@ -137,3 +137,15 @@ def barrier(what: str = "waiting for the other ranks") -> None:
     if world()[1] > 1:
         with collective(what):
             dist.barrier()
+
+
+def largest(value: int, what: str) -> int:
+    """The largest ``value`` over the ranks (an agreement every rank reaches at the same point)."""
+    if world()[1] == 1:
+        return value
+    # gloo all-reduces CPU tensors; NCCL wants them on the rank's GPU
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    box = torch.tensor([value], dtype=torch.int64, device=device)
+    with collective(what):
+        dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return int(box.item())

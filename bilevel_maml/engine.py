@@ -23,7 +23,7 @@ from betty.configs import EngineConfig
 from betty.logging.logger_base import get_logger
 
 from bilevel_maml import distributed, evaluation, execution
-from bilevel_maml.env import EpisodicEnv, global_rng_state, set_global_rng_state
+from bilevel_maml.env import EpisodicEnv, global_rng_state, saveable_rng_state, set_global_rng_state
 from bilevel_maml.evaluation import mean_and_ci95
 from bilevel_maml.problems.base import MetaLearner, NonFiniteError, TaskLearner
 from bilevel_maml.validation import check_positive_int
@@ -114,6 +114,9 @@ class MetaEngine(Engine):
         self.meta_iteration = 0
         self.best_valid: dict | None = None
         self.history: list[dict] = []
+        #: the signal that asked :meth:`run` to stop after the current meta-iteration (set by
+        #: :class:`~bilevel_maml.stopping.GracefulStop`; a callback may set it too), else None
+        self.stop_signal: int | None = None
         #: objects with any of on_train_start(engine), on_iteration_end(engine, metrics),
         #: on_validation_end(engine, stats, improved), on_test_end(engine, stats), on_train_end(engine)
         self.callbacks: list = list(callbacks)
@@ -217,12 +220,14 @@ class MetaEngine(Engine):
         return self.execution.meta_step()
 
     def run(self) -> list[dict]:
-        """Meta-train until ``meta_iterations``; returns the per-iteration training statistics.
+        """Meta-train until ``meta_iterations``, or until :attr:`stop_signal` is set (then after the
+        meta-iteration under way); returns the per-iteration training statistics.
 
         Each meta-iteration's metrics (``train/*`` and, when it validates, ``validation/*``) go to
         the logger as one dict and to every callback's ``on_iteration_end``.
         """
         self.train()
+        self.stop_signal = None
         # As DDP does: every rank starts from rank 0's θ, then identical averaged updates keep them equal.
         distributed.broadcast_tensors(self.meta_learner.trainable_parameters())
         self._call("on_train_start")
@@ -243,8 +248,18 @@ class MetaEngine(Engine):
                 metrics.update({f"validation/{k}": v for k, v in self.validate().items()})
             self.logger.log(metrics, step=iteration)
             self._call("on_iteration_end", metrics)
+            if self._agree_to_stop():
+                break
         self._call("on_train_end")
         return self.history
+
+    def _agree_to_stop(self) -> bool:
+        """Whether any rank was asked to stop; every rank asks at the end of every meta-iteration,
+        so all stop after the same one."""
+        if self.world_size > 1:
+            agreed = distributed.largest(self.stop_signal or 0, "agreeing on whether to stop")
+            self.stop_signal = agreed or None
+        return self.stop_signal is not None
 
     def _call(self, hook: str, *args):
         for callback in self.callbacks:
@@ -260,7 +275,7 @@ class MetaEngine(Engine):
     def state_dict(self) -> dict:
         """Everything a resumed run needs to continue exactly as if never stopped."""
         upper = self.meta_learner
-        rng = global_rng_state()
+        rng = saveable_rng_state(global_rng_state())
         return {
             "meta_iteration": self.meta_iteration,
             "global_step": self.global_step,

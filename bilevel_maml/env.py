@@ -72,9 +72,26 @@ def global_rng_state(cuda: bool = True) -> dict:
     return state
 
 
+def _numpy_state(state):
+    """NumPy's legacy state as a tuple, from itself or from its :func:`saveable_rng_state` form."""
+    if isinstance(state, dict):
+        return (state["kind"], state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"],
+                state["cached_gaussian"])
+    return state
+
+
+def saveable_rng_state(state: dict) -> dict:
+    """``state`` with NumPy's entry as tensors and plain numbers, so that a checkpoint holding it
+    loads with ``torch.load(weights_only=True)`` (which refuses NumPy arrays)."""
+    kind, keys, pos, has_gauss, cached = _numpy_state(state["numpy"])
+    numpy_state = {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    return {**state, "numpy": numpy_state}
+
+
 def set_global_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(_numpy_state(state["numpy"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -256,7 +273,7 @@ class EpisodicEnv(Env):
         if self.on_device:
             return {"generator": self.generator.get_state(), "device": self.device.type,
                     "tasks_sampled": self.tasks_sampled}
-        return {"rng": self._rng, "tasks_sampled": self.tasks_sampled}
+        return {"rng": saveable_rng_state(self._rng), "tasks_sampled": self.tasks_sampled}
 
     def load_state_dict(self, state: dict) -> None:
         if self.on_device != ("generator" in state):
@@ -270,5 +287,5 @@ class EpisodicEnv(Env):
                                  f"{self.device.type}: resume on a {state['device']} device (its random stream differs)")
             self.generator.set_state(state["generator"])
         else:
-            self._rng = state["rng"]
+            self._rng = {**state["rng"], "numpy": _numpy_state(state["rng"]["numpy"])}
         self.tasks_sampled = state["tasks_sampled"]

@@ -27,12 +27,14 @@ class WandbLogger(LoggerBase):
     :param mode: ``"offline"`` (default: writes a local run folder, needs no account),
         ``"online"`` (uses the user's own API key) or ``"disabled"``.
     :param dir: folder under which wandb writes its ``wandb/`` run folders.
+    :param id: the W&B run id; a later logger with the same id continues that run
+        (``resume="allow"``), as ``bilevel-maml resume`` does.
     """
 
     MODES = ("offline", "online", "disabled")
 
     def __init__(self, project: str = "bilevel-maml", name: str | None = None, group: str | None = None,
-                 tags=None, config: dict | None = None, mode: str = "offline", dir=None):
+                 tags=None, config: dict | None = None, mode: str = "offline", dir=None, id: str | None = None):
         if mode not in self.MODES:
             raise ValueError(f"unknown wandb mode {mode!r}; choose one of: {', '.join(self.MODES)}")
         self.run = None
@@ -40,8 +42,10 @@ class WandbLogger(LoggerBase):
         try:
             import wandb
 
+            # with an id, a resumed training run continues the W&B run its first part started
+            resume = {"id": id, "resume": "allow"} if id else {}
             self.run = wandb.init(project=project, name=name, group=group, tags=list(tags or []) or None,
-                                  config=config, mode=mode, dir=dir, settings=wandb.Settings(silent=True))
+                                  config=config, mode=mode, dir=dir, settings=wandb.Settings(silent=True), **resume)
         except Exception as error:  # wandb must never be the reason a training run dies
             warnings.warn(f"wandb could not start ({error}); training continues without W&B logging")
 
@@ -129,11 +133,35 @@ def _records(path):
 
 
 def read_offline_run(run_dir) -> dict:
-    """Read an offline wandb run folder back: ``{"run", "config", "history", "summary", "artifacts"}``.
+    """Read an offline wandb run back: ``{"run", "config", "history", "summary", "artifacts", "parts"}``.
 
-    ``history`` is one dict per logged step (with ``_step``); ``summary`` holds the last value of
-    every key, as W&B shows it. Useful to inspect runs on machines that never sync.
+    A resumed training run continues its W&B run (same id), which offline wandb writes as one
+    more ``offline-run-<time>-<id>`` folder beside the first; every such folder of ``run_dir``'s id
+    is read, in the order written, and merged as ``wandb sync`` merges them: ``history`` is one
+    dict per logged step (with ``_step``), in step order, a step logged again (the iterations
+    redone after a kill) replacing the earlier row; ``summary`` holds the last value of every key,
+    as W&B shows it; ``parts`` lists the folders read. Useful on machines that never sync.
     """
+    import os
+    from pathlib import Path
+
+    run_dir = Path(run_dir)
+    run_id = run_dir.name.rsplit("-", 1)[-1]
+    parts = sorted(p for p in run_dir.parent.glob(f"offline-run-*-{run_id}") if p.is_dir()) or [run_dir]
+    read = [_read_one_offline_run(part) for part in parts]
+    rows: dict = {}
+    for part in read:
+        for row in part["history"]:
+            rows[row.get("_step", len(rows))] = row
+    merged = {"run": read[-1]["run"], "config": read[-1]["config"], "summary": {}, "artifacts": [],
+              "history": [rows[step] for step in sorted(rows)], "parts": [os.fspath(p) for p in parts]}
+    for part in read:
+        merged["summary"].update(part["summary"])
+        merged["artifacts"] += part["artifacts"]
+    return merged
+
+
+def _read_one_offline_run(run_dir) -> dict:
     import glob
     import json
     import os

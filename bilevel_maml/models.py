@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from bilevel_maml.validation import check_positive_int
+
 
 DOWNSAMPLING = ("max-pool", "stride")
 
@@ -132,6 +134,10 @@ def build_model(name: str, ways: int, in_channels: int = 1, image_size: int = 28
     Omniglot variant with stride-2 convolutions instead of max-pooling), ``resnet12`` (``width`` is the
     first stage's channels, default 64, then ×2.5, ×5, ×10) or ``mlp`` (two hidden layers of
     ``width``, default 40; ``ways`` outputs, or 1 for regression)."""
+    check_positive_int("ways", ways)
+    check_positive_int("in_channels", in_channels)
+    if width is not None:
+        check_positive_int("width", width)
     if name in ("conv4", "conv4-strided"):
         return Conv4(ways, in_channels=in_channels, hidden=width or 64, image_size=image_size,
                      downsample="stride" if name == "conv4-strided" else "max-pool")

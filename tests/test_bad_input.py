@@ -73,3 +73,16 @@ def test_missing_data_folder_says_where_the_data_must_be(tmp_path):
     with pytest.raises(DataNotFoundError, match="lacks images_background_small1.zip, images_background_small2.zip"):
         omniglot_small_tasksets(tmp_path, ways=5, samples_per_class=2)
     assert issubclass(DataNotFoundError, FileNotFoundError)
+
+
+@pytest.mark.parametrize("name, kwargs, message", [
+    ("conv4", dict(width=-3), "width must be an integer >= 1, got -3"),
+    ("resnet12", dict(width=0), "width must be an integer >= 1, got 0"),
+    ("mlp", dict(ways=0), "ways must be an integer >= 1, got 0"),
+])
+def test_models_refuse_sizes_that_are_not_positive(name, kwargs, message):
+    from bilevel_maml.models import build_model
+
+    arguments = {"ways": 5, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        build_model(name, arguments.pop("ways"), **arguments)

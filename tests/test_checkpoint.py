@@ -47,8 +47,9 @@ def test_a_run_killed_midway_and_resumed_ends_with_exactly_the_same_theta(tmp_pa
     killed_at = final_state(interrupted)["meta_iteration"]
     assert 40 <= killed_at < ITERATIONS, killed_at
 
-    subprocess.run([sys.executable, "-m", "bilevel_maml", "resume", "--output", str(interrupted),
-                    "--wandb", "disabled"], check=True, capture_output=True, timeout=300)
+    resumed = subprocess.run([sys.executable, "-m", "bilevel_maml", "resume", "--output", str(interrupted),
+                              "--wandb", "disabled"], check=True, capture_output=True, text=True, timeout=300)
+    assert f"(from iteration {killed_at})" in resumed.stdout  # started at the checkpoint, not from scratch
     straight, resumed = final_state(tmp_path / "straight"), final_state(interrupted)
     assert resumed["meta_iteration"] == straight["meta_iteration"] == ITERATIONS
     for name, value in straight["theta"].items():
@@ -70,6 +71,7 @@ def test_a_crash_during_a_write_leaves_the_last_good_checkpoint(tmp_path, monkey
         atomic_save({"format": 1, "value": 2}, path)
     monkeypatch.undo()
     assert torch.load(path)["value"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no partial file left behind
 
 
 def nan_after(tasks):

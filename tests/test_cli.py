@@ -91,13 +91,19 @@ def test_evaluate_reports_mean_and_ci_and_writes_json(tmp_path, capsys):
     assert f"MSE {result['loss']:.4f} ± {result['loss_ci95']:.4f} (95% CI over 25 test tasks)" in capsys.readouterr().out
 
 
-def test_train_refuses_to_overwrite_a_run_and_resume_extends_it(tmp_path):
+def test_train_refuses_to_overwrite_a_run_and_resume_extends_it(tmp_path, capsys):
     cli.run(sinusoid_run(tmp_path / "run"))
+    first = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["engine"]
     with pytest.raises(SystemExit, match="already holds a run .*bilevel-maml resume --output"):
         cli.run(sinusoid_run(tmp_path / "run"))
+    capsys.readouterr()
     cli.run(["resume", "--output", str(tmp_path / "run"), "--iterations", "8", "--wandb", "disabled",
              "--device", "cpu", "--no-progress"])
-    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["engine"]["meta_iteration"] == 8
+    assert f"(from iteration {first['meta_iteration']})" in capsys.readouterr().out
+    extended = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["engine"]
+    assert extended["meta_iteration"] == 8
+    # the first iterations were continued, not trained again
+    assert extended["history"][: first["meta_iteration"]] == first["history"]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -105,15 +111,16 @@ def test_train_refuses_to_overwrite_a_run_and_resume_extends_it(tmp_path):
     (["--dataset", "mini-imagenet", "--data-root", "{tmp}"], "mini-imagenet-cache-train.pkl"),
     (["--dataset", "omniglot-small", "--data-root", "{tmp}/absent"], "absent' does not exist. Place images_background_small1.zip"),
     (["--dataset", "sinusoid", "--model", "conv4"], "sinusoid needs --model mlp"),
-    (["--inner-steps", "0", "--dataset", "sinusoid"], "inner_steps must be an integer >= 1, got 0"),
+    (["--inner-steps", "0", "--dataset", "sinusoid"], "argument --inner-steps: must be an integer >= 1, got '0'"),
 ])
 def test_bad_runs_fail_before_training_with_a_clear_message(tmp_path, argv, message):
     if torch.cuda.device_count() > 7 and "cuda:7" in argv:
         pytest.skip("this machine has a cuda:7")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(cli.BadInput, match=message) as refused:
         cli.run(["train", "--output", str(tmp_path / "run"), "--wandb", "disabled", *argv])
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert "\n" not in str(refused.value)
+    assert not (tmp_path / "run").exists()
 
 
 def test_download_flag_hands_missing_benchmarks_to_learn2learn(tmp_path, monkeypatch):

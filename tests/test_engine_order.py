@@ -100,3 +100,22 @@ def test_theta_changes_only_at_meta_updates():
         engine.train_step()
     assert all(torch.equal(s, snapshots[0]) for s in snapshots)
     assert not torch.equal(model.weight, snapshots[0])
+
+
+@pytest.mark.parametrize("key, results, best", [
+    ("accuracy", [0.50, 0.70, 0.60, 0.70], (2, 0.70)),  # higher accuracy is better; a tie is no improvement
+    ("loss", [2.0, 1.0, 1.5, 1.0], (2, 1.0)),            # regression: lower loss is better
+])
+def test_the_best_validation_is_the_highest_accuracy_or_else_the_lowest_loss(key, results, best):
+    from types import SimpleNamespace
+
+
+    seen = []
+    fake = SimpleNamespace(rank=0, best_valid=None, meta_iteration=0,
+                           _call=lambda hook, stats, improved: seen.append(improved))
+    for iteration, value in enumerate(results, start=1):
+        stats = {"loss": 9.0, key: value} if key == "accuracy" else {"loss": value}
+        fake.meta_iteration, fake.validation = iteration, (lambda stats=stats: stats)
+        MetaEngine.validate(fake)
+    assert (fake.best_valid["iteration"], fake.best_valid[key]) == best
+    assert seen == [True, True, False, False]

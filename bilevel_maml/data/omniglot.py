@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 import zipfile
+import zlib
 from collections import namedtuple
 from pathlib import Path
 
@@ -63,10 +65,19 @@ def extract_subsets(root, cache_dir=None) -> dict[str, Path]:
     for key, archive_path in zip(("small1", "small2"), zips):
         folder = target / archive_path.stem
         done = folder / ".extracted"
-        if not done.is_file():
-            with zipfile.ZipFile(archive_path) as archive:
-                archive.extractall(target)
+        # the marker holds the zip's size: another zip of the same name (a re-download) is unzipped again
+        if not done.is_file() or done.read_text().strip() != str(archive_path.stat().st_size):
+            try:
+                with zipfile.ZipFile(archive_path) as archive:
+                    archive.extractall(target)
+            except (zipfile.BadZipFile, EOFError, zlib.error) as error:
+                raise ValueError(f"{archive_path} is not a readable zip archive ({error}); "
+                                 f"replace it with the official file") from None
+            if not folder.is_dir():
+                raise ValueError(f"{archive_path} does not hold the folder {archive_path.stem}/ that the official "
+                                 f"file holds; replace it with the official file")
             done.write_text(f"{archive_path.stat().st_size}\n")
+            (target / f"decoded-{IMAGE_SIZE}px.pt").unlink(missing_ok=True)  # decoded from the old files
         folders[key] = folder
     return folders
 
@@ -89,8 +100,11 @@ def _decode(png: Path) -> torch.Tensor:
     from PIL import Image
     from torchvision.transforms import functional as TF
 
-    with Image.open(png) as image:
-        small = image.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS)
+    try:
+        with Image.open(png) as image:
+            small = image.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS)
+    except (OSError, SyntaxError) as error:  # PIL's UnidentifiedImageError is an OSError; truncated PNGs raise either
+        raise ValueError(f"{png} does not decode as an image ({error})") from None
     return 1.0 - TF.to_tensor(small)
 
 
@@ -102,7 +116,11 @@ def load_characters(root, cache_dir=None) -> dict[str, dict[str, torch.Tensor]]:
     folders = extract_subsets(root, cache_dir)
     cached = folders["small1"].parent / f"decoded-{IMAGE_SIZE}px.pt"
     if cached.is_file():
-        return torch.load(cached)
+        try:  # a cache holds tensors only, so it loads without running code
+            return torch.load(cached, weights_only=True)
+        except Exception as error:
+            warnings.warn(f"the decoded-image cache {cached} is unreadable ({type(error).__name__}); decoding the "
+                          f"images again")
     decoded = {
         key: {c: torch.stack([_decode(png) for png in pngs]) for c, pngs in read_alphabet_folder(folder).items()}
         for key, folder in folders.items()

@@ -1,0 +1,29 @@
+"""``python self_signal.py K SIGNALS [DELAY] -- ARGV``: the console script's ``main(ARGV)``, with this
+process sending itself each of SIGNALS (comma-separated names, DELAY seconds apart) as meta-iteration
+K ends — a Ctrl-C or a scheduler's SIGTERM arriving at a known iteration."""
+
+import os
+import signal
+import sys
+import time
+
+from bilevel_maml import cli
+from bilevel_maml.engine import MetaEngine
+
+split = sys.argv.index("--")
+at, names = int(sys.argv[1]), sys.argv[2].split(",")
+delay = float(sys.argv[3]) if split > 3 else 0.0
+original = MetaEngine._call
+
+
+def _call(self, hook, *args):
+    original(self, hook, *args)
+    if hook == "on_iteration_end" and self.meta_iteration == at:
+        for index, name in enumerate(names):
+            if index:
+                time.sleep(delay)
+            os.kill(os.getpid(), getattr(signal, name))
+
+
+MetaEngine._call = _call
+sys.exit(cli.main(sys.argv[split + 1:]))

@@ -1,0 +1,180 @@
+"""Bad input at the console script: one line naming the flag (or key, or file), the bad value and
+what is allowed; exit status 2; no traceback; nothing written, no existing run touched."""
+
+import io
+import os
+import subprocess
+import sys
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+SINUSOID = ["--dataset", "sinusoid", "--iterations", "2", "--wandb", "disabled"]
+
+
+def omniglot_zips(folder: Path, small1: bytes, small2: bytes) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "images_background_small1.zip").write_bytes(small1)
+    (folder / "images_background_small2.zip").write_bytes(small2)
+    return folder
+
+
+def zip_of(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+# (command line with {run}, {new}, {tmp} placeholders, files to create, what the one line must say)
+CASES = [
+    (["train", "--width", "-3"], {}, ["--width", "'-3'", "integer >= 1"]),
+    (["train", "--width", "wide"], {}, ["--width", "'wide'", "integer >= 1"]),
+    (["train", "--ways", "0"], {}, ["--ways", "'0'", "integer >= 1"]),
+    (["train", "--query-shots", "0"], {}, ["--query-shots", "'0'", "integer >= 1"]),
+    (["train", "--inner-steps", "1.5"], {}, ["--inner-steps", "'1.5'", "integer >= 1"]),
+    (["train", "--inner-lr", "0"], {}, ["--inner-lr", "'0'", "positive finite number"]),
+    (["train", "--inner-lr", "nan"], {}, ["--inner-lr", "'nan'", "positive finite number"]),
+    (["train", "--meta-lr=-1e-3"], {}, ["--meta-lr", "'-1e-3'", "positive finite number"]),
+    (["train", "--meta-batch-size", "0"], {}, ["--meta-batch-size", "'0'", "integer >= 1"]),
+    (["train", "--iterations", "ten"], {}, ["--iterations", "'ten'", "integer >= 1"]),
+    (["train", "--lam=-inf"], {}, ["--lam", "'-inf'", "positive finite number"]),
+    (["train", "--cg-iterations", "0"], {}, ["--cg-iterations", "'0'", "integer >= 1"]),
+    (["train", "--seed", "-1"], {}, ["--seed", "'-1'", "integer >= 0"]),
+    (["train", "--valid-every", "0"], {}, ["--valid-every", "'0'", "integer >= 1"]),
+    (["train", "--test-tasks", "0"], {}, ["--test-tasks", "'0'", "integer >= 1"]),
+    (["train", "--checkpoint-every", "0"], {}, ["--checkpoint-every", "'0'", "integer >= 1"]),
+    (["train", "--dist-timeout", "0"], {}, ["--dist-timeout", "'0'", "positive finite number"]),
+    (["train", "--algorithm", "reptil"], {}, ["--algorithm", "'reptil'", "'maml'"]),
+    (["train", "--dataset", "imagenet"], {}, ["--dataset", "'imagenet'", "'omniglot-small'"]),
+    (["train", "--optimizer", "rmsprop"], {}, ["--optimizer", "'rmsprop'", "'adam'"]),
+    (["train", "--model", "vgg"], {}, ["--model", "'vgg'", "'conv4'"]),
+    (["train", "--dtype", "float16"], {}, ["--dtype", "'float16'", "'float32'"]),
+    (["train", "--precision", "fp8"], {}, ["--precision", "'fp8'", "'tf32'"]),
+    (["train", "--wandb", "maybe"], {}, ["--wandb", "'maybe'", "'offline'"]),
+    (["train", "--device", "tpu"], {}, ["--device", "'tpu'", "cpu, cuda or cuda:N"]),
+    (["train", "--precision", "bf16"], {}, ["--precision", "bf16", "on cpu use fp32"]),
+    (["train", "--model", "conv4"], {}, ["--model mlp", "'conv4'"]),
+    (["train", "--output", "{tmp}/a-file"], {"a-file": b"x"}, ["--output", "a-file", "is a file"]),
+    (["train", "--output", "{tmp}/a-file/run"], {"a-file": b"x"}, ["--output", "a-file/run", "cannot be written"]),
+    (["train", "--data-root", "{tmp}/a-file"], {"a-file": b"x"}, ["--data-root", "a-file", "is a file"]),
+    (["train", "--dataset", "omniglot-small", "--data-root", "{tmp}/empty-zips"], {"empty-zips": (b"", b"")},
+     ["images_background_small1.zip", "not a readable zip archive"]),
+    (["train", "--dataset", "omniglot-small", "--data-root", "{tmp}/garbage-zips"],
+     {"garbage-zips": (b"PK\x03\x04" + os.urandom(300), b"junk")},
+     ["images_background_small1.zip", "not a readable zip archive"]),
+    (["train", "--dataset", "omniglot-small", "--data-root", "{tmp}/bad-png"],
+     {"bad-png": (zip_of({"images_background_small1/Greek/character01/0394_01.png": b"not a png"}),
+                  zip_of({"images_background_small2/Greek/character01/0394_02.png": b"not a png"}))},
+     ["0394_01.png", "does not decode as an image"]),
+    (["train", "--config", "{tmp}/bad.yaml"], {"bad.yaml": b"ways: [5\nshots: 1\n"}, ["--config", "bad.yaml", "not valid YAML"]),
+    (["train", "--config", "{tmp}/bad.toml"], {"bad.toml": b"ways = = 5\n"}, ["--config", "bad.toml", "not valid TOML"]),
+    (["train", "--config", "{tmp}/list.yaml"], {"list.yaml": b"- 1\n- 2\n"}, ["list.yaml", "must map option names"]),
+    (["train", "--config", "{tmp}/words.yaml"], {"words.yaml": b"ways: five\n"}, ["ways = 'five'", "words.yaml", "integer >= 1"]),
+    (["train", "--config", "{tmp}/neg.yaml"], {"neg.yaml": b"width: -3\n"}, ["width = -3", "neg.yaml", "integer >= 1"]),
+    (["train", "--config", "{tmp}/lr.toml"], {"lr.toml": b'meta_lr = "fast"\n'}, ["meta_lr = 'fast'", "lr.toml", "positive finite"]),
+    (["train", "--config", "{tmp}/nan.toml"], {"nan.toml": b"inner_lr = nan\n"}, ["inner_lr = nan", "nan.toml", "positive finite"]),
+    (["train", "--config", "{tmp}/many.yaml"], {"many.yaml": b"ways: [5, 6]\n"}, ["ways = [5, 6]", "many.yaml", "single"]),
+    (["train", "--config", "{tmp}/typo.yaml"], {"typo.yaml": b"waays: 5\n"}, ["unknown option 'waays'", "typo.yaml"]),
+    (["train", "--config", "{tmp}/absent.yaml"], {}, ["--config", "absent.yaml", "does not exist"]),
+    (["train", "--config", "{tmp}/conf.json"], {"conf.json": b"{}"}, ["--config", "conf.json", ".yaml, .yml or .toml"]),
+    (["train", "--output", "{run}"], {}, ["already holds a run", "bilevel-maml resume --output"]),
+    (["resume", "--output", "{run}", "--iterations", "0"], {}, ["--iterations", "'0'", "integer >= 1"]),
+    (["resume", "--output", "{run}", "--device", "tpu"], {}, ["--device", "'tpu'"]),
+    (["resume", "--output", "{tmp}/nowhere"], {}, ["--output", "nowhere", "is not a run folder"]),
+    (["evaluate", "--output", "{run}", "--test-tasks", "0"], {}, ["--test-tasks", "'0'", "integer >= 1"]),
+    (["evaluate", "--checkpoint", "{tmp}/notes.pt"], {"notes.pt": b"just text"}, ["notes.pt", "damaged or not a checkpoint"]),
+    (["evaluate", "--checkpoint", "{tmp}/absent.pt"], {}, ["absent.pt", "no checkpoint"]),
+    (["evaluate"], {}, ["--output RUN_FOLDER or --checkpoint FILE"]),
+]
+
+
+@pytest.fixture(scope="module")
+def existing_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("existing") / "run"
+    done = subprocess.run([sys.executable, "-m", "bilevel_maml", "train", *SINUSOID, "--output", str(run)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return run
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def prepare(tmp: Path, files: dict) -> None:
+    for name, content in files.items():
+        path = tmp / name
+        if isinstance(content, tuple):
+            omniglot_zips(path, *content)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content)
+
+
+def run_case(index, argv, files, tmp_root: Path, run: Path):
+    tmp = tmp_root / f"case{index}"
+    tmp.mkdir()
+    prepare(tmp, files)
+    new = tmp / "new-run"
+    argv = [a.format(run=run, new=new, tmp=tmp) for a in argv]
+    if argv[0] == "train" and "--output" not in argv:
+        argv += ["--output", str(new)]
+    if argv[0] == "train" and "--dataset" not in argv and "--config" not in argv and "--model" not in argv:
+        argv += SINUSOID
+    elif argv[0] == "train" and "--dataset" not in argv:
+        argv += ["--dataset", "sinusoid", "--wandb", "disabled"]
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp / "cache"), OMP_NUM_THREADS="1")
+    done = subprocess.run([Path(sys.executable).parent / "bilevel-maml", *argv], capture_output=True, text=True,
+                          timeout=300, env=env)
+    return argv, done, new
+
+
+def test_bad_input_gets_one_line_and_exit_status_2_and_touches_nothing(tmp_path, existing_run):
+    assert len(CASES) >= 40
+    before = snapshot(existing_run)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        outcomes = list(pool.map(lambda item: run_case(item[0], item[1][0], item[1][1], tmp_path, existing_run),
+                                 enumerate(CASES)))
+    failures = []
+    for (argv, done, new), (_, _, expected) in zip(outcomes, CASES):
+        lines = done.stderr.strip().splitlines()
+        problems = []
+        if done.returncode != 2:
+            problems.append(f"exit status {done.returncode}")
+        if "Traceback" in done.stderr or len(lines) != 1:
+            problems.append(f"{len(lines)} lines on stderr")
+        missing = [text for text in expected if text not in done.stderr]
+        if missing:
+            problems.append(f"does not say {missing}")
+        if new.exists():
+            problems.append(f"created {new}")
+        if problems:
+            failures.append(f"{' '.join(argv)}: {'; '.join(problems)}\n    {done.stderr.strip()[-600:]}")
+    assert not failures, "\n".join(failures)
+    assert snapshot(existing_run) == before
+
+
+def test_the_decoded_image_cache_loads_without_running_code(tmp_path, omniglot_root, monkeypatch):
+    from bilevel_maml.data import omniglot
+
+    loaded = []
+    real_load = torch.load
+
+    def recording_load(*args, **kwargs):
+        loaded.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    omniglot.load_characters(omniglot_root, tmp_path)  # decodes and writes the cache
+    characters = omniglot.load_characters(omniglot_root, tmp_path)  # reads it back
+    assert loaded == [True] and len(characters["small1"]) > 0
+    cache = next(tmp_path.rglob("decoded-*px.pt"))
+    cache.write_bytes(b"damaged")
+    with pytest.warns(UserWarning, match="decoded-image cache .* is unreadable"):
+        again = omniglot.load_characters(omniglot_root, tmp_path)
+    assert again.keys() == characters.keys()
