@@ -465,15 +465,18 @@ def command_resume(args: argparse.Namespace) -> dict:
     config.setdefault("wandb_id", secrets.token_hex(4))
     if args.iterations is not None:
         config["iterations"] = check_positive_int("--iterations", args.iterations)
-    device = _join_process_group(_device(args.device or config["device"]), args.dist_timeout)
+    device = _device(args.device or config["device"])
+    reached, result = checkpoint["engine"]["meta_iteration"], output / "result.json"
+    if reached >= config["iterations"] and result.is_file():  # trained and tested: nothing left to do
+        print(f"bilevel-maml resume: {output} is finished (iteration {reached} of {config['iterations']}; test "
+              f"result in {result}); pass --iterations N with N > {reached} to train further", flush=True)
+        return json.loads(result.read_text())
+    device = _join_process_group(device, args.dist_timeout)
     config["world_size"] = distributed.world()[1]
     engine = build_from_config(config, device)
     lock = _lock(output, engine)
     try:
         engine.load_state_dict(checkpoint["engine"])
-        if engine.meta_iteration >= config["iterations"]:
-            print(f"run already at iteration {engine.meta_iteration} of {config['iterations']}; "
-                  f"pass --iterations to train further")
         return _train(engine, config, output, args)
     finally:
         if lock is not None:

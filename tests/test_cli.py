@@ -104,6 +104,13 @@ def test_train_refuses_to_overwrite_a_run_and_resume_extends_it(tmp_path, capsys
     assert extended["meta_iteration"] == 8
     # the first iterations were continued, not trained again
     assert extended["history"][: first["meta_iteration"]] == first["history"]
+    # a finished run is said to be finished and left as it is (no test run again, no new W&B run)
+    files = {p: p.read_bytes() for p in sorted((tmp_path / "run").rglob("*")) if p.is_file()}
+    capsys.readouterr()
+    result = cli.run(["resume", "--output", str(tmp_path / "run"), "--wandb", "offline", "--no-progress"])
+    assert f"{tmp_path / 'run'} is finished (iteration 8 of 8" in capsys.readouterr().out
+    assert result["iteration"] == json.loads((tmp_path / "run" / "result.json").read_text())["iteration"]
+    assert {p: p.read_bytes() for p in sorted((tmp_path / "run").rglob("*")) if p.is_file()} == files
 
 
 @pytest.mark.parametrize("argv, message", [
