@@ -545,6 +545,10 @@ def main(argv: list[str] | None = None) -> int:
     except BadInput as error:
         print(error.code, file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside meta-training (loading data, the final test): nothing to finish
+        print("bilevel-maml: stopped by SIGINT outside meta-training; the run folder's checkpoints are as last "
+              "written (`bilevel-maml resume` finishes a run whose test was cut short)", file=sys.stderr)
+        return exit_status(signal.SIGINT)
     return 0
 
 

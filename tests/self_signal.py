@@ -1,6 +1,7 @@
 """``python self_signal.py K SIGNALS [DELAY] -- ARGV``: the console script's ``main(ARGV)``, with this
 process sending itself each of SIGNALS (comma-separated names, DELAY seconds apart) as meta-iteration
-K ends — a Ctrl-C or a scheduler's SIGTERM arriving at a known iteration."""
+K ends — a Ctrl-C or a scheduler's SIGTERM arriving at a known iteration. K = ``test``: as the final
+test's evaluation begins."""
 
 import os
 import signal
@@ -11,19 +12,32 @@ from bilevel_maml import cli
 from bilevel_maml.engine import MetaEngine
 
 split = sys.argv.index("--")
-at, names = int(sys.argv[1]), sys.argv[2].split(",")
+at, names = sys.argv[1], sys.argv[2].split(",")
 delay = float(sys.argv[3]) if split > 3 else 0.0
 original = MetaEngine._call
 
 
+def send():
+    for index, name in enumerate(names):
+        if index:
+            time.sleep(delay)
+        os.kill(os.getpid(), getattr(signal, name))
+
+
 def _call(self, hook, *args):
     original(self, hook, *args)
-    if hook == "on_iteration_end" and self.meta_iteration == at:
-        for index, name in enumerate(names):
-            if index:
-                time.sleep(delay)
-            os.kill(os.getpid(), getattr(signal, name))
+    if hook == "on_iteration_end" and str(self.meta_iteration) == at:
+        send()
 
 
-MetaEngine._call = _call
+original_test = MetaEngine.test
+
+
+def test(self, *args, **kwargs):
+    if at == "test":
+        send()
+    return original_test(self, *args, **kwargs)
+
+
+MetaEngine._call, MetaEngine.test = _call, test
 sys.exit(cli.main(sys.argv[split + 1:]))

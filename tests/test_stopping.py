@@ -111,6 +111,18 @@ def test_a_repeated_signal_within_a_second_is_the_same_ctrl_c(tmp_path):
     assert "stopped by SIGINT after meta-iteration 3" in stopped.stderr
 
 
+def test_ctrl_c_during_the_final_test_is_one_line_and_resume_finishes_the_run(tmp_path, straight):
+    output = tmp_path / "run"
+    stopped = cli(training(output), signal_at="test", signals=("SIGINT",))
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    assert "Traceback" not in stopped.stderr
+    assert "stopped by SIGINT outside meta-training" in stopped.stderr
+    assert not (output / "result.json").exists()
+    resumed = cli(["resume", "--output", str(output)])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_run(output, straight)
+
+
 def test_resume_skips_damaged_checkpoints_and_still_ends_exactly(tmp_path, straight):
     output = tmp_path / "run"
     stopped = cli(training(output, checkpoint_every=1), signal_at=7, signals=("SIGTERM",))
