@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import torch
@@ -48,7 +49,7 @@ def atomic_save(obj, path, keep_previous=None) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         if keep_previous is not None and path.exists():
-            os.replace(path, keep_previous)
+            _keep_copy(path, Path(keep_previous))
         os.replace(partial, path)
     except BaseException as error:  # a full disk, or a second Ctrl-C mid-write: no half file stays behind
         partial.unlink(missing_ok=True)
@@ -57,6 +58,18 @@ def atomic_save(obj, path, keep_previous=None) -> Path:
                                        f"the checkpoints written before it are intact") from None
         raise
     return path
+
+
+def _keep_copy(path: Path, keep: Path) -> None:
+    """``keep`` becomes what ``path`` holds while ``path`` stays in place: a reader (or a kill) never
+    finds the newest checkpoint missing between the two renames."""
+    linked = keep.with_name(f".{keep.name}.{os.getpid()}.partial")
+    linked.unlink(missing_ok=True)
+    try:
+        os.link(path, linked)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(path, linked)
+    os.replace(linked, keep)
 
 
 def save_checkpoint(path, engine, config: dict | None = None, keep_previous=None) -> Path:
@@ -84,6 +97,8 @@ def load_checkpoint(path) -> dict:
         raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no checkpoint at {str(path)!r}") from None
     except pickle.UnpicklingError as error:
         raise CheckpointError(f"{path} holds more than tensors and plain values ({_first_line(error)}); "
                               f"refused: loading it could run code") from None

@@ -250,3 +250,19 @@ def test_a_run_folder_in_use_is_refused_and_a_stale_lock_taken_over(tmp_path, st
     assert taken.returncode == 0, taken.stderr[-2000:]
     assert f"taking over the lock on {output} left by process {dead.pid}, which is no longer running" in taken.stderr
     assert not (output / ".lock").exists()  # released at the end
+
+
+def test_rotation_never_leaves_the_newest_checkpoint_missing(tmp_path, monkeypatch):
+    """A kill (or a reader) between the renames still finds last.pt."""
+    atomic_save({"v": 1}, tmp_path / "last.pt")
+    real_replace, present = os.replace, []
+
+    def watching(source, target):
+        present.append((tmp_path / "last.pt").exists())
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", watching)
+    atomic_save({"v": 2}, tmp_path / "last.pt", keep_previous=tmp_path / "previous.pt")
+    assert len(present) == 2 and all(present)
+    assert torch.load(tmp_path / "previous.pt")["v"] == 1 and torch.load(tmp_path / "last.pt")["v"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "previous.pt"]
