@@ -38,7 +38,6 @@ from bilevel_maml.problems import ALGORITHMS
 from bilevel_maml.progress import ProgressBar
 from bilevel_maml.runlock import RunFolderInUse, RunLock
 from bilevel_maml.stopping import GracefulStop, StoppedAtOnce, exit_status
-from bilevel_maml.validation import check_positive_int
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 RUN_FILES = ("config.json", "checkpoints/last.pt")
@@ -132,7 +131,7 @@ def _logging_options(parser: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="bilevel-maml", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="meta-train, then report test accuracy")
@@ -194,8 +193,8 @@ def _config_file_arguments(path: str, parser: argparse.ArgumentParser) -> list[s
         takes_list = action.nargs in ("*", "+")
         if isinstance(value, (dict, list)) and not (takes_list and isinstance(value, list)) or (
                 isinstance(value, bool) and action.nargs != 0 and not isinstance(action, argparse.BooleanOptionalAction)):
-            raise BadInput(f"bilevel-maml: {key} = {value!r} in {path} must be a single "
-                           f"{'value' if action.type is None else action.type.__name__}")
+            raise BadInput(f"bilevel-maml: {key} = {value!r} in {path} must be a single value"
+                           + (f" ({action.type.__name__})" if action.type is not None else ""))
         for item in value if isinstance(value, list) else [value]:
             if action.type is not None and not isinstance(item, bool) and item is not None:
                 try:
@@ -264,7 +263,7 @@ def _run_config(args: argparse.Namespace) -> dict:
         raise BadInput(f"bilevel-maml: --precision: {error}") from None
     if config["cuda_graph"] and torch.device(config["device"]).type != "cuda":
         raise BadInput(f"bilevel-maml: --cuda-graph needs a CUDA device, got --device {config['device']}; "
-                         f"drop the flag (CUDA runs use graphs wherever they work)")
+                       f"drop the flag (CUDA runs use graphs wherever they work)")
     if config["output"] is None:
         c = config
         config["output"] = f"runs/{c['algorithm']}-{c['dataset']}-{c['ways']}w{c['shots']}s-seed{c['seed']}"
@@ -416,7 +415,7 @@ def _refuse_existing_run(output: Path) -> None:
     if any((output / "checkpoints" / name).exists() for name in CHECKPOINT_FILES):
         existing = [f for f in RUN_FILES if (output / f).exists()] or ["checkpoints"]
         raise BadInput(f"bilevel-maml: {output} already holds a run ({', '.join(existing)}); continue it "
-                         f"with `bilevel-maml resume --output {output}` or choose another --output")
+                       f"with `bilevel-maml resume --output {output}` or choose another --output")
 
 
 def _lock(output: Path, engine: MetaEngine) -> RunLock | None:
@@ -463,8 +462,8 @@ def command_resume(args: argparse.Namespace) -> dict:
               file=sys.stderr, flush=True)
     config = dict(checkpoint["config"])
     config.setdefault("wandb_id", secrets.token_hex(4))
-    if args.iterations is not None:
-        config["iterations"] = check_positive_int("--iterations", args.iterations)
+    if args.iterations is not None:  # checked by the parser
+        config["iterations"] = args.iterations
     device = _device(args.device or config["device"])
     reached, result = checkpoint["engine"]["meta_iteration"], output / "result.json"
     if reached >= config["iterations"] and result.is_file():  # trained and tested: nothing left to do
@@ -514,8 +513,8 @@ def _bench(argv: list[str]) -> dict:
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "meta_iteration.py"
     if not script.is_file():
         raise BadInput("bilevel-maml bench runs benchmarks/meta_iteration.py of a source checkout of bilevel_maml "
-                         "(the comparison harness is not installed with the package); clone the repository and "
-                         "install it with `pip install -e .`")
+                       "(the comparison harness is not installed with the package); clone the repository and "
+                       "install it with `pip install -e .`")
     sys.path.insert(0, str(script.parent))
     import meta_iteration
 
