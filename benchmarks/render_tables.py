@@ -93,9 +93,22 @@ def scaling_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def equal_iterations_table(report: dict) -> str:
+    settings = report["settings"]
+    lines = [f"{settings['iterations']} meta-iterations of {settings['meta_batch_size']} tasks each, conv4 with "
+             f"{settings['width']} filters, {settings['inner_steps']} inner step(s) of {settings['inner_lr']:g}, "
+             f"outer lr {settings['meta_lr']:g}, seed {settings['seed']}, device {settings['device']}, "
+             f"{settings['test_tasks']} test tasks.", "",
+             "| algorithm | held-out accuracy | training time |", "|---|---:|---:|"]
+    lines += [f"| {r['algorithm']} | {100 * r['accuracy']:.1f}% ± {100 * r['accuracy_ci95']:.1f}% | "
+              f"{r['training_seconds']:.0f} s |" for r in report["rows"]]
+    return "\n".join(lines)
+
+
 def render(report: dict) -> str:
     kind = report.get("kind") or ("meta_iteration" if "rows" in report else "equal_budget")
-    return {"meta_iteration": meta_iteration_table, "equal_budget": equal_budget_table, "scaling": scaling_table}[kind](report)
+    return {"meta_iteration": meta_iteration_table, "equal_budget": equal_budget_table, "scaling": scaling_table,
+            "equal_iterations": equal_iterations_table}[kind](report)
 
 
 def main(paths):

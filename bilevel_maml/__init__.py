@@ -1,4 +1,4 @@
-"""bilevel_maml: MAML, FOMAML, iMAML, Meta-SGD and ANIL as Betty bilevel problems, with exact meta-gradients."""
+"""bilevel_maml: MAML, FOMAML, iMAML, Meta-SGD, ANIL, MAML++, Reptile and BOIL as Betty bilevel problems, with exact meta-gradients."""
 
 from bilevel_maml.builder import build_engine
 from bilevel_maml.engine import MetaEngine
@@ -8,18 +8,26 @@ from bilevel_maml.problems import (
     ALGORITHMS,
     ANILLower,
     ANILUpper,
+    BOILLower,
+    BOILUpper,
     FOMAMLLower,
     FOMAMLUpper,
     IMAMLLower,
     IMAMLUpper,
     MAMLLower,
+    MAMLPlusPlusLower,
+    MAMLPlusPlusUpper,
     MAMLUpper,
     MetaLearner,
     MetaSGDLower,
     MetaSGDUpper,
+    ReptileLower,
+    ReptileUpper,
     TaskLearner,
+    current_inner_step,
     register_algorithm,
 )
+from bilevel_maml.plugins import load_plugin
 
 __version__ = "0.1.0"
 
@@ -27,6 +35,8 @@ __all__ = [
     "ALGORITHMS",
     "ANILLower",
     "ANILUpper",
+    "BOILLower",
+    "BOILUpper",
     "EpisodicEnv",
     "FOMAMLLower",
     "FOMAMLUpper",
@@ -34,12 +44,18 @@ __all__ = [
     "IMAMLLower",
     "IMAMLUpper",
     "MAMLLower",
+    "MAMLPlusPlusLower",
+    "MAMLPlusPlusUpper",
     "MAMLUpper",
     "MetaEngine",
     "MetaLearner",
     "MetaSGDLower",
     "MetaSGDUpper",
+    "ReptileLower",
+    "ReptileUpper",
     "TaskLearner",
     "build_engine",
+    "current_inner_step",
+    "load_plugin",
     "register_algorithm",
 ]

@@ -18,7 +18,8 @@ from bilevel_maml.data.device_sampler import (AUTO_MAX_EXAMPLES, DeviceTaskSampl
                                               device_memory_budget, sampler_from_taskset)
 from bilevel_maml.engine import MetaEngine
 from bilevel_maml.env import EpisodicEnv
-from bilevel_maml.problems import ALGORITHMS, IMAMLLower, IMAMLUpper
+from bilevel_maml.plugins import load_entry_points, unknown_algorithm
+from bilevel_maml.problems import ALGORITHMS, IMAMLLower, IMAMLUpper, split_options
 from bilevel_maml.validation import check_choice, check_positive, check_positive_int
 
 #: outer optimizers by name (``optimizer="adafactor"``, say)
@@ -136,10 +137,16 @@ def build_engine(
     sampler: str = "auto",
     cuda_graph: bool | None = None,
     precision: str | None = None,
+    algorithm_options: Mapping | None = None,
     verbose: bool = False,
 ) -> MetaEngine:
-    """Build a :class:`MetaEngine` for ``algorithm`` (``maml``, ``fomaml``, ``imaml`` or a
+    """Build a :class:`MetaEngine` for ``algorithm`` (a name of :data:`~bilevel_maml.ALGORITHMS`:
+    ``maml``, ``fomaml``, ``imaml``, ``metasgd``, ``anil``, ``maml++``, ``reptile``, ``boil``, or a
     registered variant) on ``model`` and ``tasksets``.
+
+    ``algorithm_options`` are keyword arguments of the algorithm's own Upper/Lower classes (MAML++'s
+    ``multi_step_loss=False``, ANIL's ``head="classifier"``, ...); each goes to the class that takes
+    it, and a name neither takes is an error listing those they do.
 
     ``lam`` (λ) and ``cg_iterations`` apply to iMAML. ``scheduler`` is a callable that takes the
     outer optimizer and returns an LR scheduler, stepped once per meta-update. ``regression``
@@ -158,7 +165,11 @@ def build_engine(
     from its own training task stream (rank 0's is the single-process stream) and the
     meta-gradients are averaged across ranks before every outer step.
     """
-    name = check_choice("algorithm", algorithm, ALGORITHMS)
+    load_entry_points()
+    if not isinstance(algorithm, str) or algorithm.lower() not in ALGORITHMS:
+        raise ValueError(unknown_algorithm(algorithm))
+    name = algorithm.lower()
+    upper_options, lower_options = split_options(name, dict(algorithm_options or {}))
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not regression:
@@ -215,8 +226,8 @@ def build_engine(
         upper_kwargs["cg_iterations"] = cg_iterations
     if issubclass(lower_cls, IMAMLLower):
         lower_kwargs["lam"] = lam
-    upper = upper_cls(model, outer, **upper_kwargs)
-    lower = lower_cls(model, **lower_kwargs)
+    upper = upper_cls(model, outer, **{**upper_kwargs, **upper_options})
+    lower = lower_cls(model, **{**lower_kwargs, **lower_options})
     return MetaEngine(
         upper,
         lower,

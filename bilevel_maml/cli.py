@@ -13,6 +13,7 @@ offline W&B run under ``wandb/`` and ``result.json`` / ``evaluation.json``.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -34,7 +35,8 @@ from bilevel_maml.engine import MetaEngine, NonFiniteError
 from bilevel_maml.execution import PRECISIONS, check_precision
 from bilevel_maml.logging import WandbLogger
 from bilevel_maml.models import MODELS, build_model
-from bilevel_maml.problems import ALGORITHMS
+from bilevel_maml.plugins import defining_modules, load_entry_points, load_plugin, unknown_algorithm
+from bilevel_maml.problems import ALGORITHMS, option_defaults, split_options
 from bilevel_maml.progress import ProgressBar
 from bilevel_maml.runlock import RunFolderInUse, RunLock
 from bilevel_maml.stopping import GracefulStop, StoppedAtOnce, exit_status
@@ -67,6 +69,39 @@ def _number(kind, smallest, description):
     return convert
 
 
+def _algorithm_name(text: str) -> str:
+    if text.lower() not in ALGORITHMS:
+        raise argparse.ArgumentTypeError(unknown_algorithm(text))
+    return text.lower()
+
+
+_algorithm_name.__name__ = "an algorithm name"
+
+
+def _option(text: str) -> tuple[str, object]:
+    name, equals, value = text.partition("=")
+    if not equals or not name.strip():
+        raise argparse.ArgumentTypeError(f"must be NAME=VALUE, got {text!r}")
+    return name.strip().replace("-", "_"), _option_value(value.strip())
+
+
+_option.__name__ = "NAME=VALUE"
+
+
+def _option_value(text: str):
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 positive_int = _number(int, 1, "an integer >= 1")
 non_negative_int = _number(int, 0, "an integer >= 0")
 positive_float = _number(float, math.ulp(0.0), "a positive finite number")
@@ -74,7 +109,15 @@ positive_float = _number(float, math.ulp(0.0), "a positive finite number")
 
 def _training_options(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    add("--algorithm", choices=sorted(ALGORITHMS), default="maml")
+    add("--algorithm", type=_algorithm_name, default="maml",
+        help=f"{', '.join(sorted(ALGORITHMS))}, or a variant a --plugin module or an entry point registers")
+    add("--option", dest="algorithm_options", type=_option, nargs="+", action="extend", default=[],
+        metavar="NAME=VALUE",
+        help="an option of the algorithm's own classes, e.g. --option multi_step_loss=false first_order_iterations=100 "
+             "for maml++ (true/false/none, numbers and words are understood)")
+    add("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
+        help="import MODULE first (it registers a variant with bilevel_maml.register_algorithm); recorded in the "
+             "run's config, so evaluate and resume import it too")
     add("--dataset", choices=list(DATASETS), default="omniglot-small")
     add("--data-root", help="folder holding the dataset's files (default depends on --dataset)")
     add("--download", action="store_true", help="let learn2learn download missing benchmark files")
@@ -144,6 +187,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--test-tasks", type=positive_int, default=600)
     evaluate.add_argument("--device", default=None, help="default: the run's device")
     evaluate.add_argument("--result", help="JSON file to write (default: <run folder>/evaluation.json)")
+    evaluate.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
+                          help="import MODULE first (besides the plugins the run's config names)")
 
     commands.add_parser("bench", help="meta-iteration, end-to-end and evaluation speed against learn2learn and JAX "
                                       "(benchmarks/meta_iteration.py of a source checkout; bench --help)",
@@ -153,6 +198,8 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("--output", required=True, help="run folder holding checkpoints/last.pt")
     resume.add_argument("--iterations", type=positive_int, help="new total of meta-iterations (default: the run's)")
     resume.add_argument("--device", default=None, help="default: the run's device")
+    resume.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first (besides the plugins the run's config names)")
     _distributed_options(resume)
     _logging_options(resume)
     return parser
@@ -190,7 +237,11 @@ def _config_file_arguments(path: str, parser: argparse.ArgumentParser) -> list[s
             raise BadInput(f"bilevel-maml: unknown option {key!r} in {path}; allowed: {allowed}")
         action = known[dest]
         flag = action.option_strings[0]
-        takes_list = action.nargs in ("*", "+")
+        if dest == "algorithm_options" and isinstance(value, dict):  # a table: {name = value, ...}
+            value = [f"{name}={'none' if v is None else str(v).lower() if isinstance(v, bool) else v}"
+                     for name, v in value.items()]
+        repeatable = isinstance(action, argparse._AppendAction)
+        takes_list = action.nargs in ("*", "+") or repeatable
         if isinstance(value, (dict, list)) and not (takes_list and isinstance(value, list)) or (
                 isinstance(value, bool) and action.nargs != 0 and not isinstance(action, argparse.BooleanOptionalAction)):
             raise BadInput(f"bilevel-maml: {key} = {value!r} in {path} must be a single value"
@@ -209,6 +260,9 @@ def _config_file_arguments(path: str, parser: argparse.ArgumentParser) -> list[s
                 arguments.append(flag if value else flag.replace("--", "--no-", 1))
             elif value:
                 arguments.append(flag)
+        elif isinstance(value, list) and repeatable:
+            for item in value:
+                arguments += [flag, str(item)]
         elif isinstance(value, list):
             arguments += [flag, *map(str, value)]
         elif value is not None:
@@ -216,16 +270,39 @@ def _config_file_arguments(path: str, parser: argparse.ArgumentParser) -> list[s
     return arguments
 
 
+def _plugins_named(argv: list[str]) -> list[str]:
+    """The --plugin modules of ``argv`` (read before the parser exists: their variants are choices)."""
+    found = []
+    for i, word in enumerate(argv):
+        if word == "--plugin" and i + 1 < len(argv):
+            found.append(argv[i + 1])
+        elif word.startswith("--plugin="):
+            found.append(word.partition("=")[2])
+    return found
+
+
+def load_plugins(modules) -> None:
+    load_entry_points()
+    for module in modules:
+        try:
+            load_plugin(module)
+        except ValueError as error:
+            raise BadInput(f"bilevel-maml: --plugin: {error}") from None
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
+    load_plugins(_plugins_named(argv))
     parser = _parser()
     if argv[:1] == ["bench"]:  # the benchmark has its own options
         return argparse.Namespace(command="bench", bench_args=argv[1:])
     args = parser.parse_args(argv)
     if args.command == "train" and args.config:
         train_parser = parser._subparsers._group_actions[0].choices["train"]
-        argv = ["train", *_config_file_arguments(args.config, train_parser), *argv[1:]]
-        args = parser.parse_args(argv)
+        from_file = _config_file_arguments(args.config, train_parser)
+        load_plugins(_plugins_named(from_file))
+        argv = ["train", *from_file, *argv[1:]]
+        args = _parser().parse_args(argv)
     return args
 
 
@@ -252,6 +329,24 @@ def _join_process_group(device: torch.device, timeout: float) -> torch.device:
 def _run_config(args: argparse.Namespace) -> dict:
     config = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     config["world_size"] = distributed.world()[1]
+    config["plugins"] = list(dict.fromkeys([*config["plugins"], *defining_modules(config["algorithm"])]))
+    if "__main__" in config["plugins"]:
+        config["plugins"].remove("__main__")
+        print(f"bilevel-maml: warning: algorithm {config['algorithm']!r} is defined in the running script "
+              f"(__main__), which `bilevel-maml evaluate` and `resume` cannot import; define it in a module and "
+              f"pass --plugin MODULE", file=sys.stderr, flush=True)
+    given = dict(config["algorithm_options"])
+    try:
+        split_options(config["algorithm"], given)
+    except ValueError as error:
+        raise BadInput(f"bilevel-maml: --option: {error}") from None
+    defaults = option_defaults(*ALGORITHMS[config["algorithm"]])
+    # every option of the algorithm, with the value this run uses (None: the class's own default rule)
+    config["algorithm_options"] = {name: value for name, value in {**defaults["upper"], **defaults["lower"]}.items()
+                                   if value is not inspect.Parameter.empty}
+    config["algorithm_options"].update(given)
+    for name in ("lam", "cg_iterations"):  # iMAML's, set by their own flags
+        config["algorithm_options"].pop(name, None)
     spec = DATASETS[config["dataset"]]
     config["shots"] = config["shots"] or spec.shots
     config["query_shots"] = config["query_shots"] or config["shots"]
@@ -287,6 +382,9 @@ def _check_writable_folder(flag: str, folder: Path) -> None:
 
 def build_from_config(config: dict, device: torch.device) -> MetaEngine:
     """The engine a run's configuration describes (same path for train, evaluate and resume)."""
+    load_plugins(config.get("plugins", []))
+    if config["algorithm"] not in ALGORITHMS:
+        raise BadInput(f"bilevel-maml: the run's {unknown_algorithm(config['algorithm'])}")
     spec = DATASETS[config["dataset"]]
     tasksets = load_tasksets(config["dataset"], config["data_root"], config["ways"], config["shots"],
                              config["query_shots"], seed=config["seed"], download=config["download"])
@@ -314,6 +412,7 @@ def build_from_config(config: dict, device: torch.device) -> MetaEngine:
         sampler=config.get("sampler", "learn2learn"),
         cuda_graph=config.get("cuda_graph", False) if device.type == "cuda" else False,
         precision=config.get("precision") if device.type == torch.device(config["device"]).type else None,
+        algorithm_options=config.get("algorithm_options"),
     )
 
 

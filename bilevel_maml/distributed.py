@@ -103,6 +103,21 @@ def average_gradients(params) -> None:
         offset += g.numel()
 
 
+def sum_tensors(tensors, what: str) -> None:
+    """Replace each tensor (in place) by its sum over the ranks, in one flattened all-reduce."""
+    if world()[1] == 1:
+        return
+    tensors = list(tensors)
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    with collective(what):
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    with torch.no_grad():
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
 def broadcast_tensors(tensors, source: int = 0) -> None:
     """Overwrite ``tensors`` on every rank with rank ``source``'s values."""
     if world()[1] == 1:

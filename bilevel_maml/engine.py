@@ -217,6 +217,8 @@ class MetaEngine(Engine):
     def meta_step(self) -> dict:
         """One meta-iteration: ``meta_batch_size`` tasks, ending in one outer optimizer step, run
         by :attr:`execution`; returns the mean query loss (and accuracy) over its tasks."""
+        for problem in (self.meta_learner, self.task_learner):
+            problem.on_meta_iteration_start(self.meta_iteration + 1, self.meta_iterations)
         return self.execution.meta_step()
 
     def run(self) -> list[dict]:

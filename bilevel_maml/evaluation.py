@@ -9,6 +9,7 @@ and accuracies stay on the device and are read once, at the end.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -40,17 +41,18 @@ def score_tasks(task_learner, loss_fn, support, query, stacked: bool) -> dict[st
     """Per-task query loss (and accuracy, for classification) after adapting to ``support``;
     ``stacked``: the tasks lie along a leading axis and are adapted at once."""
     inputs, labels = query
+    last_step = task_learner.inner_steps - 1  # the adapted learner is scored as at its last inner step
     if not stacked:
         params = task_learner.adapt(support)
         with torch.no_grad():
-            outputs = task_learner.forward(inputs, params)
+            outputs = task_learner.forward(inputs, params, last_step)
             scores = {"loss": loss_fn(outputs, labels).reshape(1)}
             if is_classification(outputs, labels):
                 scores["accuracy"] = (outputs.argmax(dim=1) == labels).float().mean().reshape(1)
         return scores
     params = task_learner.adapt(support, tasks=len(inputs))
     with torch.no_grad():
-        outputs = vmap(task_learner.forward)(inputs, params)
+        outputs = vmap(functools.partial(task_learner.forward, step=last_step))(inputs, params)
         scores = {"loss": vmap(loss_fn)(outputs, labels)}
         if is_classification(outputs[0], labels[0]):
             scores["accuracy"] = (outputs.argmax(dim=2) == labels).float().mean(dim=1)

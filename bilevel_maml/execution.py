@@ -264,8 +264,8 @@ def capture_blocker(engine) -> str | None:
     optimizer = engine.meta_learner.optimizer
     if "capturable" not in optimizer.defaults and type(optimizer) is not torch.optim.SGD:
         return f"{type(optimizer).__name__} has no capturable mode (Adam, AdamW, RMSprop and SGD do)"
-    if engine.meta_learner.lr_scheduler is not None and type(optimizer) is torch.optim.SGD:
-        return "SGD's learning rate is a number fixed into the graph, so an LR scheduler would not reach it"
+    if engine.meta_learner.schedules_learning_rate and type(optimizer) is torch.optim.SGD:
+        return "SGD's learning rate is a number fixed into the graph, so a learning-rate schedule would not reach it"
     return None
 
 
@@ -311,6 +311,8 @@ class CapturedExecution(EagerExecution):
         self.graph = None
         self.warmups_done = 0
         self._stream = None
+        #: the problems' structure() when the graph was recorded
+        self.recorded_structure = None
 
     def _objects(self) -> dict:
         engine = self.engine
@@ -319,6 +321,10 @@ class CapturedExecution(EagerExecution):
     def meta_step(self) -> dict:
         engine = self.engine
         upper = engine.meta_learner
+        if self.graph is not None and structure(engine) != self.recorded_structure:
+            # a schedule changed what a meta-iteration computes (MAML++ turning second order, say):
+            # warm the new computation up and record it again
+            self.graph, self.warmups_done = None, 0
         if self.graph is None:
             make_capturable(upper)
             upper.check_on_device = True
@@ -392,7 +398,7 @@ class CapturedExecution(EagerExecution):
             self._fall_back(f"capturing failed ({type(error).__name__}: {str(error).strip().splitlines()[0]})")
             return False
         restore_python_state(objects, saved)
-        self.graph = graph
+        self.graph, self.recorded_structure = graph, structure(engine)
         return True
 
     def _fall_back(self, reason: str) -> None:
@@ -400,6 +406,10 @@ class CapturedExecution(EagerExecution):
         engine.meta_learner.check_on_device = False
         make_capturable(engine.meta_learner, False)
         engine.use_execution(EagerExecution(engine), reason)
+
+
+def structure(engine) -> tuple:
+    return engine.meta_learner.structure(), engine.task_learner.structure()
 
 
 def make_capturable(upper, capturable: bool = True) -> None:
@@ -410,7 +420,7 @@ def make_capturable(upper, capturable: bool = True) -> None:
         return
     for group in optimizer.param_groups:
         group["capturable"] = capturable
-        if capturable and upper.lr_scheduler is not None and not isinstance(group["lr"], torch.Tensor):
+        if capturable and upper.schedules_learning_rate and not isinstance(group["lr"], torch.Tensor):
             group["lr"] = torch.tensor(group["lr"], device=group["params"][0].device)
         elif not capturable and isinstance(group["lr"], torch.Tensor):
             group["lr"] = float(group["lr"])

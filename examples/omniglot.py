@@ -1,4 +1,5 @@
-"""Few-shot Omniglot with MAML, FOMAML or iMAML on the local official subsets.
+"""Few-shot Omniglot with any registered algorithm (maml, fomaml, imaml, metasgd, anil, maml++, reptile, boil)
+on the local official subsets.
 
 Meta-trains on the characters of images_background_small1, validates on held-out small1
 characters, and reports accuracy on the small2 characters never seen in meta-training.

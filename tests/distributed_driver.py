@@ -36,11 +36,17 @@ saved = {}
 for run in args.runs:
     algorithm, path = run.split(":")
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 5)).double()
+    options = None
+    if algorithm == "maml++":  # per-step BatchNorm statistics are summed over the ranks too
+        model = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16, track_running_stats=False), nn.Tanh(),
+                              nn.Linear(16, 5)).double()
+        options = {"per_step_bn_statistics": True}
+    else:
+        model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 5)).double()
     engine = build_engine(algorithm, model, random_classification_source(5, 2, 6), ways=5, shots=1,
                           inner_steps=2, inner_lr=0.3, meta_lr=0.01, meta_batch_size=args.meta_batch_size,
                           meta_iterations=args.iterations, valid_step=10**6, seed=5,
-                          vectorize=path == "vectorized")
+                          vectorize=path == "vectorized", algorithm_options=options)
     assert engine.vectorized == (path == "vectorized")
     served = []
     env_step = engine.env.step
@@ -54,7 +60,8 @@ for run in args.runs:
         engine.callbacks.append(Misbehave())
     engine.run()
     saved[run] = {"theta": [p.detach().clone() for p in engine.meta_learner.trainable_parameters()],
-                  "tasks": served, "local_meta_batch": engine.meta_batch_size}
+                  "tasks": served, "local_meta_batch": engine.meta_batch_size,
+                  "buffers": [b.detach().clone() for b in model.buffers()]}
 
 torch.save(saved, os.path.join(args.out, f"rank{rank}.pt"))
 distributed.barrier()

@@ -39,7 +39,8 @@ def test_a_valid_configuration_builds():
         (dict(inner_steps=0), ValueError, r"inner_steps must be an integer >= 1, got 0"),
         (dict(inner_steps=1.5), TypeError, r"inner_steps must be an integer >= 1, got 1.5"),
         (dict(meta_batch_size=0), ValueError, r"meta_batch_size must be an integer >= 1, got 0"),
-        (dict(algorithm="reptile"), ValueError, r"unknown algorithm 'reptile'; choose one of: anil, fomaml, imaml, maml, metasgd"),
+        (dict(algorithm="reptil"), ValueError, r"unknown algorithm 'reptil'; known: anil, boil, fomaml, imaml, maml, maml\+\+, "
+                                              r"metasgd, reptile\. A variant of your own is registered with"),
         (dict(inner_lr=0.0), ValueError, r"inner_lr must be a positive finite number, got 0.0"),
         (dict(meta_lr=-1e-3), ValueError, r"meta_lr must be a positive finite number, got -0.001"),
         (dict(algorithm="imaml", lam=0), ValueError, r"lam \(the iMAML proximal strength λ\) must be a positive"),

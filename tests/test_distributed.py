@@ -17,7 +17,7 @@ from bilevel_maml import ALGORITHMS, EpisodicEnv, MetaEngine
 TESTS = Path(__file__).resolve().parent
 DRIVER = TESTS / "distributed_driver.py"
 RUNS = ["maml:per-task", "maml:vectorized", "fomaml:per-task", "fomaml:vectorized", "imaml:per-task",
-        "imaml:vectorized"]
+        "imaml:vectorized", "maml++:vectorized", "reptile:per-task", "boil:vectorized"]
 
 
 def free_port():
@@ -62,20 +62,28 @@ class Replay:
         return task
 
 
-def single_process_theta(algorithm, vectorize, tasks, iterations):
+def driver_model(algorithm):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 5)).double()
+    if algorithm == "maml++":
+        return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16, track_running_stats=False),
+                                   torch.nn.Tanh(), torch.nn.Linear(16, 5)).double()
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 5)).double()
+
+
+def single_process_theta(algorithm, vectorize, tasks, iterations):
+    model = driver_model(algorithm)
     upper_cls, lower_cls = ALGORITHMS[algorithm]
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     upper = upper_cls(model, optimizer, meta_batch_size=8)
-    lower = lower_cls(model, inner_lr=0.3, inner_steps=2)
+    lower = lower_cls(model, inner_lr=0.3, inner_steps=2,
+                      **({"per_step_bn_statistics": True} if algorithm == "maml++" else {}))
     replay = Replay(tasks)
     engine = MetaEngine(upper, lower, EpisodicEnv(replay, ways=5, shots=1), meta_iterations=iterations,
                         vectorize=vectorize)
     replay.served = 0  # the vectorization probe drew two tasks
     engine.run()
     assert replay.served == len(tasks)
-    return [p.detach() for p in engine.meta_learner.trainable_parameters()]
+    return [p.detach() for p in engine.meta_learner.trainable_parameters()], list(model.buffers())
 
 
 @pytest.mark.parametrize("run", RUNS)
@@ -94,13 +102,15 @@ def test_two_gloo_ranks_end_with_the_theta_of_one_process_on_the_same_tasks(two_
     for i in range(iterations):
         order += rank0["tasks"][4 * i:4 * i + 4] + rank1["tasks"][4 * i:4 * i + 4]
     algorithm, path = run.split(":")
-    reference = single_process_theta(algorithm, path == "vectorized", order, iterations)
-    torch.manual_seed(0)
-    start = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 5)).double()
-    moved = max((a - b).abs().max().item() for a, b in zip(reference, start.parameters()))
+    reference, buffers = single_process_theta(algorithm, path == "vectorized", order, iterations)
+    start = driver_model(algorithm)
+    moved = max((a - b).abs().max().item() for a, b in zip(reference, start.parameters()) if a.shape == b.shape)
     assert moved > 1e-3  # θ really trained
     for a, b in zip(rank0["theta"], reference):
         assert torch.allclose(a, b, atol=1e-6, rtol=0), (a - b).abs().max()
+    assert len(rank0["buffers"]) == len(buffers) == (3 if algorithm == "maml++" else 0)
+    for a, b, c in zip(rank0["buffers"], rank1["buffers"], buffers):  # MAML++'s per-step statistics of all 8 tasks
+        assert torch.equal(a, b) and torch.allclose(a, c, atol=1e-10, rtol=0), (a - c).abs().max()
 
 
 def rank_processes(out, misbehave, timeout):

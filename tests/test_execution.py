@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from bilevel_maml import ALGORITHMS, MAMLLower, MAMLUpper, MetaEngine
+from bilevel_maml import ALGORITHMS, MAMLLower, MAMLPlusPlusLower, MAMLPlusPlusUpper, MAMLUpper, MetaEngine
 from bilevel_maml.data.device_sampler import DeviceTaskSampler
 from bilevel_maml.engine import NonFiniteError
 from bilevel_maml.env import EpisodicEnv
@@ -89,7 +89,7 @@ def test_an_eager_meta_iteration_reads_the_host_once(algorithm, vectorize):
     with watch:
         stats = built.meta_step()
     assert watch.reads == ["tolist"], watch.reads
-    assert set(stats) == {"loss", "accuracy"} and math.isfinite(stats["loss"])
+    assert {"loss", "accuracy"} <= set(stats) <= {"loss", "accuracy", "final_step_loss"} and math.isfinite(stats["loss"])
 
 
 @pytest.mark.parametrize("vectorize", [False, True], ids=["per-task", "vectorized"])
@@ -266,7 +266,8 @@ def run_both(algorithm="maml", iterations=CapturedExecution.WARMUP_ITERATIONS + 
     return eager, captured, strategy
 
 
-@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "imaml", "metasgd", "anil", "l2 (user variant)"])
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "imaml", "metasgd", "anil", "maml++", "reptile", "boil",
+                                       "l2 (user variant)"])
 def test_captured_iterations_equal_eager_ones(algorithm):
     eager, captured, strategy = run_both(algorithm)
     assert captured.execution is strategy and strategy.graph.replays == 3
@@ -278,6 +279,38 @@ def test_captured_iterations_equal_eager_ones(algorithm):
     assert eager.env.tasks_sampled == captured.env.tasks_sampled == 6 * 4 + 0
     assert eager.task_learner._count == captured.task_learner._count
     assert torch.equal(eager.env.generator.get_state(), captured.env.generator.get_state())
+
+
+class SwitchingLower(MAMLPlusPlusLower):
+    """Turns second order after the first capture."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, first_order_iterations=CapturedExecution.WARMUP_ITERATIONS + 1, **kwargs)
+
+
+class FixedRateUpper(MAMLPlusPlusUpper):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, cosine_lr=False, **kwargs)
+
+
+def test_a_schedule_that_changes_the_computation_is_warmed_up_and_recorded_again():
+    warmups = CapturedExecution.WARMUP_ITERATIONS
+    records = []
+
+    class Counting(CapturedOnCPU):
+        def _record(self, run):
+            records.append(self.engine.task_learner.second_order)
+            return super()._record(run)
+
+    eager, captured = engine((FixedRateUpper, SwitchingLower)), engine((FixedRateUpper, SwitchingLower))
+    strategy = Counting(captured)
+    captured.use_execution(strategy)
+    for built in (eager, captured):
+        built.meta_iterations = 2 * warmups + 3  # warm-ups, a first-order capture, warm-ups, a second-order one
+        built.run()
+    assert records == [False, True] and strategy.graph.replays == 2  # the capturing iteration replays too
+    for a, b in zip(eager.meta_learner.trainable_parameters(), captured.meta_learner.trainable_parameters()):
+        assert torch.equal(a, b)
 
 
 def test_a_variant_that_reads_the_host_falls_back_after_its_first_warm_up_saying_where():
@@ -314,7 +347,7 @@ def test_a_non_finite_replay_stops_with_theta_from_before_it():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "imaml", "metasgd", "anil"])
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "imaml", "metasgd", "anil", "maml++", "reptile", "boil"])
 def test_on_a_gpu_three_captured_meta_iterations_equal_eager_ones(algorithm):
     """The real thing: θ after the warm-up and 3 replayed meta-iterations equals eager θ (fp32,
     same tasks: the replays draw from the registered device generator like eager draws would)."""

@@ -1,4 +1,5 @@
-"""Meta-SGD and ANIL, each one short subclass on the public hooks, against references computed here."""
+"""Meta-SGD, ANIL, Reptile and BOIL, each one short subclass on the public hooks, against references computed here
+(MAML++: test_mamlpp.py)."""
 
 import pytest
 import torch
@@ -6,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bilevel_maml import ALGORITHMS, MetaEngine, build_engine
-from bilevel_maml.problems import ANILLower, ANILUpper, MetaSGDLower, MetaSGDUpper
+from bilevel_maml.problems import (ANILLower, ANILUpper, BOILLower, BOILUpper, MetaSGDLower, MetaSGDUpper,
+                                   ReptileLower, ReptileUpper)
 from bilevel_maml.models import Conv4
 
 from conftest import RecordingEnv, RecordingSGD, functional, random_classification_source
@@ -77,18 +79,25 @@ def test_meta_sgd_learning_rates_change_with_a_meta_update_and_stay_per_paramete
 
 
 # -- ANIL -----------------------------------------------------------------------------------------
-def anil_reference(model, episodes, steps):
-    """Only the last layer takes inner steps; the query loss is differentiated through them."""
+def partial_adaptation_reference(model, episodes, steps, adapted):
+    """Only the parameters at indices ``adapted`` take inner steps, the others keep θ; the query
+    loss is differentiated through the steps."""
     forward = functional(model)
     theta = [p.detach().clone().requires_grad_() for p in model.parameters()]
     total = 0.0
     for (xs, ys), (xq, yq) in episodes:
-        body, head = theta[:2], theta[2:]
+        phi = list(theta)
         for _ in range(steps):
-            grads = torch.autograd.grad(F.cross_entropy(forward(body + head, xs), ys), head, create_graph=True)
-            head = [p - INNER_LR * g for p, g in zip(head, grads)]
-        total = total + F.cross_entropy(forward(body + head, xq), yq) / len(episodes)
+            grads = torch.autograd.grad(F.cross_entropy(forward(phi, xs), ys), [phi[i] for i in adapted],
+                                        create_graph=True)
+            for i, g in zip(adapted, grads):
+                phi[i] = phi[i] - INNER_LR * g
+        total = total + F.cross_entropy(forward(phi, xq), yq) / len(episodes)
     return torch.autograd.grad(total, theta)
+
+
+def anil_reference(model, episodes, steps):
+    return partial_adaptation_reference(model, episodes, steps, adapted=(2, 3))  # the last layer
 
 
 class WatchedANIL(ANILLower):
@@ -98,21 +107,6 @@ class WatchedANIL(ANILLower):
         updated = super().inner_update(params, grads)
         self.steps_seen = getattr(self, "steps_seen", []) + [(params, grads, updated)]
         return updated
-
-
-@pytest.mark.parametrize("steps", [1, 3])
-def test_anil_adapts_only_the_head_and_its_gradient_matches_the_reference(steps):
-    model = tanh_mlp()
-    theta = [p.detach().clone() for p in model.parameters()]
-    optimizer, lower, episodes = run(ANILUpper, WatchedANIL, model, steps)
-    assert lower.head == "2"  # the output layer of nn.Sequential(Linear, Tanh, Linear)
-    assert len(lower.steps_seen) == 2 * steps
-    for params, grads, updated in lower.steps_seen:
-        for i in (0, 1):  # body: no inner gradient computed, value untouched
-            assert grads[i] is None and updated[i] is params[i] and torch.equal(updated[i], theta[i])
-        for i in (2, 3):
-            assert grads[i] is not None and not torch.equal(updated[i], params[i])
-    assert_close(optimizer.seen_grads[0], anil_reference(model, episodes, steps))
 
 
 def test_anil_rejects_a_head_that_names_no_parameters():
@@ -127,8 +121,78 @@ def test_anil_default_head_of_conv4_is_its_classifier():
     assert [n for n in lower.param_names if lower.adapts(n)] == ["classifier.weight", "classifier.bias"]
 
 
-# -- both, through the builder, vectorized, checkpointed ------------------------------------------
-@pytest.mark.parametrize("algorithm", ["metasgd", "anil"])
+# -- Reptile --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("vectorize", [False, True], ids=["per-task", "vectorized"])
+def test_reptile_moves_theta_by_epsilon_times_the_mean_of_phi_minus_theta(vectorize):
+    """θ' = θ + ε·mean_tasks(φ_K − θ), φ_K from K SGD steps on the task's support and query examples."""
+    model, steps, epsilon = tanh_mlp(), 3, 0.5
+    theta = [p.detach().clone() for p in model.parameters()]
+    env = RecordingEnv(random_classification_source(5, 2, 6), ways=5, shots=1, query_shots=1, seed=7)
+    upper = ReptileUpper(model, torch.optim.SGD(model.parameters(), lr=epsilon), meta_batch_size=4)
+    lower = ReptileLower(model, inner_lr=INNER_LR, inner_steps=steps)
+    MetaEngine(upper, lower, env, meta_iterations=1, vectorize=vectorize).run()
+    forward = functional(model)
+    moves = []
+    for (xs, ys), (xq, yq) in env.episodes:
+        x, y = torch.cat([xs, xq]), torch.cat([ys, yq])
+        phi = [t.clone().requires_grad_() for t in theta]
+        for _ in range(steps):
+            grads = torch.autograd.grad(F.cross_entropy(forward(phi, x), y), phi)
+            phi = [(p - INNER_LR * g).detach().requires_grad_() for p, g in zip(phi, grads)]
+        moves.append([p.detach() - t for p, t in zip(phi, theta)])
+    expected = [t + epsilon * torch.stack([m[i] for m in moves]).mean(0) for i, t in enumerate(theta)]
+    assert len(env.episodes) == 4
+    assert_close(list(model.parameters()), expected, tol=1e-10)
+    support_only = [t + epsilon * INNER_LR for t in theta]  # not what Reptile computes: a sanity bar
+    assert max((a - b).abs().max() for a, b in zip(model.parameters(), support_only)) > 1e-3
+
+
+# -- BOIL -----------------------------------------------------------------------------------------
+def boil_reference(model, episodes, steps):
+    return partial_adaptation_reference(model, episodes, steps, adapted=(0, 1))  # the body
+
+
+class WatchedBOIL(BOILLower):
+    def inner_update(self, params, grads, step):
+        updated = super().inner_update(params, grads, step)
+        self.steps_seen = getattr(self, "steps_seen", []) + [(step, params, grads, updated)]
+        return updated
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("variant", ["anil", "boil"])
+def test_anil_and_boil_adapt_only_their_part_and_match_the_reference(variant, steps):
+    """ANIL: only the head (the output layer of Sequential(Linear, Tanh, Linear)) takes inner steps;
+    BOIL: only the body. The other part gets no inner gradient and keeps θ's value throughout."""
+    upper_cls, lower_cls, reference, adapted, kept = {
+        "anil": (ANILUpper, WatchedANIL, anil_reference, (2, 3), (0, 1)),
+        "boil": (BOILUpper, WatchedBOIL, boil_reference, (0, 1), (2, 3)),
+    }[variant]
+    model = tanh_mlp()
+    theta = [p.detach().clone() for p in model.parameters()]
+    optimizer, lower, episodes = run(upper_cls, lower_cls, model, steps)
+    assert lower.head == "2"
+    assert [i for i, name in enumerate(lower.param_names) if lower.adapts(name)] == list(adapted)
+    assert len(lower.steps_seen) == 2 * steps
+    if variant == "boil":  # written with the step argument (WatchedANIL without: both kinds work)
+        assert [seen[0] for seen in lower.steps_seen] == list(range(steps)) * 2
+    for *_, params, grads, updated in lower.steps_seen:
+        for i in kept:
+            assert grads[i] is None and updated[i] is params[i] and torch.equal(updated[i], theta[i])
+        for i in adapted:
+            assert grads[i] is not None and not torch.equal(updated[i], params[i])
+    assert_close(optimizer.seen_grads[0], reference(model, episodes, steps))
+
+
+def test_boil_rejects_a_head_that_names_no_parameters_and_conv4s_body_is_its_features():
+    with pytest.raises(ValueError, match=r"head='fc' names no parameters of Conv4"):
+        BOILLower(Conv4(5, hidden=4, image_size=16), inner_lr=0.1, head="fc")
+    lower = BOILLower(Conv4(5, hidden=4, image_size=16), inner_lr=0.1)
+    assert all(n.startswith("features.") for n in lower.param_names if lower.adapts(n))
+
+
+# -- through the builder, vectorized, checkpointed ------------------------------------------------
+@pytest.mark.parametrize("algorithm", ["metasgd", "anil", "maml++", "reptile", "boil"])
 def test_variants_are_registered_and_run_vectorized_from_build_engine(algorithm):
     assert algorithm in ALGORITHMS
     torch.manual_seed(0)
@@ -138,7 +202,7 @@ def test_variants_are_registered_and_run_vectorized_from_build_engine(algorithm)
     assert engine.vectorized
     engine.run()
     state = engine.state_dict()
-    assert len(state["task_learner_meta_parameters"]) == (4 if algorithm == "metasgd" else 0)
+    assert len(state["task_learner_meta_parameters"]) == (4 if algorithm in ("metasgd", "maml++") else 0)
 
 
 def test_meta_sgd_from_the_cli_checkpoints_and_evaluates_with_its_learned_rates(tmp_path):

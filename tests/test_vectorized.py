@@ -37,7 +37,7 @@ def meta_gradient(algorithm, model, source, vectorize, inner_steps=3):
     return optimizer.seen_grads
 
 
-@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "imaml", "metasgd", "anil"])
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "imaml", "metasgd", "anil", "maml++", "reptile", "boil"])
 @pytest.mark.parametrize("make_model, source", [
     (lambda: nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 5)), lambda: random_classification_source(5, 3, 6)),
     (lambda: Conv4(5, in_channels=1, hidden=4, image_size=16), image_source),

@@ -1,11 +1,16 @@
 """Upper/Lower Betty problems for each meta-learning algorithm, and their registry."""
 
+import inspect
+
 from bilevel_maml.problems.anil import ANILLower, ANILUpper
-from bilevel_maml.problems.base import MetaLearner, TaskLearner
+from bilevel_maml.problems.base import MetaLearner, TaskLearner, current_inner_step
+from bilevel_maml.problems.boil import BOILLower, BOILUpper
 from bilevel_maml.problems.fomaml import FOMAMLLower, FOMAMLUpper
 from bilevel_maml.problems.imaml import IMAMLLower, IMAMLUpper
 from bilevel_maml.problems.maml import MAMLLower, MAMLUpper
+from bilevel_maml.problems.mamlpp import MAMLPlusPlusLower, MAMLPlusPlusUpper, PerStepBatchNorm
 from bilevel_maml.problems.metasgd import MetaSGDLower, MetaSGDUpper
+from bilevel_maml.problems.reptile import ReptileLower, ReptileUpper
 
 #: algorithm name -> (Upper class, Lower class); :func:`register_algorithm` adds to it.
 ALGORITHMS: dict[str, tuple[type[MetaLearner], type[TaskLearner]]] = {
@@ -14,7 +19,14 @@ ALGORITHMS: dict[str, tuple[type[MetaLearner], type[TaskLearner]]] = {
     "imaml": (IMAMLUpper, IMAMLLower),
     "metasgd": (MetaSGDUpper, MetaSGDLower),
     "anil": (ANILUpper, ANILLower),
+    "maml++": (MAMLPlusPlusUpper, MAMLPlusPlusLower),
+    "reptile": (ReptileUpper, ReptileLower),
+    "boil": (BOILUpper, BOILLower),
 }
+
+#: constructor arguments every Upper/Lower takes from the engine builder, not from the user's options
+_BUILDER_ARGUMENTS = {"self", "args", "kwargs", "module", "optimizer", "meta_batch_size", "loss_fn", "scheduler",
+                      "gradient_clipping", "name", "config", "device", "inner_lr", "inner_steps"}
 
 
 def register_algorithm(name: str, upper: type[MetaLearner], lower: type[TaskLearner]) -> None:
@@ -24,10 +36,48 @@ def register_algorithm(name: str, upper: type[MetaLearner], lower: type[TaskLear
     ALGORITHMS[name.lower()] = (upper, lower)
 
 
+def option_defaults(upper: type, lower: type) -> dict[str, dict]:
+    """The options a variant's classes take (keyword arguments of their constructors beyond what
+    every Upper/Lower takes), with their defaults: ``{"upper": {...}, "lower": {...}}``."""
+    found = {}
+    for side, cls in (("upper", upper), ("lower", lower)):
+        parameters = inspect.signature(cls.__init__).parameters.values()
+        found[side] = {p.name: p.default for p in parameters if p.name not in _BUILDER_ARGUMENTS
+                       and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    return found
+
+
+def split_options(name: str, options: dict) -> tuple[dict, dict]:
+    """``options`` for algorithm ``name`` split into the Upper's and the Lower's keyword arguments;
+    a name neither class takes is a ValueError that lists the ones they do take."""
+    upper, lower = ALGORITHMS[name]
+    defaults = option_defaults(upper, lower)
+    upper_options, lower_options = {}, {}
+    for key, value in options.items():
+        if key in defaults["upper"]:
+            upper_options[key] = value
+        elif key in defaults["lower"]:
+            lower_options[key] = value
+        else:
+            known = sorted({**defaults["upper"], **defaults["lower"]})
+            raise ValueError(f"{name} has no option {key!r}; its options: {', '.join(known) or 'none'}")
+    return upper_options, lower_options
+
+
 __all__ = [
     "ALGORITHMS",
     "ANILLower",
     "ANILUpper",
+    "BOILLower",
+    "BOILUpper",
+    "MAMLPlusPlusLower",
+    "MAMLPlusPlusUpper",
+    "PerStepBatchNorm",
+    "ReptileLower",
+    "ReptileUpper",
+    "current_inner_step",
+    "option_defaults",
+    "split_options",
     "FOMAMLLower",
     "FOMAMLUpper",
     "IMAMLLower",

@@ -15,13 +15,16 @@ class ANILLower(MAMLLower):
         super().__init__(module, inner_lr, **kwargs)
         names = [name for name, _ in module.named_parameters()]
         self.head = head if head is not None else names[-1].rpartition(".")[0]
-        if not any(self.adapts(name) for name in names):
+        if not any(self.in_head(name) for name in names):
             owners = sorted({name.rpartition(".")[0] for name in names})
             raise ValueError(f"head={self.head!r} names no parameters of {type(module).__name__}; "
                              f"submodules with parameters: {', '.join(owners)}")
 
-    def adapts(self, name):
+    def in_head(self, name: str) -> bool:
         return self.head == "" or name == self.head or name.startswith(self.head + ".")
+
+    def adapts(self, name):
+        return self.in_head(name)
 
 
 class ANILUpper(MAMLUpper):

@@ -10,11 +10,18 @@ A new algorithm is a subclass that overrides a few of these hooks:
 
 * ``TaskLearner.start_params()``: where φ starts (θ itself when the meta-gradient flows through it);
 * ``TaskLearner.adapts(name)``: which parameters the inner loop adapts (all by default);
-* ``TaskLearner.inner_loss(params, batch)``: the support objective (regularisers go here);
-* ``TaskLearner.inner_update(params, grads)``: one inner step, SGD by default;
+* ``TaskLearner.inner_loss(params, batch, step)``: the support objective (regularisers go here);
+* ``TaskLearner.inner_update(params, grads, step)``: one inner step, SGD by default;
 * ``TaskLearner.meta_parameters()``: tensors of the inner loop that are meta-learned with θ
   (Meta-SGD's step sizes); the engine adds them to the outer optimizer and to checkpoints;
-* ``MetaLearner.meta_gradient(query_loss)``: the gradient it assigns to θ (and to those tensors).
+* ``MetaLearner.meta_gradient(query_loss)``: the gradient it assigns to θ (and to those tensors);
+* ``on_meta_iteration_start(iteration, iterations)`` (both problems): schedules that change with
+  training (loss weights, learning rates, the derivative order), set before each meta-iteration.
+
+``step`` is the index (0 … ``inner_steps`` − 1) of the inner step under way. A hook may leave it
+out of its signature (then it is not passed), so variants written before it existed keep working.
+The model's forward sees it too, through :func:`current_inner_step` (per-step BatchNorm reads it),
+and ``TaskLearner.trajectory`` holds φ after every inner step taken so far (for a multi-step loss).
 
 Hooks are written for one task. On the engine's vectorized path (the default where the model
 allows it) several tasks are adapted at once: φ carries a leading task axis and the base classes
@@ -23,6 +30,9 @@ apply the single-task hooks with ``torch.func.vmap``, so a variant gets vectoriz
 
 from __future__ import annotations
 
+import contextvars
+import functools
+import inspect
 from contextlib import contextmanager
 from typing import Callable
 
@@ -37,6 +47,41 @@ from bilevel_maml.hypergradient import get_grads, zeros_for_unused
 from bilevel_maml.validation import check_positive, check_positive_int
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+_INNER_STEP: contextvars.ContextVar[int | None] = contextvars.ContextVar("inner_step", default=None)
+
+
+def current_inner_step() -> int | None:
+    """Inside :meth:`TaskLearner.forward`: the index of the inner step the model is evaluated for
+    (the query of an adapted learner counts as its last step); None outside. A module whose
+    forward differs per step (per-step BatchNorm, say) reads it here, since ``nn.Sequential``
+    and ``functional_call`` pass only the inputs."""
+    return _INNER_STEP.get()
+
+
+@contextmanager
+def inner_step_scope(step: int | None):
+    token = _INNER_STEP.set(step)
+    try:
+        yield
+    finally:
+        _INNER_STEP.reset(token)
+
+
+@functools.lru_cache(maxsize=None)
+def _accepts_step(function) -> bool:
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "step" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def with_step(hook, step: int):
+    """``hook`` with ``step=step`` bound when its signature takes a ``step`` (hooks written
+    without one are called as they were written)."""
+    function = getattr(hook, "__func__", hook)
+    return functools.partial(hook, step=step) if _accepts_step(function) else hook
 
 
 def is_classification(outputs: torch.Tensor, labels: torch.Tensor) -> bool:
@@ -158,6 +203,11 @@ class TaskLearner(_NoRollBack, Problem):
         #: tasks adapted at once on the vectorized path (φ then has this leading axis), else None
         self.tasks_in_batch: int | None = None
         self._adapted: tuple[int, ...] | None = None
+        #: index of the inner step under way (0 … inner_steps − 1); it stays at the last step
+        #: after the loop, while the meta-learner scores the adapted learner
+        self.inner_step = 0
+        #: φ after each inner step taken in the current inner loop (``trajectory[-1]`` is ``params``)
+        self.trajectory: list[tuple[torch.Tensor, ...]] = []
 
     @property
     def meta_learner(self) -> "MetaLearner":
@@ -167,11 +217,21 @@ class TaskLearner(_NoRollBack, Problem):
     def inner_steps(self) -> int:
         return self.config.unroll_steps
 
+    @property
+    def keep_update_graph(self) -> bool:
+        """Whether each inner update stays in the autograd graph, so that θ and the meta-parameters
+        receive gradient through it (the inner gradients themselves are differentiated only when
+        :attr:`second_order`). Default: exactly when second order."""
+        return self.second_order
+
     # -- functional model ----------------------------------------------------------------------
-    def forward(self, inputs: torch.Tensor, params=None) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, params=None, step: int | None = None) -> torch.Tensor:
+        """The model with weights ``params`` (default: the current φ), evaluated for inner step
+        ``step`` (default: :attr:`inner_step`), which the model reads with :func:`current_inner_step`."""
         params = self.params if params is None else params
         weights = dict(zip(self.param_names, params))
-        return functional_call(self.module, (weights, dict(self.module.named_buffers())), (inputs,))
+        with inner_step_scope(self.inner_step if step is None else step):
+            return functional_call(self.module, (weights, dict(self.module.named_buffers())), (inputs,))
 
     # -- hooks a variant overrides -------------------------------------------------------------
     def start_params(self) -> tuple[torch.Tensor, ...]:
@@ -188,16 +248,26 @@ class TaskLearner(_NoRollBack, Problem):
         (added to its optimizer by the engine, saved in checkpoints). None by default."""
         return ()
 
-    def task_loss(self, params, batch) -> torch.Tensor:
+    def task_loss(self, params, batch, step: int | None = None) -> torch.Tensor:
         inputs, labels = batch
-        return self.loss_fn(self.forward(inputs, params), labels)
+        return self.loss_fn(self.forward(inputs, params, step), labels)
 
-    def inner_loss(self, params, batch) -> torch.Tensor:
-        return self.task_loss(params, batch)
+    def inner_loss(self, params, batch, step: int | None = None) -> torch.Tensor:
+        """The support objective at inner step ``step``."""
+        return self.task_loss(params, batch, step)
 
-    def inner_update(self, params, grads) -> tuple[torch.Tensor, ...]:
-        """One inner step. ``grads[i]`` is None for a parameter the learner does not adapt."""
+    def inner_update(self, params, grads, step: int | None = None) -> tuple[torch.Tensor, ...]:
+        """Inner step ``step``. ``grads[i]`` is None for a parameter the learner does not adapt."""
         return tuple(p if g is None else p - self.inner_lr * g for p, g in zip(params, grads))
+
+    def on_meta_iteration_start(self, iteration: int, iterations: int) -> None:
+        """Called before meta-iteration ``iteration`` (1-based) of ``iterations``, outside any
+        captured CUDA graph: set what changes with training here (in place, for tensors)."""
+
+    def structure(self) -> tuple:
+        """What the computation of a meta-iteration depends on besides tensor values; when it
+        changes, a captured CUDA graph of the meta-iteration is recorded again."""
+        return (self.second_order, self.keep_update_graph)
 
     def adapted_indices(self) -> tuple[int, ...]:
         if self._adapted is None:
@@ -225,9 +295,9 @@ class TaskLearner(_NoRollBack, Problem):
             return vmap(hook)(params, batch).sum()
         return hook(params, batch)
 
-    def apply_update(self, params, grads) -> tuple[torch.Tensor, ...]:
+    def apply_update(self, params, grads, step: int = 0) -> tuple[torch.Tensor, ...]:
         """:meth:`inner_update` for one task, or for every stacked task when vectorized."""
-        update = self.inner_update
+        update = with_step(self.inner_update, step)
         if self.tasks_in_batch:  # a parameter that is not adapted has no gradient to batch over
             update = vmap(update, in_dims=(0, tuple(None if g is None else 0 for g in grads)))
         return update(params, grads)
@@ -247,12 +317,14 @@ class TaskLearner(_NoRollBack, Problem):
         if self.tasks_in_batch:
             start = tuple(p.expand(self.tasks_in_batch, *p.shape) for p in start)
         self.params = start
+        self.inner_step = 0
+        self.trajectory = []
 
     def get_batch(self):
         return self.env.batch["support"]
 
     def training_step(self, batch):
-        return self.over_tasks(self.inner_loss, self.params, batch)
+        return self.over_tasks(with_step(self.inner_loss, self.inner_step), self.params, batch)
 
     def get_loss(self, batch):
         # Betty's get_loss reads loss.item() at every step, a host synchronisation per inner step
@@ -267,11 +339,13 @@ class TaskLearner(_NoRollBack, Problem):
         self._grads = self.inner_gradients(loss, tuple(params), create_graph=self.second_order)
 
     def optimizer_step(self, *args, **kwargs):
-        new_params = self.apply_update(self.params, self._grads)
-        if not self.second_order:
+        new_params = self.apply_update(self.params, self._grads, self.inner_step)
+        if not self.keep_update_graph:
             new_params = tuple(p if g is None else p.detach().requires_grad_()
                                for p, g in zip(new_params, self._grads))
         self.params = new_params
+        self.trajectory.append(new_params)
+        self.inner_step = min(self.inner_step + 1, self.inner_steps - 1)
 
     def zero_grad(self):
         self._grads = None
@@ -287,13 +361,19 @@ class TaskLearner(_NoRollBack, Problem):
         """Adapt a graph-free copy of θ to ``batch`` with the same hooks as training. With ``tasks``,
         ``batch`` holds that many stacked tasks, adapted at once (vmapped) as on the training path;
         the returned φ then has a leading task axis."""
+        saved_step = self.inner_step
         with torch.enable_grad(), self.tasks_at_once(tasks):
             params = tuple(p.detach().requires_grad_() for p in self.start_params())
             if tasks:
                 params = tuple(p.expand(tasks, *p.shape) for p in params)
-            for _ in range(self.inner_steps if steps is None else steps):
-                grads = self.inner_gradients(self.over_tasks(self.inner_loss, params, batch), params)
-                params = tuple(p.detach().requires_grad_() for p in self.apply_update(params, grads))
+            try:
+                for step in range(self.inner_steps if steps is None else steps):
+                    self.inner_step = step  # for hooks written without a `step` argument
+                    loss = self.over_tasks(with_step(self.inner_loss, step), params, batch)
+                    grads = self.inner_gradients(loss, params)
+                    params = tuple(p.detach().requires_grad_() for p in self.apply_update(params, grads, step))
+            finally:
+                self.inner_step = saved_step
         return params
 
 
@@ -351,6 +431,21 @@ class MetaLearner(_NoRollBack, Problem):
     @property
     def task_learner(self) -> TaskLearner:
         return self.children[0]
+
+    def on_meta_iteration_start(self, iteration: int, iterations: int) -> None:
+        """Called before meta-iteration ``iteration`` (1-based) of ``iterations``, outside any
+        captured CUDA graph: set what changes with training here (in place, for tensors)."""
+
+    def structure(self) -> tuple:
+        """What the computation of a meta-iteration depends on besides tensor values (see
+        :meth:`TaskLearner.structure`)."""
+        return ()
+
+    @property
+    def schedules_learning_rate(self) -> bool:
+        """Whether the outer learning rate changes during training (an LR scheduler, or a
+        variant's own schedule), so a captured step must read it from a device tensor."""
+        return self.lr_scheduler is not None
 
     @property
     def meta_batch_size(self) -> int:

@@ -1,0 +1,18 @@
+"""BOIL (Oh et al., ICLR 2021): ANIL's mirror image, only the body adapts and the head keeps θ."""
+
+from __future__ import annotations
+
+from bilevel_maml.problems.anil import ANILLower, ANILUpper
+
+
+class BOILLower(ANILLower):
+    """Adapts every parameter outside ``head`` (by default the output layer, as for ANIL); the head
+    keeps θ in the inner loop, so adaptation has to move the features."""
+
+    def adapts(self, name):
+        return not self.in_head(name)
+
+
+class BOILUpper(ANILUpper):
+    """θ.grad = d L_query(body_K(θ), head_θ) / dθ: second order through the body's inner steps,
+    direct for the head."""

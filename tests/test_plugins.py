@@ -1,0 +1,118 @@
+"""Third-party variants reach the CLI: a --plugin module and an entry point, each trained, evaluated and
+resumed through the console script in fresh processes that know nothing of them beforehand."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from bilevel_maml import cli
+
+VENV_BIN = Path(sys.executable).parent
+VARIANT = textwrap.dedent('''
+    """A user's variant: MAML with half the inner step size, written on the public hooks only."""
+    from bilevel_maml.problems import MAMLLower, MAMLUpper
+
+
+    class HalfStepLower(MAMLLower):
+        def inner_update(self, params, grads, step):
+            return tuple(p if g is None else p - 0.5 * self.inner_lr * g for p, g in zip(params, grads))
+
+
+    class HalfStepUpper(MAMLUpper):
+        def __init__(self, *args, boost: float = 1.0, **kwargs):  # an option of the variant's own
+            super().__init__(*args, **kwargs)
+            self.boost = boost
+''')
+
+
+def console(*arguments, path: Path) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "PYTHONPATH": str(path), "WANDB_SILENT": "true"}
+    return subprocess.run([str(VENV_BIN / "bilevel-maml"), *map(str, arguments)], capture_output=True, text=True,
+                          timeout=300, env=environment, cwd=path)
+
+
+def sinusoid_run(output, *extra):
+    return ["train", "--dataset", "sinusoid", "--model", "mlp", "--width", "8", "--iterations", "4",
+            "--meta-batch-size", "2", "--valid-every", "2", "--valid-tasks", "3", "--test-tasks", "5",
+            "--checkpoint-every", "2", "--wandb", "disabled", "--output", str(output), *extra]
+
+
+def train_evaluate_resume(tmp_path, algorithm, *train_extra, resume=True):
+    output = tmp_path / "run"
+    trained = console(*sinusoid_run(output, "--algorithm", algorithm, *train_extra), path=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    config = json.loads((output / "config.json").read_text())
+    evaluated = console("evaluate", "--output", output, "--test-tasks", "5", path=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads((output / "evaluation.json").read_text())["config"]["algorithm"] == algorithm
+    if not resume:
+        return config
+    resumed = console("resume", "--output", output, "--iterations", "6", path=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((output / "result.json").read_text())["iteration"] in (4, 6)
+    assert "from iteration 4" in resumed.stdout
+    return config
+
+
+def test_a_plugin_module_is_recorded_so_evaluate_and_resume_find_the_variant(tmp_path):
+    (tmp_path / "my_variants.py").write_text(VARIANT + textwrap.dedent('''
+        from bilevel_maml import register_algorithm
+
+        register_algorithm("half-step", HalfStepUpper, HalfStepLower)
+    '''))
+    config = train_evaluate_resume(tmp_path, "half-step", "--plugin", "my_variants", "--option", "boost=2.5")
+    assert config["plugins"] == ["my_variants"]
+    assert config["algorithm_options"] == {"boost": 2.5}
+
+
+def test_an_entry_point_makes_a_variant_known_without_any_flag(tmp_path):
+    (tmp_path / "packaged_variant.py").write_text(VARIANT + "\nALGORITHM = (HalfStepUpper, HalfStepLower)\n")
+    metadata = tmp_path / "packaged_variant-0.1.dist-info"  # what installing the package would write
+    metadata.mkdir()
+    (metadata / "METADATA").write_text("Metadata-Version: 2.1\nName: packaged-variant\nVersion: 0.1\n")
+    (metadata / "entry_points.txt").write_text("[bilevel_maml.algorithms]\nhalf-step-ep = packaged_variant:ALGORITHM\n")
+    config = train_evaluate_resume(tmp_path, "half-step-ep", resume=False)
+    assert config["plugins"] == ["packaged_variant"]  # its module, for a process without the entry point
+
+
+def test_an_unknown_algorithm_lists_the_known_ones_and_how_to_register_one(tmp_path):
+    with pytest.raises(cli.BadInput) as error:
+        cli.run(["train", "--algorithm", "my-variant", "--output", str(tmp_path / "x")])
+    message = str(error.value)
+    assert "unknown algorithm 'my-variant'; known: anil, boil, fomaml, imaml, maml, maml++, metasgd, reptile" in message
+    assert "--plugin MODULE" in message and "'bilevel_maml.algorithms'" in message
+    with pytest.raises(cli.BadInput, match=r"--plugin: plugin module 'no_such_module' could not be imported "
+                                            r"\(ModuleNotFoundError: No module named 'no_such_module'\)"):
+        cli.run(["train", "--plugin", "no_such_module", "--output", str(tmp_path / "x")])
+
+
+def test_a_run_whose_variant_is_gone_says_so_in_one_line(tmp_path):
+    (tmp_path / "short_lived.py").write_text(VARIANT + textwrap.dedent('''
+        from bilevel_maml import register_algorithm
+
+        register_algorithm("short-lived", HalfStepUpper, HalfStepLower)
+    '''))
+    output = tmp_path / "run"
+    assert console(*sinusoid_run(output, "--algorithm", "short-lived", "--plugin", "short_lived"),
+                   path=tmp_path).returncode == 0
+    (tmp_path / "short_lived.py").unlink()
+    evaluated = console("evaluate", "--output", output, path=tmp_path)
+    assert evaluated.returncode == 2
+    assert evaluated.stderr.strip().splitlines() == [
+        "bilevel-maml: --plugin: plugin module 'short_lived' could not be imported (ModuleNotFoundError: No module "
+        "named 'short_lived'); it must be importable from this Python (installed, or on PYTHONPATH)"]
+
+
+def test_a_config_file_sets_algorithm_options_as_a_table(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('algorithm = "maml++"\nplugins = []\n[algorithm_options]\nmulti_step_loss = false\n'
+                      'first_order_iterations = 7\nmulti_step_loss_iterations = "none"\n')
+    args = cli.parse(["train", "--config", str(config), "--option", "cosine_lr=false"])
+    assert args.algorithm == "maml++"
+    assert dict(args.algorithm_options) == {"multi_step_loss": False, "first_order_iterations": 7,
+                                            "multi_step_loss_iterations": None, "cosine_lr": False}
