@@ -445,7 +445,8 @@ def _train(engine: MetaEngine, config: dict, output: Path, args: argparse.Namesp
     if main:
         ranks = f" on {engine.world_size} processes" if engine.world_size > 1 else ""
         print(f"{config['algorithm']} on {config['dataset']}: {_task_kind(config)}, "
-              f"{config['iterations']} meta-iterations of {config['meta_batch_size']} tasks{ranks} "
+              f"{config['iterations']} meta-iteration{'s' if config['iterations'] != 1 else ''} of "
+              f"{config['meta_batch_size']} task{'s' if config['meta_batch_size'] != 1 else ''}{ranks} "
               f"(from iteration {engine.meta_iteration}), run folder {output}", flush=True)
     try:
         with GracefulStop(engine):
