@@ -13,7 +13,6 @@ offline W&B run under ``wandb/`` and ``result.json`` / ``evaluation.json``.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -36,7 +35,7 @@ from bilevel_maml.execution import PRECISIONS, check_precision
 from bilevel_maml.logging import WandbLogger
 from bilevel_maml.models import MODELS, build_model
 from bilevel_maml.plugins import defining_modules, load_entry_points, load_plugin, unknown_algorithm
-from bilevel_maml.problems import ALGORITHMS, option_defaults, split_options
+from bilevel_maml.problems import ALGORITHMS, options_in_use
 from bilevel_maml.progress import ProgressBar
 from bilevel_maml.runlock import RunFolderInUse, RunLock
 from bilevel_maml.stopping import GracefulStop, StoppedAtOnce, exit_status
@@ -302,7 +301,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         from_file = _config_file_arguments(args.config, train_parser)
         load_plugins(_plugins_named(from_file))
         argv = ["train", *from_file, *argv[1:]]
-        args = _parser().parse_args(argv)
+        args = parser.parse_args(argv)  # --algorithm checks the registry as it parses: the file's plugins count
     return args
 
 
@@ -335,16 +334,10 @@ def _run_config(args: argparse.Namespace) -> dict:
         print(f"bilevel-maml: warning: algorithm {config['algorithm']!r} is defined in the running script "
               f"(__main__), which `bilevel-maml evaluate` and `resume` cannot import; define it in a module and "
               f"pass --plugin MODULE", file=sys.stderr, flush=True)
-    given = dict(config["algorithm_options"])
-    try:
-        split_options(config["algorithm"], given)
+    try:  # every option of the algorithm, with the value this run uses (None: the class's own default rule)
+        config["algorithm_options"] = options_in_use(config["algorithm"], dict(config["algorithm_options"]))
     except ValueError as error:
         raise BadInput(f"bilevel-maml: --option: {error}") from None
-    defaults = option_defaults(*ALGORITHMS[config["algorithm"]])
-    # every option of the algorithm, with the value this run uses (None: the class's own default rule)
-    config["algorithm_options"] = {name: value for name, value in {**defaults["upper"], **defaults["lower"]}.items()
-                                   if value is not inspect.Parameter.empty}
-    config["algorithm_options"].update(given)
     for name in ("lam", "cg_iterations"):  # iMAML's, set by their own flags
         config["algorithm_options"].pop(name, None)
     spec = DATASETS[config["dataset"]]

@@ -88,19 +88,14 @@ def collective(what: str):
 
 def average_gradients(params) -> None:
     """Replace each ``p.grad`` by its mean over the ranks, in one flattened all-reduce."""
-    rank, size = world()
+    size = world()[1]
     if size == 1:
         return
     params = list(params)
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    with collective("averaging the meta-gradient (all-reduce)"):
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= size
-    offset = 0
+    grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+    sum_tensors(grads, "averaging the meta-gradient (all-reduce)")
     for p, g in zip(params, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
-        offset += g.numel()
+        p.grad = g.div_(size)
 
 
 def sum_tensors(tensors, what: str) -> None:

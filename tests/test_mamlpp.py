@@ -2,15 +2,13 @@
 weights, learned per-layer per-step step sizes, per-step BatchNorm, derivative-order annealing,
 per-step running statistics at evaluation, and the cosine outer learning rate."""
 
-import copy
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bilevel_maml import MetaEngine, build_engine
+from bilevel_maml.env import EpisodicEnv
 from bilevel_maml.evaluation import score_tasks
 from bilevel_maml.models import Conv4
 from bilevel_maml.problems import MAMLPlusPlusLower, MAMLPlusPlusUpper, PerStepBatchNorm
@@ -216,7 +214,6 @@ def test_per_task_vectorized_and_chunked_runs_agree_on_everything_maml_plus_plus
         upper = MAMLPlusPlusUpper(model, optimizer, meta_batch_size=4, multi_step_loss_iterations=4)
         lower = MAMLPlusPlusLower(model, inner_lr=0.2, inner_steps=3, per_step_bn_statistics=True,
                                   first_order_iterations=1)
-        from bilevel_maml.env import EpisodicEnv
         env = EpisodicEnv(image_source(), ways=5, shots=1, query_shots=2, seed=9)
         MetaEngine(upper, lower, env, meta_iterations=2, vectorize=vectorize).run()
         results.append([*model.state_dict().values(), *lower.learning_rates])

@@ -64,6 +64,16 @@ def split_options(name: str, options: dict) -> tuple[dict, dict]:
     return upper_options, lower_options
 
 
+def options_in_use(name: str, options: dict) -> dict:
+    """Every option of algorithm ``name`` with the value a run given ``options`` uses: the given
+    ones, the constructors' defaults for the rest (options without a default are left out)."""
+    split_options(name, options)  # unknown names are refused
+    defaults = option_defaults(*ALGORITHMS[name])
+    found = {key: value for key, value in {**defaults["upper"], **defaults["lower"]}.items()
+             if value is not inspect.Parameter.empty}
+    return {**found, **options}
+
+
 __all__ = [
     "ALGORITHMS",
     "ANILLower",
@@ -77,6 +87,7 @@ __all__ = [
     "ReptileUpper",
     "current_inner_step",
     "option_defaults",
+    "options_in_use",
     "split_options",
     "FOMAMLLower",
     "FOMAMLUpper",

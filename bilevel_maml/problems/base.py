@@ -462,15 +462,21 @@ class MetaLearner(_NoRollBack, Problem):
     def get_batch(self):
         return self.env.batch["query"]
 
-    def training_step(self, batch):
+    def score_query(self, batch, params=None, step: int | None = None):
+        """``(outputs, labels, loss)`` of the task learner with φ = ``params`` (default: the adapted
+        φ) on the query ``batch`` at inner step ``step`` (default: the last); when vectorized, the
+        loss is the mean over the stacked tasks and outputs/labels are flattened over them."""
         inputs, labels = batch
         learner = self.task_learner
+        params = learner.params if params is None else params
         if self.tasks_in_batch:
-            outputs = vmap(learner.forward)(inputs, learner.params)
-            loss = vmap(self.loss_fn)(outputs, labels).mean()
-            return {**task_metrics(outputs.flatten(0, 1), labels.flatten(0, 1), loss), "loss": loss}
-        outputs = learner.forward(inputs)
-        loss = self.loss_fn(outputs, labels)
+            outputs = vmap(functools.partial(learner.forward, step=step))(inputs, params)
+            return outputs.flatten(0, 1), labels.flatten(0, 1), vmap(self.loss_fn)(outputs, labels).mean()
+        outputs = learner.forward(inputs, params, step)
+        return outputs, labels, self.loss_fn(outputs, labels)
+
+    def training_step(self, batch):
+        outputs, labels, loss = self.score_query(batch)
         return {**task_metrics(outputs, labels, loss), "loss": loss}
 
     def get_loss(self, batch):

@@ -310,14 +310,7 @@ class MAMLPlusPlusUpper(MAMLUpper):
         learner = self.task_learner
         if self.step_weights is None or len(learner.trajectory) < 2:
             return final
-        inputs, labels = batch
-        losses = []
-        for step, params in enumerate(learner.trajectory[:-1]):
-            if self.tasks_in_batch:
-                outputs = vmap(lambda x, p, step=step: learner.forward(x, p, step))(inputs, params)
-                losses.append(vmap(self.loss_fn)(outputs, labels).mean())
-            else:
-                losses.append(self.loss_fn(learner.forward(inputs, params, step), labels))
+        losses = [self.score_query(batch, params, step)[2] for step, params in enumerate(learner.trajectory[:-1])]
         losses.append(final["loss"])
         weighted = (self.step_weights * torch.stack(losses)).sum()
         return {**final, "loss": weighted, "final_step_loss": final["loss"].detach()}
