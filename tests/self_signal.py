@@ -40,4 +40,7 @@ def test(self, *args, **kwargs):
 
 
 MetaEngine._call, MetaEngine.test = _call, test
+# A Ctrl-C from a terminal meets Python's default handler; a suite started as a background job of a
+# non-interactive shell would hand this process SIGINT ignored (and the CLI rightly keeps what it found)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.exit(cli.main(sys.argv[split + 1:]))
