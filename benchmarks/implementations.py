@@ -311,21 +311,21 @@ IMPLEMENTATIONS = {
     "ours fomaml per-task": lambda m, t, k: ours("fomaml", False, m, t, k),
     "ours imaml vectorized": lambda m, t, k: ours("imaml", True, m, t, k),
     "ours imaml per-task": lambda m, t, k: ours("imaml", False, m, t, k),
-    "ours maml vectorized, cuda graph": lambda m, t, k: ours("maml", True, m, t, k, cuda_graph=True),
-    "ours fomaml vectorized, cuda graph": lambda m, t, k: ours("fomaml", True, m, t, k, cuda_graph=True),
-    "ours imaml vectorized, cuda graph": lambda m, t, k: ours("imaml", True, m, t, k, cuda_graph=True),
+    "ours maml vectorized (cuda graph)": lambda m, t, k: ours("maml", True, m, t, k, cuda_graph=True),
+    "ours fomaml vectorized (cuda graph)": lambda m, t, k: ours("fomaml", True, m, t, k, cuda_graph=True),
+    "ours imaml vectorized (cuda graph)": lambda m, t, k: ours("imaml", True, m, t, k, cuda_graph=True),
     "learn2learn maml": at_precision(lambda m, t, k: learn2learn_maml(False, m, t, k)),
     "learn2learn fomaml": at_precision(lambda m, t, k: learn2learn_maml(True, m, t, k)),
     "textbook maml loop": at_precision(textbook_maml),
     "torch.func vmap sketch": at_precision(torch_func_sketch),
     "forward-over-reverse maml": at_precision(forward_over_reverse_maml),
     "torch.compile maml": at_precision(compiled_maml),
-    "ours maml vectorized, pool before norm": lambda m, t, k: ours("maml", True, rewritten(m, "pool-before-norm"), t, k),
-    "ours maml vectorized, primitive-op norm": lambda m, t, k: ours("maml", True, rewritten(m, "primitive-norm"), t, k),
+    "ours maml vectorized (pool before norm)": lambda m, t, k: ours("maml", True, rewritten(m, "pool-before-norm"), t, k),
+    "ours maml vectorized (primitive-op norm)": lambda m, t, k: ours("maml", True, rewritten(m, "primitive-norm"), t, k),
     "jax maml (jit + vmap)": lambda m, t, k: jax_row(m, t, k),
 }
 #: rows that need CUDA, and rows that need an optional package
-CUDA_ONLY = {name for name in IMPLEMENTATIONS if name.endswith("cuda graph")}
+CUDA_ONLY = {name for name in IMPLEMENTATIONS if name.endswith("(cuda graph)")}
 #: what each implementation is compared with: learn2learn at the same order of derivatives
 BASELINE = {"maml": "learn2learn maml", "imaml": "learn2learn maml", "fomaml": "learn2learn fomaml"}
 

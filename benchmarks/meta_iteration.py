@@ -344,30 +344,51 @@ def summarize(report: dict) -> dict:
     return {"lines": lines, "ratios": ratios}
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Defaults in --help, except where the help already says it in words."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def build_parser(prog=None) -> argparse.ArgumentParser:
+    """This script's options (also ``bilevel-maml bench``'s; the docs' CLI page is generated from it)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=_HelpFormatter)
+    add = parser.add_argument
+    add("--data-root", default="../shared/data/omniglot-small", metavar="FOLDER",
+        help="the Omniglot subsets the end-to-end, evaluation and sampling sections draw tasks from")
+    add("--device", help="cpu, cuda, cuda:1, ... (default: cuda where available, else cpu)")
+    add("--precision", choices=("fp32", "tf32", "bf16"), help="of every row (default: tf32 on CUDA, fp32 on CPU)")
+    add("--model", choices=BENCHMARK_MODELS, default="conv4",
+        help="conv4: Vinyals et al.'s max-pool network; conv4-strided: Finn et al.'s Omniglot network "
+             "(learn2learn's OmniglotCNN)")
+    add("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to measure")
+    add("--meta-batch-size", type=int, default=32, help="tasks per meta-iteration")
+    add("--steps", type=int, nargs="+", default=[1, 5], help="inner-step counts to measure, one table block each")
+    add("--queries", type=int, nargs="+", default=[1, 15],
+        help="query examples per class to measure (the meta-iteration section)")
+    add("--memory-steps", type=int, nargs="*", default=[5, 20], metavar="STEPS",
+        help="inner-step counts at which the peak memory of vectorized MAML (which keeps every step's graph) "
+             "and iMAML (which keeps none) is measured, at the first --queries; none to skip")
+    add("--repeats", type=int, default=5, help="timed meta-iterations per row (the median is reported)")
+    add("--implementations", nargs="+", choices=list(IMPLEMENTATIONS), metavar="NAME",
+        help="rows to measure, each name quoted: " + "; ".join(f"'{name}'" for name in IMPLEMENTATIONS)
+             + " (default: every one this device can run)")
+    add("--end-to-end-iterations", type=int, default=20, help="meta-iterations timed in the end-to-end section")
+    add("--eval-tasks", type=int, default=600, help="held-out tasks scored in the evaluation section")
+    add("--breakdown", action="store_true",
+        help="also profile one meta-iteration of each and print its time by layer type (CPU)")
+    add("--json", metavar="FILE", help="also write the measurements to this JSON file")
+    return parser
+
+
 def main(argv=None, prog=None):
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", default="../shared/data/omniglot-small")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", choices=("fp32", "tf32", "bf16"),
-                        help="of every row (default: tf32 on CUDA, fp32 on CPU)")
-    parser.add_argument("--model", choices=BENCHMARK_MODELS, default="conv4",
-                        help="conv4: Vinyals et al.'s max-pool network; conv4-strided: Finn et al.'s Omniglot "
-                             "network (learn2learn's OmniglotCNN)")
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
-    parser.add_argument("--meta-batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, nargs="+", default=[1, 5])
-    parser.add_argument("--queries", type=int, nargs="+", default=[1, 15])
-    parser.add_argument("--memory-steps", type=int, nargs="*", default=[5, 20],
-                        help="inner steps at which the vectorized MAML and iMAML peak memory is compared")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--implementations", nargs="+", choices=list(IMPLEMENTATIONS))
-    parser.add_argument("--end-to-end-iterations", type=int, default=20)
-    parser.add_argument("--eval-tasks", type=int, default=600)
-    parser.add_argument("--breakdown", action="store_true",
-                        help="also profile one meta-iteration of each and print its time by layer type (CPU)")
-    parser.add_argument("--json", help="also write the measurements to this JSON file")
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return run_benchmark(args.data_root, args.device, args.meta_batch_size, tuple(args.steps), tuple(args.queries),
                          tuple(args.memory_steps), args.repeats, args.implementations, args.json,
                          breakdown=args.breakdown, model=args.model, precision=args.precision,

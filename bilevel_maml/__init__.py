@@ -1,6 +1,7 @@
 """bilevel_maml: MAML, FOMAML, iMAML, Meta-SGD, ANIL, MAML++, Reptile and BOIL as Betty bilevel problems, with exact meta-gradients."""
 
 from bilevel_maml.builder import build_engine
+from bilevel_maml.callbacks import Callback
 from bilevel_maml.engine import MetaEngine
 from bilevel_maml.env import EpisodicEnv
 from bilevel_maml.stopping import GracefulStop
@@ -37,6 +38,7 @@ __all__ = [
     "ANILUpper",
     "BOILLower",
     "BOILUpper",
+    "Callback",
     "EpisodicEnv",
     "FOMAMLLower",
     "FOMAMLUpper",

@@ -37,7 +37,10 @@ def _glibc():
 
 def keep_freed_memory(mmap_threshold: int = 2**30) -> bool:
     """Serve blocks below ``mmap_threshold`` bytes from the heap and keep freed heap memory for
-    reuse instead of returning it. Returns whether the setting took effect (glibc only)."""
+    reuse instead of returning it. Returns whether the setting took effect (glibc only).
+
+    :param mmap_threshold: bytes; smaller blocks come from the heap (glibc's ``M_MMAP_THRESHOLD``).
+    """
     libc = _glibc()
     if libc is None:
         return False
@@ -55,3 +58,6 @@ def return_freed_memory(mmap_threshold: int = 64 * 1024) -> bool:
               and libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_TRIM_DEFAULT))
     libc.malloc_trim(0)
     return ok
+
+
+__all__ = ["keep_freed_memory"]

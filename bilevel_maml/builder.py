@@ -94,7 +94,16 @@ def device_sources(sources: dict, sampler: str, ways: int, shots: int, query_sho
 
 
 def make_optimizer(optimizer, params, lr: float) -> torch.optim.Optimizer:
-    """Outer optimizer from a name, a ``torch.optim.Optimizer`` class, or ``factory(params, lr)``."""
+    """The outer optimizer.
+
+    :param optimizer: a name of :data:`OPTIMIZERS` (``"adam"``, ``"adamw"``, ``"sgd"``,
+        ``"adafactor"``; built with their torch defaults and ``lr``), a ``torch.optim.Optimizer``
+        class (built as ``optimizer(params, lr=lr)``), or a callable ``factory(params, lr)``
+        returning an optimizer.
+    :param params: the parameters (or parameter groups) to optimize, as torch optimizers take them.
+    :param lr: the learning rate.
+    :raises TypeError: for anything else.
+    """
     if isinstance(optimizer, str):
         return OPTIMIZERS[check_choice("optimizer", optimizer, OPTIMIZERS)](params, lr=lr)
     if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
@@ -140,30 +149,70 @@ def build_engine(
     algorithm_options: Mapping | None = None,
     verbose: bool = False,
 ) -> MetaEngine:
-    """Build a :class:`MetaEngine` for ``algorithm`` (a name of :data:`~bilevel_maml.ALGORITHMS`:
-    ``maml``, ``fomaml``, ``imaml``, ``metasgd``, ``anil``, ``maml++``, ``reptile``, ``boil``, or a
-    registered variant) on ``model`` and ``tasksets``.
-
-    ``algorithm_options`` are keyword arguments of the algorithm's own Upper/Lower classes (MAML++'s
-    ``multi_step_loss=False``, ANIL's ``head="classifier"``, ...); each goes to the class that takes
-    it, and a name neither takes is an error listing those they do.
-
-    ``lam`` (λ) and ``cg_iterations`` apply to iMAML. ``scheduler`` is a callable that takes the
-    outer optimizer and returns an LR scheduler, stepped once per meta-update. ``regression``
-    switches the default loss to MSE and splits tasks without classes. Each split gets its own
-    task stream, seeded from ``seed``. ``vectorize``, ``cuda_graph`` and ``precision`` are passed
-    to :class:`MetaEngine`.
-
-    ``sampler`` (one of :data:`SAMPLERS`) says how tasks are drawn: by default each learn2learn
-    ``Taskset`` split whose transforms have an exact tensor equivalent (the built-in datasets') is
-    held on ``device`` and drawn a whole batch at a time (:mod:`bilevel_maml.data.device_sampler`:
-    the same task distribution, another random stream); ``"learn2learn"`` keeps learn2learn's
-    task-by-task path, which any ``TaskDataset`` or callable also takes.
+    """Build a :class:`MetaEngine` for ``algorithm`` on ``model`` and ``tasksets``: the Upper and
+    Lower problems, one seeded task stream per split, the outer optimizer.
 
     Under ``torch.distributed`` (launched with ``torchrun``) ``meta_batch_size`` is the global
     meta-batch: each of the ``world_size`` ranks adapts ``meta_batch_size / world_size`` tasks
     from its own training task stream (rank 0's is the single-process stream) and the
     meta-gradients are averaged across ranks before every outer step.
+
+    :param algorithm: a name of :data:`~bilevel_maml.ALGORITHMS` (``maml``, ``fomaml``, ``imaml``,
+        ``metasgd``, ``anil``, ``maml++``, ``reptile``, ``boil``) or of a registered variant;
+        case-insensitive.
+    :param model: θ's network; the Upper holds it, every inner loop starts from it. Converted to
+        ``dtype`` when one is given.
+    :param tasksets: learn2learn's ``get_tasksets(...)`` result (any object with ``train``,
+        ``validation``, ``test`` task datasets), a mapping with those keys, or one task source
+        (a ``TaskDataset`` or a callable returning ``(inputs, labels)`` for one task) used for
+        every split.
+    :param ways: classes per task (classification; ignored for regression).
+    :param shots: support examples per class (per task for regression).
+    :param query_shots: query examples per class (default: ``shots``).
+    :param inner_steps: SGD steps of each inner loop.
+    :param inner_lr: the inner loop's SGD step size (Meta-SGD's and MAML++'s initial one).
+    :param meta_lr: the outer optimizer's learning rate.
+    :param meta_batch_size: tasks per meta-update (global under ``torchrun``).
+    :param meta_iterations: meta-iterations (outer updates) :meth:`MetaEngine.run` performs.
+    :param optimizer: the outer optimizer: ``"adam"``, ``"adamw"``, ``"sgd"``, ``"adafactor"``, a
+        ``torch.optim.Optimizer`` class or a ``factory(params, lr)`` (see :func:`make_optimizer`).
+    :param scheduler: a callable taking the outer optimizer and returning an LR scheduler,
+        stepped once per meta-update; ``None`` keeps ``meta_lr``.
+    :param loss_fn: ``loss_fn(predictions, targets)`` for support and query sets (default:
+        cross-entropy, or MSE with ``regression``).
+    :param regression: tasks are regression (no classes, MSE loss, no accuracy).
+    :param lam: iMAML's proximal strength λ (iMAML only).
+    :param cg_iterations: iMAML's conjugate-gradient iterations (iMAML only).
+    :param gradient_clipping: clip the meta-gradient to this global norm before each outer step;
+        0 disables clipping.
+    :param valid_step: validate every this many meta-iterations.
+    :param valid_tasks: tasks per validation.
+    :param seed: seeds the task streams (each split its own, and each rank its own training stream).
+    :param device: where θ, the tasks and the adaptation live (``"cpu"``, ``"cuda"``, ...).
+    :param dtype: dtype of θ and the tasks (default: the model's).
+    :param logger: a Betty-style logger (``log(stats, tag, step)``), e.g.
+        :class:`~bilevel_maml.logging.WandbLogger`; default: none.
+    :param vectorize: ``True`` adapts the meta-batch with ``torch.func.vmap`` in chunks the
+        engine sizes to the device's memory, an integer fixes the tasks per chunk (it must divide
+        ``meta_batch_size``), ``False`` adapts task by task. Same meta-gradient either way.
+    :param sampler: how tasks are drawn, one of :data:`SAMPLERS`: ``"auto"`` holds each
+        learn2learn ``Taskset`` split whose transforms have an exact tensor equivalent on
+        ``device`` and draws a whole meta-batch there when it fits (:mod:`bilevel_maml.data.device_sampler`:
+        the same task distribution, another random stream), else falls back with a warning;
+        ``"device"`` insists; ``"learn2learn"`` keeps learn2learn's task-by-task CPU path, which
+        any ``TaskDataset`` or callable also takes.
+    :param cuda_graph: on CUDA, capture the meta-iteration as a CUDA graph and replay it:
+        ``None`` wherever it works (else a one-line warning says why), ``True`` insists, ``False``
+        never. Ignored off CUDA.
+    :param precision: ``"fp32"``, ``"tf32"`` (CUDA) or ``"bf16"`` (CUDA autocast); default:
+        ``"tf32"`` on CUDA, ``"fp32"`` elsewhere.
+    :param algorithm_options: keyword arguments of the algorithm's own Upper/Lower classes
+        (MAML++'s ``multi_step_loss=False``, ANIL's ``head="classifier"``, ...); each goes to the
+        class whose constructor takes it; a name neither takes is an error listing those they do.
+    :param verbose: let Betty log its own INFO messages.
+    :returns: the :class:`MetaEngine`, at meta-iteration 0.
+    :raises ValueError: for an unknown algorithm, option or sampler, or a value out of range
+        (one line naming it and what is allowed).
     """
     load_entry_points()
     if not isinstance(algorithm, str) or algorithm.lower() not in ALGORITHMS:
@@ -244,3 +293,6 @@ def build_engine(
         precision=precision,
         verbose=verbose,
     )
+
+
+__all__ = ["OPTIMIZERS", "SAMPLERS", "build_engine", "make_optimizer"]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from bilevel_maml.callbacks import Callback
 from bilevel_maml.distributed import is_main_process
 
 FORMAT_VERSION = 1
@@ -74,7 +75,16 @@ def _keep_copy(path: Path, keep: Path) -> None:
 
 def save_checkpoint(path, engine, config: dict | None = None, keep_previous=None) -> Path:
     """Under torch.distributed every rank must call this (the state gathers every rank's task
-    stream); rank 0 writes the file."""
+    stream); rank 0 writes the file.
+
+    Write ``engine``'s full state (θ, optimizer, iteration, RNG and task-stream states) and ``config`` to ``path`` atomically.
+
+    :param path: the file to write.
+    :param engine: the :class:`~bilevel_maml.engine.MetaEngine`.
+    :param config: the run's configuration, stored beside the state.
+    :param keep_previous: if given, the file ``path`` held before is moved here first.
+    :returns: ``path``.
+    """
     state = engine.state_dict()
     if is_main_process():
         atomic_save({"format": FORMAT_VERSION, "config": config or {}, "engine": state}, path, keep_previous)
@@ -91,7 +101,10 @@ def _first_line(error: BaseException) -> str:
 
 def load_checkpoint(path) -> dict:
     """Load and check a checkpoint written by :func:`save_checkpoint`; raises
-    :class:`CheckpointError` (one line naming the file and what is wrong) for anything else."""
+    :class:`CheckpointError` (one line naming the file and what is wrong) for anything else.
+
+    :param path: the checkpoint file.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
@@ -115,7 +128,10 @@ def load_checkpoint(path) -> dict:
 
 def newest_intact(folder) -> tuple[Path, dict, list[str]]:
     """The newest checkpoint in ``folder`` that loads: ``(path, checkpoint, problems)`` where
-    ``problems`` says what was wrong with any newer or preferred file that did not."""
+    ``problems`` says what was wrong with any newer or preferred file that did not.
+
+    :param folder: a run's ``checkpoints/`` folder.
+    """
     folder = Path(folder)
     found, problems = [], []
     for preference, name in enumerate(CHECKPOINT_FILES):
@@ -135,9 +151,14 @@ def newest_intact(folder) -> tuple[Path, dict, list[str]]:
     return path, checkpoint, problems
 
 
-class Checkpointer:
+class Checkpointer(Callback):
     """Engine callback: ``last.pt`` (keeping the one before as ``previous.pt``) every ``every``
-    meta-iterations and at the end, ``best.pt`` whenever validation improves."""
+    meta-iterations and at the end, ``best.pt`` whenever validation improves.
+
+    :param folder: where ``last.pt``, ``previous.pt`` and ``best.pt`` go (created if missing).
+    :param every: write ``last.pt`` every this many meta-iterations.
+    :param config: the run's configuration, stored in every checkpoint (``resume`` rebuilds the run from it).
+    """
 
     def __init__(self, folder, every: int, config: dict | None = None):
         if every < 1:
@@ -151,6 +172,10 @@ class Checkpointer:
         self.last_iteration: int | None = None
 
     def save_last(self, engine) -> None:
+        """Write ``last.pt`` now (the one before becomes ``previous.pt``).
+
+        :param engine: the :class:`~bilevel_maml.engine.MetaEngine` to save.
+        """
         self.last = save_checkpoint(self.folder / "last.pt", engine, self.config,
                                     keep_previous=self.folder / "previous.pt")
         self.last_iteration = engine.meta_iteration
@@ -166,3 +191,14 @@ class Checkpointer:
     def on_train_end(self, engine):
         if self.last_iteration != engine.meta_iteration:  # else previous.pt would be a copy of last.pt
             self.save_last(engine)
+
+
+__all__ = [
+    "CHECKPOINT_FILES",
+    "Checkpointer",
+    "CheckpointError",
+    "CheckpointWriteError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "newest_intact",
+]

@@ -1,13 +1,15 @@
-"""``bilevel-maml``: train, evaluate and resume meta-learning runs from the command line.
+"""``bilevel-maml``: train, evaluate, resume and plot meta-learning runs, and benchmark their speed.
 
     bilevel-maml train --algorithm maml --dataset omniglot-small --ways 5 --shots 1 --output runs/maml
     bilevel-maml evaluate --output runs/maml            # accuracy ± 95% CI over 600 test tasks
     bilevel-maml resume --output runs/maml --iterations 2000
+    bilevel-maml plot --output runs/maml                # learning curves: runs/maml/curves.png
     bilevel-maml bench --steps 1 5                      # meta-iteration speed vs learn2learn (and JAX)
     torchrun --nproc_per_node 2 -m bilevel_maml train --meta-batch-size 32 --output runs/maml-2p
 
 A run folder holds ``config.json``, ``checkpoints/last.pt`` and ``checkpoints/best.pt``, the
-offline W&B run under ``wandb/`` and ``result.json`` / ``evaluation.json``.
+offline W&B run under ``wandb/``, every meta-iteration's metrics in ``metrics.jsonl`` and
+``result.json`` / ``evaluation.json``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import sys
 import time
 import tomllib
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -32,6 +35,7 @@ from bilevel_maml.checkpoint import CHECKPOINT_FILES, Checkpointer, CheckpointWr
 from bilevel_maml.data.sources import DATASETS, load_tasksets
 from bilevel_maml.engine import MetaEngine, NonFiniteError
 from bilevel_maml.execution import PRECISIONS, check_precision
+from bilevel_maml.history import METRICS_FILE, MetricsFile
 from bilevel_maml.logging import WandbLogger
 from bilevel_maml.models import MODELS, build_model
 from bilevel_maml.plugins import defining_modules, load_entry_points, load_plugin, unknown_algorithm
@@ -106,101 +110,165 @@ non_negative_int = _number(int, 0, "an integer >= 0")
 positive_float = _number(float, math.ulp(0.0), "a positive finite number")
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's default in ``--help``, as argparse's ArgumentDefaultsHelpFormatter does, except
+    where it would print 'default: None' for a default that depends on other options (the help
+    says so in words) or 'default: False' for a flag."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _training_options(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--algorithm", type=_algorithm_name, default="maml",
-        help=f"{', '.join(sorted(ALGORITHMS))}, or a variant a --plugin module or an entry point registers")
+        help=f"{', '.join(sorted(ALGORITHMS))}, or a variant a --plugin module or a bilevel_maml.algorithms entry "
+             f"point registers; an unknown name lists the known ones")
     add("--option", dest="algorithm_options", type=_option, nargs="+", action="extend", default=[],
         metavar="NAME=VALUE",
         help="an option of the algorithm's own classes, e.g. --option multi_step_loss=false first_order_iterations=100 "
-             "for maml++ (true/false/none, numbers and words are understood)")
+             "for maml++, head=... for anil/boil (true/false/none, numbers and words are understood; an unknown "
+             "name is refused with the list; default: the classes' own); the run's config.json lists every "
+             "option with the value used")
     add("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
-        help="import MODULE first (it registers a variant with bilevel_maml.register_algorithm); recorded in the "
-             "run's config, so evaluate and resume import it too")
-    add("--dataset", choices=list(DATASETS), default="omniglot-small")
-    add("--data-root", help="folder holding the dataset's files (default depends on --dataset)")
-    add("--download", action="store_true", help="let learn2learn download missing benchmark files")
+        help="import MODULE first (it registers a variant with bilevel_maml.register_algorithm); repeatable; "
+             "recorded in the run's config, so evaluate and resume import it too")
+    add("--dataset", choices=list(DATASETS), default="omniglot-small",
+        help="omniglot-small: the official small Omniglot background subsets in a local folder; omniglot, "
+             "mini-imagenet, tiered-imagenet, cifarfs, fc100: learn2learn's benchmarks; sinusoid: regression")
+    add("--data-root", metavar="FOLDER",
+        help="folder holding the dataset's files (default: ../shared/data/omniglot-small for omniglot-small, "
+             "~/data for the others, $BILEVEL_MAML_DATA/<dataset> when that variable is set)")
+    add("--download", action="store_true", help="let learn2learn download missing benchmark files (needs internet)")
     add("--ways", type=positive_int, default=5, help="classes per task")
     add("--shots", type=positive_int, help="support examples per class (default: 1; 10 points for sinusoid)")
     add("--query-shots", type=positive_int, help="query examples per class (default: --shots)")
-    add("--inner-steps", type=positive_int, default=1)
-    add("--inner-lr", type=positive_float, help="inner-loop SGD step size (default depends on --dataset)")
-    add("--meta-lr", type=positive_float, default=1e-3)
-    add("--meta-batch-size", type=positive_int, default=8, help="tasks per meta-update")
+    add("--inner-steps", type=positive_int, default=1, help="SGD steps of the inner loop")
+    add("--inner-lr", type=positive_float,
+        help="inner-loop SGD step size (default: 0.4 Omniglot, 0.01 ImageNet-style, 0.1 sinusoid)")
+    add("--meta-lr", type=positive_float, default=1e-3, help="outer learning rate")
+    add("--meta-batch-size", type=positive_int, default=8,
+        help="tasks per meta-update; under torchrun the global count, split evenly over the ranks")
     add("--iterations", type=positive_int, default=200, help="meta-iterations (outer updates)")
     add("--optimizer", choices=sorted(OPTIMIZERS), default="adam", help="outer optimizer")
-    add("--model", choices=MODELS, help="backbone (default depends on --dataset)")
-    add("--width", type=positive_int, help="backbone width: conv4 filters, resnet12 first stage, mlp hidden units")
+    add("--model", choices=MODELS,
+        help="backbone: conv4 (Vinyals et al.'s max-pool network), conv4-strided (Finn et al.'s stride-2 Omniglot "
+             "network), resnet12, mlp (default: conv4; mlp for sinusoid)")
+    add("--width", type=positive_int,
+        help="conv4 filters, resnet12 first-stage channels, mlp hidden units (default: 64, 64, 40)")
     add("--lam", type=positive_float, default=1.0, help="iMAML proximal strength λ")
     add("--cg-iterations", type=positive_int, default=5, help="iMAML conjugate-gradient iterations")
     add("--vectorize", action=argparse.BooleanOptionalAction, default=True,
-        help="adapt the meta-batch at once with torch.func.vmap (default) or task by task")
+        help="adapt the meta-batch at once with torch.func.vmap, or task by task (same meta-gradient); "
+             "evaluation follows")
     add("--sampler", choices=SAMPLERS, default="auto",
         help="device: each split held on --device and whole meta-batches drawn there; learn2learn: task by "
-             "task on the CPU; auto (default): device where the split allows it and fits, else learn2learn")
+             "task on the CPU; auto: device where the split allows it and fits a quarter of the device's "
+             "memory, else learn2learn with a one-line warning (the same task distribution either way)")
     add("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
-        help="on CUDA, capture the meta-iteration as a CUDA graph and replay it (default: wherever it works)")
+        help="on CUDA, capture the meta-iteration as a CUDA graph and replay it (default: wherever it works, "
+             "else a one-line warning says why and the run is eager; refused on other devices)")
     add("--precision", choices=PRECISIONS,
-        help="fp32: no TF32; tf32: TF32 convolutions and matmuls (CUDA); bf16: autocast "
+        help="fp32: no TF32 anywhere; tf32: TF32 convolutions and matmuls (CUDA); bf16: autocast (CUDA) "
              "(default: tf32 on CUDA, fp32 elsewhere)")
-    add("--seed", type=non_negative_int, default=0)
-    add("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    add("--dtype", choices=sorted(DTYPES), default="float32")
+    add("--seed", type=non_negative_int, default=0, help="seeds θ's initialization and every task stream")
+    add("--device", default="cpu", help="cpu, cuda, cuda:1, ... (cuda fails clearly where CUDA is absent)")
+    add("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of θ and the data")
     add("--valid-every", type=positive_int, default=50, help="validate every this many meta-iterations")
-    add("--valid-tasks", type=positive_int, default=100)
+    add("--valid-tasks", type=positive_int, default=100, help="validation tasks per validation")
     add("--test-tasks", type=positive_int, default=600, help="tasks in the final test report")
-    add("--checkpoint-every", type=positive_int, default=50, help="write checkpoints/last.pt every N meta-iterations")
-    add("--output", help="run folder (default: runs/<algorithm>-<dataset>-<ways>w<shots>s-seed<seed>)")
+    add("--checkpoint-every", type=positive_int, default=50,
+        help="write checkpoints/last.pt every N meta-iterations (and at the end or a stop; the one before is kept "
+             "as previous.pt); best.pt at every validation improvement")
+    add("--output", metavar="FOLDER",
+        help="run folder; train refuses one that already holds a run "
+             "(default: runs/<algorithm>-<dataset>-<ways>w<shots>s-seed<seed>)")
     _distributed_options(parser)
     _logging_options(parser)
 
 
 def _distributed_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dist-timeout", type=positive_float, default=distributed.DEFAULT_TIMEOUT_SECONDS,
+                        metavar="SECONDS",
                         help="under torchrun: seconds a rank waits for the others before stopping with an error")
 
 
 def _logging_options(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    add("--wandb", choices=WandbLogger.MODES, default="offline", help="W&B mode (online uses your own key)")
-    add("--wandb-project", default="bilevel-maml")
+    add("--wandb", choices=WandbLogger.MODES, default="offline",
+        help="W&B mode: offline needs no account (sync later with `wandb sync`), online uses your own key")
+    add("--wandb-project", default="bilevel-maml", help="W&B project")
     add("--run-name", help="W&B run name (default: the run folder's name)")
     add("--group", help="W&B group")
     add("--tags", nargs="*", default=[], help="W&B tags")
     add("--progress", action=argparse.BooleanOptionalAction, default=None,
-        help="show a progress bar (default: only when stderr is a terminal)")
+        help="show a progress bar: loss, accuracy, tasks/s, validation accuracy, ETA "
+             "(default: only when stderr is a terminal)")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="bilevel-maml", description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
+def _plugin_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first (besides the plugins the run's config names); repeatable")
 
-    train = commands.add_parser("train", help="meta-train, then report test accuracy")
-    train.add_argument("--config", help="YAML or TOML file of options; command-line flags override it")
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``bilevel-maml`` argument parser (the CLI page of the docs is generated from it)."""
+    parser = _Parser(prog="bilevel-maml", description=__doc__, formatter_class=_HelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, summary, description):
+        return commands.add_parser(name, help=summary.replace("%", "%%"), description=description,
+                                   formatter_class=_HelpFormatter)
+
+    train = command("train", "meta-train, then report test accuracy",
+                    "Meta-train, validate, checkpoint and log to W&B, then report test accuracy (or MSE) ± 95% CI "
+                    "with the best-validation θ and write result.json; every meta-iteration's metrics go to the "
+                    "run folder's metrics.jsonl (drawn by `bilevel-maml plot`).")
+    train.add_argument("--config", metavar="FILE",
+                       help="YAML (.yaml/.yml) or TOML (.toml) file of these options (meta-batch-size or "
+                            "meta_batch_size); flags on the command line override it; unknown keys are an error; "
+                            "--option's key is algorithm_options (a table or a list of name=value), --plugin's "
+                            "is plugins")
     _training_options(train)
 
-    evaluate = commands.add_parser("evaluate", help="accuracy ± 95%% CI of a checkpoint on test tasks")
-    evaluate.add_argument("--output", help="run folder (uses checkpoints/best.pt, else last.pt)")
-    evaluate.add_argument("--checkpoint", help="checkpoint file (instead of --output)")
-    evaluate.add_argument("--test-tasks", type=positive_int, default=600)
-    evaluate.add_argument("--device", default=None, help="default: the run's device")
-    evaluate.add_argument("--result", help="JSON file to write (default: <run folder>/evaluation.json)")
-    evaluate.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
-                          help="import MODULE first (besides the plugins the run's config names)")
+    evaluate = command("evaluate", "accuracy ± 95% CI of a checkpoint on test tasks",
+                       "Load a run's best.pt (else last.pt, or --checkpoint FILE), report the mean ± 95% CI over "
+                       "--test-tasks test tasks and write evaluation.json (or --result FILE).")
+    evaluate.add_argument("--output", metavar="FOLDER", help="run folder (uses checkpoints/best.pt, else last.pt)")
+    evaluate.add_argument("--checkpoint", metavar="FILE", help="checkpoint file (instead of --output)")
+    evaluate.add_argument("--test-tasks", type=positive_int, default=600, help="test tasks to score")
+    evaluate.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: the run's device)")
+    evaluate.add_argument("--result", metavar="FILE",
+                          help="JSON file to write (default: <run folder>/evaluation.json)")
+    _plugin_option(evaluate)
 
-    commands.add_parser("bench", help="meta-iteration, end-to-end and evaluation speed against learn2learn and JAX "
-                                      "(benchmarks/meta_iteration.py of a source checkout; bench --help)",
-                        add_help=False)
-
-    resume = commands.add_parser("resume", help="continue an interrupted or finished run")
-    resume.add_argument("--output", required=True, help="run folder holding checkpoints/last.pt")
+    resume = command("resume", "continue an interrupted or finished run",
+                     "Continue a stopped or killed run from its newest intact checkpoint (last.pt, else "
+                     "previous.pt, else best.pt), in the same W&B run; --iterations N extends it. On a finished "
+                     "run (trained and tested) it says so, changes nothing and exits 0.")
+    resume.add_argument("--output", required=True, metavar="FOLDER", help="run folder holding checkpoints/last.pt")
     resume.add_argument("--iterations", type=positive_int, help="new total of meta-iterations (default: the run's)")
-    resume.add_argument("--device", default=None, help="default: the run's device")
-    resume.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
-                        help="import MODULE first (besides the plugins the run's config names)")
+    resume.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: the run's device)")
+    _plugin_option(resume)
     _distributed_options(resume)
     _logging_options(resume)
+
+    plot = command("plot", "learning curves of a run as a PNG",
+                   "Draw the run's learning curves (training loss and accuracy per meta-iteration, validation mean "
+                   "with its 95% band, the test point) from its metrics.jsonl, else its offline W&B run; needs no "
+                   "W&B account.")
+    plot.add_argument("--output", required=True, metavar="FOLDER", help="run folder")
+    plot.add_argument("--file", metavar="PNG", help="PNG to write (default: <run folder>/curves.png)")
+    plot.add_argument("--dpi", type=positive_int, default=120,
+                      help="dots per inch of the PNG (the figure is 4 inches high)")
+
+    command("bench", "meta-iteration, end-to-end and evaluation speed against learn2learn and JAX",
+            "The speed benchmark of a source checkout (benchmarks/meta_iteration.py); its options: "
+            "bilevel-maml bench --help.").add_argument("bench_args", nargs=argparse.REMAINDER, metavar="...",
+                                                       help="the benchmark's options")
     return parser
 
 
@@ -292,7 +360,7 @@ def load_plugins(modules) -> None:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     load_plugins(_plugins_named(argv))
-    parser = _parser()
+    parser = build_parser()
     if argv[:1] == ["bench"]:  # the benchmark has its own options
         return argparse.Namespace(command="bench", bench_args=argv[1:])
     args = parser.parse_args(argv)
@@ -427,7 +495,8 @@ def _train(engine: MetaEngine, config: dict, output: Path, args: argparse.Namesp
     logs to W&B, writes files and runs the final test."""
     main = engine.rank == 0
     checkpointer = Checkpointer(output / "checkpoints", every=config["checkpoint_every"], config=config)
-    engine.callbacks += [ProgressBar(args.progress), checkpointer] if main else [checkpointer]
+    engine.callbacks += [ProgressBar(args.progress), MetricsFile(output / METRICS_FILE), checkpointer] if main \
+        else [checkpointer]
     logger = None
     run_name = args.run_name or output.name
     if args.wandb != "disabled" and main:
@@ -600,6 +669,21 @@ def command_evaluate(args: argparse.Namespace) -> dict:
     return result
 
 
+def command_plot(args: argparse.Namespace) -> dict:
+    folder = Path(args.output)
+    if not folder.is_dir():
+        raise BadInput(f"bilevel-maml plot: --output {str(folder)!r} is not a run folder")
+    if args.file is not None:
+        _check_writable_folder("--file", Path(args.file).parent)
+        if not args.file.lower().endswith(".png"):
+            raise BadInput(f"bilevel-maml plot: --file {args.file!r} must end in .png")
+    from bilevel_maml.plots import plot_run
+
+    drawn = plot_run(folder, args.file, dpi=args.dpi)
+    print(f"learning curves of {folder} (from {drawn['source']}) written to {drawn['path']}", flush=True)
+    return drawn
+
+
 def _bench(argv: list[str]) -> dict:
     """``bilevel-maml bench``: the source checkout's ``benchmarks/meta_iteration.py`` (the comparison
     harness is not part of the installed package)."""
@@ -615,11 +699,15 @@ def _bench(argv: list[str]) -> dict:
 
 
 def run(argv: list[str] | None = None) -> dict:
-    """Run one command; returns its result (raises ``SystemExit`` with a message on bad input)."""
+    """Run one command; returns its result (raises ``SystemExit`` with a message on bad input).
+
+    :param argv: the arguments after ``bilevel-maml`` (default: ``sys.argv[1:]``).
+    """
     args = parse(argv)
     if args.command == "bench":
         return _bench(args.bench_args)
-    command = {"train": command_train, "evaluate": command_evaluate, "resume": command_resume}[args.command]
+    command = {"train": command_train, "evaluate": command_evaluate, "resume": command_resume,
+               "plot": command_plot}[args.command]
     try:
         return command(args)
     except (ValueError, TypeError, FileNotFoundError) as error:
@@ -630,7 +718,31 @@ def run(argv: list[str] | None = None) -> dict:
         distributed.shutdown()
 
 
+def run_script(main: Callable[[], object], prog: str | None = None) -> None:
+    """Run a script's ``main()`` the way the ``bilevel-maml`` command runs its commands: bad input
+    (the ``ValueError``, ``TypeError`` or ``FileNotFoundError`` the library raises, with its
+    message, before any work) is printed as one line and exits with status 2, Ctrl-C with 130;
+    the examples end with ``run_script(main)``.
+
+    :param main: the script's entry point, called with no arguments.
+    :param prog: the name the line starts with (default: the script's file name).
+    """
+    prog = prog or Path(sys.argv[0]).name
+    try:
+        main()
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        raise SystemExit(exit_status(signal.SIGINT)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The console script: :func:`run`, with bad input printed as one line and exit status 2.
+
+    :param argv: the arguments after ``bilevel-maml`` (default: ``sys.argv[1:]``).
+    :returns: the exit status.
+    """
     keep_freed_memory()  # this process is ours: reuse freed activations instead of page-faulting them in
     try:
         run(argv)
@@ -646,3 +758,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+__all__ = ["BadInput", "build_parser", "main", "run", "run_script"]

@@ -35,7 +35,11 @@ def launched_distributed() -> bool:
 
 def init_from_environment(device: torch.device, timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> torch.device:
     """Join the process group ``torchrun`` set up: NCCL on CUDA, gloo on CPU. Returns the device
-    this rank should use (``cuda:LOCAL_RANK`` for CUDA)."""
+    this rank should use (``cuda:LOCAL_RANK`` for CUDA).
+
+    :param device: the device asked for (its type picks the backend).
+    :param timeout_seconds: how long a collective waits for the other ranks before failing.
+    """
     if timeout_seconds <= 0:
         raise ValueError(f"the distributed timeout must be a positive number of seconds, got {timeout_seconds!r}")
     if device.type == "cuda":
@@ -159,3 +163,14 @@ def largest(value: int, what: str) -> int:
     with collective(what):
         dist.all_reduce(box, op=dist.ReduceOp.MAX)
     return int(box.item())
+
+
+__all__ = [
+    "DEFAULT_TIMEOUT_SECONDS",
+    "RankFailure",
+    "launched_distributed",
+    "init_from_environment",
+    "world",
+    "is_main_process",
+    "shutdown",
+]

@@ -26,6 +26,7 @@ from bilevel_maml import distributed, evaluation, execution
 from bilevel_maml.env import EpisodicEnv, global_rng_state, saveable_rng_state, set_global_rng_state
 from bilevel_maml.evaluation import mean_and_ci95
 from bilevel_maml.problems.base import MetaLearner, NonFiniteError, TaskLearner
+from bilevel_maml.progress import ProgressBar
 from bilevel_maml.validation import check_positive_int
 
 
@@ -117,8 +118,8 @@ class MetaEngine(Engine):
         #: the signal that asked :meth:`run` to stop after the current meta-iteration (set by
         #: :class:`~bilevel_maml.stopping.GracefulStop`; a callback may set it too), else None
         self.stop_signal: int | None = None
-        #: objects with any of on_train_start(engine), on_iteration_end(engine, metrics),
-        #: on_validation_end(engine, stats, improved), on_test_end(engine, stats), on_train_end(engine)
+        #: objects with any of the hooks of :class:`~bilevel_maml.callbacks.Callback`
+        #: (on_train_start, on_iteration_end, on_validation_end, on_test_end, on_train_end)
         self.callbacks: list = list(callbacks)
         steps_per_iteration = self.inner_steps * self.meta_batch_size
         config = EngineConfig(
@@ -183,7 +184,11 @@ class MetaEngine(Engine):
         self.meta_learner.gas = self.meta_batch_size // tasks
 
     def use_execution(self, strategy, reason: str | None = None) -> None:
-        """Switch how meta-iterations run (the captured strategy falls back this way), saying why."""
+        """Switch how meta-iterations run (the captured strategy falls back this way), saying why.
+
+        :param strategy: an :class:`~bilevel_maml.execution.EagerExecution` or :class:`~bilevel_maml.execution.CapturedExecution`.
+        :param reason: why the run is not captured (printed as a one-line warning), or None.
+        """
         self.execution, self.eager_reason = strategy, reason
         if reason is not None:
             execution.warn_eager(reason)
@@ -221,13 +226,29 @@ class MetaEngine(Engine):
             problem.on_meta_iteration_start(self.meta_iteration + 1, self.meta_iterations)
         return self.execution.meta_step()
 
-    def run(self) -> list[dict]:
+    def run(self, progress: bool = False) -> list[dict]:
         """Meta-train until ``meta_iterations``, or until :attr:`stop_signal` is set (then after the
         meta-iteration under way); returns the per-iteration training statistics.
 
         Each meta-iteration's metrics (``train/*`` and, when it validates, ``validation/*``) go to
         the logger as one dict and to every callback's ``on_iteration_end``.
+
+        :param progress: show the command line's progress bar (loss, accuracy, tasks/s, validation
+            accuracy, ETA) on stderr, or a notebook widget under Jupyter, for this call; ignored
+            when :attr:`callbacks` already holds a :class:`~bilevel_maml.progress.ProgressBar`.
         """
+        bar = None
+        if progress and not any(isinstance(c, ProgressBar) for c in self.callbacks):
+            bar = ProgressBar(enabled=True)
+            self.callbacks.append(bar)
+        try:
+            return self._run()
+        finally:
+            if bar is not None:
+                bar.on_train_end(self)  # closed even when the run stops with an error
+                self.callbacks.remove(bar)
+
+    def _run(self) -> list[dict]:
         self.train()
         self.stop_signal = None
         # As DDP does: every rank starts from rank 0's θ, then identical averaged updates keep them equal.
@@ -295,7 +316,10 @@ class MetaEngine(Engine):
         }
 
     def load_parameters(self, state: dict) -> None:
-        """θ and the task learner's meta-parameters from a :meth:`state_dict` (e.g. ``best.pt``)."""
+        """θ and the task learner's meta-parameters from a :meth:`state_dict` (e.g. ``best.pt``).
+
+        :param state: a :meth:`state_dict` (a checkpoint's ``"engine"`` entry).
+        """
         self.meta_learner.module.load_state_dict(state["theta"])
         saved = state.get("task_learner_meta_parameters", [])
         extra = list(self.task_learner.meta_parameters())
@@ -307,6 +331,10 @@ class MetaEngine(Engine):
                 tensor.copy_(value)
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore everything :meth:`state_dict` saved, so that :meth:`run` continues exactly as if never stopped.
+
+        :param state: a :meth:`state_dict`, written by the same number of processes.
+        """
         ranks = state.get("ranks", [None])
         if len(ranks) != self.world_size:
             raise ValueError(f"the checkpoint was written by {len(ranks)} process(es) and this run has "
@@ -341,6 +369,10 @@ class MetaEngine(Engine):
 
         Returns the mean over tasks and the 95% confidence half-width of the query loss and,
         for classification, of the accuracy (and, with ``per_task``, every task's values).
+
+        :param env: the task stream to draw from (:attr:`valid_env`, :attr:`test_env` or another).
+        :param num_tasks: tasks to adapt and score.
+        :param per_task: also return every task's values (``report["per_task"]``).
         """
         return evaluation.evaluate(self, env, num_tasks, per_task)
 
@@ -359,7 +391,10 @@ class MetaEngine(Engine):
         return stats
 
     def test(self, num_tasks: int = 600) -> dict:
-        """Final report on the test split: mean and 95% CI over ``num_tasks`` tasks."""
+        """Final report on the test split: mean and 95% CI over ``num_tasks`` tasks.
+
+        :param num_tasks: test tasks to adapt and score.
+        """
         if self.test_env is None:
             raise ValueError("this engine has no test_env; pass test_env= to report test accuracy")
         stats = self.evaluate(self.test_env, num_tasks)

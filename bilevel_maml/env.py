@@ -29,6 +29,12 @@ def split_classification_task(inputs, labels, ways: int, shots: int, query_shots
 
     Each class contributes ``shots`` support and ``query_shots`` query examples, chosen by a
     permutation from the current torch random state.
+
+    :param inputs: the task's examples, grouped or not by class.
+    :param labels: their class labels (any ``ways`` distinct values).
+    :param ways: classes in the task.
+    :param shots: support examples per class.
+    :param query_shots: query examples per class.
     """
     classes = torch.unique(labels, sorted=True)
     if len(classes) != ways:
@@ -53,7 +59,13 @@ def split_classification_task(inputs, labels, ways: int, shots: int, query_shots
 
 
 def split_regression_task(inputs, targets, shots: int, query_shots: int):
-    """Split one regression task into ``shots`` support and ``query_shots`` query points."""
+    """Split one regression task into ``shots`` support and ``query_shots`` query points.
+
+    :param inputs: the task's points.
+    :param targets: their targets.
+    :param shots: support points.
+    :param query_shots: query points.
+    """
     if len(inputs) < shots + query_shots:
         raise ValueError(
             f"a sampled task has {len(inputs)} points but shots + query_shots = "
@@ -225,7 +237,10 @@ class EpisodicEnv(Env):
     def sample_tasks(self, count: int):
         """``count`` consecutive tasks of this env's stream, stacked: the same tasks, in the same
         order, as ``count`` calls of :meth:`sample_task` (for a device-resident source: one draw of
-        ``count`` tasks, which is not the same stream as ``count`` draws of one)."""
+        ``count`` tasks, which is not the same stream as ``count`` draws of one).
+
+        :param count: tasks to draw.
+        """
         if self.on_device:
             return self.tasks.sample(count, self.generator, self.dtype)
         tasks = [self.sample_task() for _ in range(count)]
@@ -276,6 +291,10 @@ class EpisodicEnv(Env):
         return {"rng": saveable_rng_state(self._rng), "tasks_sampled": self.tasks_sampled}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue the task stream from a :meth:`state_dict`.
+
+        :param state: a :meth:`state_dict` of an env over the same source.
+        """
         if self.on_device != ("generator" in state):
             saved, here = ("a device-resident sampler", "learn2learn's") if "generator" in state else \
                 ("learn2learn's sampler", "a device-resident one")
@@ -289,3 +308,6 @@ class EpisodicEnv(Env):
         else:
             self._rng = {**state["rng"], "numpy": _numpy_state(state["rng"]["numpy"])}
         self.tasks_sampled = state["tasks_sampled"]
+
+
+__all__ = ["EpisodicEnv", "TaskSource", "split_classification_task", "split_regression_task"]

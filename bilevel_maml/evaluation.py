@@ -28,7 +28,10 @@ TASKS_PER_DRAW = 50
 
 def mean_and_ci95(values: list[float]) -> tuple[float, float]:
     """Mean and half-width of the 95% confidence interval of the mean (normal approximation,
-    sample standard deviation)."""
+    sample standard deviation).
+
+    :param values: one value per task (at least one).
+    """
     n = len(values)
     mean = sum(values) / n
     if n < 2:
@@ -63,7 +66,13 @@ def evaluate(engine, env, num_tasks: int, per_task: bool = False) -> dict:
     """Mean and 95% confidence half-width over ``num_tasks`` tasks of ``env`` of the query loss
     and, for classification, the accuracy, with θ adapted by ``engine``'s task learner. With
     ``per_task``, ``report["per_task"]`` also lists each task's values, in the order drawn (two
-    checkpoints evaluated from the same env state can then be compared task by task)."""
+    checkpoints evaluated from the same env state can then be compared task by task).
+
+    :param engine: the :class:`~bilevel_maml.engine.MetaEngine` whose θ and task learner are scored.
+    :param env: the task stream to draw from.
+    :param num_tasks: tasks to adapt and score.
+    :param per_task: also return every task's values.
+    """
     check_positive_int("num_tasks", num_tasks)
     per_call = engine.evaluation_tasks_per_call
     learner, loss_fn = engine.task_learner, engine.meta_learner.loss_fn
@@ -96,3 +105,6 @@ def evaluate(engine, env, num_tasks: int, per_task: bool = False) -> dict:
     if per_task:
         report["per_task"] = dict(zip(keys, per_task_values))
     return report
+
+
+__all__ = ["evaluate", "mean_and_ci95"]

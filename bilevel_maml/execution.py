@@ -101,7 +101,12 @@ def default_precision(device: torch.device) -> str:
 
 def check_precision(precision: str | None, device, dtype: torch.dtype | None = None) -> str:
     """``precision`` resolved for ``device`` (None: ``tf32`` on CUDA, ``fp32`` elsewhere), or a
-    ValueError naming what is allowed."""
+    ValueError naming what is allowed.
+
+    :param precision: ``"fp32"``, ``"tf32"``, ``"bf16"`` or None (the device's default).
+    :param device: the engine's device.
+    :param dtype: θ's dtype (``tf32``/``bf16`` apply to float32 only).
+    """
     device = torch.device(device)
     if precision is None:
         return default_precision(device)
@@ -140,7 +145,12 @@ def _set_tf32_state(state) -> None:
 
 @contextlib.contextmanager
 def precision_scope(precision: str, device, capturing: bool = False):
-    """Run the block at ``precision`` on ``device``; the global TF32 settings are restored after."""
+    """Run the block at ``precision`` on ``device``; the global TF32 settings are restored after.
+
+    :param precision: a value :func:`check_precision` returned.
+    :param device: the engine's device.
+    :param capturing: inside a CUDA-graph capture (autocast's cache is then off).
+    """
     device = torch.device(device)
     saved = _tf32_state() if device.type == "cuda" else None
     try:
@@ -232,7 +242,10 @@ class SyncWatch:
 
 # -- strategies -------------------------------------------------------------------------------------
 class EagerExecution:
-    """Betty steps the problems in Python, one meta-iteration at a time."""
+    """Betty steps the problems in Python, one meta-iteration at a time.
+
+    :param engine: the :class:`~bilevel_maml.engine.MetaEngine` it runs.
+    """
 
     name = "eager"
 
@@ -299,7 +312,10 @@ class CapturedExecution(EagerExecution):
     meta-iteration captured once and replayed. Falls back to :class:`EagerExecution`, with a
     one-line warning, when the first warm-up iteration reads a tensor on the host or the capture
     fails. Each replay draws its tasks inside the graph (the env's generator is registered with
-    it), so the host only launches the graph and reads the iteration's statistics."""
+    it), so the host only launches the graph and reads the iteration's statistics.
+
+    :param engine: the :class:`~bilevel_maml.engine.MetaEngine` it runs (on CUDA).
+    """
 
     name = "cuda-graph"
     #: eager meta-iterations before capture (lazy initialisation of cuDNN, cuBLAS, autograd and
@@ -433,7 +449,11 @@ def make_capturable(upper, capturable: bool = True) -> None:
 def choose_execution(engine, cuda_graph: bool | None):
     """The strategy for ``engine``: captured on CUDA unless ``cuda_graph`` is False or
     :func:`capture_blocker` names a reason (then eager, with a one-line warning if the graph was
-    asked for or is the CUDA default)."""
+    asked for or is the CUDA default).
+
+    :param engine: the :class:`~bilevel_maml.engine.MetaEngine`.
+    :param cuda_graph: True insists on capture, False refuses it, None captures wherever it works.
+    """
     if cuda_graph is False:
         return EagerExecution(engine), None
     if cuda_graph is True and engine.device.type != "cuda":
@@ -448,3 +468,13 @@ def choose_execution(engine, cuda_graph: bool | None):
 
 def warn_eager(reason: str) -> None:
     warnings.warn(f"CUDA graph off, the meta-iteration runs eagerly: {reason}", stacklevel=3)
+
+
+__all__ = [
+    "PRECISIONS",
+    "EagerExecution",
+    "CapturedExecution",
+    "choose_execution",
+    "check_precision",
+    "precision_scope",
+]

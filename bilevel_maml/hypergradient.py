@@ -48,6 +48,12 @@ def conjugate_gradient(
     ``n``-dimensional system exactly. With ``batch_dims=1`` the leading axis indexes independent
     systems (``A`` block-diagonal), each with its own step sizes: the iterates equal those of
     solving each system separately. Stops early once every residual norm is at most ``tolerance``.
+
+    :param matvec: ``x ↦ A x`` on tuples of tensors.
+    :param rhs: the right-hand side, one tensor per parameter.
+    :param iterations: CG iterations.
+    :param tolerance: stop early once every residual norm is at most this (0: never; checking reads the residual on the host).
+    :param batch_dims: leading axes that index independent systems (stacked tasks), solved together.
     """
 
     def scale(c: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -138,3 +144,6 @@ def get_grads(loss: torch.Tensor, path, retain_graph: bool) -> tuple[torch.Tenso
             )
         vector = JVP_FUNCTIONS[kind](vector, curr, prev)
     return tuple(vector)
+
+
+__all__ = ["conjugate_gradient"]

@@ -29,6 +29,12 @@ class WandbLogger(LoggerBase):
     :param dir: folder under which wandb writes its ``wandb/`` run folders.
     :param id: the W&B run id; a later logger with the same id continues that run
         (``resume="allow"``), as ``bilevel-maml resume`` does.
+
+    :param project: the W&B project.
+    :param name: the run's display name.
+    :param group: the W&B group.
+    :param tags: W&B tags.
+    :param config: the run's configuration, shown in W&B.
     """
 
     MODES = ("offline", "online", "disabled")
@@ -74,7 +80,13 @@ class WandbLogger(LoggerBase):
         self._pending = {}
 
     def log_artifact(self, path, name: str, type: str = "model", metadata: dict | None = None):
-        """Attach a file (e.g. the best checkpoint) to the run as a versioned artifact."""
+        """Attach a file (e.g. the best checkpoint) to the run as a versioned artifact.
+
+        :param path: the file.
+        :param name: the artifact's name.
+        :param type: the artifact's type.
+        :param metadata: a dict stored with it (e.g. the validation result).
+        """
         if self.run is None:
             return
         import wandb
@@ -141,6 +153,8 @@ def read_offline_run(run_dir) -> dict:
     dict per logged step (with ``_step``), in step order, a step logged again (the iterations
     redone after a kill) replacing the earlier row; ``summary`` holds the last value of every key,
     as W&B shows it; ``parts`` lists the folders read. Useful on machines that never sync.
+
+    :param run_dir: one ``wandb/offline-run-*`` folder of the run.
     """
     import os
     from pathlib import Path
@@ -199,3 +213,6 @@ def _read_one_offline_run(run_dir) -> dict:
                 config[key_of(item)] = value.get("value", value) if isinstance(value, dict) else value
     config.pop("_wandb", None)
     return {"run": identity, "config": config, "history": history, "summary": summary, "artifacts": artifacts}
+
+
+__all__ = ["WandbLogger", "read_offline_run"]

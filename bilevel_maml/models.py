@@ -49,6 +49,14 @@ class Conv4(nn.Module):
     ``Conv4(ways, in_channels=3, hidden=32, image_size=84)`` the mini-ImageNet one.
     ``downsample="stride"`` is Finn et al.'s Omniglot variant (learn2learn's ``OmniglotCNN``):
     stride-2 convolutions instead of max-pooling, then the mean over the positions left.
+
+    :param ways: classes (the classifier's outputs).
+    :param in_channels: image channels.
+    :param hidden: filters of every conv layer.
+    :param image_size: image side in pixels (sets the classifier's input size).
+    :param transductive: BatchNorm keeps no running statistics and normalises with the batch's in training and
+        evaluation alike (MAML's convention).
+    :param downsample: ``"max-pool"`` (Vinyals et al.) or ``"stride"`` (stride-2 convolutions, Finn et al.'s Omniglot network).
     """
 
     def __init__(self, ways: int, in_channels: int = 1, hidden: int = 64, image_size: int = 28,
@@ -65,12 +73,20 @@ class Conv4(nn.Module):
         self.classifier = nn.Linear(hidden if downsample == "stride" else hidden * side * side, ways)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """:param x: images ``(batch, in_channels, image_size, image_size)``.
+        :returns: class scores ``(batch, ways)``.
+        """
         x = self.features(x)
         return self.classifier(x.mean(dim=(2, 3)) if self.downsample == "stride" else x.flatten(1))
 
 
 class MLP(nn.Module):
-    """Fully connected ReLU network; ``MLP(1, 1, (40, 40))`` is the MAML sinusoid regressor."""
+    """Fully connected ReLU network; ``MLP(1, 1, (40, 40))`` is the MAML sinusoid regressor.
+
+    :param in_features: input features.
+    :param out_features: outputs.
+    :param hidden: widths of the hidden layers.
+    """
 
     def __init__(self, in_features: int = 1, out_features: int = 1, hidden: Sequence[int] = (40, 40)):
         super().__init__()
@@ -82,6 +98,8 @@ class MLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """:param x: inputs ``(batch, in_features)``.
+        """
         return self.net(x)
 
 
@@ -109,6 +127,11 @@ class ResNet12(nn.Module):
     each followed by 2×2 max-pooling, global average pooling and a linear classifier.
 
     ``channels=(64, 160, 320, 640)`` is the MetaOptNet width; narrower tuples make it CPU-friendly.
+
+    :param ways: classes (the classifier's outputs).
+    :param in_channels: image channels.
+    :param channels: output channels of the four residual stages.
+    :param transductive: BatchNorm keeps no running statistics and normalises with the batch's (as in Conv4).
     """
 
     def __init__(self, ways: int, in_channels: int = 3, channels: Sequence[int] = (64, 160, 320, 640),
@@ -122,6 +145,9 @@ class ResNet12(nn.Module):
         self.classifier = nn.Linear(widths[-1], ways)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """:param x: images ``(batch, in_channels, height, width)``.
+        :returns: class scores ``(batch, ways)``.
+        """
         return self.classifier(self.features(x).flatten(1))
 
 
@@ -133,7 +159,15 @@ def build_model(name: str, ways: int, in_channels: int = 1, image_size: int = 28
     """A backbone by name: ``conv4`` (``width`` filters, default 64; ``conv4-strided`` is Finn et al.'s
     Omniglot variant with stride-2 convolutions instead of max-pooling), ``resnet12`` (``width`` is the
     first stage's channels, default 64, then ×2.5, ×5, ×10) or ``mlp`` (two hidden layers of
-    ``width``, default 40; ``ways`` outputs, or 1 for regression)."""
+    ``width``, default 40; ``ways`` outputs, or 1 for regression).
+
+    :param name: one of :data:`MODELS`.
+    :param ways: outputs (classes; 1 for sinusoid regression).
+    :param in_channels: image channels.
+    :param image_size: image side in pixels.
+    :param width: see above (None: the default width).
+    :param in_features: the MLP's input features.
+    """
     check_positive_int("ways", ways)
     check_positive_int("in_channels", in_channels)
     if width is not None:
@@ -148,3 +182,6 @@ def build_model(name: str, ways: int, in_channels: int = 1, image_size: int = 28
         hidden = width or 40
         return MLP(in_features, ways, (hidden, hidden))
     raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+
+
+__all__ = ["MODELS", "Conv4", "ResNet12", "MLP", "build_model"]

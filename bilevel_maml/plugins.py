@@ -26,7 +26,10 @@ _loaded_entry_points = False
 
 
 def load_plugin(module: str) -> None:
-    """Import ``module`` (which registers its variants), or raise ValueError saying why it could not be."""
+    """Import ``module`` (which registers its variants), or raise ValueError saying why it could not be.
+
+    :param module: a dotted module name, importable from ``sys.path``.
+    """
     try:
         importlib.import_module(module)
     except Exception as error:  # a plugin's own bug must read as one line, not a traceback
@@ -56,6 +59,10 @@ def load_entry_points() -> None:
 
 
 def unknown_algorithm(name: str) -> str:
+    """The one-line message for an algorithm name nobody registered: the known names and how to register one.
+
+    :param name: the name asked for.
+    """
     return (f"unknown algorithm {name!r}; known: {', '.join(sorted(ALGORITHMS))}. A variant of your own is "
             f"registered with bilevel_maml.register_algorithm(name, Upper, Lower) in a module loaded with "
             f"--plugin MODULE, or by an entry point of the group {ENTRY_POINT_GROUP!r} in its package's metadata")
@@ -68,3 +75,6 @@ def defining_modules(name: str) -> list[str]:
         if not cls.__module__.startswith("bilevel_maml.") and cls.__module__ not in modules:
             modules.append(cls.__module__)
     return modules
+
+
+__all__ = ["ENTRY_POINT_GROUP", "load_plugin", "load_entry_points", "unknown_algorithm"]

@@ -7,10 +7,16 @@ import sys
 
 from tqdm.auto import tqdm
 
+from bilevel_maml.callbacks import Callback
 
-class ProgressBar:
+
+class ProgressBar(Callback):
     """Engine callback. ``enabled=None`` shows the bar only when stderr is a terminal, so logs of
-    batch jobs and CI stay free of carriage-return noise."""
+    batch jobs and CI stay free of carriage-return noise.
+
+    :param enabled: True shows the bar, False never, None only on a terminal.
+    :param file: where to draw it (default: stderr).
+    """
 
     def __init__(self, enabled: bool | None = None, file=None):
         self.file = file if file is not None else sys.stderr
@@ -47,3 +53,6 @@ class ProgressBar:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+__all__ = ["ProgressBar"]

@@ -26,7 +26,10 @@ def _alive(pid: int) -> bool:
 
 class RunLock:
     """``<run folder>/.lock`` holding the owner's process id and host, taken with an exclusive
-    create; a lock whose process is gone (on this host) is taken over with a warning."""
+    create; a lock whose process is gone (on this host) is taken over with a warning.
+
+    :param folder: the run folder.
+    """
 
     def __init__(self, folder):
         self.path = Path(folder) / ".lock"
@@ -74,3 +77,6 @@ class RunLock:
     def __exit__(self, *exc):
         self.release()
         return False
+
+
+__all__ = ["RunLock", "RunFolderInUse"]

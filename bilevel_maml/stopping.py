@@ -34,14 +34,20 @@ class StoppedAtOnce(KeyboardInterrupt):
 
 
 def exit_status(signum: int) -> int:
-    """The shell's convention: 128 + the signal's number (130 for SIGINT, 143 for SIGTERM)."""
+    """The shell's convention: 128 + the signal's number (130 for SIGINT, 143 for SIGTERM).
+
+    :param signum: the signal's number.
+    """
     return 128 + signum
 
 
 class GracefulStop:
     """Context manager: while inside, SIGINT and SIGTERM ask ``engine`` to stop after its current
     meta-iteration (``engine.stop_signal`` is set to the signal's number). Outside the main thread,
-    where Python cannot handle signals, it does nothing."""
+    where Python cannot handle signals, it does nothing.
+
+    :param engine: the :class:`~bilevel_maml.engine.MetaEngine` to stop.
+    """
 
     def __init__(self, engine):
         self.engine = engine
@@ -67,3 +73,6 @@ class GracefulStop:
             signal.signal(signum, handler)
         self._previous.clear()
         return False
+
+
+__all__ = ["GracefulStop", "StoppedAtOnce", "exit_status"]

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from bilevel_maml import build_engine
+from bilevel_maml.cli import run_script
 from bilevel_maml.models import ResNet12
 
 
@@ -64,4 +65,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)  # bad input: one line and exit status 2, as the bilevel-maml command prints it

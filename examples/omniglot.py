@@ -12,6 +12,7 @@ import argparse
 import torch
 
 from bilevel_maml import ALGORITHMS, build_engine
+from bilevel_maml.cli import run_script
 from bilevel_maml.data import omniglot_small_tasksets
 from bilevel_maml.models import Conv4
 
@@ -57,4 +58,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)  # bad input: one line and exit status 2, as the bilevel-maml command prints it

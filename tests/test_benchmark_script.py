@@ -20,18 +20,18 @@ def test_meta_iteration_benchmark_reports_ratios_limits_and_memory(tmp_path, omn
         [sys.executable, str(REPO / "benchmarks" / "meta_iteration.py"), "--data-root", str(omniglot_root),
          "--meta-batch-size", "2", "--steps", "1", "--queries", "1", "--memory-steps", "1", "2", "--repeats", "1",
          "--implementations", "ours maml vectorized", "ours maml per-task", "ours fomaml vectorized",
-         "learn2learn maml", "learn2learn fomaml", "textbook maml loop", "ours maml vectorized, cuda graph",
+         "learn2learn maml", "learn2learn fomaml", "textbook maml loop", "ours maml vectorized (cuda graph)",
          "--breakdown", "--sections", "meta-iteration", "--json", str(out)],
         capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "device: cpu" in done.stdout and "conv throughput" in done.stdout and "precision fp32" in done.stdout
-    assert "ours maml vectorized, cuda graph: skipped, CUDA graphs need a CUDA device" in done.stdout
+    assert "ours maml vectorized (cuda graph): skipped, CUDA graphs need a CUDA device" in done.stdout
     assert "× the meta-iterations/s of learn2learn maml" in done.stdout
     assert "FOMAML vs MAML (vectorized)" in done.stdout
     assert "ours imaml vectorized: peak memory at 2 inner steps is" in done.stdout
     report = json.loads(out.read_text())
     assert report["precision"] == "fp32" and all(row["precision"] == "fp32" for row in report["rows"])
-    assert report["notes"] == ["ours maml vectorized, cuda graph: skipped, CUDA graphs need a CUDA device"]
+    assert report["notes"] == ["ours maml vectorized (cuda graph): skipped, CUDA graphs need a CUDA device"]
     names = {row["implementation"] for row in report["rows"]}
     assert names == {"ours maml vectorized", "ours maml per-task", "ours fomaml vectorized", "learn2learn maml",
                      "learn2learn fomaml", "textbook maml loop"}
@@ -67,7 +67,7 @@ def one_step(name, monkeypatch):
 
 @pytest.mark.parametrize("name", [
     "ours maml vectorized", "ours maml per-task", "learn2learn maml", "forward-over-reverse maml",
-    "ours maml vectorized, pool before norm", "ours maml vectorized, primitive-op norm",
+    "ours maml vectorized (pool before norm)", "ours maml vectorized (primitive-op norm)",
     pytest.param("torch.compile maml", marks=pytest.mark.slow)])
 def test_every_second_order_implementation_takes_the_textbook_step(name, monkeypatch):
     """Same tasks, same start: one meta-iteration of each MAML implementation moves θ like the textbook loop.

@@ -151,8 +151,9 @@ def test_console_script_and_module_entry_points():
     for command in ([str(VENV_BIN / "bilevel-maml"), "--help"], [sys.executable, "-m", "bilevel_maml", "train", "--help"]):
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
-    assert "{train,evaluate,bench,resume}" in subprocess.run(
-        [str(VENV_BIN / "bilevel-maml"), "--help"], capture_output=True, text=True, timeout=120).stdout
+    shown = subprocess.run([str(VENV_BIN / "bilevel-maml"), "--help"], capture_output=True, text=True, timeout=120).stdout
+    for command in ("train", "evaluate", "resume", "plot", "bench"):
+        assert f"\n    {command} " in shown, shown
 
 
 def omniglot_run(output, root, *extra):
@@ -188,3 +189,36 @@ def test_cuda_only_options_on_the_cpu_are_refused_in_one_line(tmp_path, flags, m
         cli.run(sinusoid_run(tmp_path / "run", *flags))
     assert message in str(stop.value) and "\n" not in str(stop.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_every_option_is_described_and_shows_its_default_in_help():
+    parser = cli.build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert set(commands) == {"train", "evaluate", "resume", "plot", "bench"}
+    for name, command in commands.items():
+        formatter = command._get_formatter()
+        for action in command._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            shown = formatter._expand_help(action) if action.help else ""
+            assert len(shown) >= 6, f"{name} {action.option_strings[0]} has no help"
+            if action.default not in (None, False, [], "==SUPPRESS=="):
+                assert f"default: {action.default}" in shown, f"{name} {action.option_strings[0]}: {shown!r}"
+            else:
+                assert "default: None" not in shown and "default: False" not in shown
+
+
+def test_bench_help_names_itself_and_lists_implementations_one_by_one(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.run(["bench", "--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: bilevel-maml bench")
+    flat = " ".join(text.split())
+    assert "--implementations NAME [NAME ...]" in flat and "'ours maml vectorized (cuda graph)'" in flat
+    assert "--memory-steps [STEPS ...]" in flat and "peak memory" in flat
+    assert "(default: 5)" in flat  # --repeats
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from implementations import IMPLEMENTATIONS
+
+    assert not [name for name in IMPLEMENTATIONS if "," in name], "a name with a comma reads as two in a list"

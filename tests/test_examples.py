@@ -29,8 +29,9 @@ def test_sinusoid_example():
 def test_mini_imagenet_example_says_which_files_are_missing(tmp_path):
     done = subprocess.run([sys.executable, str(EXAMPLES / "mini_imagenet.py"), "--data-root", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0
+    assert done.returncode == 2
     assert f"{tmp_path}/mini-imagenet-cache-train.pkl" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
 def test_imaml_with_betty_walkthrough_example(omniglot_root):

@@ -57,6 +57,11 @@ BENCHMARKS = tuple(REQUIRED_FILES)
 
 
 def missing_files(name: str, root) -> list[str]:
+    """The files ``name`` needs that ``root`` lacks (empty when all are there).
+
+    :param name: one of :data:`BENCHMARKS`.
+    :param root: the folder to look in.
+    """
     paths, _ = REQUIRED_FILES[name]
     root = Path(root).expanduser()
     missing = [p for p in paths if not (root / p).exists()]
@@ -67,7 +72,15 @@ def missing_files(name: str, root) -> list[str]:
 
 def benchmark_tasksets(name: str, root, ways: int, samples_per_class: int, download: bool = False, **kwargs):
     """learn2learn ``get_tasksets(name, ...)`` with ``ways``-way tasks of ``samples_per_class``
-    examples per class in every split; the files are checked first unless ``download``."""
+    examples per class in every split; the files are checked first unless ``download``.
+
+    :param name: one of :data:`BENCHMARKS` (``mini-imagenet``, ``tiered-imagenet``, ``cifarfs``, ``fc100``, ``omniglot``).
+    :param root: the folder holding the benchmark's files.
+    :param ways: classes per task.
+    :param samples_per_class: examples per class per task (support + query).
+    :param download: let learn2learn download missing files (needs internet).
+    :param kwargs: passed on to learn2learn's ``get_tasksets``.
+    """
     if name not in REQUIRED_FILES:
         raise ValueError(f"unknown benchmark {name!r}; choose one of: {', '.join(BENCHMARKS)}")
     root = Path(root).expanduser()
@@ -85,3 +98,6 @@ def benchmark_tasksets(name: str, root, ways: int, samples_per_class: int, downl
         name, train_ways=ways, train_samples=samples_per_class, test_ways=ways,
         test_samples=samples_per_class, root=str(root), **kwargs,
     )
+
+
+__all__ = ["BENCHMARKS", "benchmark_tasksets", "missing_files"]

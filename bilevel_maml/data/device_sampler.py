@@ -97,7 +97,10 @@ class DeviceTaskSampler:
         return self.images.numel() * self.images.element_size() + self.members.numel() * 8
 
     def to(self, device) -> "DeviceTaskSampler":
-        """Moves the split's tensors to ``device`` (in place; returns self)."""
+        """Moves the split's tensors to ``device`` (in place; returns self).
+
+        :param device: the target device.
+        """
         device = torch.device(device)
         if device != self.device:
             self.images, self.members, self.padding, self.turns = (
@@ -105,13 +108,21 @@ class DeviceTaskSampler:
         return self
 
     def generator(self, seed: int) -> torch.Generator:
-        """A new random stream on this sampler's device."""
+        """A new random stream on this sampler's device.
+
+        :param seed: the stream's seed.
+        """
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def sample(self, count: int, generator: torch.Generator, dtype: torch.dtype | None = None):
         """``count`` tasks as ``((xs, ys), (xq, yq))``, stacked along a leading task axis: support
         ``(count, ways * shots, *shape)``, query ``(count, ways * query_shots, *shape)``, labels
-        ``0..ways-1`` grouped by class. No host synchronisation, so it can run inside a CUDA graph."""
+        ``0..ways-1`` grouped by class. No host synchronisation, so it can run inside a CUDA graph.
+
+        :param count: tasks to draw.
+        :param generator: the random stream (from :meth:`generator`), advanced by the draw.
+        :param dtype: dtype of the inputs (default: the split's own).
+        """
         device, ways, shots = self.device, self.ways, self.shots
         per_class = shots + self.query_shots
         class_keys = torch.rand(count, self.num_classes, generator=generator, device=device)
@@ -201,6 +212,14 @@ def sampler_from_taskset(taskset, ways: int, shots: int, query_shots: int, devic
     ``uint8``. Raises :class:`UnsupportedTaskSource` naming the reason when there is no exact
     equivalent (a transform without one, a fixed pool of tasks) or the split is larger than
     ``max_bytes`` or ``max_examples``.
+
+    :param taskset: a learn2learn ``Taskset`` whose transforms are the built-in datasets' (``NWays``, ``KShots``, ``LoadData``, ``RemapLabels``, ``ConsecutiveLabels``, rotations).
+    :param ways: classes per task.
+    :param shots: support examples per class.
+    :param query_shots: query examples per class.
+    :param device: where the split is held and tasks are drawn.
+    :param max_bytes: refuse (:class:`UnsupportedTaskSource`) a split larger than this many bytes on the device.
+    :param max_examples: refuse a split with more examples than this (None: no limit).
     """
     dataset = getattr(taskset, "dataset", None)
     by_class = getattr(dataset, "labels_to_indices", None)
@@ -238,10 +257,16 @@ def sampler_from_taskset(taskset, ways: int, shots: int, query_shots: int, devic
 
 
 def device_memory_budget(device) -> int:
-    """:data:`DEFAULT_MEMORY_FRACTION` of ``device``'s memory (of the host's RAM for the CPU)."""
+    """:data:`DEFAULT_MEMORY_FRACTION` of ``device``'s memory (of the host's RAM for the CPU).
+
+    :param device: a ``torch.device`` or its name.
+    """
     device = torch.device(device)
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
     else:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return int(total * DEFAULT_MEMORY_FRACTION)
+
+
+__all__ = ["DeviceTaskSampler", "UnsupportedTaskSource", "device_memory_budget", "sampler_from_taskset"]

@@ -33,6 +33,12 @@ SUBSET_FILES = ("images_background_small1.zip", "images_background_small2.zip")
 IMAGE_SIZE = 28
 
 Tasksets = namedtuple("Tasksets", ["train", "validation", "test"])
+Tasksets.__doc__ = """The three splits' task sources, as learn2learn's ``get_tasksets`` returns them.
+
+:param train: meta-training tasks.
+:param validation: tasks for validation during training.
+:param test: tasks for the final report.
+"""
 
 
 class DataNotFoundError(FileNotFoundError, ValueError):
@@ -136,6 +142,9 @@ class CharacterImages(Dataset):
 
     With ``rotations`` the dataset is four times longer: a class is a (character, rotation) pair.
     ``labels_to_indices`` is precomputed, so learn2learn's ``MetaDataset`` need not scan the data.
+
+    :param characters: one image tensor ``(examples, 1, 28, 28)`` per character.
+    :param rotations: also serve each character rotated by 90°, 180° and 270° as classes of their own.
     """
 
     def __init__(self, characters: list[torch.Tensor], rotations: bool = False):
@@ -162,7 +171,13 @@ class CharacterImages(Dataset):
 
 
 def task_dataset(dataset: CharacterImages, ways: int, samples_per_class: int, num_tasks: int = -1):
-    """A learn2learn ``Taskset`` of ``ways``-way tasks with ``samples_per_class`` per class."""
+    """A learn2learn ``Taskset`` of ``ways``-way tasks with ``samples_per_class`` per class.
+
+    :param dataset: the split's :class:`CharacterImages`.
+    :param ways: classes per task.
+    :param samples_per_class: examples per class per task.
+    :param num_tasks: tasks in the taskset (-1: a new task at every draw).
+    """
     l2l = import_learn2learn()
     meta = l2l.data.MetaDataset(dataset, labels_to_indices=dataset.labels_to_indices())
     transforms = [
@@ -184,7 +199,17 @@ def omniglot_small_tasksets(
     seed: int = 0,
     cache_dir=None,
 ) -> Tasksets:
-    """Train/validation/test learn2learn task datasets over the small Omniglot subsets."""
+    """Train/validation/test learn2learn task datasets over the small Omniglot subsets.
+
+    :param root: the folder holding ``images_background_small1.zip`` and ``images_background_small2.zip`` (or their extracted folders).
+    :param ways: classes per task.
+    :param samples_per_class: examples per class per task (support + query shots).
+    :param rotations: add the 90°/180°/270° rotations as classes (the standard Omniglot protocol).
+    :param validation_fraction: the share of the first subset's characters held out for validation; the second
+        subset's characters not in the first are the test split.
+    :param seed: seeds the split of characters into train and validation.
+    :param cache_dir: where the decoded images are cached (default: the user's cache folder).
+    """
     if not 0.0 < validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction!r}")
     characters = load_characters(root, cache_dir)

@@ -12,6 +12,12 @@ class SinusoidTasks:
 
     ``sample()`` returns ``points`` inputs of shape ``(points, 1)`` and their targets, drawn from
     the global torch random state, which :class:`~bilevel_maml.env.EpisodicEnv` seeds per stream.
+
+    :param points: points per task (support + query).
+    :param amplitude: the range ``(low, high)`` A is drawn from.
+    :param phase: the range φ is drawn from.
+    :param x_range: the range x is drawn from.
+    :param dtype: dtype of inputs and targets.
     """
 
     def __init__(self, points: int = 20, amplitude=(0.1, 5.0), phase=(0.0, math.pi),

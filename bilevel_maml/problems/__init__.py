@@ -30,7 +30,12 @@ _BUILDER_ARGUMENTS = {"self", "args", "kwargs", "module", "optimizer", "meta_bat
 
 
 def register_algorithm(name: str, upper: type[MetaLearner], lower: type[TaskLearner]) -> None:
-    """Make a new variant selectable by name in :func:`bilevel_maml.build_engine` and the CLI."""
+    """Make a new variant selectable by name in :func:`bilevel_maml.build_engine` and the CLI.
+
+    :param name: the name (case-insensitive; ``--algorithm NAME`` on the command line).
+    :param upper: the Upper class, a :class:`~bilevel_maml.problems.base.MetaLearner` subclass.
+    :param lower: the Lower class, a :class:`~bilevel_maml.problems.base.TaskLearner` subclass.
+    """
     if not (issubclass(upper, MetaLearner) and issubclass(lower, TaskLearner)):
         raise TypeError("register_algorithm needs a MetaLearner subclass and a TaskLearner subclass")
     ALGORITHMS[name.lower()] = (upper, lower)
@@ -38,7 +43,11 @@ def register_algorithm(name: str, upper: type[MetaLearner], lower: type[TaskLear
 
 def option_defaults(upper: type, lower: type) -> dict[str, dict]:
     """The options a variant's classes take (keyword arguments of their constructors beyond what
-    every Upper/Lower takes), with their defaults: ``{"upper": {...}, "lower": {...}}``."""
+    every Upper/Lower takes), with their defaults: ``{"upper": {...}, "lower": {...}}``.
+
+    :param upper: the Upper class.
+    :param lower: the Lower class.
+    """
     found = {}
     for side, cls in (("upper", upper), ("lower", lower)):
         parameters = inspect.signature(cls.__init__).parameters.values()
@@ -49,7 +58,11 @@ def option_defaults(upper: type, lower: type) -> dict[str, dict]:
 
 def split_options(name: str, options: dict) -> tuple[dict, dict]:
     """``options`` for algorithm ``name`` split into the Upper's and the Lower's keyword arguments;
-    a name neither class takes is a ValueError that lists the ones they do take."""
+    a name neither class takes is a ValueError that lists the ones they do take.
+
+    :param name: a registered algorithm.
+    :param options: keyword arguments of its classes by name.
+    """
     upper, lower = ALGORITHMS[name]
     defaults = option_defaults(upper, lower)
     upper_options, lower_options = {}, {}
@@ -66,7 +79,13 @@ def split_options(name: str, options: dict) -> tuple[dict, dict]:
 
 def options_in_use(name: str, options: dict) -> dict:
     """Every option of algorithm ``name`` with the value a run given ``options`` uses: the given
-    ones, the constructors' defaults for the rest (options without a default are left out)."""
+    ones, the constructors' defaults for the rest (options without a default are left out).
+
+    Every option of algorithm ``name`` with the value a run uses: ``options`` over the classes' defaults.
+
+    :param name: a registered algorithm.
+    :param options: the options given.
+    """
     split_options(name, options)  # unknown names are refused
     defaults = option_defaults(*ALGORITHMS[name])
     found = {key: value for key, value in {**defaults["upper"], **defaults["lower"]}.items()

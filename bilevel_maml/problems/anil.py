@@ -9,7 +9,13 @@ from bilevel_maml.problems.maml import MAMLLower, MAMLUpper
 
 class ANILLower(MAMLLower):
     """Adapts only the parameters of ``head`` (a submodule name; by default the module that owns
-    the model's last parameter, i.e. its output layer); the body keeps θ during the inner loop."""
+    the model's last parameter, i.e. its output layer); the body keeps θ during the inner loop.
+
+    :param module: θ's network.
+    :param inner_lr: the inner step size.
+    :param head: the submodule to adapt, by name in ``module.named_modules()`` (default: the output layer).
+    :param kwargs: passed to :class:`~bilevel_maml.problems.maml.MAMLLower` (``inner_steps``, ``loss_fn``, ...).
+    """
 
     def __init__(self, module: nn.Module, inner_lr: float, head: str | None = None, **kwargs):
         super().__init__(module, inner_lr, **kwargs)
@@ -21,6 +27,10 @@ class ANILLower(MAMLLower):
                              f"submodules with parameters: {', '.join(owners)}")
 
     def in_head(self, name: str) -> bool:
+        """Whether the parameter ``name`` belongs to the head.
+
+        :param name: a parameter's name in ``module.named_parameters()``.
+        """
         return self.head == "" or name == self.head or name.startswith(self.head + ".")
 
     def adapts(self, name):

@@ -79,17 +79,31 @@ def _accepts_step(function) -> bool:
 
 def with_step(hook, step: int):
     """``hook`` with ``step=step`` bound when its signature takes a ``step`` (hooks written
-    without one are called as they were written)."""
+    without one are called as they were written).
+
+    :param hook: a hook such as :meth:`TaskLearner.inner_loss`.
+    :param step: the inner step to bind.
+    """
     function = getattr(hook, "__func__", hook)
     return functools.partial(hook, step=step) if _accepts_step(function) else hook
 
 
 def is_classification(outputs: torch.Tensor, labels: torch.Tensor) -> bool:
+    """Whether ``outputs`` are class scores for integer ``labels`` (then accuracy is reported).
+
+    :param outputs: the model's outputs, ``(examples, classes)`` for classification.
+    :param labels: the targets.
+    """
     return outputs.dim() == 2 and not labels.is_floating_point()
 
 
 def task_metrics(outputs: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor) -> dict:
-    """Loss, plus accuracy for classification, as plain floats for logging."""
+    """Loss, plus accuracy for classification, as plain floats for logging.
+
+    :param outputs: the model's outputs on a query set.
+    :param labels: the query targets.
+    :param loss: the query loss already computed from them.
+    """
     stats = {"loss": loss.detach()}
     if is_classification(outputs, labels):
         stats["accuracy"] = (outputs.argmax(dim=1) == labels).float().mean().detach()
@@ -105,6 +119,10 @@ class IterationReadout:
     joined into one device vector, so that the host reads them with one transfer."""
 
     def __init__(self, check_names: list[str], checks: torch.Tensor, stats: dict[str, torch.Tensor]):
+        """:param check_names: what each check tested, named in the error when one fails.
+        :param checks: a bool device vector, one entry per name: was it finite?
+        :param stats: the statistics, 0-d device tensors by name.
+        """
         self.check_names, self.stat_names = check_names, list(stats)
         self.vector = torch.cat([checks.to(torch.float64), torch.stack(list(stats.values())).to(torch.float64)])
 
@@ -137,6 +155,8 @@ class StepSnapshot:
     having read anything before it."""
 
     def __init__(self, optimizer: torch.optim.Optimizer):
+        """:param optimizer: the outer optimizer whose parameters and state are saved.
+        """
         self.optimizer = optimizer
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.tensors = [t for p in self.params for t in self._tensors_of(p)]
@@ -189,6 +209,14 @@ class TaskLearner(_NoRollBack, Problem):
         config: Config | None = None,
         device=None,
     ):
+        """:param module: θ's network, the same object the :class:`MetaLearner` holds.
+        :param inner_lr: the inner loop's SGD step size.
+        :param inner_steps: SGD steps per inner loop (Betty's ``unroll_steps``).
+        :param loss_fn: ``loss_fn(outputs, targets)`` of the support set (default: cross-entropy).
+        :param name: the problem's name in Betty's dependency graph.
+        :param config: a Betty ``Config`` used as given instead of one built from ``inner_steps``.
+        :param device: where the problem's tensors live (the engine sets it).
+        """
         check_positive("inner_lr", inner_lr)
         if config is None:
             config = Config(unroll_steps=check_positive_int("inner_steps", inner_steps))
@@ -227,7 +255,12 @@ class TaskLearner(_NoRollBack, Problem):
     # -- functional model ----------------------------------------------------------------------
     def forward(self, inputs: torch.Tensor, params=None, step: int | None = None) -> torch.Tensor:
         """The model with weights ``params`` (default: the current φ), evaluated for inner step
-        ``step`` (default: :attr:`inner_step`), which the model reads with :func:`current_inner_step`."""
+        ``step`` (default: :attr:`inner_step`), which the model reads with :func:`current_inner_step`.
+
+        :param inputs: a batch of inputs (with a leading task axis when vectorized).
+        :param params: φ as a tuple in ``module.named_parameters()`` order (default: the current φ).
+        :param step: the inner step the model is evaluated for (default: :attr:`inner_step`).
+        """
         params = self.params if params is None else params
         weights = dict(zip(self.param_names, params))
         with inner_step_scope(self.inner_step if step is None else step):
@@ -240,7 +273,10 @@ class TaskLearner(_NoRollBack, Problem):
 
     def adapts(self, name: str) -> bool:
         """Whether the inner loop adapts the parameter ``name`` (as in ``module.named_parameters()``).
-        A parameter it does not adapt keeps its starting value and gets no inner gradient."""
+        A parameter it does not adapt keeps its starting value and gets no inner gradient.
+
+        :param name: a parameter's name in ``module.named_parameters()``.
+        """
         return True
 
     def meta_parameters(self) -> tuple[torch.Tensor, ...]:
@@ -249,20 +285,39 @@ class TaskLearner(_NoRollBack, Problem):
         return ()
 
     def task_loss(self, params, batch, step: int | None = None) -> torch.Tensor:
+        """:param params: φ, a tuple in ``module.named_parameters()`` order.
+        :param batch: ``(inputs, targets)`` of one task (stacked tasks when vectorized: each hook sees one).
+        :param step: the inner step (the query loss of the adapted learner counts as the last step).
+        """
         inputs, labels = batch
         return self.loss_fn(self.forward(inputs, params, step), labels)
 
     def inner_loss(self, params, batch, step: int | None = None) -> torch.Tensor:
-        """The support objective at inner step ``step``."""
+        """The support objective at inner step ``step``.
+
+        :param params: φ, a tuple in ``module.named_parameters()`` order.
+        :param batch: ``(inputs, targets)`` of the task's support set.
+        :param step: the inner step, 0 … ``inner_steps`` − 1 (hooks without this parameter are called without it).
+        """
         return self.task_loss(params, batch, step)
 
     def inner_update(self, params, grads, step: int | None = None) -> tuple[torch.Tensor, ...]:
-        """Inner step ``step``. ``grads[i]`` is None for a parameter the learner does not adapt."""
+        """Inner step ``step``. ``grads[i]`` is None for a parameter the learner does not adapt.
+
+        :param params: φ before the step.
+        :param grads: the support loss's gradients, one per parameter (None where not adapted).
+        :param step: the inner step, 0 … ``inner_steps`` − 1 (hooks without this parameter are called without it).
+        :returns: φ after the step.
+        """
         return tuple(p if g is None else p - self.inner_lr * g for p, g in zip(params, grads))
 
     def on_meta_iteration_start(self, iteration: int, iterations: int) -> None:
         """Called before meta-iteration ``iteration`` (1-based) of ``iterations``, outside any
-        captured CUDA graph: set what changes with training here (in place, for tensors)."""
+        captured CUDA graph: set what changes with training here (in place, for tensors).
+
+        :param iteration: the meta-iteration about to run, 1-based.
+        :param iterations: the run's total.
+        """
 
     def structure(self) -> tuple:
         """What the computation of a meta-iteration depends on besides tensor values; when it
@@ -278,7 +333,12 @@ class TaskLearner(_NoRollBack, Problem):
         return self._adapted
 
     def inner_gradients(self, loss, params, create_graph=False) -> tuple[torch.Tensor | None, ...]:
-        """Gradients of ``loss`` for the adapted parameters, None for the others."""
+        """Gradients of ``loss`` for the adapted parameters, None for the others.
+
+        :param loss: the support loss.
+        :param params: φ.
+        :param create_graph: keep the gradients in the graph (second order).
+        """
         adapted = self.adapted_indices()
         chosen = [params[i] for i in adapted]
         grads = zeros_for_unused(
@@ -290,13 +350,23 @@ class TaskLearner(_NoRollBack, Problem):
 
     def over_tasks(self, hook, params, batch) -> torch.Tensor:
         """``hook(params, batch)`` for one task, or summed over the stacked tasks when vectorized:
-        each task's φ then receives exactly its own task's gradient."""
+        each task's φ then receives exactly its own task's gradient.
+
+        :param hook: ``hook(params, batch)`` of one task, returning a scalar.
+        :param params: φ (stacked over tasks when vectorized).
+        :param batch: the batch (stacked over tasks when vectorized).
+        """
         if self.tasks_in_batch:
             return vmap(hook)(params, batch).sum()
         return hook(params, batch)
 
     def apply_update(self, params, grads, step: int = 0) -> tuple[torch.Tensor, ...]:
-        """:meth:`inner_update` for one task, or for every stacked task when vectorized."""
+        """:meth:`inner_update` for one task, or for every stacked task when vectorized.
+
+        :param params: φ (stacked over tasks when vectorized).
+        :param grads: their gradients.
+        :param step: the inner step.
+        """
         update = with_step(self.inner_update, step)
         if self.tasks_in_batch:  # a parameter that is not adapted has no gradient to batch over
             update = vmap(update, in_dims=(0, tuple(None if g is None else 0 for g in grads)))
@@ -304,7 +374,10 @@ class TaskLearner(_NoRollBack, Problem):
 
     @contextmanager
     def tasks_at_once(self, tasks: int | None):
-        """Within the block, hooks treat φ and batches as ``tasks`` stacked tasks (one task if None)."""
+        """Within the block, hooks treat φ and batches as ``tasks`` stacked tasks (one task if None).
+
+        :param tasks: the number of stacked tasks, or None for one task.
+        """
         saved, self.tasks_in_batch = self.tasks_in_batch, tasks
         try:
             yield
@@ -324,11 +397,17 @@ class TaskLearner(_NoRollBack, Problem):
         return self.env.batch["support"]
 
     def training_step(self, batch):
+        """Betty's hook: the support loss of the current inner step.
+
+        :param batch: the support set (:meth:`get_batch`).
+        """
         return self.over_tasks(with_step(self.inner_loss, self.inner_step), self.params, batch)
 
     def get_loss(self, batch):
         # Betty's get_loss reads loss.item() at every step, a host synchronisation per inner step
         # (and one a CUDA graph cannot capture); the statistics stay on the device here.
+        """:param batch: the support set.
+        """
         loss = self.training_step_exec(batch)
         loss = loss["loss"] if isinstance(loss, dict) else loss
         return loss / self.gas, {"loss": loss.detach()}
@@ -339,6 +418,11 @@ class TaskLearner(_NoRollBack, Problem):
         self._grads = self.inner_gradients(loss, tuple(params), create_graph=self.second_order)
 
     def optimizer_step(self, *args, **kwargs):
+        """Betty's hook: one inner step φ ← :meth:`inner_update` (kept in the graph when :attr:`keep_update_graph`).
+
+        :param args: ignored (Betty's signature).
+        :param kwargs: ignored (Betty's signature).
+        """
         new_params = self.apply_update(self.params, self._grads, self.inner_step)
         if not self.keep_update_graph:
             new_params = tuple(p if g is None else p.detach().requires_grad_()
@@ -360,7 +444,12 @@ class TaskLearner(_NoRollBack, Problem):
     def adapt(self, batch, steps: int | None = None, tasks: int | None = None) -> tuple[torch.Tensor, ...]:
         """Adapt a graph-free copy of θ to ``batch`` with the same hooks as training. With ``tasks``,
         ``batch`` holds that many stacked tasks, adapted at once (vmapped) as on the training path;
-        the returned φ then has a leading task axis."""
+        the returned φ then has a leading task axis.
+
+        :param batch: ``(inputs, targets)`` of the support set (stacked tasks with ``tasks``).
+        :param steps: inner steps to take (default: :attr:`inner_steps`).
+        :param tasks: the number of stacked tasks in ``batch``, or None for one task.
+        """
         saved_step = self.inner_step
         with torch.enable_grad(), self.tasks_at_once(tasks):
             params = tuple(p.detach().requires_grad_() for p in self.start_params())
@@ -397,6 +486,16 @@ class MetaLearner(_NoRollBack, Problem):
         config: Config | None = None,
         device=None,
     ):
+        """:param module: θ's network; every inner loop starts from its parameters.
+        :param optimizer: the outer optimizer over ``module``'s parameters.
+        :param meta_batch_size: tasks per meta-update (Betty's ``gradient_accumulation``).
+        :param loss_fn: ``loss_fn(outputs, targets)`` of the query set (default: cross-entropy).
+        :param scheduler: an LR scheduler over ``optimizer``, stepped once per meta-update, or None.
+        :param gradient_clipping: clip the meta-gradient to this global norm; 0 disables clipping.
+        :param name: the problem's name in Betty's dependency graph.
+        :param config: a Betty ``Config`` used as given instead of one built from the arguments above.
+        :param device: where the problem's tensors live (the engine sets it).
+        """
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer over the module's parameters, "
@@ -434,7 +533,11 @@ class MetaLearner(_NoRollBack, Problem):
 
     def on_meta_iteration_start(self, iteration: int, iterations: int) -> None:
         """Called before meta-iteration ``iteration`` (1-based) of ``iterations``, outside any
-        captured CUDA graph: set what changes with training here (in place, for tensors)."""
+        captured CUDA graph: set what changes with training here (in place, for tensors).
+
+        :param iteration: the meta-iteration about to run, 1-based.
+        :param iterations: the run's total.
+        """
 
     def structure(self) -> tuple:
         """What the computation of a meta-iteration depends on besides tensor values (see
@@ -453,7 +556,10 @@ class MetaLearner(_NoRollBack, Problem):
 
     def reduce_over_tasks(self, grads) -> tuple[torch.Tensor, ...]:
         """Gradients with respect to φ, summed over the task axis when vectorized, so they are
-        shaped like θ. (The query loss is already averaged over tasks.)"""
+        shaped like θ. (The query loss is already averaged over tasks.)
+
+        :param grads: gradients with respect to φ (stacked over tasks when vectorized).
+        """
         if self.tasks_in_batch:
             return tuple(g.sum(0) for g in grads)
         return tuple(grads)
@@ -465,7 +571,12 @@ class MetaLearner(_NoRollBack, Problem):
     def score_query(self, batch, params=None, step: int | None = None):
         """``(outputs, labels, loss)`` of the task learner with φ = ``params`` (default: the adapted
         φ) on the query ``batch`` at inner step ``step`` (default: the last); when vectorized, the
-        loss is the mean over the stacked tasks and outputs/labels are flattened over them."""
+        loss is the mean over the stacked tasks and outputs/labels are flattened over them.
+
+        :param batch: the query set ``(inputs, targets)``.
+        :param params: φ (default: the task learner's adapted φ).
+        :param step: the inner step the model is evaluated for (default: the last).
+        """
         inputs, labels = batch
         learner = self.task_learner
         params = learner.params if params is None else params
@@ -476,12 +587,18 @@ class MetaLearner(_NoRollBack, Problem):
         return outputs, labels, self.loss_fn(outputs, labels)
 
     def training_step(self, batch):
+        """Betty's hook: the query loss and statistics of the adapted task learner.
+
+        :param batch: the query set (:meth:`get_batch`).
+        """
         outputs, labels, loss = self.score_query(batch)
         return {**task_metrics(outputs, labels, loss), "loss": loss}
 
     def get_loss(self, batch):
         # Betty's get_loss reads loss.item() at every step (a host synchronisation, and one a CUDA
         # graph cannot capture); the statistics stay on the device until the iteration ends.
+        """:param batch: the query set.
+        """
         out = self.training_step_exec(batch)
         loss = out["loss"] if isinstance(out, dict) else out
         stats = {k: v.detach() if isinstance(v, torch.Tensor) else torch.as_tensor(v, device=loss.device)
@@ -494,6 +611,12 @@ class MetaLearner(_NoRollBack, Problem):
         self.set_grads(params, [g.detach() for g in grads])
 
     def meta_gradient(self, query_loss: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The gradient given to θ for one task (or stacked tasks): the direct gradient plus Betty's
+        best-response paths; each algorithm overrides it.
+
+        :param query_loss: the query loss of the adapted learner.
+        :returns: one tensor per parameter of θ.
+        """
         theta = self.trainable_parameters()
         grads = zeros_for_unused(
             torch.autograd.grad(query_loss, theta, retain_graph=True, allow_unused=True), theta
@@ -503,6 +626,12 @@ class MetaLearner(_NoRollBack, Problem):
         return grads
 
     def optimizer_step(self, *args, **kwargs):
+        """Betty's hook: check the meta-gradient is finite (on the device, or on the host before θ changes),
+        average it across ranks, and take the outer step.
+
+        :param args: ignored (Betty's signature).
+        :param kwargs: ignored (Betty's signature).
+        """
         average_gradients(self.trainable_parameters())  # across torch.distributed ranks; no-op otherwise
         named = [(name, p) for name, p in [
             *self.module.named_parameters(),

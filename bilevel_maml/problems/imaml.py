@@ -17,20 +17,34 @@ from bilevel_maml.validation import check_positive, check_positive_int
 
 
 class IMAMLLower(TaskLearner):
-    """Inner SGD on the support loss plus the proximal term λ/2‖φ − θ‖²."""
+    """Inner SGD on the support loss plus the proximal term λ/2‖φ − θ‖².
+
+    :param args: passed to :class:`~bilevel_maml.problems.base.TaskLearner` (``module``, ``inner_lr``).
+    :param lam: the proximal strength λ (> 0).
+    :param kwargs: passed to :class:`~bilevel_maml.problems.base.TaskLearner` (``inner_steps``, ``loss_fn``, ...).
+    """
 
     def __init__(self, *args, lam: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.lam = check_positive("lam (the iMAML proximal strength λ)", lam)
 
     def inner_loss(self, params, batch):
+        """:param params: φ.
+        :param batch: the support set.
+        """
         theta = self.meta_learner.initialization()
         proximal = sum(((p - t) ** 2).sum() for p, t in zip(params, theta))
         return self.task_loss(params, batch) + 0.5 * self.lam * proximal
 
 
 class IMAMLUpper(MetaLearner):
-    """θ.grad = (I + H/λ)^-1 ∇_φ L_query(φ), with H the support-loss Hessian at the adapted φ."""
+    """θ.grad = (I + H/λ)^-1 ∇_φ L_query(φ), with H the support-loss Hessian at the adapted φ.
+
+    :param args: passed to :class:`~bilevel_maml.problems.base.MetaLearner` (``module``, ``optimizer``).
+    :param cg_iterations: conjugate-gradient iterations.
+    :param cg_tolerance: stop CG early once every residual norm is at most this (0: never).
+    :param kwargs: passed to :class:`~bilevel_maml.problems.base.MetaLearner` (``meta_batch_size``, ``loss_fn``, ...).
+    """
 
     def __init__(self, *args, cg_iterations: int = 5, cg_tolerance: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)

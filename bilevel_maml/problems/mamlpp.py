@@ -67,6 +67,11 @@ class PerStepBatchNorm(nn.Module):
     The forward pass writes no buffer (vmap and CUDA graphs need that): running statistics are
     updated by :meth:`MAMLPlusPlusLower.commit_statistics`, from what
     :func:`recording_statistics` recorded.
+
+    :param layer: the BatchNorm layer it replaces (its γ/β Parameters are kept).
+    :param steps: rows: the inner steps.
+    :param per_step_weights: one row of γ/β per step (else the layer's single γ/β for every step).
+    :param statistics: one row of running statistics per step, used in evaluation (else the batch's statistics always).
     """
 
     def __init__(self, layer: nn.modules.batchnorm._BatchNorm, steps: int, per_step_weights: bool = True,
@@ -94,6 +99,8 @@ class PerStepBatchNorm(nn.Module):
                 f"statistics={self.statistics}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """:param x: activations ``(batch, channels, ...)``, normalised with the current inner step's row.
+        """
         step = min(current_inner_step() or 0, self.steps - 1)
         weight, bias = self.weight, self.bias
         if self.per_step_weights:
@@ -111,7 +118,13 @@ class PerStepBatchNorm(nn.Module):
 def use_per_step_batch_norm(module: nn.Module, steps: int, per_step_weights: bool = True,
                             statistics: bool = True) -> list[PerStepBatchNorm]:
     """Replace every BatchNorm layer of ``module`` (in place) by a :class:`PerStepBatchNorm` with
-    ``steps`` rows; returns the new layers, in module order. Layers already per-step are kept."""
+    ``steps`` rows; returns the new layers, in module order. Layers already per-step are kept.
+
+    :param module: the model, changed in place.
+    :param steps: rows per layer: the inner steps.
+    :param per_step_weights: one row of γ/β per step.
+    :param statistics: one row of running statistics per step.
+    """
     layers = []
     for name, child in list(module.named_modules()):
         if isinstance(child, PerStepBatchNorm):
@@ -128,7 +141,12 @@ def use_per_step_batch_norm(module: nn.Module, steps: int, per_step_weights: boo
 def multi_step_weights(steps: int, iteration: int, anneal_iterations: int) -> list[float]:
     """The multi-step loss weights of meta-iteration ``iteration`` (1-based): 1/K each at the start;
     the first K − 1 fall by 1/(K·A) per iteration (A = ``anneal_iterations``) to at least 0.03/K,
-    the last rises by (K − 1)/(K·A) per iteration to at most 1 − (K − 1)·0.03/K."""
+    the last rises by (K − 1)/(K·A) per iteration to at most 1 − (K − 1)·0.03/K.
+
+    :param steps: inner steps K.
+    :param iteration: the meta-iteration, 1-based.
+    :param anneal_iterations: A, the meta-iterations of the annealing.
+    """
     done = iteration - 1
     decay = 1.0 / steps / anneal_iterations
     floor = 0.03 / steps
@@ -139,13 +157,29 @@ def multi_step_weights(steps: int, iteration: int, anneal_iterations: int) -> li
 
 def cosine_learning_rate(initial: float, minimum: float, iteration: int, iterations: int) -> float:
     """The learning rate of meta-iteration ``iteration`` (1-based) of ``iterations``: ``initial`` at
-    the first, falling along half a cosine toward ``minimum`` at the end."""
+    the first, falling along half a cosine toward ``minimum`` at the end.
+
+    :param initial: the learning rate at iteration 1.
+    :param minimum: the learning rate at the end.
+    :param iteration: the meta-iteration, 1-based.
+    :param iterations: the run's total.
+    """
     return minimum + 0.5 * (initial - minimum) * (1 + math.cos(math.pi * (iteration - 1) / max(iterations, 1)))
 
 
 class MAMLPlusPlusLower(MAMLLower):
     """MAML's inner loop with learned per-layer per-step step sizes, per-step BatchNorm and
-    derivative-order annealing (see the module docstring for each option)."""
+    derivative-order annealing (see the module docstring for each option).
+
+    :param module: θ's network (its BatchNorm layers become :class:`PerStepBatchNorm`).
+    :param inner_lr: the initial inner step size of every layer and step.
+    :param learned_inner_lr: meta-learn one step size per parameter tensor and inner step (LSLR).
+    :param per_step_bn_weights: one row of BatchNorm γ/β per inner step.
+    :param per_step_bn_statistics: per-step running statistics, used in evaluation (off by default; see the docs' Results page).
+    :param bn_momentum: how far each commit moves the running statistics, in (0, 1].
+    :param first_order_iterations: first-order meta-iterations at the start (None: the first third of the run; 0: second order throughout).
+    :param kwargs: passed to :class:`~bilevel_maml.problems.maml.MAMLLower` (``inner_steps``, ``loss_fn``, ...).
+    """
 
     def __init__(self, module: nn.Module, inner_lr: float, *, learned_inner_lr: bool = True,
                  per_step_bn_weights: bool = True, per_step_bn_statistics: bool = False,
@@ -256,7 +290,15 @@ class MAMLPlusPlusLower(MAMLLower):
 
 
 class MAMLPlusPlusUpper(MAMLUpper):
-    """MAML's meta-gradient of the multi-step query loss, with the outer learning rate cosine-annealed."""
+    """MAML's meta-gradient of the multi-step query loss, with the outer learning rate cosine-annealed.
+
+    :param args: passed to :class:`~bilevel_maml.problems.maml.MAMLUpper` (``module``, ``optimizer``).
+    :param multi_step_loss: weight the query losses of every inner step (else the last step's only).
+    :param multi_step_loss_iterations: meta-iterations over which the weights anneal toward the last step (None: the first tenth of the run).
+    :param cosine_lr: cosine-anneal the outer learning rate over the run.
+    :param min_meta_lr: where the cosine ends.
+    :param kwargs: passed to :class:`~bilevel_maml.problems.maml.MAMLUpper` (``meta_batch_size``, ``loss_fn``, ...).
+    """
 
     def __init__(self, *args, multi_step_loss: bool = True, multi_step_loss_iterations: int | None = None,
                  cosine_lr: bool = True, min_meta_lr: float = 1e-5, **kwargs):

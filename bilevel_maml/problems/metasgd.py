@@ -10,7 +10,12 @@ from bilevel_maml.problems.maml import MAMLLower, MAMLUpper
 
 class MetaSGDLower(MAMLLower):
     """φ ← φ − α ⊙ ∇L_support(φ), where α (shaped like θ, starting at ``inner_lr`` everywhere) is
-    learned by the outer optimizer together with θ."""
+    learned by the outer optimizer together with θ.
+
+    :param module: θ's network.
+    :param inner_lr: the initial value of every step size α.
+    :param kwargs: passed to :class:`~bilevel_maml.problems.maml.MAMLLower` (``inner_steps``, ``loss_fn``, ...).
+    """
 
     def __init__(self, module: nn.Module, inner_lr: float, **kwargs):
         super().__init__(module, inner_lr, **kwargs)

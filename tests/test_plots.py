@@ -1,0 +1,111 @@
+"""Learning curves without W&B: metrics.jsonl written during training, `bilevel-maml plot` drawing
+it to a PNG whose lines hold exactly the run's history, and `engine.run(progress=True)`."""
+
+import json
+import struct
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from bilevel_maml import build_engine, cli
+from bilevel_maml.data import SinusoidTasks
+from bilevel_maml.history import MetricsFile, read_metrics
+from bilevel_maml.models import MLP
+from bilevel_maml.plots import plot_run
+
+SINUSOID = ["train", "--dataset", "sinusoid", "--iterations", "6", "--meta-batch-size", "2", "--valid-every", "3",
+            "--valid-tasks", "5", "--test-tasks", "5", "--wandb", "disabled", "--no-progress"]
+
+
+def png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def classification_run(folder, iterations=40):
+    """A run folder whose metrics.jsonl the callback writes, as `train` would, with accuracy."""
+    rng = np.random.default_rng(0)
+    file, engine = MetricsFile(folder / "metrics.jsonl"), SimpleNamespace(meta_iteration=0)
+    file.on_train_start(engine)
+    for i in range(1, iterations + 1):
+        engine.meta_iteration = i
+        metrics = {"train/loss": float(1.6 / i + 0.1 * rng.random()), "train/accuracy": float(min(1, i / 50)),
+                   "train/lr": 1e-3, "train/tasks_per_second": 50.0}
+        if i % 10 == 0:
+            metrics.update({"validation/loss": 1.0 / i, "validation/loss_ci95": 0.05,
+                            "validation/accuracy": i / 60, "validation/accuracy_ci95": 0.03})
+        file.on_iteration_end(engine, metrics)
+    file.on_test_end(engine, {"loss": 0.4, "loss_ci95": 0.02, "accuracy": 0.71, "accuracy_ci95": 0.021, "tasks": 50})
+    return read_metrics(folder / "metrics.jsonl")
+
+
+def test_the_png_shows_exactly_the_runs_history(tmp_path):
+    rows = classification_run(tmp_path)
+    drawn = plot_run(tmp_path, dpi=80)
+    assert png_size(tmp_path / "curves.png") == (800, 320)  # 10 × 4 inches
+    series = drawn["series"]
+    steps = [r["step"] for r in rows if "train/loss" in r]
+    assert series["query loss: train loss"] == (steps, [r["train/loss"] for r in rows if "train/loss" in r])
+    assert series["query accuracy (%): train accuracy"][1] == pytest.approx(
+        [100 * r["train/accuracy"] for r in rows if "train/accuracy" in r])
+    validation = [r for r in rows if "validation/accuracy" in r]
+    assert series["query accuracy (%): validation (95% CI)"] == (
+        [r["step"] for r in validation], pytest.approx([100 * r["validation/accuracy"] for r in validation]))
+    test_point = next(v for k, v in series.items() if k.startswith("query accuracy (%): test"))
+    assert test_point == ([40.0], [pytest.approx(71.0)])
+    assert "71.0% ± 2.1%" in " ".join(series)
+    # the lines are in the picture: the training colour (tab:blue) and the validation band's orange
+    import matplotlib.image
+
+    pixels = (matplotlib.image.imread(tmp_path / "curves.png")[..., :3] * 255).round().astype(int)
+    blue = np.abs(pixels - [31, 119, 180]).sum(axis=-1) < 30
+    orange = np.abs(pixels - [255, 127, 14]).sum(axis=-1) < 30
+    assert blue.sum() > 300 and orange.sum() > 100
+
+
+def test_a_resumed_run_drops_the_lines_it_redoes(tmp_path):
+    classification_run(tmp_path, iterations=12)
+    MetricsFile(tmp_path / "metrics.jsonl").on_train_start(SimpleNamespace(meta_iteration=10))
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == list(range(1, 11))
+    with (tmp_path / "metrics.jsonl").open("a") as file:
+        file.write('{"step": 11, "train/lo')  # a kill mid-line
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == list(range(1, 11))
+
+
+def test_plot_command_draws_a_trained_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main([*SINUSOID, "--output", str(run)]) == 0
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert "validation/loss" in rows[2] and "validation/loss" in rows[5] and "test/loss" in rows[5]
+    result = json.loads((run / "result.json").read_text())
+    assert rows[5]["test/loss"] == pytest.approx(result["loss"])
+    assert cli.main(["plot", "--output", str(run), "--file", str(tmp_path / "out" / "c.png"), "--dpi", "40"]) == 0
+    assert "written to" in capsys.readouterr().out
+    assert png_size(tmp_path / "out" / "c.png") == (240, 160)  # regression: one 6 × 4 inch panel
+
+
+def test_plot_command_bad_input_is_one_line(tmp_path, capsys):
+    assert cli.main(["plot", "--output", str(tmp_path / "nowhere")]) == 2
+    assert "is not a run folder" in capsys.readouterr().err
+    assert cli.main(["plot", "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds no metrics.jsonl" in err and len(err.splitlines()) == 1
+    classification_run(tmp_path)
+    assert cli.main(["plot", "--output", str(tmp_path), "--file", str(tmp_path / "c.jpg")]) == 2
+    assert "must end in .png" in capsys.readouterr().err
+
+
+def test_engine_run_progress_shows_the_cli_bar(capsys):
+    engine = build_engine("maml", MLP(1, 1, (8,)), SinusoidTasks(points=10), regression=True, shots=5,
+                          inner_lr=0.01, meta_batch_size=2, meta_iterations=3, valid_step=100)
+    before = list(engine.callbacks)
+    engine.run(progress=True)
+    err = capsys.readouterr().err
+    assert "meta-training" in err and "3/3" in err and "loss=" in err and "tasks/s=" in err
+    assert engine.callbacks == before  # the bar was for that call only
+    engine.meta_iterations = 3
+    engine.run()
+    assert "meta-training" not in capsys.readouterr().err
