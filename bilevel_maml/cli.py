@@ -21,6 +21,7 @@ import os
 import secrets
 import signal
 import sys
+import textwrap
 import time
 import tomllib
 from pathlib import Path
@@ -220,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name, summary, description):
-        return commands.add_parser(name, help=summary.replace("%", "%%"), description=description,
+        return commands.add_parser(name, help=summary.replace("%", "%%"), description=textwrap.fill(description, 96),
                                    formatter_class=_HelpFormatter)
 
     train = command("train", "meta-train, then report test accuracy",
