@@ -52,6 +52,11 @@ class IMAMLUpper(MetaLearner):
         self.cg_tolerance = cg_tolerance
 
     def meta_gradient(self, query_loss):
+        """(I + H/λ)⁻¹ ∇_φ L_query(φ_K) by :attr:`cg_iterations` steps of conjugate gradient with
+        Hessian-vector products of the support loss at φ_K.
+
+        :param query_loss: the query loss of the adapted learner.
+        """
         learner = self.task_learner
         phi = learner.params
         query_grad = zeros_for_unused(torch.autograd.grad(query_loss, phi, allow_unused=True), phi)

@@ -22,5 +22,9 @@ class MAMLUpper(MetaLearner):
     """θ.grad = d L_query(φ_K(θ)) / dθ, differentiating through all K inner steps."""
 
     def meta_gradient(self, query_loss):
+        """d L_query(φ_K(θ)) / dθ: autograd through the K inner steps kept in the graph.
+
+        :param query_loss: the query loss of the adapted learner.
+        """
         theta = self.trainable_parameters()
         return zeros_for_unused(torch.autograd.grad(query_loss, theta, allow_unused=True), theta)

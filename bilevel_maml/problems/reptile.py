@@ -31,6 +31,10 @@ class ReptileUpper(MetaLearner):
             return super().training_step(batch)
 
     def meta_gradient(self, query_loss):
+        """This task's share of mean(θ − φ_K) (the query loss is not differentiated).
+
+        :param query_loss: the query loss of the adapted learner (unused).
+        """
         theta, phi = self.initialization(), self.task_learner.params
         # one task (or one vmapped chunk) of the meta-batch: its share of the mean
         return tuple(g / self.meta_batch_size for g in self.reduce_over_tasks([t - p for t, p in zip(theta, phi)]))
