@@ -39,6 +39,7 @@ from implementations import (BASELINE, CUDA_ONLY, IMPLEMENTATIONS, INNER_LR, MET
 
 from bilevel_maml import build_engine  # noqa: E402
 from bilevel_maml.allocator import keep_freed_memory  # noqa: E402
+from bilevel_maml.cli import DefaultsHelpFormatter  # noqa: E402
 from bilevel_maml.execution import CapturedExecution, check_precision, precision_scope  # noqa: E402
 
 SECTIONS = ("meta-iteration", "end-to-end", "evaluation", "sampling")
@@ -344,19 +345,9 @@ def summarize(report: dict) -> dict:
     return {"lines": lines, "ratios": ratios}
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Defaults in --help, except where the help already says it in words."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
-            return text
-        return f"{text} (default: %(default)s)"
-
-
 def build_parser(prog=None) -> argparse.ArgumentParser:
     """This script's options (also ``bilevel-maml bench``'s; the docs' CLI page is generated from it)."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=_HelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=DefaultsHelpFormatter)
     add = parser.add_argument
     add("--data-root", default="../shared/data/omniglot-small", metavar="FOLDER",
         help="the Omniglot subsets the end-to-end, evaluation and sampling sections draw tasks from")

@@ -54,6 +54,10 @@ class BadInput(SystemExit):
     status 2 (the message is also the exception's text, for callers of :func:`run`)."""
 
 
+#: what the library raises for bad input, with a message naming the value and what is allowed
+BAD_INPUT_ERRORS = (ValueError, TypeError, FileNotFoundError)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's usage block would bury the one line that matters
         raise BadInput(f"{self.prog}: error: {message} (see {self.prog} --help)")
@@ -111,7 +115,7 @@ non_negative_int = _number(int, 0, "an integer >= 0")
 positive_float = _number(float, math.ulp(0.0), "a positive finite number")
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Every option's default in ``--help``, as argparse's ArgumentDefaultsHelpFormatter does, except
     where it would print 'default: None' for a default that depends on other options (the help
     says so in words) or 'default: False' for a flag."""
@@ -210,19 +214,21 @@ def _logging_options(parser: argparse.ArgumentParser) -> None:
              "(default: only when stderr is a terminal)")
 
 
-def _plugin_option(parser: argparse.ArgumentParser) -> None:
+def _existing_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the commands that rebuild a run from its config (evaluate, resume)."""
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: the run's device)")
     parser.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
                         help="import MODULE first (besides the plugins the run's config names); repeatable")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``bilevel-maml`` argument parser (the CLI page of the docs is generated from it)."""
-    parser = _Parser(prog="bilevel-maml", description=__doc__, formatter_class=_HelpFormatter)
+    parser = _Parser(prog="bilevel-maml", description=__doc__, formatter_class=DefaultsHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name, summary, description):
         return commands.add_parser(name, help=summary.replace("%", "%%"), description=textwrap.fill(description, 96),
-                                   formatter_class=_HelpFormatter)
+                                   formatter_class=DefaultsHelpFormatter)
 
     train = command("train", "meta-train, then report test accuracy",
                     "Meta-train, validate, checkpoint and log to W&B, then report test accuracy (or MSE) ± 95% CI "
@@ -241,10 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", metavar="FOLDER", help="run folder (uses checkpoints/best.pt, else last.pt)")
     evaluate.add_argument("--checkpoint", metavar="FILE", help="checkpoint file (instead of --output)")
     evaluate.add_argument("--test-tasks", type=positive_int, default=600, help="test tasks to score")
-    evaluate.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: the run's device)")
     evaluate.add_argument("--result", metavar="FILE",
                           help="JSON file to write (default: <run folder>/evaluation.json)")
-    _plugin_option(evaluate)
+    _existing_run_options(evaluate)
 
     resume = command("resume", "continue an interrupted or finished run",
                      "Continue a stopped or killed run from its newest intact checkpoint (last.pt, else "
@@ -252,8 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "run (trained and tested) it says so, changes nothing and exits 0.")
     resume.add_argument("--output", required=True, metavar="FOLDER", help="run folder holding checkpoints/last.pt")
     resume.add_argument("--iterations", type=positive_int, help="new total of meta-iterations (default: the run's)")
-    resume.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: the run's device)")
-    _plugin_option(resume)
+    _existing_run_options(resume)
     _distributed_options(resume)
     _logging_options(resume)
 
@@ -360,10 +364,10 @@ def load_plugins(modules) -> None:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
-    load_plugins(_plugins_named(argv))
-    parser = build_parser()
     if argv[:1] == ["bench"]:  # the benchmark has its own options
         return argparse.Namespace(command="bench", bench_args=argv[1:])
+    load_plugins(_plugins_named(argv))
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "train" and args.config:
         train_parser = parser._subparsers._group_actions[0].choices["train"]
@@ -711,7 +715,7 @@ def run(argv: list[str] | None = None) -> dict:
                "plot": command_plot}[args.command]
     try:
         return command(args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except BAD_INPUT_ERRORS as error:
         raise BadInput(f"bilevel-maml {args.command}: {error}") from None
     except (CheckpointWriteError, distributed.RankFailure) as error:
         raise SystemExit(f"bilevel-maml {args.command}: {error}") from None
@@ -731,7 +735,7 @@ def run_script(main: Callable[[], object], prog: str | None = None) -> None:
     prog = prog or Path(sys.argv[0]).name
     try:
         main()
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except BAD_INPUT_ERRORS as error:
         print(f"{prog}: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:

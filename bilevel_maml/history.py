@@ -34,9 +34,9 @@ class MetricsFile(Callback):
 
     def __init__(self, path):
         self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def _append(self, row: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as file:
             file.write(json.dumps({key: _plain(value) for key, value in row.items()}) + "\n")
 

@@ -68,15 +68,11 @@ def plot_run(run_folder, path=None, dpi: int = 120) -> dict:
     rows, source = run_history(folder)
     if not any(key.startswith("train/") for row in rows for key in row):
         raise ValueError(f"{source} holds no training metrics yet; plot a run that has run meta-iterations")
+    result = json.loads((folder / "result.json").read_text()) if (folder / "result.json").is_file() else {}
     test = next((row for row in reversed(rows) if "test/loss" in row), None)
-    if test is None and (folder / "result.json").is_file():
-        result = json.loads((folder / "result.json").read_text())
+    if test is None and result:
         test = {"step": result.get("iteration"), **{f"test/{k}": v for k, v in result.items()}}
-    tested = ""
-    if (folder / "result.json").is_file():
-        result = json.loads((folder / "result.json").read_text())
-        if result.get("checkpoint") == "best":
-            tested = f" (best θ, iteration {result.get('iteration')})"
+    tested = f" (best θ, iteration {result.get('iteration')})" if result.get("checkpoint") == "best" else ""
     metrics = ["loss"] + (["accuracy"] if any("train/accuracy" in row for row in rows) else [])
     config = folder / "config.json"
     title = folder.name

@@ -26,6 +26,7 @@ html_title = "bilevel_maml"
 autodoc_member_order = "bysource"
 autodoc_default_options = {"members": True, "undoc-members": True, "show-inheritance": True}
 autodoc_typehints = "description"
+smartquotes_action = "qe"  # "--flag" stays two hyphens, as typed
 autoclass_content = "both"  # a class's parameters may be described on the class or on __init__
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
@@ -53,16 +54,20 @@ DOCSTRINGS: dict[str, tuple] = {}
 
 
 def drop_foreign_constructor_docs(app, what, name, obj, options, lines):
-    """With ``autoclass_content = "both"``, a model whose ``__init__`` has no docstring would show
-    torch's ``nn.Module.__init__`` text; its parameters are described on the class."""
+    """With ``autoclass_content = "both"``, a class whose ``__init__`` has no docstring shows the
+    docstring of the nearest base's ``__init__``: kept when that base is ours (a variant inherits
+    MetaLearner's parameter list), dropped when it is another library's (torch's ``nn.Module``
+    text under a model, whose parameters are described on the class)."""
+    import inspect
+
     if what != "class":
         return
-    import torch
-
-    foreign = (torch.nn.Module.__init__.__doc__ or "").strip()
-    if foreign and foreign in "\n".join(lines):
-        text = "\n".join(lines).replace(foreign, "").rstrip()
-        lines[:] = text.split("\n")
+    owner = next((c for c in obj.__mro__ if "__init__" in vars(c) and vars(c)["__init__"].__doc__), None)
+    if owner is None or owner.__module__.startswith("bilevel_maml"):
+        return
+    foreign, text = inspect.cleandoc(owner.__init__.__doc__), "\n".join(lines)
+    if foreign in text:
+        lines[:] = text.replace(foreign, "").rstrip().split("\n")
 
 
 def remember_docstring(app, what, name, obj, options, lines):
@@ -110,4 +115,3 @@ def setup(app):
     app.connect("autodoc-process-docstring", drop_foreign_constructor_docs)
     app.connect("autodoc-process-docstring", remember_docstring, priority=600)  # after napoleon's
     app.connect("build-finished", report_undocumented_parameters)
-smartquotes_action = "qe"  # "--flag" stays two hyphens, as typed
