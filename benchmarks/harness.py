@@ -99,14 +99,16 @@ def counted_flops(fn) -> int:
 
 
 #: layer types a profiled op is charged to, by the name of the top-level op or autograd node it ran in
-LAYER_TYPES = {"convolution": ("convolution", "conv2d"), "batch norm": ("batchnorm", "batch_norm"),
+LAYER_TYPES = {"convolution": ("convolution", "conv2d"), "batch norm": ("batchnorm", "batch_norm", "var_mean"),
                "max-pool": ("maxpool", "max_pool"), "relu": ("relu", "threshold")}
 
 
 def time_by_layer_type(fn) -> dict:
     """Seconds of one call of ``fn`` charged to each layer type (``LAYER_TYPES``, else "other"): every
     op's own CPU time goes to the top-level op or autograd node that ran it, so BatchNorm's double
-    backward, mostly element-wise ``mul`` and ``sum``, counts as batch norm."""
+    backward, mostly element-wise ``mul`` and ``sum``, counts as batch norm (so do the batch statistics
+    of a block computed pool before norm, ``var_mean``; its normalisation of the pooled quarter is
+    element-wise arithmetic, "other")."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as profiled:

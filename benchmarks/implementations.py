@@ -4,12 +4,15 @@ Each entry of :data:`IMPLEMENTATIONS` takes ``(model, tasks, inner_steps)`` and 
 performing one meta-iteration (an outer Adam step on ``model``'s parameters):
 
 * ours: the library's engine, eager (per task, or vectorized with ``torch.func.vmap``) and, on CUDA,
-  captured as a CUDA graph (``cuda graph`` rows);
+  captured as a CUDA graph (``cuda graph`` rows); its conv blocks in the plain order by default, or
+  in the one a row names (``pool before norm``: :class:`bilevel_maml.models.ConvBlock`), or with
+  channels-last weights;
 * learn2learn 0.2.0's ``l2l.algorithms.MAML`` clone/adapt loop, second and first order;
 * a plain per-task loop as in the textbook pseudocode (``torch.autograd.grad(create_graph=True)``);
 * research rows: other exact formulations of the same meta-gradient (forward-over-reverse
-  Hessian-vector products, ``torch.compile``, two rewrites of the conv block) and the plain
+  Hessian-vector products, ``torch.compile``, BatchNorm from primitive ops) and the plain
   ``torch.func`` sketch, whose BatchNorm meta-gradient is wrong (see tests/test_benchmark_script.py);
+  the rows that are not ours run the network in the plain block order, as ``nn.Module`` layers do;
 * JAX (``jax.jit`` of ``jax.vmap`` over tasks, the same network and step) when ``jax`` is
   importable: :mod:`jax_maml`.
 """
@@ -101,10 +104,12 @@ def ours(algorithm, vectorize, model, tasks, steps, chunk=None, cuda_graph=False
 
 
 def at_precision(make_step):
-    """Wrap an implementation so that its meta-iteration runs at the benchmark's precision."""
+    """Wrap another framework's (or the textbook's) implementation: it gets the network as
+    ``nn.Module`` layers compute it (the plain block order, none of ours), and its meta-iteration
+    runs at the benchmark's precision."""
 
     def build(model, tasks, steps):
-        step = make_step(model, tasks, steps)
+        step = make_step(in_block_order(model, False), tasks, steps)
         device = tasks[0].device
 
         def run():
@@ -255,26 +260,6 @@ def compiled_maml(model, tasks, steps):
     return step
 
 
-class PoolBeforeNorm(torch.nn.Module):
-    """A conv–BatchNorm–ReLU–max-pool block computed in another order with the same result: the
-    batch statistics come from the convolution's output, but the normalisation and the ReLU run on
-    the pooled quarter. Exact because both are monotone per channel (decreasing where γ < 0, so
-    those channels are min-pooled)."""
-
-    def __init__(self, block: torch.nn.Sequential):
-        super().__init__()
-        self.conv, self.norm = block[0], block[1]
-
-    def forward(self, x):
-        x = self.conv(x)
-        var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
-        sign = torch.where(self.norm.weight >= 0, 1.0, -1.0).view(1, -1, 1, 1)
-        pooled = F.max_pool2d(x * sign, 2) * sign
-        scale = self.norm.weight * torch.rsqrt(var + self.norm.eps)
-        return torch.relu((pooled - mean.view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1)
-                          + self.norm.bias.view(1, -1, 1, 1))
-
-
 class PrimitiveBatchNorm(torch.nn.Module):
     """Transductive BatchNorm written with mean, variance and arithmetic instead of the fused kernel,
     so that autograd differentiates those primitives twice instead of PyTorch's batch-norm backward."""
@@ -289,18 +274,21 @@ class PrimitiveBatchNorm(torch.nn.Module):
         return (x - mean) * scale + self.bias.view(1, -1, 1, 1)
 
 
-def rewritten(model: Conv4, rewrite: str) -> Conv4:
-    """``model`` with its conv blocks rewritten in place (same parameters): ``pool-before-norm`` (max-pool
-    conv4 only) or ``primitive-norm``."""
-    if rewrite == "pool-before-norm" and model.downsample != "max-pool":
-        raise ValueError(f"pool before norm rewrites max-pool blocks; this conv4 has downsample={model.downsample!r}")
-    for i, block in enumerate(model.features):
-        if rewrite == "pool-before-norm":
-            model.features[i] = PoolBeforeNorm(block)
-        else:
-            block[1] = PrimitiveBatchNorm(block[1])
+def with_primitive_norm(model: Conv4) -> Conv4:
+    """``model`` with each BatchNorm replaced by :class:`PrimitiveBatchNorm` (same parameters)."""
+    for block in model.features:
+        block[1] = PrimitiveBatchNorm(block[1])
     return model
 
+
+def in_block_order(model: Conv4, pool_before_norm: bool) -> Conv4:
+    """``model`` computing its max-pool blocks in the given order (:class:`bilevel_maml.models.ConvBlock`),
+    whatever the device's default."""
+    if pool_before_norm and model.downsample != "max-pool":
+        raise ValueError(f"pool before norm reorders max-pool blocks; this conv4 has downsample={model.downsample!r}")
+    for block in model.features:
+        block.pool_before_norm = pool_before_norm
+    return model
 
 
 IMPLEMENTATIONS = {
@@ -312,6 +300,12 @@ IMPLEMENTATIONS = {
     "ours imaml vectorized": lambda m, t, k: ours("imaml", True, m, t, k),
     "ours imaml per-task": lambda m, t, k: ours("imaml", False, m, t, k),
     "ours maml vectorized (cuda graph)": lambda m, t, k: ours("maml", True, m, t, k, cuda_graph=True),
+    "ours maml vectorized pool before norm (cuda graph)":
+        lambda m, t, k: ours("maml", True, in_block_order(m, True), t, k, cuda_graph=True),
+    "ours maml vectorized plain block order (cuda graph)":
+        lambda m, t, k: ours("maml", True, in_block_order(m, False), t, k, cuda_graph=True),
+    "ours maml vectorized channels last (cuda graph)":
+        lambda m, t, k: ours("maml", True, m.to(memory_format=torch.channels_last), t, k, cuda_graph=True),
     "ours fomaml vectorized (cuda graph)": lambda m, t, k: ours("fomaml", True, m, t, k, cuda_graph=True),
     "ours imaml vectorized (cuda graph)": lambda m, t, k: ours("imaml", True, m, t, k, cuda_graph=True),
     "learn2learn maml": at_precision(lambda m, t, k: learn2learn_maml(False, m, t, k)),
@@ -320,8 +314,10 @@ IMPLEMENTATIONS = {
     "torch.func vmap sketch": at_precision(torch_func_sketch),
     "forward-over-reverse maml": at_precision(forward_over_reverse_maml),
     "torch.compile maml": at_precision(compiled_maml),
-    "ours maml vectorized (pool before norm)": lambda m, t, k: ours("maml", True, rewritten(m, "pool-before-norm"), t, k),
-    "ours maml vectorized (primitive-op norm)": lambda m, t, k: ours("maml", True, rewritten(m, "primitive-norm"), t, k),
+    "ours maml vectorized (pool before norm)": lambda m, t, k: ours("maml", True, in_block_order(m, True), t, k),
+    "ours maml vectorized (plain block order)": lambda m, t, k: ours("maml", True, in_block_order(m, False), t, k),
+    "ours maml vectorized (primitive-op norm)":
+        lambda m, t, k: ours("maml", True, with_primitive_norm(in_block_order(m, False)), t, k),
     "jax maml (jit + vmap)": lambda m, t, k: jax_row(m, t, k),
 }
 #: rows that need CUDA, and rows that need an optional package

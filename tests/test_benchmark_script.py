@@ -1,7 +1,6 @@
 """The benchmark script runs end to end and reports what it promises (timings are not asserted:
 speed targets are read from its output, see README "Speed")."""
 
-import copy
 import json
 import subprocess
 import sys
@@ -67,7 +66,8 @@ def one_step(name, monkeypatch):
 
 @pytest.mark.parametrize("name", [
     "ours maml vectorized", "ours maml per-task", "learn2learn maml", "forward-over-reverse maml",
-    "ours maml vectorized (pool before norm)", "ours maml vectorized (primitive-op norm)",
+    "ours maml vectorized (pool before norm)", "ours maml vectorized (plain block order)",
+    "ours maml vectorized (primitive-op norm)",
     pytest.param("torch.compile maml", marks=pytest.mark.slow)])
 def test_every_second_order_implementation_takes_the_textbook_step(name, monkeypatch):
     """Same tasks, same start: one meta-iteration of each MAML implementation moves θ like the textbook loop.
@@ -86,33 +86,6 @@ def test_the_torch_func_sketch_gets_batchnorm_second_order_terms_wrong(monkeypat
     it: update the README's Speed section."""
     textbook, sketch = one_step("textbook maml loop", monkeypatch), one_step("torch.func vmap sketch", monkeypatch)
     assert max((a - b).abs().max().item() for a, b in zip(textbook, sketch)) > 1e-3
-
-
-def test_pool_before_norm_is_the_same_function_with_negative_scales_too():
-    """The reordered block (benchmark row "pool before norm") equals conv–BN–ReLU–max-pool, values and
-    second-order gradients, with channels of both signs of γ (negative ones must be min-pooled)."""
-    from implementations import rewritten
-
-    from bilevel_maml.models import Conv4
-
-    torch.manual_seed(0)
-    plain = Conv4(5, hidden=6, image_size=16).double()
-    with torch.no_grad():
-        for block in plain.features:
-            block[1].weight.copy_(torch.randn(6, dtype=torch.float64))
-            block[1].bias.copy_(torch.randn(6, dtype=torch.float64))
-    assert any((block[1].weight < 0).any() and (block[1].weight > 0).any() for block in plain.features)
-    other = rewritten(copy.deepcopy(plain), "pool-before-norm")
-    x = torch.randn(7, 1, 16, 16, dtype=torch.float64)
-
-    def second_order(model):
-        params = list(model.parameters())
-        grads = torch.autograd.grad(model(x).pow(2).sum(), params, create_graph=True)
-        return torch.autograd.grad(sum((g * g).sum() for g in grads), params)
-
-    assert torch.allclose(plain(x), other(x), atol=1e-12)
-    for a, b in zip(second_order(plain), second_order(other)):
-        assert torch.allclose(a, b, atol=1e-9), (a - b).abs().max()
 
 
 def test_benchmark_runs_finn_et_al_strided_network(tmp_path, omniglot_root):
@@ -244,3 +217,21 @@ def test_the_benchmark_times_jax_after_checking_it(tmp_path, omniglot_root):
     assert "× JAX's time per meta-iteration" in done.stdout
     rows = {r["implementation"]: r for r in json.loads(out.read_text())["rows"]}
     assert rows["jax maml (jit + vmap)"]["seconds"] > 0 and rows["jax maml (jit + vmap)"]["peak_mb"] is None
+
+
+def test_the_gpu_session_script_names_rows_and_tests_that_exist():
+    """benchmarks/gpu_session.sh runs on a GPU machine only; here: every implementation it asks for
+    exists, and its test selection (-k gpu) picks up the GPU-only tests."""
+    import re
+
+    from implementations import IMPLEMENTATIONS
+
+    script = (REPO / "benchmarks" / "gpu_session.sh").read_text()
+    assert subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_session.sh")]).returncode == 0
+    rows = re.findall(r'"((?:ours|jax|learn2learn) [^"]*)"', script)
+    assert len(rows) >= 7 and all(name in IMPLEMENTATIONS for name in rows), rows
+    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-k", "gpu",
+                                "tests/test_execution.py", "tests/test_models.py"],
+                               capture_output=True, text=True, cwd=REPO, timeout=300)
+    names = [line for line in collected.stdout.splitlines() if "::" in line]
+    assert len(names) == 11 and all("gpu" in name for name in names), collected.stdout

@@ -347,14 +347,16 @@ def test_a_non_finite_replay_stops_with_theta_from_before_it():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "imaml", "metasgd", "anil", "maml++", "reptile", "boil"])
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "imaml", "metasgd", "anil", "maml++", "reptile", "boil",
+                                       "maml pool before norm"])
 def test_on_a_gpu_three_captured_meta_iterations_equal_eager_ones(algorithm):
     """The real thing: θ after the warm-up and 3 replayed meta-iterations equals eager θ (fp32,
     same tasks: the replays draw from the registered device generator like eager draws would)."""
+    algorithm, pool_before_norm = algorithm.split()[0], algorithm.endswith("pool before norm")
     results = []
     for cuda_graph in (False, False, True):
         torch.manual_seed(0)
-        model = Conv4(5, hidden=16, image_size=16).cuda()
+        model = Conv4(5, hidden=16, image_size=16, pool_before_norm=pool_before_norm).cuda()
         upper_cls, lower_cls = ALGORITHMS[algorithm]
         extra = ({"cg_iterations": 3}, {"lam": 0.5}) if algorithm == "imaml" else ({}, {})
         # Adam's eps well above rounding noise: a conv bias before BatchNorm has a zero meta-gradient

@@ -56,3 +56,82 @@ def test_the_built_in_convolutions_follow_autocast_under_vmap_where_nn_conv2d_do
     with torch.autocast("cpu", dtype=torch.bfloat16):
         vmap(lambda xi, p: functional_call(model, p, (xi,)))(x, params)
     assert seen == [torch.bfloat16]
+
+
+# -- pool before norm ------------------------------------------------------------------------------
+def mixed_sign_conv4(pool_before_norm, **kwargs):
+    """A float64 conv4 whose BatchNorm scales γ have both signs in every block."""
+    torch.manual_seed(0)
+    model = Conv4(5, hidden=6, image_size=16, pool_before_norm=pool_before_norm, **kwargs).double()
+    with torch.no_grad():
+        for block in model.features:
+            block[1].weight.copy_(torch.tensor([1.5, -0.7, 0.3, -2.0, 0.9, -0.1], dtype=torch.float64))
+            block[1].bias.copy_(torch.randn(6, dtype=torch.float64))
+    return model
+
+
+def values_and_second_order_gradients(model, x, training=True):
+    """Outputs and ∇θ‖∇θ Σ out²‖² for stacked tasks, each with its own θ (under vmap, as the inner loop
+    runs), the tasks' γ of opposite signs."""
+    from torch.func import functional_call, vmap
+
+    model.train(training)
+    base = dict(model.named_parameters())
+    signs = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
+    params = {n: p * signs if n.endswith("1.weight") else p.expand(2, *p.shape) for n, p in base.items()}
+    out = vmap(lambda xi, p: functional_call(model, p, (xi,)))(x, params)
+    grads = torch.autograd.grad(out.pow(2).sum(), list(base.values()), create_graph=True)
+    return out, torch.autograd.grad(sum((g * g).sum() for g in grads), list(base.values()))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_pool_before_norm_is_the_same_function_and_derivatives_with_negative_scales(training):
+    """The reordered max-pool block (statistics from the convolution, normalisation and ReLU on the pooled
+    quarter, min-pooling where γ < 0) equals conv–BN–ReLU–max-pool: values and second-order gradients."""
+    x = torch.randn(2, 7, 1, 16, 16, dtype=torch.float64)
+    plain, plain_grads = values_and_second_order_gradients(mixed_sign_conv4(False), x, training)
+    fast, fast_grads = values_and_second_order_gradients(mixed_sign_conv4(True), x, training)
+    assert torch.allclose(plain, fast, atol=1e-12, rtol=0)
+    for a, b in zip(plain_grads, fast_grads):
+        assert torch.allclose(a, b, atol=1e-9, rtol=1e-9), (a - b).abs().max()
+
+
+def batch_norm_calls(model, x) -> int:
+    from unittest import mock
+
+    from torch.nn.modules import batchnorm
+
+    with mock.patch.object(batchnorm.F, "batch_norm", wraps=batchnorm.F.batch_norm) as spy:
+        model(x)
+    return spy.call_count
+
+
+def test_pool_before_norm_is_opt_in_and_gives_way_where_it_would_change_what_runs():
+    x = torch.randn(7, 1, 16, 16, dtype=torch.float64)
+    assert batch_norm_calls(mixed_sign_conv4(True), x) == 0
+    assert batch_norm_calls(mixed_sign_conv4(False), x) == 4
+    assert batch_norm_calls(Conv4(5, hidden=6, image_size=16).double(), x) == 4  # the default
+    # running statistics are updated by BatchNorm itself
+    assert batch_norm_calls(mixed_sign_conv4(True, transductive=False), x) == 4
+    # a hook on a layer the reordered block skips still runs
+    model, seen = mixed_sign_conv4(True), []
+    model.features[2][2].register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    assert batch_norm_calls(model, x) == 1 and seen == [(7, 6, 4, 4)]
+    # the strided network has no pooling to move
+    assert batch_norm_calls(mixed_sign_conv4(True, downsample="stride"), x) == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_pool_before_norm_is_the_same_function_and_derivatives():
+    from bilevel_maml.execution import precision_scope
+
+    x = torch.randn(2, 7, 1, 16, 16, dtype=torch.float64).cuda()
+    with precision_scope("fp32", "cuda"):
+        plain, plain_grads = values_and_second_order_gradients(mixed_sign_conv4(False).cuda(), x)
+        fast, fast_grads = values_and_second_order_gradients(mixed_sign_conv4(True).cuda(), x)
+        plain32, _ = values_and_second_order_gradients(mixed_sign_conv4(False).float().cuda(), x.float())
+        fast32, _ = values_and_second_order_gradients(mixed_sign_conv4(True).float().cuda(), x.float())
+    assert torch.allclose(plain, fast, atol=1e-12, rtol=0)
+    for a, b in zip(plain_grads, fast_grads):
+        assert torch.allclose(a, b, atol=1e-9, rtol=1e-9), (a - b).abs().max()
+    assert torch.allclose(plain32, fast32, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# What a session with a GPU checks and measures, in one device call (under 10 minutes on an H100):
+# the GPU-only tests, then the meta-iteration of ours (captured, in each block order and with
+# channels-last weights) against JAX at 1 and 5 inner steps. Everything is written under OUTPUT;
+# a short table is printed last.
+#
+#   source .gpu/setup.sh > /tmp/setup.log 2>&1; bash benchmarks/gpu_session.sh $OUT
+#
+# --full adds learn2learn, the end-to-end and evaluation sections and fp32 (the README's GPU table).
+set -u
+out=${1:?usage: benchmarks/gpu_session.sh OUTPUT_FOLDER [--full]}
+full=${2:-}
+mkdir -p "$out"
+data=${BILEVEL_MAML_DATA:?source .gpu/setup.sh first: it exports BILEVEL_MAML_DATA}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/device.txt" 2>&1
+python3 -c 'import torch; print("torch", torch.__version__, torch.version.cuda)' >> "$out/device.txt" 2>&1
+
+timeout 240 python3 -m pytest -q -p no:cacheprovider -rfs -k gpu tests/test_execution.py tests/test_models.py \
+    > "$out/gpu-tests.txt" 2>&1
+
+rows=("ours maml vectorized (cuda graph)" "ours maml vectorized pool before norm (cuda graph)"
+      "ours maml vectorized channels last (cuda graph)" "jax maml (jit + vmap)")
+if [ "$full" = "--full" ]; then
+    rows+=("ours maml vectorized" "ours imaml vectorized (cuda graph)" "learn2learn maml")
+fi
+timeout 300 python3 benchmarks/meta_iteration.py --device cuda --data-root "$data" --sections meta-iteration \
+    --queries 1 --steps 1 5 --repeats 7 --memory-steps --implementations "${rows[@]}" \
+    --json "$out/meta_iteration-tf32.json" > "$out/meta_iteration-tf32.txt" 2>&1
+if [ "$full" = "--full" ]; then
+    timeout 300 python3 benchmarks/meta_iteration.py --device cuda --data-root "$data" --precision fp32 \
+        --sections meta-iteration --queries 1 --steps 1 5 --repeats 7 --memory-steps \
+        --implementations "${rows[@]:0:4}" --json "$out/meta_iteration-fp32.json" > "$out/meta_iteration-fp32.txt" 2>&1
+    timeout 300 python3 benchmarks/meta_iteration.py --device cuda --data-root "$data" --sections end-to-end evaluation \
+        sampling --json "$out/end_to_end.json" > "$out/end_to_end.txt" 2>&1
+fi
+
+echo "== $(head -1 "$out/device.txt")"
+echo "== GPU tests: $(tail -1 "$out/gpu-tests.txt")"
+grep -E "^(FAILED|ERROR)" "$out/gpu-tests.txt" | cut -c1-200
+for f in "$out"/meta_iteration-*.txt; do
+    echo "== ${f##*/}"
+    grep -E "^  steps|JAX's time|learn2learn maml,|Error|error:" "$f" | cut -c1-150
+done
+[ -f "$out/end_to_end.txt" ] && { echo "== end to end"; grep -E "tasks/s|s for|ms" "$out/end_to_end.txt" | tail -20; }
+exit 0
