@@ -315,6 +315,10 @@ IMPLEMENTATIONS = {
     "forward-over-reverse maml": at_precision(forward_over_reverse_maml),
     "torch.compile maml": at_precision(compiled_maml),
     "ours maml vectorized (pool before norm)": lambda m, t, k: ours("maml", True, in_block_order(m, True), t, k),
+    "ours maml per-task (pool before norm)": lambda m, t, k: ours("maml", False, in_block_order(m, True), t, k),
+    "ours fomaml vectorized (pool before norm)":
+        lambda m, t, k: ours("fomaml", True, in_block_order(m, True), t, k),
+    "ours imaml vectorized (pool before norm)": lambda m, t, k: ours("imaml", True, in_block_order(m, True), t, k),
     "ours maml vectorized (plain block order)": lambda m, t, k: ours("maml", True, in_block_order(m, False), t, k),
     "ours maml vectorized (primitive-op norm)":
         lambda m, t, k: ours("maml", True, with_primitive_norm(in_block_order(m, False)), t, k),

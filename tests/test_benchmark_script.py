@@ -78,6 +78,16 @@ def test_every_second_order_implementation_takes_the_textbook_step(name, monkeyp
         assert torch.allclose(a, b, atol=1e-10, rtol=0), (a - b).abs().max()
 
 
+@pytest.mark.parametrize("name", ["ours maml per-task (pool before norm)", "ours fomaml vectorized (pool before norm)",
+                                  "ours imaml vectorized (pool before norm)"])
+def test_every_pool_before_norm_row_takes_its_plain_rows_step(name, monkeypatch):
+    """The reordered blocks compute the same function: each "(pool before norm)" row moves θ like the
+    same algorithm and execution in the plain order (FOMAML and iMAML included, not only MAML)."""
+    plain, reordered = one_step(name.removesuffix(" (pool before norm)"), monkeypatch), one_step(name, monkeypatch)
+    for a, b in zip(plain, reordered):
+        assert torch.allclose(a, b, atol=1e-10, rtol=0), (a - b).abs().max()
+
+
 def test_the_torch_func_sketch_gets_batchnorm_second_order_terms_wrong(monkeypatch):
     """Pins a PyTorch defect (functorch issue 534: batch_norm's backward batching rule is wrong for
     grad_input): vmap over torch.func.grad through training-mode BatchNorm, then backward, gives a
