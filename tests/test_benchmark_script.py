@@ -67,6 +67,7 @@ def one_step(name, monkeypatch):
 @pytest.mark.parametrize("name", [
     "ours maml vectorized", "ours maml per-task", "learn2learn maml", "forward-over-reverse maml",
     "ours maml vectorized (pool before norm)", "ours maml vectorized (plain block order)",
+    "ours maml vectorized (unfolded first conv)",
     "ours maml vectorized (primitive-op norm)",
     pytest.param("torch.compile maml", marks=pytest.mark.slow)])
 def test_every_second_order_implementation_takes_the_textbook_step(name, monkeypatch):
