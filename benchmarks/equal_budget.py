@@ -32,6 +32,8 @@ from harness import BENCHMARK_MODELS, sync  # noqa: E402
 
 from bilevel_maml import build_engine
 from bilevel_maml.allocator import keep_freed_memory
+from bilevel_maml.cli import (OneLineParser, device_name, non_negative_int, positive_float, positive_int,
+                              run_script)
 from bilevel_maml.data import omniglot_small_tasksets
 from bilevel_maml.data._learn2learn import import_learn2learn
 from bilevel_maml.env import EpisodicEnv
@@ -81,19 +83,19 @@ def train_learn2learn(engine, budget_seconds, inner_steps, inner_lr):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default="../shared/data/omniglot-small")
-    parser.add_argument("--budget-minutes", type=float, default=10.0, help="wall-clock training budget of each")
+    parser.add_argument("--budget-minutes", type=positive_float, default=10.0, help="wall-clock training budget of each")
     parser.add_argument("--model", choices=BENCHMARK_MODELS, default="conv4",
                         help="conv4: max-pool network; conv4-strided: Finn et al.'s Omniglot network")
-    parser.add_argument("--inner-steps", type=int, default=1)
-    parser.add_argument("--inner-lr", type=float, default=SETTINGS["inner_lr"])
-    parser.add_argument("--lam", type=float, default=SETTINGS["lam"], help="iMAML proximal strength")
+    parser.add_argument("--inner-steps", type=positive_int, default=1)
+    parser.add_argument("--inner-lr", type=positive_float, default=SETTINGS["inner_lr"])
+    parser.add_argument("--lam", type=positive_float, default=SETTINGS["lam"], help="iMAML proximal strength")
     parser.add_argument("--learners", nargs="+", choices=LEARNERS, default=list(LEARNERS))
-    parser.add_argument("--meta-batch-size", type=int, default=32)
-    parser.add_argument("--test-tasks", type=int, default=600)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--meta-batch-size", type=positive_int, default=32)
+    parser.add_argument("--test-tasks", type=positive_int, default=600)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sampler", choices=("auto", "device", "learn2learn"), default="auto",
                         help="how our learners draw training tasks (learn2learn's always uses its Taskset)")
     parser.add_argument("--json", help="also write the results to this JSON file")
@@ -139,4 +141,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -39,7 +39,8 @@ from implementations import (BASELINE, CUDA_ONLY, IMPLEMENTATIONS, INNER_LR, MET
 
 from bilevel_maml import build_engine  # noqa: E402
 from bilevel_maml.allocator import keep_freed_memory  # noqa: E402
-from bilevel_maml.cli import DefaultsHelpFormatter  # noqa: E402
+from bilevel_maml.cli import DefaultsHelpFormatter, OneLineParser, device_name, positive_int, run_script  # noqa: E402
+from bilevel_maml.data.omniglot import find_subsets  # noqa: E402
 from bilevel_maml.execution import CapturedExecution, check_precision, precision_scope  # noqa: E402
 
 SECTIONS = ("meta-iteration", "end-to-end", "evaluation", "sampling")
@@ -347,29 +348,31 @@ def summarize(report: dict) -> dict:
 
 def build_parser(prog=None) -> argparse.ArgumentParser:
     """This script's options (also ``bilevel-maml bench``'s; the docs' CLI page is generated from it)."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=DefaultsHelpFormatter)
+    parser = OneLineParser(prog=prog, description=__doc__, formatter_class=DefaultsHelpFormatter)
     add = parser.add_argument
     add("--data-root", default="../shared/data/omniglot-small", metavar="FOLDER",
         help="the Omniglot subsets the end-to-end, evaluation and sampling sections draw tasks from")
-    add("--device", help="cpu, cuda, cuda:1, ... (default: cuda where available, else cpu)")
+    add("--device", type=device_name, help="cpu, cuda, cuda:1, ... (default: cuda where available, else cpu)")
     add("--precision", choices=("fp32", "tf32", "bf16"), help="of every row (default: tf32 on CUDA, fp32 on CPU)")
     add("--model", choices=BENCHMARK_MODELS, default="conv4",
         help="conv4: Vinyals et al.'s max-pool network; conv4-strided: Finn et al.'s Omniglot network "
              "(learn2learn's OmniglotCNN)")
     add("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to measure")
-    add("--meta-batch-size", type=int, default=32, help="tasks per meta-iteration")
-    add("--steps", type=int, nargs="+", default=[1, 5], help="inner-step counts to measure, one table block each")
-    add("--queries", type=int, nargs="+", default=[1, 15],
+    add("--meta-batch-size", type=positive_int, default=32, help="tasks per meta-iteration")
+    add("--steps", type=positive_int, nargs="+", default=[1, 5],
+        help="inner-step counts to measure, one table block each")
+    add("--queries", type=positive_int, nargs="+", default=[1, 15],
         help="query examples per class to measure (the meta-iteration section)")
-    add("--memory-steps", type=int, nargs="*", default=[5, 20], metavar="STEPS",
+    add("--memory-steps", type=positive_int, nargs="*", default=[5, 20], metavar="STEPS",
         help="inner-step counts at which the peak memory of vectorized MAML (which keeps every step's graph) "
              "and iMAML (which keeps none) is measured, at the first --queries; none to skip")
-    add("--repeats", type=int, default=5, help="timed meta-iterations per row (the median is reported)")
+    add("--repeats", type=positive_int, default=5, help="timed meta-iterations per row (the median is reported)")
     add("--implementations", nargs="+", choices=list(IMPLEMENTATIONS), metavar="NAME",
         help="rows to measure, each name quoted: " + "; ".join(f"'{name}'" for name in IMPLEMENTATIONS)
              + " (default: every one this device can run)")
-    add("--end-to-end-iterations", type=int, default=20, help="meta-iterations timed in the end-to-end section")
-    add("--eval-tasks", type=int, default=600, help="held-out tasks scored in the evaluation section")
+    add("--end-to-end-iterations", type=positive_int, default=20,
+        help="meta-iterations timed in the end-to-end section")
+    add("--eval-tasks", type=positive_int, default=600, help="held-out tasks scored in the evaluation section")
     add("--breakdown", action="store_true",
         help="also profile one meta-iteration of each and print its time by layer type (CPU)")
     add("--json", metavar="FILE", help="also write the measurements to this JSON file")
@@ -380,6 +383,7 @@ def main(argv=None, prog=None):
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    find_subsets(args.data_root)  # every section draws its tasks from there: a missing folder says so before any work
     return run_benchmark(args.data_root, args.device, args.meta_batch_size, tuple(args.steps), tuple(args.queries),
                          tuple(args.memory_steps), args.repeats, args.implementations, args.json,
                          breakdown=args.breakdown, model=args.model, precision=args.precision,
@@ -388,4 +392,4 @@ def main(argv=None, prog=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -58,8 +58,11 @@ class BadInput(SystemExit):
 BAD_INPUT_ERRORS = (ValueError, TypeError, FileNotFoundError)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's usage block would bury the one line that matters
+class OneLineParser(argparse.ArgumentParser):
+    """An ``argparse`` parser whose errors are one line (:class:`BadInput`): argparse's usage block
+    would bury the line that matters."""
+
+    def error(self, message):
         raise BadInput(f"{self.prog}: error: {message} (see {self.prog} --help)")
 
 
@@ -113,6 +116,20 @@ def _option_value(text: str):
 positive_int = _number(int, 1, "an integer >= 1")
 non_negative_int = _number(int, 0, "an integer >= 0")
 positive_float = _number(float, math.ulp(0.0), "a positive finite number")
+
+
+def device_name(text: str) -> str:
+    """An argparse type: a device this machine has (``cpu``, ``cuda``, ``cuda:N``)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r} requested but CUDA is not available here; use cpu")
+    return text
+
+
+device_name.__name__ = "a device"
 
 
 class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -223,7 +240,7 @@ def _existing_run_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``bilevel-maml`` argument parser (the CLI page of the docs is generated from it)."""
-    parser = _Parser(prog="bilevel-maml", description=__doc__, formatter_class=DefaultsHelpFormatter)
+    parser = OneLineParser(prog="bilevel-maml", description=__doc__, formatter_class=DefaultsHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name, summary, description):
@@ -709,10 +726,8 @@ def run(argv: list[str] | None = None) -> dict:
     :param argv: the arguments after ``bilevel-maml`` (default: ``sys.argv[1:]``).
     """
     args = parse(argv)
-    if args.command == "bench":
-        return _bench(args.bench_args)
     command = {"train": command_train, "evaluate": command_evaluate, "resume": command_resume,
-               "plot": command_plot}[args.command]
+               "plot": command_plot, "bench": lambda args: _bench(args.bench_args)}[args.command]
     try:
         return command(args)
     except BAD_INPUT_ERRORS as error:
@@ -726,7 +741,8 @@ def run(argv: list[str] | None = None) -> dict:
 def run_script(main: Callable[[], object], prog: str | None = None) -> None:
     """Run a script's ``main()`` the way the ``bilevel-maml`` command runs its commands: bad input
     (the ``ValueError``, ``TypeError`` or ``FileNotFoundError`` the library raises, with its
-    message, before any work) is printed as one line and exits with status 2, Ctrl-C with 130;
+    message, before any work, or a :class:`OneLineParser`'s error) is printed as one line and exits
+    with status 2, Ctrl-C with 130;
     the examples end with ``run_script(main)``.
 
     :param main: the script's entry point, called with no arguments.
@@ -735,6 +751,9 @@ def run_script(main: Callable[[], object], prog: str | None = None) -> None:
     prog = prog or Path(sys.argv[0]).name
     try:
         main()
+    except BadInput as error:  # already one line, naming its program (a OneLineParser's)
+        print(error.code, file=sys.stderr)
+        raise SystemExit(2) from None
     except BAD_INPUT_ERRORS as error:
         print(f"{prog}: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -95,6 +95,14 @@ CASES = [
     (["evaluate", "--checkpoint", "{tmp}/notes.pt"], {"notes.pt": b"just text"}, ["notes.pt", "damaged or not a checkpoint"]),
     (["evaluate", "--checkpoint", "{tmp}/absent.pt"], {}, ["absent.pt", "no checkpoint"]),
     (["evaluate"], {}, ["--output RUN_FOLDER or --checkpoint FILE"]),
+    (["bench", "--device", "tpu"], {}, ["bench", "--device", "'tpu'", "cpu, cuda or cuda:N"]),
+    (["bench", "--steps", "1", "0"], {}, ["bench", "--steps", "'0'", "integer >= 1"]),
+    (["bench", "--repeats", "0"], {}, ["bench", "--repeats", "'0'", "integer >= 1"]),
+    (["bench", "--meta-batch-size", "-2"], {}, ["bench", "--meta-batch-size", "'-2'", "integer >= 1"]),
+    (["bench", "--memory-steps", "five"], {}, ["bench", "--memory-steps", "'five'", "integer >= 1"]),
+    (["bench", "--data-root", "{tmp}/nowhere"], {}, ["bench", "nowhere", "does not exist"]),
+    *([(["bench", "--device", "cuda"], {}, ["bench", "--device", "'cuda'", "CUDA is not available"])]
+      if not torch.cuda.is_available() else []),
 ]
 
 

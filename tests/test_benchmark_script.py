@@ -246,3 +246,20 @@ def test_the_gpu_session_script_names_rows_and_tests_that_exist():
                                capture_output=True, text=True, cwd=REPO, timeout=300)
     names = [line for line in collected.stdout.splitlines() if "::" in line]
     assert len(names) == 11 and all("gpu" in name for name in names), collected.stdout
+
+
+@pytest.mark.parametrize("script, argv, says", [
+    ("meta_iteration.py", ["--queries", "0"], ["meta_iteration.py", "--queries", "'0'", "integer >= 1"]),
+    ("equal_budget.py", ["--device", "tpu"], ["equal_budget.py", "--device", "'tpu'", "cpu, cuda or cuda:N"]),
+    ("equal_budget.py", ["--budget-minutes", "0"], ["--budget-minutes", "'0'", "positive finite number"]),
+    ("equal_budget.py", ["--data-root", "nowhere"], ["equal_budget.py", "'nowhere'", "does not exist"]),
+])
+def test_benchmark_scripts_refuse_bad_input_in_one_line(script, argv, says, tmp_path):
+    """Run directly (not through `bilevel-maml bench`), the scripts answer bad input as the CLI does:
+    one line naming the flag, the value and what is allowed, exit status 2, before any measurement."""
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *argv], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert all(text in lines[0] for text in says), lines[0]
+    assert done.stdout == ""
