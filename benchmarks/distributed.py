@@ -23,6 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from bilevel_maml import ALGORITHMS
+from bilevel_maml.cli import OneLineParser, device_name, non_negative_int, positive_int, run_script
+from bilevel_maml.data.omniglot import find_subsets
+
 HERE = Path(__file__).resolve()
 
 
@@ -80,22 +84,23 @@ def launch(processes: int, args, forwarded: list[str]) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default="../shared/data/omniglot-small")
-    parser.add_argument("--algorithm", default="maml")
-    parser.add_argument("--meta-batch-size", type=int, default=32)
-    parser.add_argument("--inner-steps", type=int, default=1)
-    parser.add_argument("--query", type=int, default=1, help="query examples per class")
-    parser.add_argument("--iterations", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="maml")
+    parser.add_argument("--meta-batch-size", type=positive_int, default=32)
+    parser.add_argument("--inner-steps", type=positive_int, default=1)
+    parser.add_argument("--query", type=positive_int, default=1, help="query examples per class")
+    parser.add_argument("--iterations", type=positive_int, default=10)
+    parser.add_argument("--warmup", type=non_negative_int, default=2)
+    parser.add_argument("--device", type=device_name, default="cpu")
+    parser.add_argument("--processes", type=positive_int, nargs="+", default=[1, 2])
     parser.add_argument("--json", help="write the measurements to this JSON file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-json", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
+    find_subsets(args.data_root)  # before any process starts
     forwarded = ["--data-root", str(Path(args.data_root).resolve()), "--algorithm", args.algorithm,
                  "--meta-batch-size", str(args.meta_batch_size), "--inner-steps", str(args.inner_steps),
                  "--query", str(args.query), "--iterations", str(args.iterations), "--warmup", str(args.warmup),
@@ -117,4 +122,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

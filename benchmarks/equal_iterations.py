@@ -21,23 +21,24 @@ import torch
 
 from bilevel_maml import ALGORITHMS, build_engine
 from bilevel_maml.allocator import keep_freed_memory
+from bilevel_maml.cli import OneLineParser, device_name, non_negative_int, positive_float, positive_int, run_script
 from bilevel_maml.data import omniglot_small_tasksets
 from bilevel_maml.models import build_model
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--algorithms", nargs="+", choices=sorted(ALGORITHMS), default=["maml", "maml++"])
     parser.add_argument("--data-root", default="../shared/data/omniglot-small")
-    parser.add_argument("--iterations", type=int, default=300, help="meta-iterations of every algorithm")
-    parser.add_argument("--inner-steps", type=int, default=2)
-    parser.add_argument("--inner-lr", type=float, default=0.4)
-    parser.add_argument("--meta-lr", type=float, default=1e-3)
-    parser.add_argument("--meta-batch-size", type=int, default=8)
-    parser.add_argument("--width", type=int, default=64, help="conv4 filters")
-    parser.add_argument("--test-tasks", type=int, default=600)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--iterations", type=positive_int, default=300, help="meta-iterations of every algorithm")
+    parser.add_argument("--inner-steps", type=positive_int, default=2)
+    parser.add_argument("--inner-lr", type=positive_float, default=0.4)
+    parser.add_argument("--meta-lr", type=positive_float, default=1e-3)
+    parser.add_argument("--meta-batch-size", type=positive_int, default=8)
+    parser.add_argument("--width", type=positive_int, default=64, help="conv4 filters")
+    parser.add_argument("--test-tasks", type=positive_int, default=600)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     keep_freed_memory()
@@ -64,4 +65,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_script(lambda: main(sys.argv[1:]))

@@ -12,6 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from implementations import BASELINE, algorithm_of  # noqa: E402
 
+from bilevel_maml.cli import run_script  # noqa: E402
+
 
 def _mb(value) -> str:
     return "—" if value is None else f"{value:.0f}"
@@ -113,9 +115,13 @@ def render(report: dict) -> str:
 
 def main(paths):
     for path in paths:
-        print(render(json.load(open(path))))
+        try:
+            report = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not JSON ({error}); pass the --json file of a benchmark script") from None
+        print(render(report))
         print()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_script(lambda: main(sys.argv[1:]))

@@ -253,6 +253,9 @@ def test_the_gpu_session_script_names_rows_and_tests_that_exist():
     ("equal_budget.py", ["--device", "tpu"], ["equal_budget.py", "--device", "'tpu'", "cpu, cuda or cuda:N"]),
     ("equal_budget.py", ["--budget-minutes", "0"], ["--budget-minutes", "'0'", "positive finite number"]),
     ("equal_budget.py", ["--data-root", "nowhere"], ["equal_budget.py", "'nowhere'", "does not exist"]),
+    ("equal_iterations.py", ["--meta-lr", "-1"], ["equal_iterations.py", "--meta-lr", "'-1'", "positive finite"]),
+    ("distributed.py", ["--processes", "2", "0"], ["distributed.py", "--processes", "'0'", "integer >= 1"]),
+    ("render_tables.py", [str(REPO / "README.md")], ["render_tables.py", "README.md is not JSON"]),
 ])
 def test_benchmark_scripts_refuse_bad_input_in_one_line(script, argv, says, tmp_path):
     """Run directly (not through `bilevel-maml bench`), the scripts answer bad input as the CLI does:
