@@ -126,6 +126,9 @@ def device_name(text: str) -> str:
         raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"{text!r} requested but CUDA is not available here; use cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r} requested but this machine has {torch.cuda.device_count()} "
+                                         f"CUDA device(s): use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return text
 
 
@@ -396,13 +399,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _device(name: str) -> torch.device:
+    """``--device`` of a command or a run's config (which the parser's type did not see)."""
     try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise BadInput(f"bilevel-maml: invalid --device {name!r} ({error}); use cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BadInput(f"bilevel-maml: --device {name} requested but CUDA is not available here; use --device cpu")
-    return device
+        return torch.device(device_name(name))
+    except argparse.ArgumentTypeError as error:
+        raise BadInput(f"bilevel-maml: invalid --device: {error}") from None
 
 
 def _join_process_group(device: torch.device, timeout: float) -> torch.device:

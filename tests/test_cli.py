@@ -222,3 +222,17 @@ def test_bench_help_names_itself_and_lists_implementations_one_by_one(capsys):
     from implementations import IMPLEMENTATIONS
 
     assert not [name for name in IMPLEMENTATIONS if "," in name], "a name with a comma reads as two in a list"
+
+
+def test_a_device_must_exist_on_this_machine(monkeypatch):
+    """--device (train, evaluate, resume and the benchmarks): a CUDA index past this machine's devices
+    is named with the ones it has (as if on a one-GPU machine here), before any work."""
+    import argparse
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert cli.device_name("cuda:0") == "cuda:0" and cli.device_name("cpu") == "cpu"
+    with pytest.raises(argparse.ArgumentTypeError, match=r"'cuda:7' requested but this machine has 1 CUDA device"):
+        cli.device_name("cuda:7")
+    with pytest.raises(cli.BadInput, match=r"invalid --device: must be cpu, cuda or cuda:N, got 'gpu'"):
+        cli.run(["train", "--dataset", "sinusoid", "--device", "gpu", "--wandb", "disabled"])
