@@ -5,8 +5,8 @@ performing one meta-iteration (an outer Adam step on ``model``'s parameters):
 
 * ours: the library's engine, eager (per task, or vectorized with ``torch.func.vmap``) and, on CUDA,
   captured as a CUDA graph (``cuda graph`` rows); its conv blocks in the plain order by default, or
-  in the one a row names (``pool before norm``: :class:`bilevel_maml.models.ConvBlock`), or with
-  channels-last weights;
+  in the one a row names (``pool before norm``: :class:`bilevel_maml.models.ConvBlock`), with
+  channels-last weights, or with the first convolution unfolded into a matrix product;
 * learn2learn 0.2.0's ``l2l.algorithms.MAML`` clone/adapt loop, second and first order;
 * a plain per-task loop as in the textbook pseudocode (``torch.autograd.grad(create_graph=True)``);
 * research rows: other exact formulations of the same meta-gradient (forward-over-reverse
@@ -298,8 +298,8 @@ class UnfoldedConv2d(Conv2d):
 def with_unfolded_first_conv(model: Conv4) -> Conv4:
     """``model`` whose first convolution is an :class:`UnfoldedConv2d` (the same parameters)."""
     conv = model.features[0][0]
-    if conv.dilation != (1, 1) or conv.groups != 1 or isinstance(conv.padding, str):
-        raise ValueError("the unfolded convolution covers undilated, ungrouped convolutions with numeric padding")
+    if conv.dilation != (1, 1) or conv.groups != 1 or isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        raise ValueError("the unfolded convolution covers undilated, ungrouped convolutions with numeric zero padding")
     unfolded = UnfoldedConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                               bias=conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype)
     unfolded.weight, unfolded.bias = conv.weight, conv.bias
@@ -309,7 +309,7 @@ def with_unfolded_first_conv(model: Conv4) -> Conv4:
 
 def in_block_order(model: Conv4, pool_before_norm: bool) -> Conv4:
     """``model`` computing its max-pool blocks in the given order (:class:`bilevel_maml.models.ConvBlock`),
-    whatever the device's default."""
+    whatever it was built with."""
     if pool_before_norm and model.downsample != "max-pool":
         raise ValueError(f"pool before norm reorders max-pool blocks; this conv4 has downsample={model.downsample!r}")
     for block in model.features:

@@ -46,8 +46,9 @@ class ConvBlock(nn.Sequential):
     :param out_channels: filters.
     :param transductive: BatchNorm keeps no running statistics (see :class:`Conv4`).
     :param downsample: ``"max-pool"`` or ``"stride"`` (see :class:`Conv4`).
-    :param pool_before_norm: compute a max-pool block in the reordered way (off by default until it
-        is measured faster everywhere: on CPU it sped up second-order MAML but not every path).
+    :param pool_before_norm: compute a max-pool block in the reordered way (off by default: on CPU it
+        speeds up vectorized second-order MAML and iMAML but slows FOMAML and task-by-task MAML; see
+        the docs' Results page).
         The plain order is used whatever this says when a layer of the block was replaced or
         carries a hook, or the BatchNorm keeps running statistics.
     """
@@ -65,7 +66,7 @@ class ConvBlock(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """:param x: ``(batch, in_channels, height, width)``."""
-        if not self._reorders(x):
+        if not self._reorders():
             return super().forward(x)
         conv, norm = self[0], self[1]
         # flip the channels with γ < 0 inside the convolution (on its small weight, not on the
@@ -87,7 +88,7 @@ class ConvBlock(nn.Sequential):
             out = out + norm.bias.view(1, -1, 1, 1)
         return torch.relu(out)
 
-    def _reorders(self, x: torch.Tensor) -> bool:
+    def _reorders(self) -> bool:
         if not self.pool_before_norm or len(self) != 4:
             return False
         conv, norm, relu, pool = self
