@@ -7,13 +7,25 @@
 #   source .gpu/setup.sh > /tmp/setup.log 2>&1; bash benchmarks/gpu_session.sh $OUT
 #
 # --full adds learn2learn, the end-to-end and evaluation sections and fp32 (the README's GPU table).
+# --compile, a call of its own (Inductor compiles for minutes): torch.compile's fused MAML, eager and
+# replayed as CUDA graphs, against our captured row and JAX.
 set -u
-out=${1:?usage: benchmarks/gpu_session.sh OUTPUT_FOLDER [--full]}
+out=${1:?usage: benchmarks/gpu_session.sh OUTPUT_FOLDER [--full | --compile]}
 full=${2:-}
 mkdir -p "$out"
 data=${BILEVEL_MAML_DATA:?source .gpu/setup.sh first: it exports BILEVEL_MAML_DATA}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/device.txt" 2>&1
 python3 -c 'import torch; print("torch", torch.__version__, torch.version.cuda)' >> "$out/device.txt" 2>&1
+
+if [ "$full" = "--compile" ]; then
+    timeout 540 python3 benchmarks/meta_iteration.py --device cuda --data-root "$data" --sections meta-iteration \
+        --queries 1 --steps 1 5 --repeats 7 --implementations "ours maml vectorized (cuda graph)" \
+        "torch.compile maml (cuda graph)" "torch.compile maml" "jax maml (jit + vmap)" \
+        --json "$out/meta_iteration-compile.json" > "$out/meta_iteration-compile.txt" 2>&1
+    echo "== $(head -1 "$out/device.txt")"
+    grep -E "^  steps|JAX's time|Error|error:" "$out/meta_iteration-compile.txt" | cut -c1-150
+    exit 0
+fi
 
 timeout 240 python3 -m pytest -q -p no:cacheprovider -rfs -k gpu tests/test_execution.py tests/test_models.py \
     > "$out/gpu-tests.txt" 2>&1

@@ -10,8 +10,9 @@ performing one meta-iteration (an outer Adam step on ``model``'s parameters):
 * learn2learn 0.2.0's ``l2l.algorithms.MAML`` clone/adapt loop, second and first order;
 * a plain per-task loop as in the textbook pseudocode (``torch.autograd.grad(create_graph=True)``);
 * research rows: other exact formulations of the same meta-gradient (forward-over-reverse
-  Hessian-vector products, ``torch.compile``, BatchNorm from primitive ops) and the plain
-  ``torch.func`` sketch, whose BatchNorm meta-gradient is wrong (see tests/test_benchmark_script.py);
+  Hessian-vector products, ``torch.compile`` — on a GPU also replayed as CUDA graphs —, BatchNorm
+  from primitive ops) and the plain ``torch.func`` sketch, whose BatchNorm meta-gradient is wrong
+  (see tests/test_benchmark_script.py);
   the rows that are not ours run the network in the plain block order, as ``nn.Module`` layers do;
 * JAX (``jax.jit`` of ``jax.vmap`` over tasks, the same network and step) when ``jax`` is
   importable: :mod:`jax_maml`.
@@ -234,14 +235,18 @@ def forward_over_reverse_maml(model, tasks, steps):
     return step
 
 
-def compiled_maml(model, tasks, steps):
+def compiled_maml(model, tasks, steps, cuda_graph=False):
     """The whole meta-loss of the meta-batch (inner steps included) compiled by ``torch.compile``
     (Inductor fuses the element-wise work of forward, backward and double backward); per-task
-    gradients are taken outside ``vmap``. The first call compiles (minutes on this CPU)."""
+    gradients are taken outside ``vmap``. The first call compiles (minutes on this CPU).
+
+    ``cuda_graph``: compiled with ``mode="reduce-overhead"``, so that the fused kernels of the forward
+    and of the backward each replay as one CUDA graph, and the outer step is fused Adam: on a GPU, the
+    fusion XLA gives JAX's row plus the launch-free replay of our captured row."""
     from torch.func import grad, vmap
 
     xs, ys, xq, yq = tasks
-    optimizer = torch.optim.Adam(model.parameters(), lr=META_LR)
+    optimizer = torch.optim.Adam(model.parameters(), lr=META_LR, **({"fused": True} if cuda_graph else {}))
     loss, summed = functional_loss(model), _summed_loss(model)
 
     def meta_loss(theta, xs, ys, xq, yq):
@@ -250,9 +255,11 @@ def compiled_maml(model, tasks, steps):
             params = tuple(p - INNER_LR * g for p, g in zip(params, grad(summed)(params, xs, ys)))
         return vmap(loss)(params, xq, yq).mean()
 
-    compiled = torch.compile(meta_loss, fullgraph=True)
+    compiled = torch.compile(meta_loss, fullgraph=True, mode="reduce-overhead" if cuda_graph else None)
 
     def step():
+        if cuda_graph:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous iteration's graph outputs are dead
         optimizer.zero_grad()
         compiled(tuple(model.parameters()), xs, ys, xq, yq).backward()
         optimizer.step()
@@ -342,6 +349,7 @@ IMPLEMENTATIONS = {
     "torch.func vmap sketch": at_precision(torch_func_sketch),
     "forward-over-reverse maml": at_precision(forward_over_reverse_maml),
     "torch.compile maml": at_precision(compiled_maml),
+    "torch.compile maml (cuda graph)": at_precision(lambda m, t, k: compiled_maml(m, t, k, cuda_graph=True)),
     "ours maml vectorized (pool before norm)": lambda m, t, k: ours("maml", True, in_block_order(m, True), t, k),
     "ours maml per-task (pool before norm)": lambda m, t, k: ours("maml", False, in_block_order(m, True), t, k),
     "ours fomaml vectorized (pool before norm)":
