@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # What a session with a GPU checks and measures, in one device call (under 10 minutes on an H100):
 # the GPU-only tests, then the meta-iteration of ours (captured, in each block order, with
-# channels-last weights and with the first convolution unfolded) against JAX at 1 and 5 inner
-# steps. Everything is written under OUTPUT; a short table is printed last.
+# channels-last weights, with the first convolution unfolded and with grouped convolution
+# derivatives) against JAX at 1 and 5 inner steps. Everything is written under OUTPUT; a short
+# table is printed last.
 #
 #   source .gpu/setup.sh > /tmp/setup.log 2>&1; bash benchmarks/gpu_session.sh $OUT
 #
@@ -32,9 +33,10 @@ timeout 240 python3 -m pytest -q -p no:cacheprovider -rfs -k gpu tests/test_exec
 
 rows=("ours maml vectorized (cuda graph)" "ours maml vectorized pool before norm (cuda graph)"
       "ours maml vectorized channels last (cuda graph)" "ours maml vectorized unfolded first conv (cuda graph)"
-      "jax maml (jit + vmap)")
+      "ours maml vectorized grouped conv grads (cuda graph)" "jax maml (jit + vmap)")
 if [ "$full" = "--full" ]; then
-    rows+=("ours maml vectorized" "ours imaml vectorized (cuda graph)" "learn2learn maml")
+    rows+=("ours maml vectorized" "ours imaml vectorized (cuda graph)" "ours imaml vectorized grouped conv grads (cuda graph)"
+           "learn2learn maml")
 fi
 timeout 300 python3 benchmarks/meta_iteration.py --device cuda --data-root "$data" --sections meta-iteration \
     --queries 1 --steps 1 5 --repeats 7 --memory-steps --implementations "${rows[@]}" \
@@ -42,7 +44,7 @@ timeout 300 python3 benchmarks/meta_iteration.py --device cuda --data-root "$dat
 if [ "$full" = "--full" ]; then
     timeout 300 python3 benchmarks/meta_iteration.py --device cuda --data-root "$data" --precision fp32 \
         --sections meta-iteration --queries 1 --steps 1 5 --repeats 7 --memory-steps \
-        --implementations "${rows[@]:0:5}" --json "$out/meta_iteration-fp32.json" > "$out/meta_iteration-fp32.txt" 2>&1
+        --implementations "${rows[@]:0:6}" --json "$out/meta_iteration-fp32.json" > "$out/meta_iteration-fp32.txt" 2>&1
     timeout 300 python3 benchmarks/meta_iteration.py --device cuda --data-root "$data" --sections end-to-end evaluation \
         sampling --json "$out/end_to_end.json" > "$out/end_to_end.txt" 2>&1
 fi

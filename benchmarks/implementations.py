@@ -6,7 +6,9 @@ performing one meta-iteration (an outer Adam step on ``model``'s parameters):
 * ours: the library's engine, eager (per task, or vectorized with ``torch.func.vmap``) and, on CUDA,
   captured as a CUDA graph (``cuda graph`` rows); its conv blocks in the plain order by default, or
   in the one a row names (``pool before norm``: :class:`bilevel_maml.models.ConvBlock`), with
-  channels-last weights, or with the first convolution unfolded into a matrix product;
+  channels-last weights, with the first convolution unfolded into a matrix product, or with the
+  convolutions' derivatives as whole grouped convolutions (``grouped conv grads``:
+  :mod:`bilevel_maml.grouped_conv`);
 * learn2learn 0.2.0's ``l2l.algorithms.MAML`` clone/adapt loop, second and first order;
 * a plain per-task loop as in the textbook pseudocode (``torch.autograd.grad(create_graph=True)``);
 * research rows: other exact formulations of the same meta-gradient (forward-over-reverse
@@ -28,7 +30,7 @@ from bilevel_maml.data.device_sampler import DeviceTaskSampler
 from bilevel_maml.engine import MetaEngine
 from bilevel_maml.env import EpisodicEnv
 from bilevel_maml.execution import CapturedExecution, largest_cpu_chunk, precision_scope
-from bilevel_maml.models import Conv2d, Conv4
+from bilevel_maml.models import Conv2d, Conv4, use_grouped_conv_grads
 from bilevel_maml.problems import ALGORITHMS
 
 INNER_LR, META_LR, LAM, CG_ITERATIONS = 0.4, 1e-3, 1.0, 5
@@ -110,7 +112,7 @@ def at_precision(make_step):
     runs at the benchmark's precision."""
 
     def build(model, tasks, steps):
-        step = make_step(in_block_order(model, False), tasks, steps)
+        step = make_step(use_grouped_conv_grads(in_block_order(model, False), False), tasks, steps)
         device = tasks[0].device
 
         def run():
@@ -339,6 +341,10 @@ IMPLEMENTATIONS = {
         lambda m, t, k: ours("maml", True, in_block_order(m, False), t, k, cuda_graph=True),
     "ours maml vectorized unfolded first conv (cuda graph)":
         lambda m, t, k: ours("maml", True, with_unfolded_first_conv(m), t, k, cuda_graph=True),
+    "ours maml vectorized grouped conv grads (cuda graph)":
+        lambda m, t, k: ours("maml", True, use_grouped_conv_grads(m), t, k, cuda_graph=True),
+    "ours imaml vectorized grouped conv grads (cuda graph)":
+        lambda m, t, k: ours("imaml", True, use_grouped_conv_grads(m), t, k, cuda_graph=True),
     "ours maml vectorized channels last (cuda graph)":
         lambda m, t, k: ours("maml", True, m.to(memory_format=torch.channels_last), t, k, cuda_graph=True),
     "ours fomaml vectorized (cuda graph)": lambda m, t, k: ours("fomaml", True, m, t, k, cuda_graph=True),
@@ -356,6 +362,9 @@ IMPLEMENTATIONS = {
         lambda m, t, k: ours("fomaml", True, in_block_order(m, True), t, k),
     "ours imaml vectorized (pool before norm)": lambda m, t, k: ours("imaml", True, in_block_order(m, True), t, k),
     "ours maml vectorized (plain block order)": lambda m, t, k: ours("maml", True, in_block_order(m, False), t, k),
+    "ours maml vectorized (grouped conv grads)": lambda m, t, k: ours("maml", True, use_grouped_conv_grads(m), t, k),
+    "ours imaml vectorized (grouped conv grads)": lambda m, t, k: ours("imaml", True, use_grouped_conv_grads(m), t, k),
+    "ours maml per-task (grouped conv grads)": lambda m, t, k: ours("maml", False, use_grouped_conv_grads(m), t, k),
     "ours maml vectorized (unfolded first conv)": lambda m, t, k: ours("maml", True, with_unfolded_first_conv(m), t, k),
     "ours maml vectorized (primitive-op norm)":
         lambda m, t, k: ours("maml", True, with_primitive_norm(in_block_order(m, False)), t, k),

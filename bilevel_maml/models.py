@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from bilevel_maml.grouped_conv import grouped_conv2d
 from bilevel_maml.validation import check_positive_int
 
 
@@ -22,7 +23,14 @@ DOWNSAMPLING = ("max-pool", "stride")
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` that follows autocast under ``torch.func.vmap`` too: vmap's batching rule
     calls ``aten.convolution``, which autocast's lists miss (they name ``conv2d``), so a vectorized
-    inner loop would otherwise convolve in float32 under ``precision="bf16"``."""
+    inner loop would otherwise convolve in float32 under ``precision="bf16"``.
+
+    With :attr:`grouped_grads` set (:func:`use_grouped_conv_grads`), it convolves through
+    :func:`bilevel_maml.grouped_conv.grouped_conv2d`: the same values and derivatives, but the double
+    backward of per-task filters under vmap is a few grouped convolutions instead of one per task.
+    """
+
+    grouped_grads = False
 
     def _conv_forward(self, input, weight, bias):
         device = input.device.type
@@ -30,7 +38,26 @@ class Conv2d(nn.Conv2d):
             dtype = torch.get_autocast_dtype(device)
             input, weight = input.to(dtype), weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
+        if self.grouped_grads and self.padding_mode == "zeros" and not isinstance(self.padding, str) and input.dim() == 4:
+            return grouped_conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         return super()._conv_forward(input, weight, bias)
+
+
+def use_grouped_conv_grads(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Compute the derivatives of ``model``'s convolutions (:class:`Conv2d` layers) as whole grouped
+    convolutions (:mod:`bilevel_maml.grouped_conv`), or with PyTorch's own formulas. Same values and
+    meta-gradients; fewer, larger convolutions in second-order vectorized meta-learning (off by default:
+    on CPU it changes nothing measurable, and it has not run on a GPU yet). Forward-mode AD
+    (``torch.func.jvp``) needs it off.
+
+    :param model: any module; its :class:`Conv2d` layers are switched.
+    :param enabled: grouped derivatives on or off.
+    :returns: ``model``.
+    """
+    for module in model.modules():
+        if isinstance(module, Conv2d):
+            module.grouped_grads = enabled
+    return model
 
 
 class ConvBlock(nn.Sequential):
@@ -118,10 +145,13 @@ class Conv4(nn.Module):
     :param downsample: ``"max-pool"`` (Vinyals et al.) or ``"stride"`` (stride-2 convolutions, Finn et al.'s Omniglot network).
     :param pool_before_norm: how max-pool blocks are computed (the same function either way; see
         :class:`ConvBlock`).
+    :param grouped_conv_grads: how the convolutions' derivatives are computed (the same values either
+        way; see :func:`use_grouped_conv_grads`).
     """
 
     def __init__(self, ways: int, in_channels: int = 1, hidden: int = 64, image_size: int = 28,
-                 transductive: bool = True, downsample: str = "max-pool", pool_before_norm: bool = False):
+                 transductive: bool = True, downsample: str = "max-pool", pool_before_norm: bool = False,
+                 grouped_conv_grads: bool = False):
         super().__init__()
         if downsample not in DOWNSAMPLING:
             raise ValueError(f"downsample={downsample!r}; choose one of: {', '.join(DOWNSAMPLING)}")
@@ -132,6 +162,7 @@ class Conv4(nn.Module):
         )
         side = image_size // 2**4  # after four 2×2 max-pools
         self.classifier = nn.Linear(hidden if downsample == "stride" else hidden * side * side, ways)
+        use_grouped_conv_grads(self, grouped_conv_grads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """:param x: images ``(batch, in_channels, image_size, image_size)``.
@@ -245,4 +276,4 @@ def build_model(name: str, ways: int, in_channels: int = 1, image_size: int = 28
     raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
 
 
-__all__ = ["MODELS", "Conv4", "ConvBlock", "ResNet12", "MLP", "build_model"]
+__all__ = ["MODELS", "Conv4", "ConvBlock", "ResNet12", "MLP", "build_model", "use_grouped_conv_grads"]

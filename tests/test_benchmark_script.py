@@ -68,7 +68,8 @@ def one_step(name, monkeypatch):
 @pytest.mark.parametrize("name", [
     "ours maml vectorized", "ours maml per-task", "learn2learn maml", "forward-over-reverse maml",
     "ours maml vectorized (pool before norm)", "ours maml vectorized (plain block order)",
-    "ours maml vectorized (unfolded first conv)",
+    "ours maml vectorized (unfolded first conv)", "ours maml vectorized (grouped conv grads)",
+    "ours maml per-task (grouped conv grads)",
     "ours maml vectorized (primitive-op norm)",
     pytest.param("torch.compile maml", marks=pytest.mark.slow),
     # on CPU, Inductor skips the CUDA graphs: this checks the step that row compiles
@@ -83,11 +84,13 @@ def test_every_second_order_implementation_takes_the_textbook_step(name, monkeyp
 
 
 @pytest.mark.parametrize("name", ["ours maml per-task (pool before norm)", "ours fomaml vectorized (pool before norm)",
-                                  "ours imaml vectorized (pool before norm)"])
-def test_every_pool_before_norm_row_takes_its_plain_rows_step(name, monkeypatch):
-    """The reordered blocks compute the same function: each "(pool before norm)" row moves θ like the
-    same algorithm and execution in the plain order (FOMAML and iMAML included, not only MAML)."""
-    plain, reordered = one_step(name.removesuffix(" (pool before norm)"), monkeypatch), one_step(name, monkeypatch)
+                                  "ours imaml vectorized (pool before norm)", "ours imaml vectorized (grouped conv grads)"])
+def test_every_reformulated_row_takes_its_plain_rows_step(name, monkeypatch):
+    """The reordered blocks and the grouped convolution derivatives compute the same function: each
+    "(pool before norm)" and "(grouped conv grads)" row moves θ like the same algorithm and execution
+    computed plainly (FOMAML and iMAML included, not only MAML)."""
+    plain = one_step(name.rsplit(" (", 1)[0], monkeypatch)
+    reordered = one_step(name, monkeypatch)
     for a, b in zip(plain, reordered):
         assert torch.allclose(a, b, atol=1e-10, rtol=0), (a - b).abs().max()
 
@@ -248,7 +251,7 @@ def test_the_gpu_session_script_names_rows_and_tests_that_exist():
                                 "tests/test_execution.py", "tests/test_models.py"],
                                capture_output=True, text=True, cwd=REPO, timeout=300)
     names = [line for line in collected.stdout.splitlines() if "::" in line]
-    assert len(names) == 11 and all("gpu" in name for name in names), collected.stdout
+    assert len(names) == 12 and all("gpu" in name for name in names), collected.stdout
 
 
 @pytest.mark.parametrize("script, argv, says", [

@@ -42,8 +42,11 @@ def test_the_built_in_convolutions_follow_autocast_under_vmap_where_nn_conv2d_do
 
     from bilevel_maml.models import Conv2d
 
+    from bilevel_maml.models import use_grouped_conv_grads
+
     x = torch.randn(3, 2, 1, 8, 8)
-    for layer, expected in ((Conv2d(1, 4, 3), torch.bfloat16), (torch.nn.Conv2d(1, 4, 3), torch.float32)):
+    for layer, expected in ((Conv2d(1, 4, 3), torch.bfloat16), (use_grouped_conv_grads(Conv2d(1, 4, 3)), torch.bfloat16),
+                            (torch.nn.Conv2d(1, 4, 3), torch.float32)):
         params = {k: v.detach().expand(3, *v.shape) for k, v in layer.named_parameters()}
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = vmap(lambda xi, p: functional_call(layer, p, (xi,)))(x, params)
@@ -135,3 +138,147 @@ def test_on_a_gpu_pool_before_norm_is_the_same_function_and_derivatives():
     for a, b in zip(plain_grads, fast_grads):
         assert torch.allclose(a, b, atol=1e-9, rtol=1e-9), (a - b).abs().max()
     assert torch.allclose(plain32, fast32, atol=1e-5, rtol=1e-5)
+
+
+# -- grouped convolution derivatives -----------------------------------------------------------------
+CONV_SETTINGS = [(1, 1, 1), (2, 1, 2), (1, 2, 2)]  # stride, dilation, groups
+
+
+@pytest.mark.parametrize("stride, dilation, groups", CONV_SETTINGS)
+def test_grouped_conv2d_has_pytorchs_derivatives_to_third_order(stride, dilation, groups):
+    """Values, gradients, and the derivatives of a function of the gradients (third order) equal
+    F.conv2d's, and all pass finite-difference checks."""
+    import torch.nn.functional as F
+
+    from bilevel_maml.grouped_conv import grouped_conv2d
+
+    torch.manual_seed(0)
+    x = (0.3 * torch.randn(2, 4, 6, 6, dtype=torch.float64)).requires_grad_()
+    w = (0.3 * torch.randn(6, 4 // groups, 3, 3, dtype=torch.float64)).requires_grad_()
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+
+    def ours(x, w, b):
+        return grouped_conv2d(x, w, b, stride, 1, dilation, groups)
+
+    def theirs(x, w, b):
+        return F.conv2d(x, w, b, stride, 1, dilation, groups)
+
+    def of_gradients(conv):
+        def f(x, w, b):
+            gx, gw, gb = torch.autograd.grad(conv(x, w, b).tanh().sum(), (x, w, b), create_graph=True)
+            return gx.pow(2).sum() + gw.pow(2).sum() + gb.pow(2).sum()
+        return f
+
+    assert torch.autograd.gradcheck(ours, (x, w, b)) and torch.autograd.gradgradcheck(ours, (x, w, b))
+    assert torch.autograd.gradgradcheck(of_gradients(ours), (x, w, b))
+    assert torch.allclose(ours(x, w, b), theirs(x, w, b), atol=1e-13, rtol=0)
+    for a, c in zip(torch.autograd.grad(of_gradients(ours)(x, w, b), (x, w, b)),
+                    torch.autograd.grad(of_gradients(theirs)(x, w, b), (x, w, b))):
+        assert torch.allclose(a, c, atol=1e-11, rtol=0), (a - c).abs().max()
+
+
+@pytest.mark.parametrize("stride, dilation, groups", CONV_SETTINGS[:2])
+def test_grouped_conv2d_under_vmap_has_pytorchs_second_order_gradients(stride, dilation, groups):
+    """Per-task filters (vmap, autograd outside as the inner loop runs), shared filters, shared inputs
+    and torch.func.grad inside vmap: the same results as F.conv2d's batching rules."""
+    import torch.nn.functional as F
+    from torch.func import grad, vmap
+
+    from bilevel_maml.grouped_conv import grouped_conv2d
+
+    torch.manual_seed(0)
+    tasks = 3
+    x = torch.randn(tasks, 2, 4, 7, 7, dtype=torch.float64, requires_grad=True)
+    w = (0.5 * torch.randn(4, 4 // groups, 3, 3, dtype=torch.float64)).requires_grad_()
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    w_tasks = w.detach().expand(tasks, *w.shape).clone().requires_grad_()
+
+    def second_order(conv):
+        params = (w.expand(tasks, *w.shape), b.expand(tasks, 4))
+
+        def loss(p, xi):
+            return conv(conv(xi, p[0], p[1]).tanh(), p[0], None).pow(2).sum()
+
+        g = torch.autograd.grad(vmap(loss)(params, x).sum(), params, create_graph=True)
+        adapted = tuple(p - 0.1 * gi for p, gi in zip(params, g))
+        return torch.autograd.grad(vmap(loss)(adapted, x).sum(), (w, b, x))
+
+    def shared_filters(conv):
+        return torch.autograd.grad(vmap(lambda xi: conv(xi, w, b).pow(2).sum())(x).sum(), (x, w, b))
+
+    def shared_inputs(conv):
+        return torch.autograd.grad(vmap(lambda wi: conv(x[0], wi, b).pow(2).sum())(w_tasks).sum(), (x, w_tasks, b))
+
+    def inner_grad(conv):
+        return (vmap(grad(lambda wi, xi: conv(xi, wi, None).pow(2).sum()))(w_tasks, x),)
+
+    def ours(x, w, b):
+        return grouped_conv2d(x, w, b, stride, 1, dilation, groups)
+
+    def theirs(x, w, b):
+        return F.conv2d(x, w, b, stride, 1, dilation, groups)
+
+    for case in (second_order, shared_filters, shared_inputs, inner_grad):
+        for a, c in zip(case(ours), case(theirs)):
+            assert torch.allclose(a, c, atol=1e-10 * c.abs().max().item(), rtol=0), (case.__name__, (a - c).abs().max())
+
+
+def meta_gradient_convolutions(tasks: int, grouped: bool) -> int:
+    """aten.convolution calls in one second-order meta-gradient of a vectorized conv4 (1 inner step)."""
+    from torch.func import functional_call, vmap
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from bilevel_maml.models import use_grouped_conv_grads
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += func.overloadpacket is torch.ops.aten.convolution
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = use_grouped_conv_grads(Conv4(5, hidden=4, image_size=16), grouped)
+    base = dict(model.named_parameters())
+    x, y = torch.randn(tasks, 5, 1, 16, 16), torch.arange(5).repeat(tasks, 1)
+
+    def loss(p, xi, yi):
+        return torch.nn.functional.cross_entropy(functional_call(model, p, (xi,)), yi)
+
+    with Count():
+        params = {n: p.expand(tasks, *p.shape) for n, p in base.items()}
+        grads = torch.autograd.grad(vmap(loss)(params, x, y).sum(), list(params.values()), create_graph=True)
+        adapted = {n: p - 0.4 * g for (n, p), g in zip(params.items(), grads)}
+        torch.autograd.grad(vmap(loss)(adapted, x, y).sum(), list(base.values()))
+    return Count.calls
+
+
+def test_grouped_conv_grads_take_the_same_convolutions_whatever_the_number_of_tasks():
+    """The point of grouped_conv2d: PyTorch's double backward of a vmapped (grouped) convolution runs
+    one small convolution per task and layer; ours runs the same few grouped ones for any meta-batch."""
+    assert meta_gradient_convolutions(4, grouped=True) == meta_gradient_convolutions(8, grouped=True) <= 20
+    assert meta_gradient_convolutions(8, grouped=False) - meta_gradient_convolutions(4, grouped=False) >= 3 * 4
+
+
+def test_grouped_conv_grads_are_opt_in_and_switch_every_convolution():
+    from bilevel_maml.models import Conv2d, ResNet12, use_grouped_conv_grads
+
+    assert not any(m.grouped_grads for m in Conv4(5).modules() if isinstance(m, Conv2d))
+    assert all(m.grouped_grads for m in Conv4(5, grouped_conv_grads=True).modules() if isinstance(m, Conv2d))
+    resnet = use_grouped_conv_grads(ResNet12(5, channels=(4, 4, 4, 4)))
+    assert sum(m.grouped_grads for m in resnet.modules() if isinstance(m, Conv2d)) == 16
+    assert not any(m.grouped_grads for m in use_grouped_conv_grads(resnet, False).modules() if isinstance(m, Conv2d))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_grouped_conv_grads_give_the_same_second_order_gradients():
+    from bilevel_maml.execution import precision_scope
+    from bilevel_maml.models import use_grouped_conv_grads
+
+    x = torch.randn(2, 7, 1, 16, 16, dtype=torch.float64).cuda()
+    with precision_scope("fp32", "cuda"):
+        plain, plain_grads = values_and_second_order_gradients(mixed_sign_conv4(False).cuda(), x)
+        fast, fast_grads = values_and_second_order_gradients(use_grouped_conv_grads(mixed_sign_conv4(False)).cuda(), x)
+    assert torch.allclose(plain, fast, atol=1e-12, rtol=0)
+    for a, b in zip(plain_grads, fast_grads):
+        assert torch.allclose(a, b, atol=1e-9, rtol=1e-9), (a - b).abs().max()
