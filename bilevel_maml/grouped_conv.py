@@ -10,7 +10,8 @@ Here the derivatives are written in closed form instead. For ``y = conv(x, w) + 
 derivatives ``(gx, gw, gb)`` of ``<gy, y>`` are one native ``convolution_backward`` call
 (:class:`ConvBackward`), and that map is bilinear in ``(x, w)`` and linear in ``gy``, so its own
 derivatives are again a convolution and ``convolution_backward`` calls with the roles of the tensors
-exchanged, each over all groups at once, to any order.
+exchanged, each over all groups at once, to any order. Forward mode (``torch.func.jvp``, e.g.
+forward-over-reverse Hessian-vector products) has rules of the same kind.
 """
 
 from __future__ import annotations
@@ -36,9 +37,28 @@ class ConvBackward(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, w, gy, ctx.config, _ = inputs
+        x, w, gy, ctx.config, ctx.mask = inputs
         ctx.save_for_backward(x, w, gy)
+        ctx.save_for_forward(x, w, gy)
         ctx.set_materialize_grads(False)  # an output nobody used costs no zeros
+
+    @staticmethod
+    def jvp(ctx, dx, dw, dgy, _config, _mask):
+        # gx is bilinear in (w, gy), gw in (x, gy), gb linear in gy
+        x, w, gy = ctx.saved_tensors
+        config, (need_x, need_w, need_b) = ctx.config, ctx.mask
+        terms = []
+        if dgy is not None:
+            terms.append(ConvBackward.apply(x, w, dgy, config, ctx.mask))
+        if dw is not None and need_x:
+            terms.append(ConvBackward.apply(x, dw, gy, config, (True, False, False)))
+        if dx is not None and need_w:
+            terms.append(ConvBackward.apply(dx, w, gy, config, (False, True, False)))
+        tangents = []
+        for i, needed in enumerate((need_x, need_w, need_b)):
+            parts = [t[i] for t in terms if t[i] is not None]
+            tangents.append(sum(parts[1:], parts[0]) if needed and parts else None)
+        return tuple(tangents)
 
     @staticmethod
     def backward(ctx, ggx, ggw, ggb):
@@ -78,7 +98,22 @@ class Conv(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, w, b, ctx.config = inputs
         ctx.save_for_backward(x, w)
-        ctx.has_bias = b is not None
+        ctx.save_for_forward(x, w)
+        ctx.has_bias, ctx.output_shape = b is not None, output.shape
+
+    @staticmethod
+    def jvp(ctx, dx, dw, db, _config):
+        x, w = ctx.saved_tensors
+        terms = []
+        if dx is not None:
+            terms.append(Conv.apply(dx, w, db, ctx.config))
+            db = None
+        if dw is not None:
+            terms.append(Conv.apply(x, dw, db, ctx.config))
+            db = None
+        if db is not None:
+            terms.append(db.view(-1, 1, 1).expand(ctx.output_shape))
+        return sum(terms[1:], terms[0])
 
     @staticmethod
     def backward(ctx, gy):

@@ -47,8 +47,7 @@ def use_grouped_conv_grads(model: nn.Module, enabled: bool = True) -> nn.Module:
     """Compute the derivatives of ``model``'s convolutions (:class:`Conv2d` layers) as whole grouped
     convolutions (:mod:`bilevel_maml.grouped_conv`), or with PyTorch's own formulas. Same values and
     meta-gradients; fewer, larger convolutions in second-order vectorized meta-learning (off by default:
-    on CPU it changes nothing measurable, and it has not run on a GPU yet). Forward-mode AD
-    (``torch.func.jvp``) needs it off.
+    on CPU it is no faster, and it has not run on a GPU yet).
 
     :param model: any module; its :class:`Conv2d` layers are switched.
     :param enabled: grouped derivatives on or off.

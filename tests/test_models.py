@@ -223,6 +223,40 @@ def test_grouped_conv2d_under_vmap_has_pytorchs_second_order_gradients(stride, d
             assert torch.allclose(a, c, atol=1e-10 * c.abs().max().item(), rtol=0), (case.__name__, (a - c).abs().max())
 
 
+def test_grouped_conv2d_forward_mode_matches_pytorch():
+    """torch.func.jvp of the convolution, of a gradient through it (forward-over-reverse, as Hessian-vector
+    products take it) and of per-task gradients under vmap: the same tangents as F.conv2d's."""
+    import torch.nn.functional as F
+    from torch.func import grad, jvp, vmap
+
+    from bilevel_maml.grouped_conv import grouped_conv2d
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 4, 7, 7, dtype=torch.float64)
+    w, b = 0.5 * torch.randn(4, 4, 3, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    dx, dw, db = torch.randn_like(x), torch.randn_like(w), torch.randn_like(b)
+    w_tasks, dw_tasks = w.expand(3, *w.shape).contiguous(), torch.randn(3, *w.shape, dtype=torch.float64)
+
+    def tangents(conv):
+        def value(x, w, b):
+            return conv(x[0], w, b, 2, 1, 1, 1).tanh().sum()
+
+        def two_layers(xi, w, b):  # the second layer's input gradient is needed too
+            return conv(conv(xi, w, b, 1, 1, 1, 1).tanh(), w, None, 1, 1, 1, 1).tanh().pow(2).sum()
+
+        def gradient(w, b):
+            return grad(lambda w, b: vmap(lambda xi: two_layers(xi, w, b))(x).sum(), argnums=(0, 1))(w, b)
+
+        def per_task_gradient(ws):
+            return grad(lambda ws: vmap(lambda wi, xi: two_layers(xi, wi, None))(ws, x).sum())(ws)
+
+        return (jvp(value, (x, w, b), (dx, dw, db))[1], jvp(lambda b: value(x, w, b), (b,), (db,))[1],
+                *jvp(gradient, (w, b), (dw, db))[1], jvp(per_task_gradient, (w_tasks,), (dw_tasks,))[1])
+
+    for a, c in zip(tangents(grouped_conv2d), tangents(F.conv2d)):
+        assert torch.allclose(a, c, atol=1e-11 * c.abs().max().item(), rtol=0), (a - c).abs().max()
+
+
 def meta_gradient_convolutions(tasks: int, grouped: bool) -> int:
     """aten.convolution calls in one second-order meta-gradient of a vectorized conv4 (1 inner step)."""
     from torch.func import functional_call, vmap
