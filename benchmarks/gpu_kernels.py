@@ -6,11 +6,12 @@ For ours (MAML, vectorized, the setting of ``meta_iteration.py``): the number of
 meta-iteration launches and the GPU time they take, by kind and the heaviest by name (this is the
 floor a CUDA graph can reach: it removes the gaps between kernels, not the kernels), then the
 captured meta-iteration's median time with ``torch.backends.cudnn.benchmark`` off and on.
+``--grouped-conv-grads`` profiles the network with grouped convolution derivatives
+(:func:`bilevel_maml.models.use_grouped_conv_grads`).
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from collections import defaultdict
@@ -23,7 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import network, omniglot_tasks  # noqa: E402
 from implementations import PRECISION, ours  # noqa: E402
 
+from bilevel_maml.cli import OneLineParser, positive_int, run_script  # noqa: E402
+from bilevel_maml.data.omniglot import find_subsets  # noqa: E402
 from bilevel_maml.execution import precision_scope  # noqa: E402
+from bilevel_maml.models import use_grouped_conv_grads  # noqa: E402
 
 #: kernel kinds, by substrings of the kernel's name (first match wins)
 KINDS = {
@@ -71,29 +75,37 @@ def median_seconds(step, repeats: int) -> float:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="gpu_kernels.py", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="gpu_kernels.py", description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default="../shared/data/omniglot-small")
     parser.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="tf32")
-    parser.add_argument("--steps", type=int, nargs="+", default=[1, 5])
-    parser.add_argument("--queries", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--steps", type=positive_int, nargs="+", default=[1, 5])
+    parser.add_argument("--queries", type=positive_int, default=1)
+    parser.add_argument("--repeats", type=positive_int, default=30)
+    parser.add_argument("--top", type=positive_int, default=15)
+    parser.add_argument("--grouped-conv-grads", action="store_true",
+                        help="the network's convolution derivatives as whole grouped convolutions")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.exit(0, "gpu_kernels.py: no CUDA device here; nothing to measure\n")
+    find_subsets(args.data_root)
+
+    def model():
+        return use_grouped_conv_grads(network("conv4", device), args.grouped_conv_grads)
+
     device = torch.device("cuda")
     PRECISION["value"] = args.precision
     tasks = omniglot_tasks(args.data_root, 32, 5, 1, args.queries, device)
     summary = []
     for steps in args.steps:
         torch.manual_seed(0)
-        eager = ours("maml", True, network("conv4", device), tasks, steps)
+        eager = ours("maml", True, model(), tasks, steps)
         for _ in range(3):
             eager()
         with precision_scope(args.precision, device):
             kernels = kernel_profile(eager)
         total = sum(s for _, _, s in kernels)
-        print(f"\n{steps} inner step(s), {args.precision}: one eager meta-iteration launches "
+        grouped = ", grouped conv grads" if args.grouped_conv_grads else ""
+        print(f"\n{steps} inner step(s), {args.precision}{grouped}: one eager meta-iteration launches "
               f"{sum(c for _, c, _ in kernels)} kernels, {total * 1e3:.2f} ms of GPU time")
         by_kind = defaultdict(lambda: [0, 0.0])
         for name, count, seconds in kernels:
@@ -108,7 +120,7 @@ def main(argv=None) -> None:
         for autotune in (False, True):
             torch.backends.cudnn.benchmark = autotune
             torch.manual_seed(0)
-            captured = ours("maml", True, network("conv4", device), tasks, steps, cuda_graph=True)
+            captured = ours("maml", True, model(), tasks, steps, cuda_graph=True)
             timings[autotune] = median_seconds(captured, args.repeats)
         torch.backends.cudnn.benchmark = False
         summary.append((steps, total, timings[False], timings[True]))
@@ -118,4 +130,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(lambda: main(sys.argv[1:]))

@@ -2,8 +2,9 @@
 # What a session with a GPU checks and measures, in one device call (under 10 minutes on an H100):
 # the GPU-only tests, then the meta-iteration of ours (captured, in each block order, with
 # channels-last weights, with the first convolution unfolded and with grouped convolution
-# derivatives) against JAX at 1 and 5 inner steps. Everything is written under OUTPUT; a short
-# table is printed last.
+# derivatives) against JAX at 1 and 5 inner steps, and the kernels of a meta-iteration with
+# PyTorch's convolution derivatives and the grouped ones. Everything is written under OUTPUT; a
+# short table is printed last.
 #
 #   source .gpu/setup.sh > /tmp/setup.log 2>&1; bash benchmarks/gpu_session.sh $OUT
 #
@@ -41,6 +42,10 @@ fi
 timeout 300 python3 benchmarks/meta_iteration.py --device cuda --data-root "$data" --sections meta-iteration \
     --queries 1 --steps 1 5 --repeats 7 --memory-steps --implementations "${rows[@]}" \
     --json "$out/meta_iteration-tf32.json" > "$out/meta_iteration-tf32.txt" 2>&1
+for grouped in "" --grouped-conv-grads; do  # where the kernels go, PyTorch's convolution derivatives and ours
+    timeout 120 python3 benchmarks/gpu_kernels.py --data-root "$data" --steps 1 5 --repeats 20 $grouped \
+        > "$out/gpu_kernels${grouped}.txt" 2>&1
+done
 if [ "$full" = "--full" ]; then
     timeout 300 python3 benchmarks/meta_iteration.py --device cuda --data-root "$data" --precision fp32 \
         --sections meta-iteration --queries 1 --steps 1 5 --repeats 7 --memory-steps \
@@ -55,6 +60,10 @@ grep -E "^(FAILED|ERROR)" "$out/gpu-tests.txt" | cut -c1-200
 for f in "$out"/meta_iteration-*.txt; do
     echo "== ${f##*/}"
     grep -E "^  steps|JAX's time|learn2learn maml,|Error|error:" "$f" | cut -c1-150
+done
+for f in "$out"/gpu_kernels*.txt; do
+    echo "== ${f##*/}"
+    grep -E "launches|^ +[0-9]+ +[0-9.]+ ms|Error|error:" "$f" | cut -c1-150
 done
 [ -f "$out/end_to_end.txt" ] && { echo "== end to end"; grep -E "tasks/s|s for|ms" "$out/end_to_end.txt" | tail -20; }
 exit 0

@@ -262,6 +262,7 @@ def test_the_gpu_session_script_names_rows_and_tests_that_exist():
     ("equal_iterations.py", ["--meta-lr", "-1"], ["equal_iterations.py", "--meta-lr", "'-1'", "positive finite"]),
     ("distributed.py", ["--processes", "2", "0"], ["distributed.py", "--processes", "'0'", "integer >= 1"]),
     ("render_tables.py", [str(REPO / "README.md")], ["render_tables.py", "README.md is not JSON"]),
+    ("gpu_kernels.py", ["--grouped-conv-grads", "--steps", "1", "0"], ["gpu_kernels.py", "--steps", "'0'", "integer >= 1"]),
 ])
 def test_benchmark_scripts_refuse_bad_input_in_one_line(script, argv, says, tmp_path, monkeypatch, capsys):
     """Run directly (not through `bilevel-maml bench`), the scripts answer bad input as the CLI does:
