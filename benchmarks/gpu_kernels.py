@@ -88,11 +88,11 @@ def main(argv=None) -> None:
     if not torch.cuda.is_available():
         parser.exit(0, "gpu_kernels.py: no CUDA device here; nothing to measure\n")
     find_subsets(args.data_root)
+    device = torch.device("cuda")
 
     def model():
         return use_grouped_conv_grads(network("conv4", device), args.grouped_conv_grads)
 
-    device = torch.device("cuda")
     PRECISION["value"] = args.precision
     tasks = omniglot_tasks(args.data_root, 32, 5, 1, args.queries, device)
     summary = []

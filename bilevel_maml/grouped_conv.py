@@ -23,6 +23,27 @@ import torch.nn.functional as F
 Config = tuple[tuple[int, int], tuple[int, int], tuple[int, int], int]
 
 
+def _sum(terms: list[torch.Tensor]) -> torch.Tensor | None:
+    return sum(terms[1:], terms[0]) if terms else None
+
+
+def _conv_tangent(x, w, dx, dw, db, config: Config, shape) -> torch.Tensor | None:
+    """d/dε of ``conv(x + ε·dx, w + ε·dw) + ε·db`` (the convolution is bilinear): the convolution's
+    forward tangent and, with the cotangents of :class:`ConvBackward`'s outputs as ``(dx, dw, db)``,
+    that class's gradient with respect to ``gy``. Absent (None) directions contribute nothing;
+    ``shape`` is the convolution's output shape."""
+    terms = []
+    if dx is not None:
+        terms.append(Conv.apply(dx, w, db, config))
+        db = None
+    if dw is not None:
+        terms.append(Conv.apply(x, dw, db, config))
+        db = None
+    if db is not None:
+        terms.append(db.view(-1, 1, 1).expand(shape))
+    return _sum(terms)
+
+
 class ConvBackward(torch.autograd.Function):
     """``(gx, gw, gb)``: the gradients of ``<gy, conv(x, w) + b>`` for the outputs ``mask`` asks for
     (None for the others), by one native call; differentiable again in closed form."""
@@ -54,11 +75,8 @@ class ConvBackward(torch.autograd.Function):
             terms.append(ConvBackward.apply(x, dw, gy, config, (True, False, False)))
         if dx is not None and need_w:
             terms.append(ConvBackward.apply(dx, w, gy, config, (False, True, False)))
-        tangents = []
-        for i, needed in enumerate((need_x, need_w, need_b)):
-            parts = [t[i] for t in terms if t[i] is not None]
-            tangents.append(sum(parts[1:], parts[0]) if needed and parts else None)
-        return tuple(tangents)
+        return tuple(_sum([t[i] for t in terms if t[i] is not None]) if needed else None
+                     for i, needed in enumerate((need_x, need_w, need_b)))
 
     @staticmethod
     def backward(ctx, ggx, ggw, ggb):
@@ -72,16 +90,7 @@ class ConvBackward(torch.autograd.Function):
         if need_w and ggx is not None:
             dw = ConvBackward.apply(ggx, w, gy, config, (False, True, False))[1]
         if need_gy:
-            terms = []
-            if ggx is not None:
-                terms.append(Conv.apply(ggx, w, ggb, config))
-                ggb = None
-            if ggw is not None:
-                terms.append(Conv.apply(x, ggw, ggb, config))
-                ggb = None
-            if ggb is not None:
-                terms.append(ggb.view(1, -1, 1, 1).expand(gy.shape))
-            dgy = sum(terms[1:], terms[0]) if terms else None
+            dgy = _conv_tangent(x, w, ggx, ggw, ggb, config, gy.shape)
         return dx, dw, dgy, None, None
 
 
@@ -104,16 +113,7 @@ class Conv(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, dx, dw, db, _config):
         x, w = ctx.saved_tensors
-        terms = []
-        if dx is not None:
-            terms.append(Conv.apply(dx, w, db, ctx.config))
-            db = None
-        if dw is not None:
-            terms.append(Conv.apply(x, dw, db, ctx.config))
-            db = None
-        if db is not None:
-            terms.append(db.view(-1, 1, 1).expand(ctx.output_shape))
-        return sum(terms[1:], terms[0])
+        return _conv_tangent(x, w, dx, dw, db, ctx.config, ctx.output_shape)
 
     @staticmethod
     def backward(ctx, gy):

@@ -40,9 +40,7 @@ def test_the_built_in_convolutions_follow_autocast_under_vmap_where_nn_conv2d_do
     # the same gap as CUDA's (seen on an H100), so the property is tested here
     from torch.func import functional_call, vmap
 
-    from bilevel_maml.models import Conv2d
-
-    from bilevel_maml.models import use_grouped_conv_grads
+    from bilevel_maml.models import Conv2d, use_grouped_conv_grads
 
     x = torch.randn(3, 2, 1, 8, 8)
     for layer, expected in ((Conv2d(1, 4, 3), torch.bfloat16), (use_grouped_conv_grads(Conv2d(1, 4, 3)), torch.bfloat16),
