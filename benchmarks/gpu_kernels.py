@@ -7,7 +7,8 @@ meta-iteration launches and the GPU time they take, by kind and the heaviest by 
 floor a CUDA graph can reach: it removes the gaps between kernels, not the kernels), then the
 captured meta-iteration's median time with ``torch.backends.cudnn.benchmark`` off and on.
 ``--grouped-conv-grads`` profiles the network with grouped convolution derivatives
-(:func:`bilevel_maml.models.use_grouped_conv_grads`).
+(:func:`bilevel_maml.models.use_grouped_conv_grads`), ``--pytorch-norm-grads`` with PyTorch's BatchNorm
+derivatives instead of the closed-form ones (:func:`bilevel_maml.models.use_closed_form_norm_grads`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from implementations import PRECISION, ours  # noqa: E402
 from bilevel_maml.cli import OneLineParser, positive_int, run_script  # noqa: E402
 from bilevel_maml.data.omniglot import find_subsets  # noqa: E402
 from bilevel_maml.execution import precision_scope  # noqa: E402
-from bilevel_maml.models import use_grouped_conv_grads  # noqa: E402
+from bilevel_maml.models import use_closed_form_norm_grads, use_grouped_conv_grads  # noqa: E402
 
 #: kernel kinds, by substrings of the kernel's name (first match wins)
 KINDS = {
@@ -84,6 +85,8 @@ def main(argv=None) -> None:
     parser.add_argument("--top", type=positive_int, default=15)
     parser.add_argument("--grouped-conv-grads", action="store_true",
                         help="the network's convolution derivatives as whole grouped convolutions")
+    parser.add_argument("--pytorch-norm-grads", action="store_true",
+                        help="PyTorch's BatchNorm derivatives instead of the closed-form ones")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.exit(0, "gpu_kernels.py: no CUDA device here; nothing to measure\n")
@@ -91,7 +94,8 @@ def main(argv=None) -> None:
     device = torch.device("cuda")
 
     def model():
-        return use_grouped_conv_grads(network("conv4", device), args.grouped_conv_grads)
+        built = use_grouped_conv_grads(network("conv4", device), args.grouped_conv_grads)
+        return use_closed_form_norm_grads(built, not args.pytorch_norm_grads)
 
     PRECISION["value"] = args.precision
     tasks = omniglot_tasks(args.data_root, 32, 5, 1, args.queries, device)
@@ -104,8 +108,9 @@ def main(argv=None) -> None:
         with precision_scope(args.precision, device):
             kernels = kernel_profile(eager)
         total = sum(s for _, _, s in kernels)
-        grouped = ", grouped conv grads" if args.grouped_conv_grads else ""
-        print(f"\n{steps} inner step(s), {args.precision}{grouped}: one eager meta-iteration launches "
+        variant = (", grouped conv grads" if args.grouped_conv_grads else "") + \
+            (", PyTorch's norm grads" if args.pytorch_norm_grads else "")
+        print(f"\n{steps} inner step(s), {args.precision}{variant}: one eager meta-iteration launches "
               f"{sum(c for _, c, _ in kernels)} kernels, {total * 1e3:.2f} ms of GPU time")
         by_kind = defaultdict(lambda: [0, 0.0])
         for name, count, seconds in kernels:

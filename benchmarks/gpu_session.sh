@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # What a session with a GPU checks and measures, in one device call (under 10 minutes on an H100):
 # the GPU-only tests, then the meta-iteration of ours (captured, in each block order, with
-# channels-last weights, with the first convolution unfolded and with grouped convolution
-# derivatives) against JAX at 1 and 5 inner steps, and the kernels of a meta-iteration with
-# PyTorch's convolution derivatives and the grouped ones. Everything is written under OUTPUT; a
+# channels-last weights, with the first convolution unfolded, with grouped convolution derivatives
+# and with PyTorch's BatchNorm derivatives instead of the closed-form ones) against JAX at 1 and 5
+# inner steps, and the kernels of a meta-iteration by default, with grouped convolution derivatives
+# and with PyTorch's BatchNorm derivatives. Everything is written under OUTPUT; a
 # short table is printed last.
 #
 #   source .gpu/setup.sh > /tmp/setup.log 2>&1; bash benchmarks/gpu_session.sh $OUT
@@ -34,7 +35,8 @@ timeout 240 python3 -m pytest -q -p no:cacheprovider -rfs -k gpu tests/test_exec
 
 rows=("ours maml vectorized (cuda graph)" "ours maml vectorized pool before norm (cuda graph)"
       "ours maml vectorized channels last (cuda graph)" "ours maml vectorized unfolded first conv (cuda graph)"
-      "ours maml vectorized grouped conv grads (cuda graph)" "jax maml (jit + vmap)")
+      "ours maml vectorized grouped conv grads (cuda graph)" "ours maml vectorized pytorch norm grads (cuda graph)"
+      "jax maml (jit + vmap)")
 if [ "$full" = "--full" ]; then
     rows+=("ours maml vectorized" "ours imaml vectorized (cuda graph)" "ours imaml vectorized grouped conv grads (cuda graph)"
            "learn2learn maml")
@@ -42,14 +44,14 @@ fi
 timeout 300 python3 benchmarks/meta_iteration.py --device cuda --data-root "$data" --sections meta-iteration \
     --queries 1 --steps 1 5 --repeats 7 --memory-steps --implementations "${rows[@]}" \
     --json "$out/meta_iteration-tf32.json" > "$out/meta_iteration-tf32.txt" 2>&1
-for grouped in "" --grouped-conv-grads; do  # where the kernels go, PyTorch's convolution derivatives and ours
-    timeout 120 python3 benchmarks/gpu_kernels.py --data-root "$data" --steps 1 5 --repeats 20 $grouped \
-        > "$out/gpu_kernels${grouped}.txt" 2>&1
+for variant in "" --grouped-conv-grads --pytorch-norm-grads; do  # where the kernels go
+    timeout 120 python3 benchmarks/gpu_kernels.py --data-root "$data" --steps 1 5 --repeats 20 $variant \
+        > "$out/gpu_kernels${variant}.txt" 2>&1
 done
 if [ "$full" = "--full" ]; then
     timeout 300 python3 benchmarks/meta_iteration.py --device cuda --data-root "$data" --precision fp32 \
         --sections meta-iteration --queries 1 --steps 1 5 --repeats 7 --memory-steps \
-        --implementations "${rows[@]:0:6}" --json "$out/meta_iteration-fp32.json" > "$out/meta_iteration-fp32.txt" 2>&1
+        --implementations "${rows[@]:0:7}" --json "$out/meta_iteration-fp32.json" > "$out/meta_iteration-fp32.txt" 2>&1
     timeout 300 python3 benchmarks/meta_iteration.py --device cuda --data-root "$data" --sections end-to-end evaluation \
         sampling --json "$out/end_to_end.json" > "$out/end_to_end.txt" 2>&1
 fi

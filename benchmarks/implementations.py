@@ -4,18 +4,20 @@ Each entry of :data:`IMPLEMENTATIONS` takes ``(model, tasks, inner_steps)`` and 
 performing one meta-iteration (an outer Adam step on ``model``'s parameters):
 
 * ours: the library's engine, eager (per task, or vectorized with ``torch.func.vmap``) and, on CUDA,
-  captured as a CUDA graph (``cuda graph`` rows); its conv blocks in the plain order by default, or
-  in the one a row names (``pool before norm``: :class:`bilevel_maml.models.ConvBlock`), with
-  channels-last weights, with the first convolution unfolded into a matrix product, or with the
-  convolutions' derivatives as whole grouped convolutions (``grouped conv grads``:
-  :mod:`bilevel_maml.grouped_conv`);
+  captured as a CUDA graph (``cuda graph`` rows); its conv blocks in the plain order with closed-form
+  BatchNorm derivatives (:mod:`bilevel_maml.batch_norm`) by default, or as a row names: in the
+  reordered block (``pool before norm``: :class:`bilevel_maml.models.ConvBlock`), with PyTorch's
+  BatchNorm derivatives (``pytorch norm grads``), with channels-last weights, with the first
+  convolution unfolded into a matrix product, or with the convolutions' derivatives as whole grouped
+  convolutions (``grouped conv grads``: :mod:`bilevel_maml.grouped_conv`);
 * learn2learn 0.2.0's ``l2l.algorithms.MAML`` clone/adapt loop, second and first order;
 * a plain per-task loop as in the textbook pseudocode (``torch.autograd.grad(create_graph=True)``);
 * research rows: other exact formulations of the same meta-gradient (forward-over-reverse
   Hessian-vector products, ``torch.compile`` — on a GPU also replayed as CUDA graphs —, BatchNorm
   from primitive ops) and the plain ``torch.func`` sketch, whose BatchNorm meta-gradient is wrong
   (see tests/test_benchmark_script.py);
-  the rows that are not ours run the network in the plain block order, as ``nn.Module`` layers do;
+  the rows that are not ours run the network in the plain block order with PyTorch's derivatives,
+  as ``nn.Module`` layers do;
 * JAX (``jax.jit`` of ``jax.vmap`` over tasks, the same network and step) when ``jax`` is
   importable: :mod:`jax_maml`.
 """
@@ -30,7 +32,7 @@ from bilevel_maml.data.device_sampler import DeviceTaskSampler
 from bilevel_maml.engine import MetaEngine
 from bilevel_maml.env import EpisodicEnv
 from bilevel_maml.execution import CapturedExecution, largest_cpu_chunk, precision_scope
-from bilevel_maml.models import Conv2d, Conv4, use_grouped_conv_grads
+from bilevel_maml.models import Conv2d, Conv4, use_closed_form_norm_grads, use_grouped_conv_grads
 from bilevel_maml.problems import ALGORITHMS
 
 INNER_LR, META_LR, LAM, CG_ITERATIONS = 0.4, 1e-3, 1.0, 5
@@ -108,11 +110,12 @@ def ours(algorithm, vectorize, model, tasks, steps, chunk=None, cuda_graph=False
 
 def at_precision(make_step):
     """Wrap another framework's (or the textbook's) implementation: it gets the network as
-    ``nn.Module`` layers compute it (the plain block order, none of ours), and its meta-iteration
-    runs at the benchmark's precision."""
+    ``nn.Module`` layers compute it (the plain block order and PyTorch's derivatives, none of ours),
+    and its meta-iteration runs at the benchmark's precision."""
 
     def build(model, tasks, steps):
-        step = make_step(use_grouped_conv_grads(in_block_order(model, False), False), tasks, steps)
+        plain = use_closed_form_norm_grads(use_grouped_conv_grads(in_block_order(model, False), False), False)
+        step = make_step(plain, tasks, steps)
         device = tasks[0].device
 
         def run():
@@ -345,6 +348,8 @@ IMPLEMENTATIONS = {
         lambda m, t, k: ours("maml", True, use_grouped_conv_grads(m), t, k, cuda_graph=True),
     "ours imaml vectorized grouped conv grads (cuda graph)":
         lambda m, t, k: ours("imaml", True, use_grouped_conv_grads(m), t, k, cuda_graph=True),
+    "ours maml vectorized pytorch norm grads (cuda graph)":
+        lambda m, t, k: ours("maml", True, use_closed_form_norm_grads(m, False), t, k, cuda_graph=True),
     "ours maml vectorized channels last (cuda graph)":
         lambda m, t, k: ours("maml", True, m.to(memory_format=torch.channels_last), t, k, cuda_graph=True),
     "ours fomaml vectorized (cuda graph)": lambda m, t, k: ours("fomaml", True, m, t, k, cuda_graph=True),
@@ -365,6 +370,14 @@ IMPLEMENTATIONS = {
     "ours maml vectorized (grouped conv grads)": lambda m, t, k: ours("maml", True, use_grouped_conv_grads(m), t, k),
     "ours imaml vectorized (grouped conv grads)": lambda m, t, k: ours("imaml", True, use_grouped_conv_grads(m), t, k),
     "ours maml per-task (grouped conv grads)": lambda m, t, k: ours("maml", False, use_grouped_conv_grads(m), t, k),
+    "ours maml vectorized (pytorch norm grads)":
+        lambda m, t, k: ours("maml", True, use_closed_form_norm_grads(m, False), t, k),
+    "ours imaml vectorized (pytorch norm grads)":
+        lambda m, t, k: ours("imaml", True, use_closed_form_norm_grads(m, False), t, k),
+    "ours maml per-task (pytorch norm grads)":
+        lambda m, t, k: ours("maml", False, use_closed_form_norm_grads(m, False), t, k),
+    "ours fomaml vectorized (pytorch norm grads)":
+        lambda m, t, k: ours("fomaml", True, use_closed_form_norm_grads(m, False), t, k),
     "ours maml vectorized (unfolded first conv)": lambda m, t, k: ours("maml", True, with_unfolded_first_conv(m), t, k),
     "ours maml vectorized (primitive-op norm)":
         lambda m, t, k: ours("maml", True, with_primitive_norm(in_block_order(m, False)), t, k),

@@ -69,8 +69,8 @@ def one_step(name, monkeypatch):
     "ours maml vectorized", "ours maml per-task", "learn2learn maml", "forward-over-reverse maml",
     "ours maml vectorized (pool before norm)", "ours maml vectorized (plain block order)",
     "ours maml vectorized (unfolded first conv)", "ours maml vectorized (grouped conv grads)",
-    "ours maml per-task (grouped conv grads)",
-    "ours maml vectorized (primitive-op norm)",
+    "ours maml per-task (grouped conv grads)", "ours maml vectorized (pytorch norm grads)",
+    "ours maml per-task (pytorch norm grads)", "ours maml vectorized (primitive-op norm)",
     pytest.param("torch.compile maml", marks=pytest.mark.slow),
     # on CPU, Inductor skips the CUDA graphs: this checks the step that row compiles
     pytest.param("torch.compile maml (cuda graph)", marks=pytest.mark.slow)])
@@ -84,11 +84,14 @@ def test_every_second_order_implementation_takes_the_textbook_step(name, monkeyp
 
 
 @pytest.mark.parametrize("name", ["ours maml per-task (pool before norm)", "ours fomaml vectorized (pool before norm)",
-                                  "ours imaml vectorized (pool before norm)", "ours imaml vectorized (grouped conv grads)"])
+                                  "ours imaml vectorized (pool before norm)", "ours imaml vectorized (grouped conv grads)",
+                                  "ours imaml vectorized (pytorch norm grads)",
+                                  "ours fomaml vectorized (pytorch norm grads)"])
 def test_every_reformulated_row_takes_its_plain_rows_step(name, monkeypatch):
-    """The reordered blocks and the grouped convolution derivatives compute the same function: each
-    "(pool before norm)" and "(grouped conv grads)" row moves θ like the same algorithm and execution
-    computed plainly (FOMAML and iMAML included, not only MAML)."""
+    """The reordered blocks and the grouped convolution and PyTorch's BatchNorm derivatives compute the
+    same function: each "(pool before norm)", "(grouped conv grads)" and "(pytorch norm grads)" row
+    moves θ like the same algorithm and execution computed the default way (FOMAML and iMAML included,
+    not only MAML)."""
     plain = one_step(name.rsplit(" (", 1)[0], monkeypatch)
     reordered = one_step(name, monkeypatch)
     for a, b in zip(plain, reordered):

@@ -98,13 +98,17 @@ def test_pool_before_norm_is_the_same_function_and_derivatives_with_negative_sca
 
 
 def batch_norm_calls(model, x) -> int:
+    """BatchNorm layers that ran as one (PyTorch's or the closed-form one, whichever is switched on)."""
     from unittest import mock
 
     from torch.nn.modules import batchnorm
 
-    with mock.patch.object(batchnorm.F, "batch_norm", wraps=batchnorm.F.batch_norm) as spy:
+    from bilevel_maml import models
+
+    with mock.patch.object(batchnorm.F, "batch_norm", wraps=batchnorm.F.batch_norm) as plain, \
+            mock.patch.object(models, "batch_norm", wraps=models.batch_norm) as closed_form:
         model(x)
-    return spy.call_count
+    return plain.call_count + closed_form.call_count
 
 
 def test_pool_before_norm_is_opt_in_and_gives_way_where_it_would_change_what_runs():
