@@ -177,7 +177,20 @@ def test_closed_form_derivatives_take_fewer_than_half_of_pytorchs_ops():
     assert 2 * ops_of_a_second_derivative(ours) < ops_of_a_second_derivative(pytorchs)
 
 
+def closed_form_calls(model, x) -> int:
+    from unittest import mock
+
+    from bilevel_maml import models
+
+    with mock.patch.object(models, "batch_norm", wraps=models.batch_norm) as spy:
+        model(x)
+    return spy.call_count
+
+
 def test_closed_form_norm_grads_are_the_default_and_switch_every_layer():
+    x = torch.randn(6, 1, 28, 28)
+    assert closed_form_calls(BatchNorm2d(1, track_running_stats=False), x) == 1
+    assert closed_form_calls(Conv4(5), x) == 4 and closed_form_calls(Conv4(5, closed_form_norm_grads=False), x) == 0
     layers = [m for m in Conv4(5).modules() if isinstance(m, BatchNorm2d)]
     assert len(layers) == 4 and all(m.closed_form_grads for m in layers)
     assert not any(m.closed_form_grads for m in Conv4(5, closed_form_norm_grads=False).modules()
