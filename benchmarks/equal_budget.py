@@ -37,7 +37,7 @@ from bilevel_maml.cli import (OneLineParser, device_name, non_negative_int, posi
 from bilevel_maml.data import omniglot_small_tasksets
 from bilevel_maml.data._learn2learn import import_learn2learn
 from bilevel_maml.env import EpisodicEnv
-from bilevel_maml.models import build_model
+from bilevel_maml.models import build_model, use_closed_form_norm_grads
 
 SETTINGS = dict(ways=5, shots=1, query_shots=1, inner_lr=0.4, meta_lr=1e-3, lam=1.0, cg_iterations=5)
 LEARNERS = ("learn2learn maml", "ours maml", "ours fomaml", "ours imaml")
@@ -61,9 +61,10 @@ def train_ours(engine, budget_seconds):
 
 
 def train_learn2learn(engine, budget_seconds, inner_steps, inner_lr):
-    """learn2learn's clone/adapt MAML on θ of `engine`, drawing tasks one at a time through its Taskset."""
+    """learn2learn's clone/adapt MAML on θ of `engine`, drawing tasks one at a time through its Taskset,
+    with PyTorch's BatchNorm derivatives (as learn2learn's users have them)."""
     l2l = import_learn2learn()
-    model = engine.meta_learner.module
+    model = use_closed_form_norm_grads(engine.meta_learner.module, False)
     maml = l2l.algorithms.MAML(model, lr=inner_lr, first_order=False)
     optimizer = torch.optim.Adam(maml.parameters(), lr=SETTINGS["meta_lr"])
     env, tasks = engine.env, engine.meta_batch_size

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from bilevel_maml._function import with_cached_signature
+
 aten = torch.ops.aten
 
 
@@ -51,6 +53,7 @@ def _normalised(x, mean, rstd, eps) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return (x - _per_channel(mean, x)) * _per_channel(rstd, x), mean, rstd
 
 
+@with_cached_signature
 class BatchNormBackward(torch.autograd.Function):
     """``(gx, gγ, gβ)``: the gradients of ``<gy, batch_norm(x, γ, β)>`` (batch statistics) for the outputs
     ``mask`` asks for (None for the others), by one native call; differentiable again in closed form.
@@ -137,6 +140,7 @@ class BatchNormBackward(torch.autograd.Function):
         return dx, dweight, dgy, None, None, None, None
 
 
+@with_cached_signature
 class BatchNorm(torch.autograd.Function):
     """``batch_norm(x, γ, β)`` with batch statistics, :class:`BatchNormBackward` as its derivative,
     and a vmap rule that makes per-task statistics and affine parameters those of one BatchNorm over

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from bilevel_maml._function import with_cached_signature
+
 # (stride, padding, dilation, groups) of one convolution
 Config = tuple[tuple[int, int], tuple[int, int], tuple[int, int], int]
 
@@ -44,6 +46,7 @@ def _conv_tangent(x, w, dx, dw, db, config: Config, shape) -> torch.Tensor | Non
     return _sum(terms)
 
 
+@with_cached_signature
 class ConvBackward(torch.autograd.Function):
     """``(gx, gw, gb)``: the gradients of ``<gy, conv(x, w) + b>`` for the outputs ``mask`` asks for
     (None for the others), by one native call; differentiable again in closed form."""
@@ -94,6 +97,7 @@ class ConvBackward(torch.autograd.Function):
         return dx, dw, dgy, None, None
 
 
+@with_cached_signature
 class Conv(torch.autograd.Function):
     """``conv2d(x, w, b)`` with :class:`ConvBackward` as its derivative, and a vmap rule that turns
     per-task filters into one grouped convolution (as PyTorch's own rule does)."""

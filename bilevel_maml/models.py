@@ -60,20 +60,33 @@ def use_grouped_conv_grads(model: nn.Module, enabled: bool = True) -> nn.Module:
     return model
 
 
+def _under_torch_func() -> bool:
+    """Whether a torch.func transform (vmap, grad, jvp) is running: there a layer's input shows one
+    task's shape, not the size of the tensor computed."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)  # what autograd.Function.apply asks
+    return True if active is None else active()
+
+
 class BatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` whose derivatives, when it normalises with batch statistics and keeps none
     (transductive), are computed in closed form by :func:`bilevel_maml.batch_norm.batch_norm`: the
     same values and derivatives, but second-order meta-gradients differentiate its backward with a few
     whole-tensor ops instead of PyTorch's ~90 per layer and inner step. On by default
     (:attr:`closed_form_grads`, :func:`use_closed_form_norm_grads`); a layer with running statistics
-    computes as ``nn.BatchNorm2d``.
+    computes as ``nn.BatchNorm2d``, and so does one outside torch.func transforms on an input of fewer
+    than :attr:`closed_form_min_size` values (one task's small activation, task by task), where the
+    closed form's Python per call costs more than the ops it saves.
     """
 
     closed_form_grads = True
+    #: values of an input below which, outside torch.func transforms, PyTorch's derivatives are used
+    closed_form_min_size = 100_000
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """:param input: ``(batch, channels, height, width)``."""
         if not (self.closed_form_grads and self.running_mean is None and self.running_var is None):
+            return super().forward(input)
+        if input.numel() < self.closed_form_min_size and not _under_torch_func():
             return super().forward(input)
         self._check_input_dim(input)
         if input.numel() == input.shape[1]:  # what F.batch_norm refuses in training

@@ -188,9 +188,10 @@ def closed_form_calls(model, x) -> int:
 
 
 def test_closed_form_norm_grads_are_the_default_and_switch_every_layer():
-    x = torch.randn(6, 1, 28, 28)
-    assert closed_form_calls(BatchNorm2d(1, track_running_stats=False), x) == 1
-    assert closed_form_calls(Conv4(5), x) == 4 and closed_form_calls(Conv4(5, closed_form_norm_grads=False), x) == 0
+    x = torch.randn(2, 6, 1, 28, 28)
+    assert closed_form_calls(vmap(BatchNorm2d(1, track_running_stats=False)), x) == 1
+    assert closed_form_calls(vmap(Conv4(5)), x) == 4
+    assert closed_form_calls(vmap(Conv4(5, closed_form_norm_grads=False)), x) == 0
     layers = [m for m in Conv4(5).modules() if isinstance(m, BatchNorm2d)]
     assert len(layers) == 4 and all(m.closed_form_grads for m in layers)
     assert not any(m.closed_form_grads for m in Conv4(5, closed_form_norm_grads=False).modules()
@@ -200,16 +201,30 @@ def test_closed_form_norm_grads_are_the_default_and_switch_every_layer():
     assert len(layers) == 16 and not any(m.closed_form_grads for m in layers)
 
 
+def test_outside_torch_func_a_small_input_takes_pytorchs_derivatives():
+    """Task by task, one task's small activation costs less through PyTorch's derivatives than through
+    the closed form's Python; under vmap the layer sees one task's shape but computes all tasks at once."""
+    layer = BatchNorm2d(3, track_running_stats=False)
+    small = torch.randn(5, 3, 8, 8)
+    assert small.numel() < layer.closed_form_min_size
+    assert closed_form_calls(layer, small) == 0
+    assert closed_form_calls(vmap(layer), small.expand(4, *small.shape)) == 1
+    assert closed_form_calls(layer, torch.randn(5, 3, 100, 100)) == 1
+
+
 def test_the_layer_keeps_nn_batchnorms_behaviour_where_the_closed_form_does_not_apply():
     torch.manual_seed(0)
     x = torch.randn(6, 3, 4, 4)
     # running statistics: PyTorch's layer, which updates them
     tracked, reference = BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    tracked.closed_form_min_size = 0
     assert torch.equal(tracked(x), reference(x)) and torch.equal(tracked.running_mean, reference.running_mean)
     tracked.eval(), reference.eval()
     assert torch.equal(tracked(x), reference(x))
-    # transductive: the closed form, the same values in training and evaluation
+    # transductive: the closed form, the same values in training and evaluation, PyTorch's refusals
     transductive = BatchNorm2d(3, track_running_stats=False)
+    transductive.closed_form_min_size = 0
+    assert closed_form_calls(transductive, x) == 1
     assert torch.allclose(transductive(x), torch.nn.BatchNorm2d(3, track_running_stats=False)(x), atol=1e-6)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         transductive(torch.randn(1, 3, 1, 1))
@@ -223,6 +238,7 @@ def test_under_autocast_the_layer_computes_in_pytorchs_dtypes():
     torch.manual_seed(0)
     x = torch.randn(6, 3, 4, 4, requires_grad=True)
     ours_layer = BatchNorm2d(3, track_running_stats=False)
+    ours_layer.closed_form_min_size = 0
     theirs_layer = torch.nn.BatchNorm2d(3, track_running_stats=False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         a = ours_layer(x.to(torch.bfloat16))

@@ -1,0 +1,14 @@
+"""What the closed-form derivative Functions (:mod:`bilevel_maml.batch_norm`, :mod:`bilevel_maml.grouped_conv`) share."""
+
+from __future__ import annotations
+
+import inspect
+
+
+def with_cached_signature(function_class):
+    """Class decorator for a ``torch.autograd.Function`` with ``setup_context``: its ``apply`` binds the
+    arguments to ``forward``'s signature on every call, and ``inspect.signature`` rebuilds that signature
+    each time (about 60 µs, more than the op itself on one task's small activation, 1,800 times in a
+    task-by-task MAML meta-iteration of conv4), unless ``forward`` carries it as ``__signature__``."""
+    function_class.forward.__signature__ = inspect.signature(function_class.forward)
+    return function_class
