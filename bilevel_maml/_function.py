@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 
+import torch
+
 
 def with_cached_signature(function_class):
     """Class decorator for a ``torch.autograd.Function`` with ``setup_context``: its ``apply`` binds the
@@ -12,3 +14,8 @@ def with_cached_signature(function_class):
     task-by-task MAML meta-iteration of conv4), unless ``forward`` carries it as ``__signature__``."""
     function_class.forward.__signature__ = inspect.signature(function_class.forward)
     return function_class
+
+
+def sum_terms(terms: list[torch.Tensor]) -> torch.Tensor | None:
+    """The sum of a derivative's terms, or None (no contribution) when it has none."""
+    return sum(terms[1:], terms[0]) if terms else None

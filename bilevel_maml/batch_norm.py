@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from bilevel_maml._function import with_cached_signature
+from bilevel_maml._function import sum_terms, with_cached_signature
 
 aten = torch.ops.aten
 
@@ -34,10 +34,6 @@ def _per_channel(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | N
 
 def _dims(x: torch.Tensor) -> list[int]:
     return [0, *range(2, x.dim())]
-
-
-def _sum(terms: list[torch.Tensor]) -> torch.Tensor | None:
-    return sum(terms[1:], terms[0]) if terms else None
 
 
 def _ones(rstd: torch.Tensor) -> torch.Tensor:
@@ -97,7 +93,7 @@ class BatchNormBackward(torch.autograd.Function):
                               - _per_channel(gamma * r * (q * dx).sum(_dims(x)) / count, x) * xhat)
                 if need_w:
                     gw.append((q * dx).sum(_dims(x)))
-        return tuple(_sum(terms) if needed else None for terms, needed in ((gx, need_x), (gw, need_w), (gb, need_b)))
+        return tuple(sum_terms(terms) if needed else None for terms, needed in ((gx, need_x), (gw, need_w), (gb, need_b)))
 
     @staticmethod
     def backward(ctx, ggx, ggw, ggb):
@@ -119,7 +115,7 @@ class BatchNormBackward(torch.autograd.Function):
                 terms.append(xhat * _per_channel(ggw, x))
             if ggb is not None:
                 terms.append(_per_channel(ggb, x).expand_as(gy))
-            dgy = _sum(terms)
+            dgy = sum_terms(terms)
         if (need_x and (ggx is not None or ggw is not None)) or (need_w and ggx is not None):
             # Q = r·P(gy), so gx = γ·Q
             q, sum_gy_xhat, _ = BatchNormBackward.apply(x, None, gy, mean, rstd, eps, (True, True, False))
@@ -136,7 +132,7 @@ class BatchNormBackward(torch.autograd.Function):
                     terms.append(_per_channel(-gamma * r * sum_gy_xhat / count, x) * p_ggx)
                     coefficient_q = coefficient_q - gamma * r * sum_ggx_xhat / count
                 terms.append(_per_channel(coefficient_q, x) * q)
-                dx = _sum(terms)
+                dx = sum_terms(terms)
         return dx, dweight, dgy, None, None, None, None
 
 
@@ -170,7 +166,7 @@ class BatchNorm(torch.autograd.Function):
             terms.append(_normalised(x, mean, rstd, ctx.eps)[0] * _per_channel(dweight, x))
         if dbias is not None:
             terms.append(_per_channel(dbias, x).expand_as(x))
-        return _sum(terms), None, None
+        return sum_terms(terms), None, None
 
     @staticmethod
     def backward(ctx, gy, _gmean, _grstd):

@@ -19,14 +19,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bilevel_maml._function import with_cached_signature
+from bilevel_maml._function import sum_terms, with_cached_signature
 
 # (stride, padding, dilation, groups) of one convolution
 Config = tuple[tuple[int, int], tuple[int, int], tuple[int, int], int]
-
-
-def _sum(terms: list[torch.Tensor]) -> torch.Tensor | None:
-    return sum(terms[1:], terms[0]) if terms else None
 
 
 def _conv_tangent(x, w, dx, dw, db, config: Config, shape) -> torch.Tensor | None:
@@ -43,7 +39,7 @@ def _conv_tangent(x, w, dx, dw, db, config: Config, shape) -> torch.Tensor | Non
         db = None
     if db is not None:
         terms.append(db.view(-1, 1, 1).expand(shape))
-    return _sum(terms)
+    return sum_terms(terms)
 
 
 @with_cached_signature
@@ -78,7 +74,7 @@ class ConvBackward(torch.autograd.Function):
             terms.append(ConvBackward.apply(x, dw, gy, config, (True, False, False)))
         if dx is not None and need_w:
             terms.append(ConvBackward.apply(dx, w, gy, config, (False, True, False)))
-        return tuple(_sum([t[i] for t in terms if t[i] is not None]) if needed else None
+        return tuple(sum_terms([t[i] for t in terms if t[i] is not None]) if needed else None
                      for i, needed in enumerate((need_x, need_w, need_b)))
 
     @staticmethod
