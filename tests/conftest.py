@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 
 from bilevel_maml.env import EpisodicEnv
 
@@ -53,6 +53,15 @@ class RecordingEnv(EpisodicEnv):
     def step(self):
         super().step()
         self.episodes += tasks_in_batch(self)
+
+
+def vmapped_meta_gradient(loss, params, inputs, wrt):
+    """What the vectorized inner loop differentiates: one SGD step (0.1) of each task's ``loss(p, x)``
+    under vmap, with autograd outside vmap (``params`` per task, e.g. expanded from shared leaves),
+    then the gradient of the adapted losses with respect to ``wrt``."""
+    grads = torch.autograd.grad(vmap(loss)(params, inputs).sum(), params, create_graph=True)
+    adapted = tuple(p - 0.1 * g for p, g in zip(params, grads))
+    return torch.autograd.grad(vmap(loss)(adapted, inputs).sum(), wrt)
 
 
 def functional(model):

@@ -13,6 +13,8 @@ from torch.func import grad, jvp, vmap
 from bilevel_maml.batch_norm import batch_norm
 from bilevel_maml.models import BatchNorm2d, Conv4, ResNet12, use_closed_form_norm_grads
 
+from conftest import vmapped_meta_gradient
+
 EPS = 1e-5
 
 
@@ -103,14 +105,10 @@ def test_batch_norm_under_vmap_has_the_exact_second_order_gradients():
     w_tasks = torch.randn(tasks, 3, dtype=double, requires_grad=True)
 
     def second_order(norm):
-        params = (w.expand(tasks, 3), b.expand(tasks, 3))
-
         def loss(p, xi):
             return norm(norm(xi, p[0], p[1]).tanh() * 1.5, p[0], None).pow(2).sum()
 
-        g = torch.autograd.grad(vmap(loss)(params, x).sum(), params, create_graph=True)
-        adapted = tuple(p - 0.1 * gi for p, gi in zip(params, g))
-        return torch.autograd.grad(vmap(loss)(adapted, x).sum(), (w, b, x))
+        return vmapped_meta_gradient(loss, (w.expand(tasks, 3), b.expand(tasks, 3)), x, (w, b, x))
 
     def shared_parameters(norm):
         return torch.autograd.grad(vmap(lambda xi: norm(xi, w, b).pow(3).sum())(x).sum(), (x, w, b))

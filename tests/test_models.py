@@ -6,6 +6,8 @@ import torch
 from bilevel_maml.data._learn2learn import import_learn2learn
 from bilevel_maml.models import Conv4, build_model
 
+from conftest import vmapped_meta_gradient
+
 
 def test_strided_conv4_is_learn2learns_omniglot_cnn():
     """``conv4-strided`` computes the same function as learn2learn's ``OmniglotCNN`` (Finn et al.'s
@@ -196,14 +198,10 @@ def test_grouped_conv2d_under_vmap_has_pytorchs_second_order_gradients(stride, d
     w_tasks = w.detach().expand(tasks, *w.shape).clone().requires_grad_()
 
     def second_order(conv):
-        params = (w.expand(tasks, *w.shape), b.expand(tasks, 4))
-
         def loss(p, xi):
             return conv(conv(xi, p[0], p[1]).tanh(), p[0], None).pow(2).sum()
 
-        g = torch.autograd.grad(vmap(loss)(params, x).sum(), params, create_graph=True)
-        adapted = tuple(p - 0.1 * gi for p, gi in zip(params, g))
-        return torch.autograd.grad(vmap(loss)(adapted, x).sum(), (w, b, x))
+        return vmapped_meta_gradient(loss, (w.expand(tasks, *w.shape), b.expand(tasks, 4)), x, (w, b, x))
 
     def shared_filters(conv):
         return torch.autograd.grad(vmap(lambda xi: conv(xi, w, b).pow(2).sum())(x).sum(), (x, w, b))
