@@ -197,32 +197,31 @@ def test_a_meta_batch_that_does_not_split_over_the_ranks_is_refused(tmp_path):
 
 def test_ctrl_c_under_torchrun_stops_every_rank_after_one_iteration_and_resume_is_exact(tmp_path):
     """Ctrl-C in a terminal reaches torchrun and both workers (and torchrun forwards it again)."""
-    iterations = 150
+    iterations = 9
     straight = cli_run(tmp_path / "straight", iterations=iterations)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
-    output = tmp_path / "stopped"
+    # every rank pauses as iteration 3 ends until the signal is sent: a slow poll cannot let the run finish first
+    output, pause = tmp_path / "stopped", tmp_path / "pause"
+    pause.mkdir()
     argv = [torchrun(), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-            "-m", "bilevel_maml", "train", "--output", str(output), "--wandb", "disabled", "--dataset", "sinusoid",
-            "--dtype", "float64", "--width", "16", "--meta-batch-size", "4", "--inner-steps", "2", "--valid-every",
-            "3", "--valid-tasks", "5", "--test-tasks", "10", "--checkpoint-every", "1", "--seed", "3",
-            "--iterations", str(iterations)]
+            str(TESTS / "pause_at.py"), "3", str(pause), "--", "train", "--output", str(output), "--wandb",
+            "disabled", "--dataset", "sinusoid", "--dtype", "float64", "--width", "16", "--meta-batch-size", "4",
+            "--inner-steps", "2", "--valid-every", "3", "--valid-tasks", "5", "--test-tasks", "10",
+            "--checkpoint-every", "1", "--seed", "3", "--iterations", str(iterations)]
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True, env=environment())
-    last = output / "checkpoints" / "last.pt"
     deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None:
-        try:
-            if torch.load(last, weights_only=True)["engine"]["meta_iteration"] >= 3:
-                break
-        except (OSError, RuntimeError, EOFError):
-            pass
+    while time.time() < deadline and process.poll() is None and not all(
+            (pause / f"paused.{rank}").exists() for rank in (0, 1)):
         time.sleep(0.01)
     assert process.poll() is None, "the run ended before it could be stopped"
     os.killpg(process.pid, signal.SIGINT)
+    (pause / "go").touch()
     _, stderr = process.communicate(timeout=240)
+    last = output / "checkpoints" / "last.pt"
     stopped_at = torch.load(last, weights_only=True)["engine"]
-    assert 3 <= stopped_at["meta_iteration"] < iterations and len(stopped_at["ranks"]) == 2, stderr[-3000:]
+    assert stopped_at["meta_iteration"] == 3 and len(stopped_at["ranks"]) == 2, stderr[-3000:]
     assert (f"stopped by SIGINT after meta-iteration {stopped_at['meta_iteration']} of {iterations}; checkpoint "
             f"written to {last}; continue with `torchrun --nproc_per_node 2 -m bilevel_maml resume") in stderr, \
         stderr[-3000:]
