@@ -160,30 +160,42 @@ def cli_run(output, *extra, command="train", processes=2, iterations=None, wandb
     return done
 
 
-def test_the_cli_under_torchrun_trains_checkpoints_and_resumes_exactly(tmp_path):
-    straight = cli_run(tmp_path / "straight", iterations=8, wandb="offline")
-    assert straight.returncode == 0, straight.stderr[-3000:]
+STRAIGHT_ITERATIONS = 9
+
+
+@pytest.fixture(scope="module")
+def straight_cli_run(tmp_path_factory):
+    """The uninterrupted run (logged to W&B offline) that the split and the stopped runs must equal."""
+    output = tmp_path_factory.mktemp("straight")
+    done = cli_run(output, iterations=STRAIGHT_ITERATIONS, wandb="offline")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return output, done
+
+
+def test_the_cli_under_torchrun_trains_checkpoints_and_resumes_exactly(tmp_path, straight_cli_run):
+    straight_output, straight = straight_cli_run
     assert "4 tasks on 2 processes" in straight.stdout and straight.stdout.count("held-out test") == 1
     # rank 0 alone logs: one offline W&B run, with one history row per meta-iteration
     from bilevel_maml.logging import read_offline_run
 
-    runs = list((tmp_path / "straight" / "wandb").glob("offline-run-*"))
+    runs = list((straight_output / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    assert [row["_step"] for row in read_offline_run(runs[0])["history"] if "train/loss" in row] == list(range(1, 9))
+    assert [row["_step"] for row in read_offline_run(runs[0])["history"] if "train/loss" in row] == \
+        list(range(1, STRAIGHT_ITERATIONS + 1))
     first_half = cli_run(tmp_path / "split", iterations=4)
     assert first_half.returncode == 0, first_half.stderr[-3000:]
-    second_half = cli_run(tmp_path / "split", command="resume", iterations=8)
+    second_half = cli_run(tmp_path / "split", command="resume", iterations=STRAIGHT_ITERATIONS)
     assert second_half.returncode == 0, second_half.stderr[-3000:]
     assert "(from iteration 4)" in second_half.stdout
-    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=False)["engine"]
+    a = torch.load(straight_output / "checkpoints" / "last.pt", weights_only=False)["engine"]
     b = torch.load(tmp_path / "split" / "checkpoints" / "last.pt", weights_only=False)["engine"]
-    assert a["meta_iteration"] == b["meta_iteration"] == 8 and len(a["ranks"]) == 2
+    assert a["meta_iteration"] == b["meta_iteration"] == STRAIGHT_ITERATIONS and len(a["ranks"]) == 2
     for name, value in a["theta"].items():
         assert torch.equal(value, b["theta"][name]), name
     assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
     # a checkpoint of 2 ranks is not resumed by 1 process
     one = subprocess.run([sys.executable, "-m", "bilevel_maml", "resume", "--output", str(tmp_path / "split"),
-                          "--iterations", "9", "--wandb", "disabled"], capture_output=True, text=True,
+                          "--iterations", "10", "--wandb", "disabled"], capture_output=True, text=True,
                          timeout=300, env=environment())
     assert one.returncode != 0
     assert "written by 2 process(es) and this run has 1: resume with the same number of processes" in one.stderr
@@ -195,11 +207,9 @@ def test_a_meta_batch_that_does_not_split_over_the_ranks_is_refused(tmp_path):
     assert "meta_batch_size=3 must be divisible by the number of processes (2)" in done.stderr
 
 
-def test_ctrl_c_under_torchrun_stops_every_rank_after_one_iteration_and_resume_is_exact(tmp_path):
+def test_ctrl_c_under_torchrun_stops_every_rank_after_one_iteration_and_resume_is_exact(tmp_path, straight_cli_run):
     """Ctrl-C in a terminal reaches torchrun and both workers (and torchrun forwards it again)."""
-    iterations = 9
-    straight = cli_run(tmp_path / "straight", iterations=iterations)
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    iterations = STRAIGHT_ITERATIONS
 
     # every rank pauses as iteration 3 ends until the signal is sent: a slow poll cannot let the run finish first
     output, pause = tmp_path / "stopped", tmp_path / "pause"
@@ -230,7 +240,7 @@ def test_ctrl_c_under_torchrun_stops_every_rank_after_one_iteration_and_resume_i
     resumed = cli_run(output, command="resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"(from iteration {stopped_at['meta_iteration']})" in resumed.stdout
-    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)["engine"]
+    a = torch.load(straight_cli_run[0] / "checkpoints" / "last.pt", weights_only=True)["engine"]
     b = torch.load(last, weights_only=True)["engine"]
     assert a["meta_iteration"] == b["meta_iteration"] == iterations
     for name, value in a["theta"].items():
