@@ -17,6 +17,7 @@ from bilevel_maml.engine import NonFiniteError
 from bilevel_maml.env import EpisodicEnv
 from bilevel_maml.execution import (CapturedExecution, HostReadWatch, advance_counters, capture_blocker,
                                     python_state, restore_python_state)
+from bilevel_maml.batch_norm import BatchNorm
 from bilevel_maml.models import Conv4
 
 from conftest import random_classification_source
@@ -103,6 +104,27 @@ def test_with_the_check_on_the_device_the_capturable_region_reads_nothing(algori
     with watch:
         built.execution.run_tasks()
     assert watch.first is None, watch.first
+    assert math.isfinite(built.meta_learner.end_iteration()["loss"])
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "imaml"])
+def test_closed_form_batch_norm_task_by_task_reads_nothing_in_the_capturable_region(algorithm, monkeypatch):
+    """Task by task these small activations would take PyTorch's BatchNorm; forced onto the closed form
+    (as a larger model's are), the region still never reads the host."""
+    from bilevel_maml.models import BatchNorm2d
+
+    monkeypatch.setattr(BatchNorm2d, "closed_form_min_size", 0)
+    used = []
+    monkeypatch.setattr("bilevel_maml.batch_norm.BatchNorm.apply",
+                        (lambda apply: lambda *a: used.append(1) or apply(*a))(BatchNorm.apply))
+    built = engine(algorithm, vectorize=False)
+    built.train()
+    built.meta_step()
+    built.meta_learner.check_on_device = True
+    watch = HostReadWatch()
+    with watch:
+        built.execution.run_tasks()
+    assert used and watch.first is None, watch.first
     assert math.isfinite(built.meta_learner.end_iteration()["loss"])
 
 
