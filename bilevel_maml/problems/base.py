@@ -642,8 +642,7 @@ class MetaLearner(_NoRollBack, Problem):
         # A sum of |g| is finite exactly when every entry is (short of overflowing float's range),
         # and one multi-tensor kernel takes it for every gradient.
         magnitudes = torch._foreach_norm([p.grad for _, p in named], ord=1) if named else []
-        checks = torch.isfinite(torch.stack([stats["loss"].to(torch.float64),
-                                             *(m.to(torch.float64) for m in magnitudes)]))
+        checks = torch.isfinite(torch.stack([stats["loss"], *magnitudes]))  # (stack promotes to their widest dtype)
         names = ["the query loss", *(f"the meta-gradient of {name!r}" for name, _ in named)]
         self.readout = IterationReadout(names, checks, stats)
         if self.check_on_device:
