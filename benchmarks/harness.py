@@ -99,7 +99,8 @@ def counted_flops(fn) -> int:
 
 
 #: layer types a profiled op is charged to, by the name of the top-level op or autograd node it ran in
-LAYER_TYPES = {"convolution": ("convolution", "conv2d"), "batch norm": ("batchnorm", "batch_norm", "var_mean"),
+#: ("conv" also names the grouped convolution Functions and their nodes: Conv, ConvBackward, ...)
+LAYER_TYPES = {"convolution": ("conv",), "batch norm": ("batchnorm", "batch_norm", "var_mean"),
                "max-pool": ("maxpool", "max_pool"), "relu": ("relu", "threshold")}
 
 

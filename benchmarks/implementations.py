@@ -369,7 +369,6 @@ IMPLEMENTATIONS = {
     "ours maml vectorized (plain block order)": lambda m, t, k: ours("maml", True, in_block_order(m, False), t, k),
     "ours maml vectorized (grouped conv grads)": lambda m, t, k: ours("maml", True, use_grouped_conv_grads(m), t, k),
     "ours imaml vectorized (grouped conv grads)": lambda m, t, k: ours("imaml", True, use_grouped_conv_grads(m), t, k),
-    "ours maml per-task (grouped conv grads)": lambda m, t, k: ours("maml", False, use_grouped_conv_grads(m), t, k),
     "ours maml vectorized (pytorch norm grads)":
         lambda m, t, k: ours("maml", True, use_closed_form_norm_grads(m, False), t, k),
     "ours imaml vectorized (pytorch norm grads)":

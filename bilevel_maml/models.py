@@ -21,14 +21,23 @@ from bilevel_maml.validation import check_positive_int
 DOWNSAMPLING = ("max-pool", "stride")
 
 
+def _under_torch_func() -> bool:
+    """Whether a torch.func transform (vmap, grad, jvp) is running: there a layer's input shows one
+    task's shape, not the size of the tensor computed."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)  # what autograd.Function.apply asks
+    return True if active is None else active()
+
+
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` that follows autocast under ``torch.func.vmap`` too: vmap's batching rule
     calls ``aten.convolution``, which autocast's lists miss (they name ``conv2d``), so a vectorized
     inner loop would otherwise convolve in float32 under ``precision="bf16"``.
 
-    With :attr:`grouped_grads` set (:func:`use_grouped_conv_grads`), it convolves through
+    Under torch.func transforms (vectorized meta-learning), with :attr:`grouped_grads` set
+    (:func:`use_grouped_conv_grads`), it convolves through
     :func:`bilevel_maml.grouped_conv.grouped_conv2d`: the same values and derivatives, but the double
     backward of per-task filters under vmap is a few grouped convolutions instead of one per task.
+    Task by task there is no loop to remove, and PyTorch's convolution is used.
     """
 
     grouped_grads = False
@@ -39,16 +48,17 @@ class Conv2d(nn.Conv2d):
             dtype = torch.get_autocast_dtype(device)
             input, weight = input.to(dtype), weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
-        if self.grouped_grads and self.padding_mode == "zeros" and not isinstance(self.padding, str) and input.dim() == 4:
+        if (self.grouped_grads and _under_torch_func() and self.padding_mode == "zeros"
+                and not isinstance(self.padding, str) and input.dim() == 4):
             return grouped_conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         return super()._conv_forward(input, weight, bias)
 
 
 def use_grouped_conv_grads(model: nn.Module, enabled: bool = True) -> nn.Module:
-    """Compute the derivatives of ``model``'s convolutions (:class:`Conv2d` layers) as whole grouped
-    convolutions (:mod:`bilevel_maml.grouped_conv`), or with PyTorch's own formulas. Same values and
-    meta-gradients; fewer, larger convolutions in second-order vectorized meta-learning (off by default:
-    on CPU it is no faster, and it has not run on a GPU yet).
+    """Compute the derivatives of ``model``'s convolutions (:class:`Conv2d` layers) under torch.func
+    transforms as whole grouped convolutions (:mod:`bilevel_maml.grouped_conv`), or with PyTorch's own
+    formulas. Same values and meta-gradients; fewer, larger convolutions in second-order vectorized
+    meta-learning (off by default: on CPU it is no faster, and it has not run on a GPU yet).
 
     :param model: any module; its :class:`Conv2d` layers are switched.
     :param enabled: grouped derivatives on or off.
@@ -58,13 +68,6 @@ def use_grouped_conv_grads(model: nn.Module, enabled: bool = True) -> nn.Module:
         if isinstance(module, Conv2d):
             module.grouped_grads = enabled
     return model
-
-
-def _under_torch_func() -> bool:
-    """Whether a torch.func transform (vmap, grad, jvp) is running: there a layer's input shows one
-    task's shape, not the size of the tensor computed."""
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)  # what autograd.Function.apply asks
-    return True if active is None else active()
 
 
 class BatchNorm2d(nn.BatchNorm2d):

@@ -69,7 +69,7 @@ def one_step(name, monkeypatch):
     "ours maml vectorized", "ours maml per-task", "learn2learn maml", "forward-over-reverse maml",
     "ours maml vectorized (pool before norm)", "ours maml vectorized (plain block order)",
     "ours maml vectorized (unfolded first conv)", "ours maml vectorized (grouped conv grads)",
-    "ours maml per-task (grouped conv grads)", "ours maml vectorized (pytorch norm grads)",
+    "ours maml vectorized (pytorch norm grads)",
     "ours maml per-task (pytorch norm grads)", "ours maml vectorized (primitive-op norm)",
     pytest.param("torch.compile maml", marks=pytest.mark.slow),
     # on CPU, Inductor skips the CUDA graphs: this checks the step that row compiles
