@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-import warnings
 
 import torch
 from betty.engine import Engine
@@ -142,46 +141,11 @@ class MetaEngine(Engine):
         #: bytes of the model's largest activation per example, measured on the probe tasks
         self.activation_bytes_per_example: int | None = None
         if vectorize:
-            self._plan_vectorization(vectorize)
+            execution.plan_vectorization(self, vectorize)
         #: how meta-iterations run (:mod:`bilevel_maml.execution`), and why not captured, if not
         self.execution, self.eager_reason = execution.choose_execution(self, cuda_graph)
         if self.eager_reason is not None:
             execution.warn_eager(self.eager_reason)
-
-    def _plan_vectorization(self, vectorize: bool | int) -> None:
-        if vectorize is not True:
-            check_positive_int("vectorize", vectorize)
-            if self.meta_batch_size % vectorize:
-                raise ValueError(f"vectorize={vectorize} must divide meta_batch_size={self.meta_batch_size}")
-        (support_inputs, _), (query_inputs, _) = self._probe_tasks()
-        blocker, self.activation_bytes_per_example = execution.probe_vmap(
-            self.task_learner, self.meta_learner, support_inputs)
-        if blocker is not None:
-            warnings.warn(f"{type(self.meta_learner.module).__name__} cannot be vectorized ({blocker}); "
-                          f"adapting tasks one at a time instead", stacklevel=3)
-            return
-        examples = support_inputs.shape[1] + query_inputs.shape[1]
-        tasks = vectorize if vectorize is not True else execution.plan_tasks_per_call(
-            self.device, self.meta_batch_size, examples, self.activation_bytes_per_example)
-        if tasks > 1 or vectorize is not True:
-            self._use_task_batches(tasks)
-        self.evaluation_tasks_per_call = execution.evaluation_tasks_per_call(
-            self.device, examples, self.activation_bytes_per_example)
-
-    def _probe_tasks(self):
-        """Two tasks of the training stream, drawn without advancing it."""
-        saved = self.env.state_dict()
-        try:
-            return self.env.sample_tasks(2)
-        finally:
-            self.env.load_state_dict(saved)
-
-    def _use_task_batches(self, tasks: int) -> None:
-        # One Betty step of each problem now covers `tasks` tasks; the Upper accumulates the rest.
-        self.vectorized = True
-        self.tasks_per_step = self.env.tasks_per_step = tasks
-        self.task_learner.tasks_in_batch = self.meta_learner.tasks_in_batch = tasks
-        self.meta_learner.gas = self.meta_batch_size // tasks
 
     def use_execution(self, strategy, reason: str | None = None) -> None:
         """Switch how meta-iterations run (the captured strategy falls back this way), saying why.

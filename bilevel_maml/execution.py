@@ -10,8 +10,9 @@ chunk, the inner steps, the Upper's step, in Betty's order); the strategies here
   eager warm-up iterations and replayed, so a meta-iteration is one launch instead of ~1,700. The
   non-finite check is read after the replay, which undoes the outer step if it failed.
 
-Also here: the precision policy (``fp32``/``tf32``/``bf16``) and :class:`HostReadWatch`, which
-finds the operations that would read a tensor on the host inside a captured region.
+Also here: how many tasks each vmapped call adapts (:func:`plan_vectorization`), the precision
+policy (``fp32``/``tf32``/``bf16``) and :class:`HostReadWatch`, which finds the operations that
+would read a tensor on the host inside a captured region.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from pathlib import Path
 import torch
 from torch.func import vmap
 from torch.overrides import TorchFunctionMode
+
+from bilevel_maml.validation import check_positive_int
 
 # -- tasks per vmapped call -------------------------------------------------------------------------
 #: On CPU, the largest activation of one vmapped call should stay within about this many bytes.
@@ -86,6 +89,42 @@ def probe_vmap(task_learner, meta_learner, inputs) -> tuple[str | None, int | No
         for hook in hooks:
             hook.remove()
     return None, largest[0]
+
+
+def plan_vectorization(engine, vectorize: bool | int) -> None:
+    """Set how many tasks each vmapped call of ``engine`` adapts, in training and in evaluation
+    (``engine.tasks_per_step``, ``engine.evaluation_tasks_per_call``), from its model run under vmap
+    on two tasks of its training stream (drawn without advancing it); a model that cannot run under
+    vmap leaves it task by task, with a warning saying why.
+
+    :param engine: the :class:`~bilevel_maml.engine.MetaEngine` being built.
+    :param vectorize: ``True`` (choose, :func:`plan_tasks_per_call`) or a divisor of the meta-batch size.
+    """
+    if vectorize is not True:
+        check_positive_int("vectorize", vectorize)
+        if engine.meta_batch_size % vectorize:
+            raise ValueError(f"vectorize={vectorize} must divide meta_batch_size={engine.meta_batch_size}")
+    saved = engine.env.state_dict()
+    try:
+        (support_inputs, _), (query_inputs, _) = engine.env.sample_tasks(2)
+    finally:
+        engine.env.load_state_dict(saved)
+    blocker, engine.activation_bytes_per_example = probe_vmap(engine.task_learner, engine.meta_learner, support_inputs)
+    if blocker is not None:
+        warnings.warn(f"{type(engine.meta_learner.module).__name__} cannot be vectorized ({blocker}); "
+                      f"adapting tasks one at a time instead", stacklevel=3)
+        return
+    examples = support_inputs.shape[1] + query_inputs.shape[1]
+    tasks = vectorize if vectorize is not True else plan_tasks_per_call(
+        engine.device, engine.meta_batch_size, examples, engine.activation_bytes_per_example)
+    if tasks > 1 or vectorize is not True:
+        # One Betty step of each problem now covers `tasks` tasks; the Upper accumulates the rest.
+        engine.vectorized = True
+        engine.tasks_per_step = engine.env.tasks_per_step = tasks
+        engine.task_learner.tasks_in_batch = engine.meta_learner.tasks_in_batch = tasks
+        engine.meta_learner.gas = engine.meta_batch_size // tasks
+    engine.evaluation_tasks_per_call = evaluation_tasks_per_call(
+        engine.device, examples, engine.activation_bytes_per_example)
 
 
 # -- precision --------------------------------------------------------------------------------------
