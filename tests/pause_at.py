@@ -1,7 +1,9 @@
 """``python pause_at.py K FOLDER -- ARGV`` (under torchrun): the console script's ``main(ARGV)``, with
 every rank, as meta-iteration K ends, creating ``FOLDER/paused.<rank>`` and then waiting (at most
-60 s) until ``FOLDER/go`` exists. A test that sends its signal while every rank is paused and only
-then creates ``go`` knows the signal landed at iteration K, however slowly it polls."""
+60 s) until it has been asked to stop (``engine.stop_signal`` set). torchrun starts its workers in
+sessions of their own, so a terminal's Ctrl-C reaches torchrun alone, which forwards it to each worker
+when it gets to it: a test that signals while every rank waits knows the stop lands at iteration K,
+however slowly the machine runs."""
 
 import sys
 import time
@@ -20,7 +22,7 @@ def _call(self, hook, *args):
     if hook == "on_iteration_end" and self.meta_iteration == at:
         (folder / f"paused.{self.rank}").touch()
         deadline = time.monotonic() + 60
-        while not (folder / "go").exists() and time.monotonic() < deadline:
+        while self.stop_signal is None and time.monotonic() < deadline:
             time.sleep(0.01)
 
 

@@ -208,10 +208,12 @@ def test_a_meta_batch_that_does_not_split_over_the_ranks_is_refused(tmp_path):
 
 
 def test_ctrl_c_under_torchrun_stops_every_rank_after_one_iteration_and_resume_is_exact(tmp_path, straight_cli_run):
-    """Ctrl-C in a terminal reaches torchrun and both workers (and torchrun forwards it again)."""
+    """Ctrl-C in a terminal reaches torchrun (its process group; torchrun starts each worker in a session of
+    its own) and torchrun forwards it to both workers: they stop after the same iteration and say how to resume."""
     iterations = STRAIGHT_ITERATIONS
 
-    # every rank pauses as iteration 3 ends until the signal is sent: a slow poll cannot let the run finish first
+    # every rank pauses as iteration 3 ends until the forwarded signal has reached it: neither a slow poll
+    # here nor a slow forward by torchrun can let the run go on past iteration 3
     output, pause = tmp_path / "stopped", tmp_path / "pause"
     pause.mkdir()
     argv = [torchrun(), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
@@ -227,11 +229,11 @@ def test_ctrl_c_under_torchrun_stops_every_rank_after_one_iteration_and_resume_i
         time.sleep(0.01)
     assert process.poll() is None, "the run ended before it could be stopped"
     os.killpg(process.pid, signal.SIGINT)
-    (pause / "go").touch()
     _, stderr = process.communicate(timeout=240)
     last = output / "checkpoints" / "last.pt"
     stopped_at = torch.load(last, weights_only=True)["engine"]
-    assert stopped_at["meta_iteration"] == 3 and len(stopped_at["ranks"]) == 2, stderr[-3000:]
+    assert stopped_at["meta_iteration"] == 3 and len(stopped_at["ranks"]) == 2, \
+        (stopped_at["meta_iteration"], [line for line in stderr.splitlines() if "bilevel-maml" in line])
     assert (f"stopped by SIGINT after meta-iteration {stopped_at['meta_iteration']} of {iterations}; checkpoint "
             f"written to {last}; continue with `torchrun --nproc_per_node 2 -m bilevel_maml resume") in stderr, \
         stderr[-3000:]
