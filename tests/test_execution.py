@@ -6,18 +6,18 @@ import contextlib
 import copy
 import math
 import warnings
+from unittest import mock
 
 import pytest
 import torch
 from torch import nn
 
-from bilevel_maml import ALGORITHMS, MAMLLower, MAMLPlusPlusLower, MAMLPlusPlusUpper, MAMLUpper, MetaEngine
+from bilevel_maml import ALGORITHMS, MAMLLower, MAMLPlusPlusLower, MAMLPlusPlusUpper, MAMLUpper, MetaEngine, models
 from bilevel_maml.data.device_sampler import DeviceTaskSampler
 from bilevel_maml.engine import NonFiniteError
 from bilevel_maml.env import EpisodicEnv
 from bilevel_maml.execution import (CapturedExecution, HostReadWatch, advance_counters, capture_blocker,
                                     python_state, restore_python_state)
-from bilevel_maml.batch_norm import BatchNorm
 from bilevel_maml.models import Conv4
 
 from conftest import random_classification_source
@@ -93,17 +93,25 @@ def test_an_eager_meta_iteration_reads_the_host_once(algorithm, vectorize):
     assert {"loss", "accuracy"} <= set(stats) <= {"loss", "accuracy", "final_step_loss"} and math.isfinite(stats["loss"])
 
 
-@pytest.mark.parametrize("vectorize", [False, True], ids=["per-task", "vectorized"])
-@pytest.mark.parametrize("algorithm", list(VARIANTS))
-def test_with_the_check_on_the_device_the_capturable_region_reads_nothing(algorithm, vectorize):
-    built = engine(algorithm, vectorize)
+def first_host_read_in_capturable_region(built, warm_up=True):
+    """With the non-finite check left on the device, the first host read (one line) while ``built``
+    runs a meta-iteration's tasks, after an eager meta-iteration to warm up; None if there is none."""
     built.train()
-    built.meta_step()
+    if warm_up:
+        built.meta_step()
     built.meta_learner.check_on_device = True
     watch = HostReadWatch()
     with watch:
         built.execution.run_tasks()
-    assert watch.first is None, watch.first
+    return watch.first
+
+
+@pytest.mark.parametrize("vectorize", [False, True], ids=["per-task", "vectorized"])
+@pytest.mark.parametrize("algorithm", list(VARIANTS))
+def test_with_the_check_on_the_device_the_capturable_region_reads_nothing(algorithm, vectorize):
+    built = engine(algorithm, vectorize)
+    first = first_host_read_in_capturable_region(built)
+    assert first is None, first
     assert math.isfinite(built.meta_learner.end_iteration()["loss"])
 
 
@@ -111,32 +119,19 @@ def test_with_the_check_on_the_device_the_capturable_region_reads_nothing(algori
 def test_closed_form_batch_norm_task_by_task_reads_nothing_in_the_capturable_region(algorithm, monkeypatch):
     """Task by task these small activations would take PyTorch's BatchNorm; forced onto the closed form
     (as a larger model's are), the region still never reads the host."""
-    from bilevel_maml.models import BatchNorm2d
-
-    monkeypatch.setattr(BatchNorm2d, "closed_form_min_size", 0)
-    used = []
-    monkeypatch.setattr("bilevel_maml.batch_norm.BatchNorm.apply",
-                        (lambda apply: lambda *a: used.append(1) or apply(*a))(BatchNorm.apply))
+    monkeypatch.setattr(models.BatchNorm2d, "closed_form_min_size", 0)
     built = engine(algorithm, vectorize=False)
-    built.train()
-    built.meta_step()
-    built.meta_learner.check_on_device = True
-    watch = HostReadWatch()
-    with watch:
-        built.execution.run_tasks()
-    assert used and watch.first is None, watch.first
+    with mock.patch.object(models, "batch_norm", wraps=models.batch_norm) as closed_form:
+        first = first_host_read_in_capturable_region(built)
+    assert closed_form.called and first is None, first
     assert math.isfinite(built.meta_learner.end_iteration()["loss"])
 
 
 def test_a_hook_that_reads_the_host_is_named_with_its_line():
     built = engine((MAMLUpper, ReadingLower), vectorize=False)  # (under vmap a host read is an error of its own)
-    built.train()
-    built.meta_learner.check_on_device = True
-    watch = HostReadWatch()
-    with watch:
-        built.execution.run_tasks()
-    assert watch.first.startswith("ReadingLower.inner_loss (test_execution.py:"), watch.first
-    assert watch.first.endswith("reads a tensor on the host (__float__)")
+    first = first_host_read_in_capturable_region(built, warm_up=False)
+    assert first.startswith("ReadingLower.inner_loss (test_execution.py:"), first
+    assert first.endswith("reads a tensor on the host (__float__)")
 
 
 def poisoned(after_tasks):

@@ -304,21 +304,22 @@ def test_grouped_conv_grads_are_opt_in_and_switch_every_convolution():
     assert not any(m.grouped_grads for m in use_grouped_conv_grads(resnet, False).modules() if isinstance(m, Conv2d))
 
 
-def test_grouped_conv_grads_apply_under_torch_func_only(monkeypatch):
+def test_grouped_conv_grads_apply_under_torch_func_only():
     """Task by task, a convolution's double backward has no per-task loop to remove, and the
     grouped Functions' Python would be all they add: PyTorch's convolution runs there."""
+    from unittest import mock
+
     from torch.func import vmap
 
-    from bilevel_maml.grouped_conv import Conv
-    from bilevel_maml.models import Conv2d, use_grouped_conv_grads
+    from bilevel_maml import models
 
-    calls, original = [], Conv.apply
-    monkeypatch.setattr(Conv, "apply", lambda *args: calls.append(1) or original(*args))
-    layer, x = use_grouped_conv_grads(Conv2d(1, 4, 3)), torch.randn(5, 1, 8, 8)
-    plain = layer(x)
-    assert not calls
-    batched = vmap(layer)(x.expand(3, *x.shape))
-    assert calls and torch.allclose(plain, batched[0], atol=1e-6)
+    layer, x = models.use_grouped_conv_grads(models.Conv2d(1, 4, 3)), torch.randn(5, 1, 8, 8)
+    with mock.patch.object(models, "grouped_conv2d", wraps=models.grouped_conv2d) as grouped:
+        plain = layer(x)
+        assert not grouped.called
+        batched = vmap(layer)(x.expand(3, *x.shape))
+        assert grouped.called
+    assert torch.allclose(plain, batched[0], atol=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
