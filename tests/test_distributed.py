@@ -145,7 +145,9 @@ def test_a_rank_that_dies_or_hangs_makes_the_other_exit_with_a_clear_error(tmp_p
     assert waited < 100
 
 
-def cli_run(output, *extra, command="train", processes=2, iterations=None, wandb="disabled"):
+def cli_command(output, *extra, command="train", processes=2, iterations=None, wandb="disabled",
+                entry=("-m", "bilevel_maml")):
+    """torchrun running the console script (``entry``) on a small float64 sinusoid run in ``output``."""
     argv = [command, "--output", str(output), "--wandb", wandb]
     if command == "train":
         argv += ["--dataset", "sinusoid", "--dtype", "float64", "--width", "16", "--meta-batch-size", "4",
@@ -153,11 +155,13 @@ def cli_run(output, *extra, command="train", processes=2, iterations=None, wandb
                  "--checkpoint-every", "1", "--seed", "3"]
     if iterations is not None:
         argv += ["--iterations", str(iterations)]
-    done = subprocess.run(
-        [torchrun(), "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1", "--master_port",
-         str(free_port()), "-m", "bilevel_maml", *argv, *extra],
-        capture_output=True, text=True, timeout=600, env=environment())
-    return done
+    return [torchrun(), "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1", "--master_port",
+            str(free_port()), *entry, *argv, *extra]
+
+
+def cli_run(output, *extra, **options):
+    return subprocess.run(cli_command(output, *extra, **options), capture_output=True, text=True, timeout=600,
+                          env=environment())
 
 
 STRAIGHT_ITERATIONS = 9
@@ -216,11 +220,7 @@ def test_ctrl_c_under_torchrun_stops_every_rank_after_one_iteration_and_resume_i
     # here nor a slow forward by torchrun can let the run go on past iteration 3
     output, pause = tmp_path / "stopped", tmp_path / "pause"
     pause.mkdir()
-    argv = [torchrun(), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-            str(TESTS / "pause_at.py"), "3", str(pause), "--", "train", "--output", str(output), "--wandb",
-            "disabled", "--dataset", "sinusoid", "--dtype", "float64", "--width", "16", "--meta-batch-size", "4",
-            "--inner-steps", "2", "--valid-every", "3", "--valid-tasks", "5", "--test-tasks", "10",
-            "--checkpoint-every", "1", "--seed", "3", "--iterations", str(iterations)]
+    argv = cli_command(output, iterations=iterations, entry=(str(TESTS / "pause_at.py"), "3", str(pause), "--"))
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True, env=environment())
     deadline = time.time() + 240
