@@ -239,9 +239,22 @@ def test_the_benchmark_times_jax_after_checking_it(tmp_path, omniglot_root):
     assert rows["jax maml (jit + vmap)"]["seconds"] > 0 and rows["jax maml (jit + vmap)"]["peak_mb"] is None
 
 
+def cuda_only_tests() -> set[str]:
+    """``file::function`` of every test skipped where CUDA is not available, found in the sources."""
+    import ast
+
+    found = set()
+    for path in sorted((REPO / "tests").glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and any(
+                    "skipif" in ast.unparse(d) and "cuda.is_available" in ast.unparse(d) for d in node.decorator_list):
+                found.add(f"tests/{path.name}::{node.name}")
+    return found
+
+
 def test_the_gpu_session_script_names_rows_and_tests_that_exist():
     """benchmarks/gpu_session.sh runs on a GPU machine only; here: every implementation it asks for
-    exists, and its test selection (-k gpu) picks up the GPU-only tests."""
+    exists, and its test selection picks up every test that needs CUDA (in any test file) and nothing else."""
     import re
 
     from implementations import IMPLEMENTATIONS
@@ -250,11 +263,11 @@ def test_the_gpu_session_script_names_rows_and_tests_that_exist():
     assert subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_session.sh")]).returncode == 0
     rows = re.findall(r'"((?:ours|jax|learn2learn|torch\.compile) [^"]*)"', script)
     assert len(rows) >= 11 and all(name in IMPLEMENTATIONS for name in rows), rows
-    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-k", "gpu",
-                                "tests/test_execution.py", "tests/test_models.py"],
+    (selection,) = re.findall(r"pytest (.*-k on_a_gpu .*) \\$", script, re.MULTILINE)
+    collected = subprocess.run(["bash", "-c", f"{sys.executable} -m pytest --collect-only {selection}"],
                                capture_output=True, text=True, cwd=REPO, timeout=300)
-    names = [line for line in collected.stdout.splitlines() if "::" in line]
-    assert len(names) == 12 and all("gpu" in name for name in names), collected.stdout
+    selected = {line.split("[")[0] for line in collected.stdout.splitlines() if "::" in line}
+    assert len(cuda_only_tests()) >= 5 and selected == cuda_only_tests(), collected.stdout[-2000:]
 
 
 @pytest.mark.parametrize("script, argv, says", [
