@@ -16,24 +16,39 @@ set -u
 out=${1:?usage: benchmarks/gpu_session.sh OUTPUT_FOLDER [--full | --compile]}
 full=${2:-}
 mkdir -p "$out"
+# The device call stops at 10 minutes, .gpu/setup.sh's ~40 s included: each step gets what is left of
+# this script's budget (at most its own limit), and one that would get under 30 s is skipped, so the
+# summary below is always printed.
+budget=${GPU_SESSION_SECONDS:-530}
+within() {  # within LIMIT LOG COMMAND...: COMMAND's output to LOG, stopped after LIMIT or at the budget
+    local limit=$1 log=$2 left=$((budget - SECONDS))
+    shift 2
+    if [ "$left" -lt 30 ]; then
+        echo "skipped: the session's ${budget} s ran out before: $*" > "$log"
+        return
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
+    timeout "$limit" "$@" > "$log" 2>&1
+    [ $? -eq 124 ] && echo "error: stopped after ${limit} s (its limit or the session's budget)" >> "$log"
+}
 data=${BILEVEL_MAML_DATA:?source .gpu/setup.sh first: it exports BILEVEL_MAML_DATA}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/device.txt" 2>&1
 python3 -c 'import torch; print("torch", torch.__version__, torch.version.cuda)' >> "$out/device.txt" 2>&1
 
 if [ "$full" = "--compile" ]; then
-    timeout 540 python3 benchmarks/meta_iteration.py --device cuda --data-root "$data" --sections meta-iteration \
-        --queries 1 --steps 1 5 --repeats 7 --implementations "ours maml vectorized (cuda graph)" \
-        "torch.compile maml (cuda graph)" "torch.compile maml" "jax maml (jit + vmap)" \
-        --json "$out/meta_iteration-compile.json" > "$out/meta_iteration-compile.txt" 2>&1
+    within 540 "$out/meta_iteration-compile.txt" python3 benchmarks/meta_iteration.py --device cuda \
+        --data-root "$data" --sections meta-iteration --queries 1 --steps 1 5 --repeats 7 \
+        --implementations "ours maml vectorized (cuda graph)" "torch.compile maml (cuda graph)" "torch.compile maml" \
+        "jax maml (jit + vmap)" --json "$out/meta_iteration-compile.json"
     echo "== $(head -1 "$out/device.txt")"
-    grep -E "^  steps|JAX's time|Error|error:" "$out/meta_iteration-compile.txt" | cut -c1-150
+    grep -E "^  steps|JAX's time|Error|error:|skipped:" "$out/meta_iteration-compile.txt" | cut -c1-150
     exit 0
 fi
 
 # every GPU-only test is named test_on_a_gpu_*; only their files are collected (the GPU machine has no wandb,
 # which some other test files import)
-timeout 240 python3 -m pytest -q -p no:cacheprovider -rfs -k on_a_gpu $(grep -l "def test_on_a_gpu" tests/test_*.py) \
-    > "$out/gpu-tests.txt" 2>&1
+gpu_test_files=$(grep -l "def test_on_a_gpu" tests/test_*.py)
+within 240 "$out/gpu-tests.txt" python3 -m pytest -q -p no:cacheprovider -rfs -k on_a_gpu $gpu_test_files
 
 rows=("ours maml vectorized (cuda graph)" "ours maml vectorized pool before norm (cuda graph)"
       "ours maml vectorized channels last (cuda graph)" "ours maml vectorized unfolded first conv (cuda graph)"
@@ -43,19 +58,19 @@ if [ "$full" = "--full" ]; then
     rows+=("ours maml vectorized" "ours imaml vectorized (cuda graph)" "ours imaml vectorized grouped conv grads (cuda graph)"
            "learn2learn maml")
 fi
-timeout 300 python3 benchmarks/meta_iteration.py --device cuda --data-root "$data" --sections meta-iteration \
-    --queries 1 --steps 1 5 --repeats 7 --memory-steps --implementations "${rows[@]}" \
-    --json "$out/meta_iteration-tf32.json" > "$out/meta_iteration-tf32.txt" 2>&1
+within 300 "$out/meta_iteration-tf32.txt" python3 benchmarks/meta_iteration.py --device cuda --data-root "$data" \
+    --sections meta-iteration --queries 1 --steps 1 5 --repeats 7 --memory-steps --implementations "${rows[@]}" \
+    --json "$out/meta_iteration-tf32.json"
 for variant in "" --grouped-conv-grads --pytorch-norm-grads; do  # where the kernels go
-    timeout 120 python3 benchmarks/gpu_kernels.py --data-root "$data" --steps 1 5 --repeats 20 $variant \
-        > "$out/gpu_kernels${variant}.txt" 2>&1
+    within 120 "$out/gpu_kernels${variant}.txt" python3 benchmarks/gpu_kernels.py --data-root "$data" --steps 1 5 \
+        --repeats 20 $variant
 done
 if [ "$full" = "--full" ]; then
-    timeout 300 python3 benchmarks/meta_iteration.py --device cuda --data-root "$data" --precision fp32 \
-        --sections meta-iteration --queries 1 --steps 1 5 --repeats 7 --memory-steps \
-        --implementations "${rows[@]:0:7}" --json "$out/meta_iteration-fp32.json" > "$out/meta_iteration-fp32.txt" 2>&1
-    timeout 300 python3 benchmarks/meta_iteration.py --device cuda --data-root "$data" --sections end-to-end evaluation \
-        sampling --json "$out/end_to_end.json" > "$out/end_to_end.txt" 2>&1
+    within 300 "$out/meta_iteration-fp32.txt" python3 benchmarks/meta_iteration.py --device cuda --data-root "$data" \
+        --precision fp32 --sections meta-iteration --queries 1 --steps 1 5 --repeats 7 --memory-steps \
+        --implementations "${rows[@]:0:7}" --json "$out/meta_iteration-fp32.json"
+    within 300 "$out/end_to_end.txt" python3 benchmarks/meta_iteration.py --device cuda --data-root "$data" \
+        --sections end-to-end evaluation sampling --json "$out/end_to_end.json"
 fi
 
 echo "== $(head -1 "$out/device.txt")"
@@ -63,11 +78,11 @@ echo "== GPU tests: $(tail -1 "$out/gpu-tests.txt")"
 grep -E "^(FAILED|ERROR)" "$out/gpu-tests.txt" | cut -c1-200
 for f in "$out"/meta_iteration-*.txt; do
     echo "== ${f##*/}"
-    grep -E "^  steps|JAX's time|learn2learn maml,|Error|error:" "$f" | cut -c1-150
+    grep -E "^  steps|JAX's time|learn2learn maml,|Error|error:|skipped:" "$f" | cut -c1-150
 done
 for f in "$out"/gpu_kernels*.txt; do
     echo "== ${f##*/}"
-    grep -E "launches|^ +[0-9]+ +[0-9.]+ ms|Error|error:" "$f" | cut -c1-150
+    grep -E "launches|^ +[0-9]+ +[0-9.]+ ms|Error|error:|skipped:" "$f" | cut -c1-150
 done
 [ -f "$out/end_to_end.txt" ] && { echo "== end to end"; grep -E "tasks/s|s for|ms" "$out/end_to_end.txt" | tail -20; }
 exit 0

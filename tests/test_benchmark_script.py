@@ -2,9 +2,11 @@
 speed targets are read from its output, see README "Speed")."""
 
 import json
+import os
 import runpy
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -263,11 +265,35 @@ def test_the_gpu_session_script_names_rows_and_tests_that_exist():
     assert subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_session.sh")]).returncode == 0
     rows = re.findall(r'"((?:ours|jax|learn2learn|torch\.compile) [^"]*)"', script)
     assert len(rows) >= 11 and all(name in IMPLEMENTATIONS for name in rows), rows
-    (selection,) = re.findall(r"pytest (.*-k on_a_gpu .*) \\$", script, re.MULTILINE)
-    collected = subprocess.run(["bash", "-c", f"{sys.executable} -m pytest --collect-only {selection}"],
+    (files,) = re.findall(r"^gpu_test_files=(.*)$", script, re.MULTILINE)
+    (options,) = re.findall(r"python3 -m pytest (.*) \$gpu_test_files$", script, re.MULTILINE)
+    collected = subprocess.run(["bash", "-c", f"{sys.executable} -m pytest --collect-only {options} {files}"],
                                capture_output=True, text=True, cwd=REPO, timeout=300)
     selected = {line.split("[")[0] for line in collected.stdout.splitlines() if "::" in line}
     assert len(cuda_only_tests()) >= 5 and selected == cuda_only_tests(), collected.stdout[-2000:]
+
+
+def test_the_gpu_session_script_keeps_within_its_budget_and_always_prints_its_summary(tmp_path):
+    """The device call is stopped at 10 minutes: each step gets what is left of the script's budget, a
+    step that would get under 30 s is skipped with a line saying so, and the summary is printed. Here with
+    stand-ins for python3 and nvidia-smi that take a second each, and a budget of 33 s."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text("#!/bin/sh\nsleep 1\necho '  steps  1  stand-in row'\n")
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'Stand-in GPU, 1.0, 1 MiB'\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "BILEVEL_MAML_DATA": str(tmp_path),
+           "GPU_SESSION_SECONDS": "33"}
+    out = tmp_path / "out"
+    started = time.monotonic()
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_session.sh"), str(out)], capture_output=True,
+                          text=True, cwd=REPO, env=env, timeout=120)
+    assert done.returncode == 0 and time.monotonic() - started < 20, done.stderr
+    assert "== Stand-in GPU" in done.stdout and "stand-in row" in (out / "gpu-tests.txt").read_text()
+    assert "stand-in row" in (out / "meta_iteration-tf32.txt").read_text()
+    skipped = (out / "gpu_kernels--pytorch-norm-grads.txt").read_text()
+    assert skipped.startswith("skipped: the session's 33 s ran out") and "skipped:" in done.stdout, done.stdout
 
 
 @pytest.mark.parametrize("script, argv, says", [
