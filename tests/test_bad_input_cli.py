@@ -166,9 +166,9 @@ def run_in_process(index, argv, files, tmp_root: Path, run: Path, monkeypatch):
     return argv, subprocess.CompletedProcess(argv, status, "", err.getvalue()), new
 
 
-#: every fifth case runs through the installed console script in its own process; the others call
-#: the same main() in this process (the checks are the same)
-CONSOLE_EVERY = 5
+#: every tenth case runs through the installed console script in its own process (3 s of imports
+#: each); the others call the same main() in this process (the checks are the same)
+CONSOLE_EVERY = 10
 
 
 def test_bad_input_gets_one_line_and_exit_status_2_and_touches_nothing(tmp_path, existing_run, monkeypatch):
