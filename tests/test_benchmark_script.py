@@ -270,7 +270,8 @@ def test_the_gpu_session_script_names_rows_and_tests_that_exist():
     collected = subprocess.run(["bash", "-c", f"{sys.executable} -m pytest --collect-only {options} {files}"],
                                capture_output=True, text=True, cwd=REPO, timeout=300)
     selected = {line.split("[")[0] for line in collected.stdout.splitlines() if "::" in line}
-    assert len(cuda_only_tests()) >= 5 and selected == cuda_only_tests(), collected.stdout[-2000:]
+    needed = cuda_only_tests()
+    assert len(needed) >= 5 and selected == needed, collected.stdout[-2000:]
 
 
 def test_the_gpu_session_script_keeps_within_its_budget_and_always_prints_its_summary(tmp_path):
