@@ -9,6 +9,12 @@ captured meta-iteration's median time with ``torch.backends.cudnn.benchmark`` of
 ``--grouped-conv-grads`` profiles the network with grouped convolution derivatives
 (:func:`bilevel_maml.models.use_grouped_conv_grads`), ``--pytorch-norm-grads`` with PyTorch's BatchNorm
 derivatives instead of the closed-form ones (:func:`bilevel_maml.models.use_closed_form_norm_grads`).
+
+``--ops`` counts, on any device (CPU included), the ATen ops one eager meta-iteration dispatches, those
+that would launch a kernel on a GPU (all but views and other metadata ops) by name: what a change to
+the derivatives removes can be counted here before a GPU measures its time.
+
+    .venv/bin/python benchmarks/gpu_kernels.py --ops --device cpu --steps 1 5
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import network, omniglot_tasks  # noqa: E402
 from implementations import PRECISION, ours  # noqa: E402
 
-from bilevel_maml.cli import OneLineParser, positive_int, run_script  # noqa: E402
+from bilevel_maml.cli import OneLineParser, device_name, positive_int, run_script  # noqa: E402
 from bilevel_maml.data.omniglot import find_subsets  # noqa: E402
 from bilevel_maml.execution import precision_scope  # noqa: E402
 from bilevel_maml.models import use_closed_form_norm_grads, use_grouped_conv_grads  # noqa: E402
@@ -63,6 +69,28 @@ def kernel_profile(step) -> list[tuple[str, int, float]]:
     return sorted(((name, c, s) for name, (c, s) in totals.items()), key=lambda row: -row[2])
 
 
+#: ops that only make a new view of a tensor's memory (or record a profiler range): no kernel
+METADATA_OPS = {"view", "_unsafe_view", "slice", "select", "permute", "transpose", "t", "expand", "squeeze",
+                "unsqueeze", "unflatten", "alias", "as_strided", "detach", "_reshape_alias",
+                "_record_function_enter_new", "_record_function_exit"}
+
+
+def op_counts(step) -> dict[str, int]:
+    """How many times one call of ``step`` dispatches each ATen op (by name, metadata ops excluded)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts: dict[str, int] = defaultdict(int)
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            counts[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        step()
+    return {name: n for name, n in sorted(counts.items(), key=lambda kv: -kv[1]) if name not in METADATA_OPS}
+
+
 def median_seconds(step, repeats: int) -> float:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
@@ -78,7 +106,8 @@ def median_seconds(step, repeats: int) -> float:
 def main(argv=None) -> None:
     parser = OneLineParser(prog="gpu_kernels.py", description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default="../shared/data/omniglot-small")
-    parser.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="tf32")
+    parser.add_argument("--precision", choices=("fp32", "tf32", "bf16"),
+                        help="default: tf32 on CUDA, fp32 on CPU")
     parser.add_argument("--steps", type=positive_int, nargs="+", default=[1, 5])
     parser.add_argument("--queries", type=positive_int, default=1)
     parser.add_argument("--repeats", type=positive_int, default=30)
@@ -87,11 +116,17 @@ def main(argv=None) -> None:
                         help="the network's convolution derivatives as whole grouped convolutions")
     parser.add_argument("--pytorch-norm-grads", action="store_true",
                         help="PyTorch's BatchNorm derivatives instead of the closed-form ones")
+    parser.add_argument("--ops", action="store_true",
+                        help="count the ops one meta-iteration dispatches instead (any device)")
+    parser.add_argument("--device", type=device_name, default="cuda", help="with --ops: cpu, cuda, ... (default: cuda)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
+    if not args.ops and not args.device.startswith("cuda"):
+        parser.error(f"argument --device: {args.device!r} needs --ops (kernel profiles and timings are CUDA's)")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
         parser.exit(0, "gpu_kernels.py: no CUDA device here; nothing to measure\n")
     find_subsets(args.data_root)
-    device = torch.device("cuda")
+    args.precision = args.precision or ("tf32" if device.type == "cuda" else "fp32")
 
     def model():
         built = use_grouped_conv_grads(network("conv4", device), args.grouped_conv_grads)
@@ -99,17 +134,27 @@ def main(argv=None) -> None:
 
     PRECISION["value"] = args.precision
     tasks = omniglot_tasks(args.data_root, 32, 5, 1, args.queries, device)
+    variant = (", grouped conv grads" if args.grouped_conv_grads else "") + \
+        (", PyTorch's norm grads" if args.pytorch_norm_grads else "")
     summary = []
     for steps in args.steps:
         torch.manual_seed(0)
-        eager = ours("maml", True, model(), tasks, steps)
+        # --ops: the whole meta-batch in one vmapped call, as on a GPU (a CPU's own rule may split it)
+        eager = ours("maml", True, model(), tasks, steps, chunk=len(tasks[0]) if args.ops else None)
         for _ in range(3):
             eager()
+        if args.ops:
+            with precision_scope(args.precision, device):
+                counts = op_counts(eager)
+            summary.append((steps, sum(counts.values())))
+            print(f"\n{steps} inner step(s), {device.type}{variant}: one eager meta-iteration dispatches "
+                  f"{summary[-1][1]} ops besides views; the most frequent {args.top}:")
+            for name, count in list(counts.items())[:args.top]:
+                print(f"  {count:6d}  {name}")
+            continue
         with precision_scope(args.precision, device):
             kernels = kernel_profile(eager)
         total = sum(s for _, _, s in kernels)
-        variant = (", grouped conv grads" if args.grouped_conv_grads else "") + \
-            (", PyTorch's norm grads" if args.pytorch_norm_grads else "")
         print(f"\n{steps} inner step(s), {args.precision}{variant}: one eager meta-iteration launches "
               f"{sum(c for _, c, _ in kernels)} kernels, {total * 1e3:.2f} ms of GPU time")
         by_kind = defaultdict(lambda: [0, 0.0])
@@ -129,6 +174,11 @@ def main(argv=None) -> None:
             timings[autotune] = median_seconds(captured, args.repeats)
         torch.backends.cudnn.benchmark = False
         summary.append((steps, total, timings[False], timings[True]))
+    if args.ops:
+        print(f"\nsteps  ops besides views ({device.type}{variant})")
+        for steps, total in summary:
+            print(f"{steps:5d}  {total:17d}")
+        return
     print("\nsteps  eager kernels' GPU time  captured  captured, cudnn.benchmark")
     for steps, total, plain, tuned in summary:
         print(f"{steps:5d}  {total * 1e3:20.2f} ms  {plain * 1e3:6.2f} ms  {tuned * 1e3:12.2f} ms")

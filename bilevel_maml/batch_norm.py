@@ -40,13 +40,35 @@ def _ones(rstd: torch.Tensor) -> torch.Tensor:
     return torch.ones_like(rstd)
 
 
-def _normalised(x, mean, rstd, eps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(x̂, μ, r)``; recomputed from ``x`` when autograd records (the statistics are functions of
+def _statistics(x, mean, rstd, eps) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(μ, r)``; recomputed from ``x`` when autograd records (the statistics are functions of
     ``x``, and the cached ones are detached), else from the cache."""
     if torch.is_grad_enabled() and x.requires_grad:
         var, mean = torch.var_mean(x, dim=_dims(x), unbiased=False)
         rstd = torch.rsqrt(var + eps)
+    return mean, rstd
+
+
+def _normalised(x, mean, rstd, eps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x̂, μ, r)``, the statistics as :func:`_statistics` gives them."""
+    mean, rstd = _statistics(x, mean, rstd, eps)
     return (x - _per_channel(mean, x)) * _per_channel(rstd, x), mean, rstd
+
+
+def _combination(terms, constant=None) -> torch.Tensor:
+    """``Σ sign·t·c`` over (at least one) ``(t, c, sign)`` terms, ``c`` per channel (None for 1) and
+    ``sign`` ±1, plus a per-channel ``constant``: one whole-tensor kernel per term (``addcmul``),
+    where writing the products and their sum out takes two."""
+    total = None
+    for t, c, sign in terms:
+        if total is None:
+            total = t if c is None else t * _per_channel(c, t)
+            total = total if sign == 1 else -total
+        elif c is None:
+            total = total.add(t, alpha=sign)
+        else:
+            total = torch.addcmul(total, t, _per_channel(c, t), value=sign)
+    return total if constant is None else total + _per_channel(constant, total)
 
 
 @with_cached_signature
@@ -97,25 +119,30 @@ class BatchNormBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, ggx, ggw, ggb):
-        # S = <ggx, gx> + <ggw, gγ> + <ggb, gβ>; P is symmetric, so ∂S/∂gy = γ·r·P(ggx) + ggw·x̂ + ggb
+        # S = <ggx, gx> + <ggw, gγ> + <ggb, gβ>; P is symmetric, so ∂S/∂gy = γ·r·P(ggx) + ggw·x̂ + ggb.
+        # x̂ enters as x − μ with r moved into the per-channel coefficients, so that every term
+        # below is one pass over the activation.
         x, weight, gy, mean, rstd = ctx.saved_tensors
         eps = ctx.eps
         need_x, need_w, need_gy = ctx.needs_input_grad[:3]
         gamma = _ones(rstd) if weight is None else weight
         dx = dweight = dgy = None
         if ggx is not None and (need_gy or need_x):
-            p_ggx, sum_ggx_xhat, _ = BatchNormBackward.apply(x, None, ggx, mean, rstd, eps, (True, True, False))
-        if need_gy or (need_x and ggx is not None):
-            xhat, _, r = _normalised(x, mean, rstd, eps)
+            # γ·r·P(ggx) (the weight multiplies γ in) and Σ ggx·x̂
+            gp_ggx, sum_ggx_xhat, _ = BatchNormBackward.apply(x, gamma, ggx, mean, rstd, eps, (True, True, False))
+        if (need_gy and ggw is not None) or (need_x and ggx is not None):
+            mu, r = _statistics(x, mean, rstd, eps)
+            centred = x - _per_channel(mu, x)
         if need_gy:
             terms = []
             if ggx is not None:
-                terms.append(p_ggx * _per_channel(gamma, x))
+                terms.append((gp_ggx, None, 1))
             if ggw is not None:
-                terms.append(xhat * _per_channel(ggw, x))
-            if ggb is not None:
-                terms.append(_per_channel(ggb, x).expand_as(gy))
-            dgy = sum_terms(terms)
+                terms.append((centred, r * ggw, 1))
+            if terms:
+                dgy = _combination(terms, ggb)
+            elif ggb is not None:
+                dgy = _per_channel(ggb, gy).expand_as(gy)
         if (need_x and (ggx is not None or ggw is not None)) or (need_w and ggx is not None):
             # Q = r·P(gy), so gx = γ·Q
             q, sum_gy_xhat, _ = BatchNormBackward.apply(x, None, gy, mean, rstd, eps, (True, True, False))
@@ -123,16 +150,16 @@ class BatchNormBackward(torch.autograd.Function):
             if need_w and ggx is not None:
                 dweight = ggx_q
             if need_x:
-                terms = []
-                coefficient_q = torch.zeros_like(rstd) if ggw is None else ggw
-                if ggx is not None:
-                    count = x.numel() // x.shape[1]
-                    # ∂<ggx, gx>/∂x through r, through x̂ and through mean(gy·x̂)
-                    terms.append(_per_channel(-gamma * r * ggx_q / count, x) * xhat)
-                    terms.append(_per_channel(-gamma * r * sum_gy_xhat / count, x) * p_ggx)
-                    coefficient_q = coefficient_q - gamma * r * sum_ggx_xhat / count
-                terms.append(_per_channel(coefficient_q, x) * q)
-                dx = sum_terms(terms)
+                if ggx is None:
+                    dx = q * _per_channel(ggw, x)
+                else:
+                    r_count = r / (x.numel() // x.shape[1])
+                    k = gamma * r_count
+                    # ∂<ggx, gx>/∂x through mean(gy·x̂) (with ∂<ggw, gγ>/∂x), through r and through x̂
+                    through_mean = k * sum_ggx_xhat
+                    dx = _combination([(q, -through_mean if ggw is None else ggw - through_mean, 1),
+                                       (centred, k * r * ggx_q, -1),
+                                       (gp_ggx, r_count * sum_gy_xhat, -1)])
         return dx, dweight, dgy, None, None, None, None
 
 

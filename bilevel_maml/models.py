@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from bilevel_maml.batch_norm import batch_norm
 from bilevel_maml.grouped_conv import grouped_conv2d
+from bilevel_maml.relu_and_max_pool import max_pool2d, relu
 from bilevel_maml.validation import check_positive_int
 
 
@@ -125,6 +126,44 @@ def use_closed_form_norm_grads(model: nn.Module, enabled: bool = True) -> nn.Mod
     return model
 
 
+class ReLU(nn.ReLU):
+    """``nn.ReLU`` computed, under torch.func transforms, by :func:`bilevel_maml.relu_and_max_pool.relu`:
+    the same values and derivatives, without the zeros PyTorch's double backward materialises for
+    the activation (one per layer and inner step of a second-order vectorized meta-iteration).
+
+    :param inplace: as ``nn.ReLU``'s (an in-place ReLU computes as ``nn.ReLU``).
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """:param input: any shape."""
+        if _under_torch_func() and not self.inplace:
+            return relu(input)
+        return super().forward(input)
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` computed, under torch.func transforms, by
+    :func:`bilevel_maml.relu_and_max_pool.max_pool2d`: the same values and derivatives, but under vmap
+    the tasks are pooled where the convolution and BatchNorm before it left them (as channels), not
+    copied into the batch dimension and back, and the double backward materialises no zeros.
+
+    The parameters are ``nn.MaxPool2d``'s:
+
+    :param kernel_size: the window, an int or a pair.
+    :param stride: the window's step (None: ``kernel_size``).
+    :param padding: implicit −∞ padding on both sides.
+    :param dilation: spacing of the window's elements.
+    :param return_indices: also return the maxima's indices (computed as ``nn.MaxPool2d``).
+    :param ceil_mode: round the output size up.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """:param input: ``(batch, channels, height, width)`` (any other input: ``nn.MaxPool2d``)."""
+        if _under_torch_func() and input.dim() == 4 and not self.return_indices:
+            return max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
+        return super().forward(input)
+
+
 class ConvBlock(nn.Sequential):
     """conv → BatchNorm → ReLU (→ 2×2 max-pool), one block of :class:`Conv4`.
 
@@ -150,9 +189,9 @@ class ConvBlock(nn.Sequential):
         stride = 2 if downsample == "stride" else 1
         layers = [Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1),
                   BatchNorm2d(out_channels, track_running_stats=not transductive),
-                  nn.ReLU()]
+                  ReLU()]
         if downsample == "max-pool":
-            layers.append(nn.MaxPool2d(2))
+            layers.append(MaxPool2d(2))
         super().__init__(*layers)
         self.pool_before_norm = pool_before_norm
 
@@ -184,8 +223,8 @@ class ConvBlock(nn.Sequential):
         if not self.pool_before_norm or len(self) != 4:
             return False
         conv, norm, relu, pool = self
-        plain = (isinstance(conv, nn.Conv2d) and type(norm) in (nn.BatchNorm2d, BatchNorm2d) and norm.running_mean is None and type(relu) is nn.ReLU
-                 and type(pool) is nn.MaxPool2d and pool.kernel_size in (2, (2, 2))
+        plain = (isinstance(conv, nn.Conv2d) and type(norm) in (nn.BatchNorm2d, BatchNorm2d) and norm.running_mean is None and type(relu) in (nn.ReLU, ReLU)
+                 and type(pool) in (nn.MaxPool2d, MaxPool2d) and pool.kernel_size in (2, (2, 2))
                  and pool.stride in (2, (2, 2)) and pool.padding in (0, (0, 0)) and pool.dilation in (1, (1, 1))
                  and not pool.ceil_mode)
         # a hook on a layer this order skips (or calls other than through its forward) would not run
@@ -253,7 +292,7 @@ class MLP(nn.Module):
         sizes = [in_features, *hidden]
         layers: list[nn.Module] = []
         for a, b in zip(sizes, sizes[1:]):
-            layers += [nn.Linear(a, b), nn.ReLU()]
+            layers += [nn.Linear(a, b), ReLU()]
         layers.append(nn.Linear(sizes[-1], out_features))
         self.net = nn.Sequential(*layers)
 
@@ -276,7 +315,7 @@ class _ResidualBlock(nn.Module):
             Conv2d(out_channels, out_channels, 3, padding=1, bias=False), norm(),
         )
         self.shortcut = nn.Sequential(Conv2d(in_channels, out_channels, 1, bias=False), norm())
-        self.out = nn.Sequential(nn.LeakyReLU(0.1), nn.MaxPool2d(2))
+        self.out = nn.Sequential(nn.LeakyReLU(0.1), MaxPool2d(2))
 
     def forward(self, x):
         return self.out(self.body(x) + self.shortcut(x))

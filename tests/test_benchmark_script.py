@@ -297,6 +297,25 @@ def test_the_gpu_session_script_keeps_within_its_budget_and_always_prints_its_su
     assert skipped.startswith("skipped: the session's 33 s ran out") and "skipped:" in done.stdout, done.stdout
 
 
+def test_gpu_kernels_counts_ops_on_the_cpu_and_sees_what_a_derivative_change_removes(omniglot_root, monkeypatch,
+                                                                                     capsys):
+    """``gpu_kernels.py --ops`` needs no GPU: it counts the ops one meta-iteration dispatches, and with
+    PyTorch's BatchNorm derivatives it finds the ~380 more that the closed form removes at 1 step."""
+    path = REPO / "benchmarks" / "gpu_kernels.py"
+    monkeypatch.setattr(sys, "path", list(sys.path))
+
+    def ops(*flags):
+        argv = ["--ops", "--device", "cpu", "--steps", "1", "--top", "3", "--data-root", str(omniglot_root), *flags]
+        monkeypatch.setattr(sys, "argv", [str(path), *argv])
+        runpy.run_path(str(path), run_name="__main__")
+        out = capsys.readouterr().out
+        assert "1 inner step(s), cpu" in out and "ops besides views" in out, out
+        return int(out.strip().splitlines()[-1].split()[-1])
+
+    closed_form, pytorchs = ops(), ops("--pytorch-norm-grads")
+    assert 300 < pytorchs - closed_form < pytorchs / 2, (closed_form, pytorchs)
+
+
 @pytest.mark.parametrize("script, argv, says", [
     ("meta_iteration.py", ["--queries", "0"], ["meta_iteration.py", "--queries", "'0'", "integer >= 1"]),
     ("equal_budget.py", ["--device", "tpu"], ["equal_budget.py", "--device", "'tpu'", "cpu, cuda or cuda:N"]),
@@ -306,6 +325,8 @@ def test_the_gpu_session_script_keeps_within_its_budget_and_always_prints_its_su
     ("distributed.py", ["--processes", "2", "0"], ["distributed.py", "--processes", "'0'", "integer >= 1"]),
     ("render_tables.py", [str(REPO / "README.md")], ["render_tables.py", "README.md is not JSON"]),
     ("gpu_kernels.py", ["--grouped-conv-grads", "--steps", "1", "0"], ["gpu_kernels.py", "--steps", "'0'", "integer >= 1"]),
+    ("gpu_kernels.py", ["--device", "cpu"], ["gpu_kernels.py", "--device", "'cpu'", "needs --ops"]),
+    ("gpu_kernels.py", ["--ops", "--device", "tpu"], ["gpu_kernels.py", "--device", "'tpu'", "cpu, cuda or cuda:N"]),
 ])
 def test_benchmark_scripts_refuse_bad_input_in_one_line(script, argv, says, tmp_path, monkeypatch, capsys):
     """Run directly (not through `bilevel-maml bench`), the scripts answer bad input as the CLI does:

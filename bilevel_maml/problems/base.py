@@ -309,7 +309,10 @@ class TaskLearner(_NoRollBack, Problem):
         :param step: the inner step, 0 … ``inner_steps`` − 1 (hooks without this parameter are called without it).
         :returns: φ after the step.
         """
-        return tuple(p if g is None else p - self.inner_lr * g for p, g in zip(params, grads))
+        if isinstance(self.inner_lr, torch.Tensor):
+            return tuple(p if g is None else p - self.inner_lr * g for p, g in zip(params, grads))
+        # one kernel per parameter, and one in its derivative, instead of a product and a difference
+        return tuple(p if g is None else torch.add(p, g, alpha=-self.inner_lr) for p, g in zip(params, grads))
 
     def on_meta_iteration_start(self, iteration: int, iterations: int) -> None:
         """Called before meta-iteration ``iteration`` (1-based) of ``iterations``, outside any
