@@ -145,7 +145,7 @@ class MaxPool2d(nn.MaxPool2d):
     """``nn.MaxPool2d`` computed, under torch.func transforms, by
     :func:`bilevel_maml.relu_and_max_pool.max_pool2d`: the same values and derivatives, but under vmap
     the tasks are pooled where the convolution and BatchNorm before it left them (as channels), not
-    copied into the batch dimension and back, and the double backward materialises no zeros.
+    copied into the batch dimension and back.
 
     The parameters are ``nn.MaxPool2d``'s:
 

@@ -6,14 +6,14 @@ layer and inner step, each a pass over an activation and, on a GPU, a kernel:
 * **Layout copies.** Under ``torch.func.vmap`` the tasks of a grouped convolution and of
   :func:`bilevel_maml.batch_norm.batch_norm` lie in the channel dimension, ``(examples, tasks ×
   channels, h, w)``; PyTorch's max-pool rule moves them into the batch dimension instead, a copy,
-  and the next layer's convolution copies them back (with their derivatives: 127 of the 131 copies
+  and the next layer's convolution copies them back (with their derivatives: 109 of the 127 copies
   of conv4's meta-iteration at meta-batch 32 and 5 inner steps). Pooling is per channel, so here the
   tasks stay where they lie.
-* **Zeros.** The derivatives of ``threshold_backward`` and ``max_pool2d_with_indices_backward``
-  with respect to the activation they were given are zero, and PyTorch materialises them: a
-  ``zeros_like`` of the activation per layer and inner step in the double backward, then added to
-  that activation's gradient. Here the backward sees the activation detached, so nothing is
-  computed for it.
+* **Zeros.** ReLU's derivative ``threshold_backward(gy, y, 0)`` has a zero derivative with respect
+  to ``y``, and PyTorch materialises it: a ``zeros_like`` of the activation per layer and inner step
+  in the double backward, then added to that activation's gradient. Here the backward sees ``y``
+  detached, so nothing is computed for it (max-pool's backward, likewise, gets its input detached:
+  it only reads the shape).
 
 Values and derivatives of every order are PyTorch's (the same kernels compute them).
 """

@@ -126,7 +126,8 @@ def activation_copies(model, tasks=3, examples=5) -> int:
 def test_a_vectorized_second_order_meta_iteration_copies_and_zeroes_no_activation(grouped_conv_grads):
     """The reason for these layers: with PyTorch's, the tasks move between the batch and the channel
     dimension at every pool and convolution (a copy each way, forward and backward), and the double
-    backward zeroes each ReLU and pool input; with ours, the activations are never copied or zeroed."""
+    backward zeroes each ReLU's output; with ours, the activations are never copied or zeroed
+    (PyTorch's layers: 30 copies and 4 zeros here)."""
     def conv4(layers):
         torch.manual_seed(0)
         model = Conv4(5, hidden=8, grouped_conv_grads=grouped_conv_grads)
