@@ -1,4 +1,5 @@
-"""What the closed-form derivative Functions (:mod:`bilevel_maml.batch_norm`, :mod:`bilevel_maml.grouped_conv`) share."""
+"""What the derivative Functions (:mod:`bilevel_maml.batch_norm`, :mod:`bilevel_maml.grouped_conv`,
+:mod:`bilevel_maml.relu_and_max_pool`) share."""
 
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ def with_cached_signature(function_class):
     task-by-task MAML meta-iteration of conv4), unless ``forward`` carries it as ``__signature__``."""
     function_class.forward.__signature__ = inspect.signature(function_class.forward)
     return function_class
+
+
+def pair(value) -> tuple:
+    """An int-or-pair layer argument (``kernel_size``, ``stride``, ...) as a pair."""
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
 def sum_terms(terms: list[torch.Tensor]) -> torch.Tensor | None:

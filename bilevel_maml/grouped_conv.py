@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bilevel_maml._function import sum_terms, with_cached_signature
+from bilevel_maml._function import pair, sum_terms, with_cached_signature
 
 # (stride, padding, dilation, groups) of one convolution
 Config = tuple[tuple[int, int], tuple[int, int], tuple[int, int], int]
@@ -157,9 +157,6 @@ def grouped_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     :param dilation: as ``F.conv2d``'s.
     :param groups: as ``F.conv2d``'s.
     """
-    def pair(value):
-        return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-
     if isinstance(padding, str):
         raise ValueError(f"grouped_conv2d needs numeric padding, got padding={padding!r}")
     return Conv.apply(x, weight, bias, (pair(stride), pair(padding), pair(dilation), groups))

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from bilevel_maml._function import with_cached_signature
+from bilevel_maml._function import pair, with_cached_signature
 
 aten = torch.ops.aten
 
@@ -123,9 +123,6 @@ def max_pool2d(x: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1,
     :param dilation: as ``F.max_pool2d``'s.
     :param ceil_mode: as ``F.max_pool2d``'s.
     """
-    def pair(value):
-        return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-
     if x.dim() != 4:
         raise ValueError(f"max_pool2d needs a (batch, channels, height, width) input, got shape {tuple(x.shape)}")
     stride = kernel_size if stride is None or stride == [] else stride

@@ -55,13 +55,16 @@ class RecordingEnv(EpisodicEnv):
         self.episodes += tasks_in_batch(self)
 
 
-def vmapped_meta_gradient(loss, params, inputs, wrt):
+def vmapped_meta_gradient(loss, params, inputs, wrt, inputs_dim=0):
     """What the vectorized inner loop differentiates: one SGD step (0.1) of each task's ``loss(p, x)``
     under vmap, with autograd outside vmap (``params`` per task, e.g. expanded from shared leaves),
-    then the gradient of the adapted losses with respect to ``wrt``."""
-    grads = torch.autograd.grad(vmap(loss)(params, inputs).sum(), params, create_graph=True)
-    adapted = tuple(p - 0.1 * g for p, g in zip(params, grads))
-    return torch.autograd.grad(vmap(loss)(adapted, inputs).sum(), wrt)
+    then the gradient of the adapted losses with respect to ``wrt``. ``inputs_dim``: where the tasks
+    lie in ``inputs`` (vmap's ``in_dims`` for them)."""
+    def losses(p):
+        return vmap(loss, in_dims=(0, inputs_dim))(p, inputs).sum()
+
+    grads = torch.autograd.grad(losses(params), params, create_graph=True)
+    return torch.autograd.grad(losses(tuple(p - 0.1 * g for p, g in zip(params, grads))), wrt)
 
 
 def functional(model):

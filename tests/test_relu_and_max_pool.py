@@ -60,9 +60,7 @@ def test_under_vmap_second_order_gradients_are_pytorchs_wherever_the_tasks_lie(l
             return layer(xi * p.view(1, -1, 1, 1) + 0.3).pow(3).sum()
 
         params = scale.expand(tasks, 2)
-        grads = torch.autograd.grad(vmap(loss, in_dims=(0, task_dim))(params, x).sum(), params, create_graph=True)
-        adapted = params - 0.1 * grads[0]
-        outer = torch.autograd.grad(vmap(loss, in_dims=(0, task_dim))(adapted, x).sum(), (scale, x))
+        outer = vmapped_meta_gradient(lambda p, xi: loss(p[0], xi), (params,), x, (scale, x), inputs_dim=task_dim)
 
         def adapted_loss(p, xi):
             return loss(p - 0.1 * grad(loss)(p, xi), xi)
@@ -168,13 +166,10 @@ def test_on_a_gpu_a_conv4_meta_gradient_with_these_layers_is_pytorchs(task_dim):
         labels = torch.randint(0, 5, (3, 5), device="cuda")
         forward = functional(model)
 
-        def loss(p, x, y):
-            return F.cross_entropy(forward(p, x), y)
+        def loss(p, batch):
+            return F.cross_entropy(forward(p, batch[0]), batch[1])
 
-        grads = torch.autograd.grad(vmap(loss, in_dims=(0, task_dim, 0))(params, images, labels).sum(), params,
-                                    create_graph=True)
-        adapted = tuple(p - 0.1 * g for p, g in zip(params, grads))
-        return torch.autograd.grad(vmap(loss, in_dims=(0, task_dim, 0))(adapted, images, labels).sum(), theta)
+        return vmapped_meta_gradient(loss, params, (images, labels), theta, inputs_dim=(task_dim, 0))
 
     for a, c in zip(meta_gradient((ReLU(), MaxPool2d(2))), meta_gradient((nn.ReLU(), nn.MaxPool2d(2)))):
         assert torch.allclose(a, c, atol=1e-10 * (1 + c.abs().max().item()), rtol=0), (a - c).abs().max()
