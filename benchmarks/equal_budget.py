@@ -12,7 +12,9 @@ with the MAML adaptation rule (iMAML adapts with its proximal term).
     .venv/bin/python benchmarks/equal_budget.py --inner-steps 5 --json benchmarks/results/equal_budget-cpu.json
 
 ``--inner-lr`` and ``--lam`` change the shared settings; ``--learners`` runs a subset (e.g. iMAML with its
-own settings, compared against an earlier run's learn2learn row).
+own settings, compared against an earlier run's learn2learn row). ``--precision`` holds for every learner,
+training and test, and is stated in the output and the JSON, with how each ran its meta-iterations (on
+CUDA ours replays a CUDA graph where it works, unless ``--no-cuda-graph``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from bilevel_maml.cli import (OneLineParser, device_name, non_negative_int, posi
 from bilevel_maml.data import omniglot_small_tasksets
 from bilevel_maml.data._learn2learn import import_learn2learn
 from bilevel_maml.env import EpisodicEnv
+from bilevel_maml.execution import PRECISIONS, CapturedExecution, check_precision, precision_scope
 from bilevel_maml.models import build_model, use_closed_form_norm_grads
 
 SETTINGS = dict(ways=5, shots=1, query_shots=1, inner_lr=0.4, meta_lr=1e-3, lam=1.0, cg_iterations=5)
@@ -47,8 +50,8 @@ def engine_for(algorithm, tasksets, args, sampler):
     torch.manual_seed(args.seed)
     return build_engine(algorithm, build_model(args.model, ways=5), tasksets, inner_steps=args.inner_steps,
                         meta_batch_size=args.meta_batch_size, meta_iterations=10**9, valid_step=10**9,
-                        seed=args.seed, device=args.device, sampler=sampler,
-                        **{**SETTINGS, "inner_lr": args.inner_lr, "lam": args.lam})
+                        seed=args.seed, device=args.device, sampler=sampler, precision=args.precision,
+                        cuda_graph=False if args.no_cuda_graph else None, **{**SETTINGS, "inner_lr": args.inner_lr, "lam": args.lam})
 
 
 def train_ours(engine, budget_seconds):
@@ -62,7 +65,7 @@ def train_ours(engine, budget_seconds):
 
 def train_learn2learn(engine, budget_seconds, inner_steps, inner_lr):
     """learn2learn's clone/adapt MAML on θ of `engine`, drawing tasks one at a time through its Taskset,
-    with PyTorch's BatchNorm derivatives (as learn2learn's users have them)."""
+    with PyTorch's BatchNorm derivatives (as learn2learn's users have them), at the engine's precision."""
     l2l = import_learn2learn()
     model = use_closed_form_norm_grads(engine.meta_learner.module, False)
     maml = l2l.algorithms.MAML(model, lr=inner_lr, first_order=False)
@@ -71,12 +74,13 @@ def train_learn2learn(engine, budget_seconds, inner_steps, inner_lr):
     iterations, started = 0, time.perf_counter()
     while time.perf_counter() - started < budget_seconds:
         optimizer.zero_grad()
-        for _ in range(tasks):
-            (xs, ys), (xq, yq) = env.sample_task()
-            learner = maml.clone()
-            for _ in range(inner_steps):
-                learner.adapt(F.cross_entropy(learner(xs), ys))
-            (F.cross_entropy(learner(xq), yq) / tasks).backward()
+        with precision_scope(engine.precision, engine.device):
+            for _ in range(tasks):
+                (xs, ys), (xq, yq) = env.sample_task()
+                learner = maml.clone()
+                for _ in range(inner_steps):
+                    learner.adapt(F.cross_entropy(learner(xs), ys))
+                (F.cross_entropy(learner(xq), yq) / tasks).backward()
         optimizer.step()
         iterations += 1
     sync(engine.device)
@@ -99,15 +103,20 @@ def main(argv=None):
     parser.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sampler", choices=("auto", "device", "learn2learn"), default="auto",
                         help="how our learners draw training tasks (learn2learn's always uses its Taskset)")
+    parser.add_argument("--precision", choices=PRECISIONS,
+                        help="of every learner, training and test (default: tf32 on CUDA, fp32 on CPU)")
+    parser.add_argument("--no-cuda-graph", action="store_true",
+                        help="run our meta-iterations eagerly on CUDA (default: replayed as a CUDA graph where it works)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
+    args.precision = check_precision(args.precision, args.device)
     keep_freed_memory()  # the same allocator setting for every learner (see bilevel_maml.allocator)
 
     tasksets = omniglot_small_tasksets(args.data_root, ways=5, samples_per_class=2)
     budget = args.budget_minutes * 60
     print(f"equal budget: {args.budget_minutes:g} min each, 5-way 1-shot Omniglot, {args.model}-64, meta-batch "
           f"{args.meta_batch_size}, {args.inner_steps} inner step(s) of {args.inner_lr:g}, iMAML λ {args.lam:g}, "
-          f"{args.test_tasks} test tasks; device {args.device}"
+          f"{args.test_tasks} test tasks; device {args.device}, precision {args.precision}"
           + (f" ({torch.cuda.get_device_name(args.device)})" if torch.device(args.device).type == "cuda"
              else f" ({torch.get_num_threads()} CPU threads)"), flush=True)
     # one held-out stream, restarted for every learner: all are scored on the same tasks
@@ -124,10 +133,13 @@ def main(argv=None):
             iterations, seconds = train_ours(engine, budget)
         test_env.load_state_dict(test_start)
         test = engine.evaluate(test_env, args.test_tasks)
-        results.append(dict(learner=name, meta_iterations=iterations, train_seconds=seconds,
+        captured = not learn2learn and isinstance(engine.execution, CapturedExecution)
+        results.append(dict(learner=name, execution="cuda graph" if captured else "eager",
+                            meta_iterations=iterations, train_seconds=seconds,
                             tasks_per_second=iterations * args.meta_batch_size / seconds,
                             accuracy=test["accuracy"], accuracy_ci95=test["accuracy_ci95"], tasks=test["tasks"]))
-        print(f"  {name:18s} {iterations:5d} meta-iterations ({results[-1]['tasks_per_second']:.1f} tasks/s): "
+        print(f"  {name:18s} {results[-1]['execution']:10s} {iterations:5d} meta-iterations "
+              f"({results[-1]['tasks_per_second']:.1f} tasks/s): "
               f"{100 * test['accuracy']:.2f}% ± {100 * test['accuracy_ci95']:.2f}%", flush=True)
     baseline = next((r for r in results if r["learner"] == "learn2learn maml"), None)
     for row in results if baseline else []:

@@ -73,11 +73,15 @@ def equal_budget_table(report: dict) -> str:
     settings = report["settings"]
     inner = f" of {settings['inner_lr']:g}, iMAML λ {settings['lam']:g}" if "inner_lr" in settings else ""
     model = f", model {settings['model']}" if "model" in settings else ""
+    where = f", device {settings['device']}, precision {settings['precision']}" if "precision" in settings else ""
+    execution = all("execution" in r for r in report["results"])
     lines = [f"Budget {settings['budget_minutes']:g} min each{model}, meta-batch {settings['meta_batch_size']}, "
-             f"{settings['inner_steps']} inner step(s){inner}, {settings['test_tasks']} test tasks.", "",
-             "| learner | meta-iterations | tasks/s | held-out accuracy |", "|---|---:|---:|---:|"]
-    lines += [f"| {r['learner']} | {r['meta_iterations']} | {r['tasks_per_second']:.1f} | "
-              f"{100 * r['accuracy']:.2f}% ± {100 * r['accuracy_ci95']:.2f}% |" for r in report["results"]]
+             f"{settings['inner_steps']} inner step(s){inner}, {settings['test_tasks']} test tasks{where}.", "",
+             "| learner | " + ("meta-iteration | " if execution else "") + "meta-iterations | tasks/s | held-out accuracy |",
+             "|---|" + ("---|" if execution else "") + "---:|---:|---:|"]
+    lines += [f"| {r['learner']} | " + (f"{r['execution']} | " if execution else "") + f"{r['meta_iterations']} | "
+              f"{r['tasks_per_second']:.1f} | {100 * r['accuracy']:.2f}% ± {100 * r['accuracy_ci95']:.2f}% |"
+              for r in report["results"]]
     return "\n".join(lines)
 
 

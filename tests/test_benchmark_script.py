@@ -140,7 +140,9 @@ def test_equal_budget_benchmark_trains_each_learner_for_the_budget_and_scores_it
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["settings"]["model"] == "conv4-strided"
+    assert report["settings"]["precision"] == "fp32" and "precision fp32" in done.stdout
     assert [r["learner"] for r in report["results"]] == ["learn2learn maml", "ours maml"]
+    assert [r["execution"] for r in report["results"]] == ["eager", "eager"]  # CUDA graphs are CUDA's
     for row in report["results"]:
         assert row["meta_iterations"] >= 1 and row["train_seconds"] >= 3.0  # trained for the budget
         assert row["tasks"] == 20 and 0.0 <= row["accuracy"] <= 1.0
@@ -148,6 +150,7 @@ def test_equal_budget_benchmark_trains_each_learner_for_the_budget_and_scores_it
     tables = subprocess.run([sys.executable, str(REPO / "benchmarks" / "render_tables.py"), str(out)],
                             capture_output=True, text=True, timeout=120)
     assert tables.returncode == 0 and "model conv4-strided" in tables.stdout, tables.stderr[-2000:]
+    assert "device cpu, precision fp32" in tables.stdout and "| ours maml | eager | " in tables.stdout
 
 
 def test_end_to_end_evaluation_and_sampling_sections(tmp_path, omniglot_root):
@@ -321,6 +324,7 @@ def test_gpu_kernels_counts_ops_on_the_cpu_and_sees_what_a_derivative_change_rem
     ("equal_budget.py", ["--device", "tpu"], ["equal_budget.py", "--device", "'tpu'", "cpu, cuda or cuda:N"]),
     ("equal_budget.py", ["--budget-minutes", "0"], ["--budget-minutes", "'0'", "positive finite number"]),
     ("equal_budget.py", ["--data-root", "nowhere"], ["equal_budget.py", "'nowhere'", "does not exist"]),
+    ("equal_budget.py", ["--device", "cpu", "--precision", "tf32"], ["equal_budget.py", "'tf32'", "on cpu use fp32"]),
     ("equal_iterations.py", ["--meta-lr", "-1"], ["equal_iterations.py", "--meta-lr", "'-1'", "positive finite"]),
     ("distributed.py", ["--processes", "2", "0"], ["distributed.py", "--processes", "'0'", "integer >= 1"]),
     ("render_tables.py", [str(REPO / "README.md")], ["render_tables.py", "README.md is not JSON"]),
