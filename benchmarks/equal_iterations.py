@@ -1,9 +1,9 @@
 """Held-out accuracy after the same number of meta-iterations: one algorithm against another (MAML++ vs MAML, say).
 
 Same data (the real Omniglot small subsets: meta-train on small1's characters, test on small2's characters
-absent from small1), same model (conv4), same hyperparameters, same seed and the same 600 test tasks for every
-algorithm; each algorithm's own options at their defaults unless ``--option`` sets them. Reports the mean
-accuracy with its 95% confidence interval over test tasks; nothing is asserted.
+absent from small1), same model (conv4), same hyperparameters, same precision, same seed and the same 600 test
+tasks for every algorithm; each algorithm's own options at their defaults. Reports the mean accuracy with its 95%
+confidence interval over test tasks; nothing is asserted.
 
     .venv/bin/python benchmarks/equal_iterations.py --algorithms maml maml++ --iterations 300 --inner-steps 2 \\
         --json benchmarks/results/equal_iterations-cpu.json
@@ -23,6 +23,7 @@ from bilevel_maml import ALGORITHMS, build_engine
 from bilevel_maml.allocator import keep_freed_memory
 from bilevel_maml.cli import OneLineParser, device_name, non_negative_int, positive_float, positive_int, run_script
 from bilevel_maml.data import omniglot_small_tasksets
+from bilevel_maml.execution import PRECISIONS, check_precision
 from bilevel_maml.models import build_model
 
 
@@ -39,8 +40,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--test-tasks", type=positive_int, default=600)
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=PRECISIONS,
+                        help="of every algorithm, training and test (default: tf32 on CUDA, fp32 on CPU)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
+    args.precision = check_precision(args.precision, args.device)
     keep_freed_memory()
     tasksets = omniglot_small_tasksets(args.data_root, ways=5, samples_per_class=2)
     rows = []
@@ -50,7 +54,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             algorithm, build_model("conv4", 5, width=args.width), tasksets, ways=5, shots=1, query_shots=1,
             inner_steps=args.inner_steps, inner_lr=args.inner_lr, meta_lr=args.meta_lr,
             meta_batch_size=args.meta_batch_size, meta_iterations=args.iterations, valid_step=args.iterations,
-            valid_tasks=100, seed=args.seed, device=args.device)
+            valid_tasks=100, seed=args.seed, device=args.device, precision=args.precision)
         started = time.perf_counter()
         engine.run()
         seconds = time.perf_counter() - started

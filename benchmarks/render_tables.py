@@ -104,7 +104,8 @@ def equal_iterations_table(report: dict) -> str:
     lines = [f"{settings['iterations']} meta-iterations of {settings['meta_batch_size']} tasks each, conv4 with "
              f"{settings['width']} filters, {settings['inner_steps']} inner step(s) of {settings['inner_lr']:g}, "
              f"outer lr {settings['meta_lr']:g}, seed {settings['seed']}, device {settings['device']}, "
-             f"{settings['test_tasks']} test tasks.", "",
+             + (f"precision {settings['precision']}, " if "precision" in settings else "")
+             + f"{settings['test_tasks']} test tasks.", "",
              "| algorithm | held-out accuracy | training time |", "|---|---:|---:|"]
     lines += [f"| {r['algorithm']} | {100 * r['accuracy']:.1f}% ± {100 * r['accuracy_ci95']:.1f}% | "
               f"{r['training_seconds']:.0f} s |" for r in report["rows"]]

@@ -153,6 +153,24 @@ def test_equal_budget_benchmark_trains_each_learner_for_the_budget_and_scores_it
     assert "device cpu, precision fp32" in tables.stdout and "| ours maml | eager | " in tables.stdout
 
 
+def test_equal_iterations_benchmark_trains_each_algorithm_as_long_and_states_its_settings(tmp_path, omniglot_root):
+    out = tmp_path / "iterations.json"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "equal_iterations.py"), "--data-root", str(omniglot_root),
+         "--algorithms", "maml", "maml++", "--iterations", "2", "--meta-batch-size", "2", "--width", "8",
+         "--test-tasks", "10", "--device", "cpu", "--json", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["settings"]["precision"] == "fp32" and report["settings"]["iterations"] == 2
+    assert [r["algorithm"] for r in report["rows"]] == ["maml", "maml++"]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["training_seconds"] > 0 for r in report["rows"])
+    tables = subprocess.run([sys.executable, str(REPO / "benchmarks" / "render_tables.py"), str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert tables.returncode == 0, tables.stderr[-2000:]
+    assert "device cpu, precision fp32, 10 test tasks" in tables.stdout and "| maml++ | " in tables.stdout
+
+
 def test_end_to_end_evaluation_and_sampling_sections(tmp_path, omniglot_root):
     out = tmp_path / "sections.json"
     done = subprocess.run(
@@ -326,6 +344,7 @@ def test_gpu_kernels_counts_ops_on_the_cpu_and_sees_what_a_derivative_change_rem
     ("equal_budget.py", ["--data-root", "nowhere"], ["equal_budget.py", "'nowhere'", "does not exist"]),
     ("equal_budget.py", ["--device", "cpu", "--precision", "tf32"], ["equal_budget.py", "'tf32'", "on cpu use fp32"]),
     ("equal_iterations.py", ["--meta-lr", "-1"], ["equal_iterations.py", "--meta-lr", "'-1'", "positive finite"]),
+    ("equal_iterations.py", ["--device", "cpu", "--precision", "bf16"], ["equal_iterations.py", "'bf16'", "on cpu use fp32"]),
     ("distributed.py", ["--processes", "2", "0"], ["distributed.py", "--processes", "'0'", "integer >= 1"]),
     ("render_tables.py", [str(REPO / "README.md")], ["render_tables.py", "README.md is not JSON"]),
     ("gpu_kernels.py", ["--grouped-conv-grads", "--steps", "1", "0"], ["gpu_kernels.py", "--steps", "'0'", "integer >= 1"]),
