@@ -51,7 +51,8 @@ def engine_for(algorithm, tasksets, args, sampler):
     return build_engine(algorithm, build_model(args.model, ways=5), tasksets, inner_steps=args.inner_steps,
                         meta_batch_size=args.meta_batch_size, meta_iterations=10**9, valid_step=10**9,
                         seed=args.seed, device=args.device, sampler=sampler, precision=args.precision,
-                        cuda_graph=False if args.no_cuda_graph else None, **{**SETTINGS, "inner_lr": args.inner_lr, "lam": args.lam})
+                        cuda_graph=False if args.no_cuda_graph else None,
+                        **{**SETTINGS, "inner_lr": args.inner_lr, "lam": args.lam})
 
 
 def train_ours(engine, budget_seconds):
@@ -106,7 +107,7 @@ def main(argv=None):
     parser.add_argument("--precision", choices=PRECISIONS,
                         help="of every learner, training and test (default: tf32 on CUDA, fp32 on CPU)")
     parser.add_argument("--no-cuda-graph", action="store_true",
-                        help="run our meta-iterations eagerly on CUDA (default: replayed as a CUDA graph where it works)")
+                        help="run our meta-iterations eagerly on CUDA (default: a replayed CUDA graph where it works)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     args.precision = check_precision(args.precision, args.device)
@@ -116,9 +117,9 @@ def main(argv=None):
     budget = args.budget_minutes * 60
     print(f"equal budget: {args.budget_minutes:g} min each, 5-way 1-shot Omniglot, {args.model}-64, meta-batch "
           f"{args.meta_batch_size}, {args.inner_steps} inner step(s) of {args.inner_lr:g}, iMAML λ {args.lam:g}, "
-          f"{args.test_tasks} test tasks; device {args.device}, precision {args.precision}"
+          f"{args.test_tasks} test tasks; device {args.device}"
           + (f" ({torch.cuda.get_device_name(args.device)})" if torch.device(args.device).type == "cuda"
-             else f" ({torch.get_num_threads()} CPU threads)"), flush=True)
+             else f" ({torch.get_num_threads()} CPU threads)") + f", precision {args.precision}", flush=True)
     # one held-out stream, restarted for every learner: all are scored on the same tasks
     test_env = EpisodicEnv(tasksets.test, ways=5, shots=1, query_shots=1, seed=args.seed * 3 + 2, device=args.device)
     test_start = test_env.state_dict()

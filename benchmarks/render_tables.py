@@ -75,9 +75,10 @@ def equal_budget_table(report: dict) -> str:
     model = f", model {settings['model']}" if "model" in settings else ""
     where = f", device {settings['device']}, precision {settings['precision']}" if "precision" in settings else ""
     execution = all("execution" in r for r in report["results"])
+    run_as = "meta-iteration | " if execution else ""
     lines = [f"Budget {settings['budget_minutes']:g} min each{model}, meta-batch {settings['meta_batch_size']}, "
              f"{settings['inner_steps']} inner step(s){inner}, {settings['test_tasks']} test tasks{where}.", "",
-             "| learner | " + ("meta-iteration | " if execution else "") + "meta-iterations | tasks/s | held-out accuracy |",
+             f"| learner | {run_as}meta-iterations | tasks/s | held-out accuracy |",
              "|---|" + ("---|" if execution else "") + "---:|---:|---:|"]
     lines += [f"| {r['learner']} | " + (f"{r['execution']} | " if execution else "") + f"{r['meta_iterations']} | "
               f"{r['tasks_per_second']:.1f} | {100 * r['accuracy']:.2f}% ± {100 * r['accuracy_ci95']:.2f}% |"
