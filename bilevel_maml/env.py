@@ -214,16 +214,18 @@ class EpisodicEnv(Env):
             (xs, ys), (xq, yq) = self.tasks.sample(1, self.generator, self.dtype)
             return (xs[0], ys[0]), (xq[0], yq[0])
         with self.own_random_state():
-            drawn = self._draw()
-            if isinstance(drawn, dict):  # the source split the task itself
-                return self._place(drawn["support"]), self._place(drawn["query"])
-            inputs, labels = torch.as_tensor(drawn[0]), torch.as_tensor(drawn[1])
-            if self.regression:
-                support, query = split_regression_task(inputs, labels, self.shots, self.query_shots)
-            else:
-                support, query = split_classification_task(
-                    inputs, labels, self.ways, self.shots, self.query_shots
-                )
+            return self._draw_and_split()
+
+    def _draw_and_split(self):
+        """One task of the source, split; the caller has switched to this env's random stream."""
+        drawn = self._draw()
+        if isinstance(drawn, dict):  # the source split the task itself
+            return self._place(drawn["support"]), self._place(drawn["query"])
+        inputs, labels = torch.as_tensor(drawn[0]), torch.as_tensor(drawn[1])
+        if self.regression:
+            support, query = split_regression_task(inputs, labels, self.shots, self.query_shots)
+        else:
+            support, query = split_classification_task(inputs, labels, self.ways, self.shots, self.query_shots)
         return self._place(support), self._place(query)
 
     def _place(self, pair):
@@ -243,7 +245,10 @@ class EpisodicEnv(Env):
         """
         if self.on_device:
             return self.tasks.sample(count, self.generator, self.dtype)
-        tasks = [self.sample_task() for _ in range(count)]
+        # one switch of the global random streams for the whole meta-batch (the same draws as one per
+        # task: nothing else draws in between), which costs as much as drawing a small task
+        with self.own_random_state():
+            tasks = [self._draw_and_split() for _ in range(count)]
         return tuple(
             tuple(torch.stack([task[part][i] for task in tasks]) for i in range(2)) for part in range(2)
         )

@@ -18,6 +18,16 @@ def labelled_source(classes=20, per_class=6, features=3):
     return sample
 
 
+def reseed_global_streams():
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+
+
+def global_draws():
+    return torch.rand(1), random.random(), np.random.rand()
+
+
 def test_support_and_query_are_disjoint_balanced_and_relabelled():
     env = EpisodicEnv(labelled_source(), ways=5, shots=2, query_shots=3, seed=0)
     env.step()
@@ -36,13 +46,9 @@ def test_same_seed_same_tasks_and_global_random_state_is_untouched():
     a = EpisodicEnv(labelled_source(), ways=5, shots=1, seed=11)
     b = EpisodicEnv(labelled_source(), ways=5, shots=1, seed=11)
     c = EpisodicEnv(labelled_source(), ways=5, shots=1, seed=12)
-    torch.manual_seed(0)
-    random.seed(0)
-    np.random.seed(0)
-    expected = (torch.rand(1), random.random(), np.random.rand())
-    torch.manual_seed(0)
-    random.seed(0)
-    np.random.seed(0)
+    reseed_global_streams()
+    expected = global_draws()
+    reseed_global_streams()
     for _ in range(3):
         a.step()
         torch.rand(5)  # unrelated draws between tasks must not change the task stream
@@ -51,11 +57,27 @@ def test_same_seed_same_tasks_and_global_random_state_is_untouched():
         assert torch.equal(a.batch["query"][0], b.batch["query"][0])
     c.step()
     assert not torch.equal(c.batch["support"][0], a.batch["support"][0])
-    torch.manual_seed(0)
-    random.seed(0)
-    np.random.seed(0)
+    reseed_global_streams()
     a.step()
-    assert (torch.rand(1), random.random(), np.random.rand()) == expected
+    assert global_draws() == expected
+
+
+def test_a_meta_batch_is_the_next_tasks_of_the_stream_and_leaves_the_global_random_state_untouched():
+    """``sample_tasks`` switches to the env's random stream once for the whole meta-batch; the tasks
+    are those of as many ``sample_task`` calls, the stream goes on from there, and draws outside see
+    the global streams as if no task had been drawn."""
+    batched = EpisodicEnv(labelled_source(), ways=5, shots=1, query_shots=2, seed=5)
+    one_by_one = EpisodicEnv(labelled_source(), ways=5, shots=1, query_shots=2, seed=5)
+    reseed_global_streams()
+    expected = global_draws()
+    reseed_global_streams()
+    (xs, ys), (xq, yq) = batched.sample_tasks(4)
+    assert global_draws() == expected
+    for i in range(4):
+        (xs_i, ys_i), (xq_i, yq_i) = one_by_one.sample_task()
+        assert torch.equal(xs[i], xs_i) and torch.equal(ys[i], ys_i)
+        assert torch.equal(xq[i], xq_i) and torch.equal(yq[i], yq_i)
+    assert torch.equal(batched.sample_task()[0][0], one_by_one.sample_task()[0][0])
 
 
 def test_state_dict_resumes_the_task_stream():
