@@ -33,7 +33,7 @@ from implementations import PRECISION, ours  # noqa: E402
 
 from bilevel_maml.cli import OneLineParser, device_name, positive_int, run_script  # noqa: E402
 from bilevel_maml.data.omniglot import find_subsets  # noqa: E402
-from bilevel_maml.execution import precision_scope  # noqa: E402
+from bilevel_maml.execution import PRECISIONS, precision_scope  # noqa: E402
 from bilevel_maml.models import use_closed_form_norm_grads, use_grouped_conv_grads  # noqa: E402
 
 #: kernel kinds, by substrings of the kernel's name (first match wins)
@@ -106,7 +106,7 @@ def median_seconds(step, repeats: int) -> float:
 def main(argv=None) -> None:
     parser = OneLineParser(prog="gpu_kernels.py", description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default="../shared/data/omniglot-small")
-    parser.add_argument("--precision", choices=("fp32", "tf32", "bf16"),
+    parser.add_argument("--precision", choices=PRECISIONS,
                         help="default: tf32 on CUDA, fp32 on CPU")
     parser.add_argument("--steps", type=positive_int, nargs="+", default=[1, 5])
     parser.add_argument("--queries", type=positive_int, default=1)

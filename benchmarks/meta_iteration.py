@@ -41,7 +41,7 @@ from bilevel_maml import build_engine  # noqa: E402
 from bilevel_maml.allocator import keep_freed_memory  # noqa: E402
 from bilevel_maml.cli import DefaultsHelpFormatter, OneLineParser, device_name, positive_int, run_script  # noqa: E402
 from bilevel_maml.data.omniglot import find_subsets  # noqa: E402
-from bilevel_maml.execution import CapturedExecution, check_precision, precision_scope  # noqa: E402
+from bilevel_maml.execution import PRECISIONS, CapturedExecution, check_precision, precision_scope  # noqa: E402
 
 SECTIONS = ("meta-iteration", "end-to-end", "evaluation", "sampling")
 
@@ -353,7 +353,7 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
     add("--data-root", default="../shared/data/omniglot-small", metavar="FOLDER",
         help="the Omniglot subsets the end-to-end, evaluation and sampling sections draw tasks from")
     add("--device", type=device_name, help="cpu, cuda, cuda:1, ... (default: cuda where available, else cpu)")
-    add("--precision", choices=("fp32", "tf32", "bf16"), help="of every row (default: tf32 on CUDA, fp32 on CPU)")
+    add("--precision", choices=PRECISIONS, help="of every row (default: tf32 on CUDA, fp32 on CPU)")
     add("--model", choices=BENCHMARK_MODELS, default="conv4",
         help="conv4: Vinyals et al.'s max-pool network; conv4-strided: Finn et al.'s Omniglot network "
              "(learn2learn's OmniglotCNN)")
