@@ -26,6 +26,7 @@ from pathlib import Path
 from bilevel_maml import ALGORITHMS
 from bilevel_maml.cli import OneLineParser, device_name, non_negative_int, positive_int, run_script
 from bilevel_maml.data.omniglot import find_subsets
+from bilevel_maml.execution import PRECISIONS, CapturedExecution, check_precision
 
 HERE = Path(__file__).resolve()
 
@@ -45,7 +46,7 @@ def worker(args) -> None:
     tasksets = omniglot_small_tasksets(args.data_root, ways=5, samples_per_class=1 + args.query)
     engine = build_engine(args.algorithm, Conv4(5), tasksets, ways=5, shots=1, query_shots=args.query,
                           inner_steps=args.inner_steps, meta_batch_size=args.meta_batch_size,
-                          meta_iterations=10**9, valid_step=10**9, device=device)
+                          meta_iterations=10**9, valid_step=10**9, device=device, precision=args.precision)
     engine.train()
     times = []
     for i in range(args.warmup + args.iterations):
@@ -60,7 +61,8 @@ def worker(args) -> None:
         seconds = statistics.median(times)
         Path(args.worker_json).write_text(json.dumps(dict(
             processes=world_size, threads_per_process=torch.get_num_threads(), device=str(device),
-            backend=torch.distributed.get_backend() if world_size > 1 else "none",
+            backend=torch.distributed.get_backend() if world_size > 1 else "none", precision=engine.precision,
+            execution="cuda graph" if isinstance(engine.execution, CapturedExecution) else "eager",
             tasks_per_rank=engine.meta_batch_size, vectorized=engine.vectorized,
             seconds_per_iteration=seconds, tasks_per_second=args.meta_batch_size / seconds)))
     distributed.shutdown()
@@ -93,25 +95,28 @@ def main(argv=None):
     parser.add_argument("--iterations", type=positive_int, default=10)
     parser.add_argument("--warmup", type=non_negative_int, default=2)
     parser.add_argument("--device", type=device_name, default="cpu")
+    parser.add_argument("--precision", choices=PRECISIONS,
+                        help="of every configuration (default: tf32 on CUDA, fp32 on CPU)")
     parser.add_argument("--processes", type=positive_int, nargs="+", default=[1, 2])
     parser.add_argument("--json", help="write the measurements to this JSON file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-json", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.precision = check_precision(args.precision, args.device)
     if args.worker:
         return worker(args)
     find_subsets(args.data_root)  # before any process starts
     forwarded = ["--data-root", str(Path(args.data_root).resolve()), "--algorithm", args.algorithm,
                  "--meta-batch-size", str(args.meta_batch_size), "--inner-steps", str(args.inner_steps),
                  "--query", str(args.query), "--iterations", str(args.iterations), "--warmup", str(args.warmup),
-                 "--device", args.device]
+                 "--device", args.device, "--precision", args.precision]
     rows = []
     for processes in args.processes:
         row = launch(processes, args, forwarded)
         rows.append(row)
         print(f"{processes} process(es) × {row['threads_per_process']} thread(s), {row['backend']}: "
               f"{row['seconds_per_iteration']:.3f} s/meta-iteration, {row['tasks_per_second']:.1f} tasks/s "
-              f"({row['tasks_per_rank']} tasks per rank)", flush=True)
+              f"({row['tasks_per_rank']} tasks per rank, {row['execution']}, precision {row['precision']})", flush=True)
     for row in rows[1:]:
         print(f"{row['processes']} processes: {row['tasks_per_second'] / rows[0]['tasks_per_second']:.2f}× the "
               f"tasks/s of {rows[0]['processes']}", flush=True)

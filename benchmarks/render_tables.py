@@ -89,13 +89,17 @@ def equal_budget_table(report: dict) -> str:
 def scaling_table(report: dict) -> str:
     settings, rows = report["settings"], report["rows"]
     lines = [f"{settings['algorithm']}, global meta-batch {settings['meta_batch_size']}, "
-             f"{settings['inner_steps']} inner step(s), {settings['query']} query/class, device {settings['device']}; "
-             f"median of {settings['iterations']} meta-iterations after {settings['warmup']} warm-up.", "",
-             "| processes | threads each | backend | tasks per rank | s / meta-iteration | tasks/s | vs 1 process |",
-             "|---:|---:|---|---:|---:|---:|---:|"]
+             f"{settings['inner_steps']} inner step(s), {settings['query']} query/class, device {settings['device']}"
+             + (f", precision {settings['precision']}" if "precision" in settings else "")
+             + f"; median of {settings['iterations']} meta-iterations after {settings['warmup']} warm-up.", ""]
+    execution = all("execution" in r for r in rows)  # older JSON has neither column
+    lines += ["| processes | threads each | backend | tasks per rank |" + (" execution |" if execution else "")
+              + " s / meta-iteration | tasks/s | vs 1 process |",
+              "|---:|---:|---|---:|" + ("---|" if execution else "") + "---:|---:|---:|"]
     base = rows[0]["tasks_per_second"]
     lines += [f"| {r['processes']} | {r['threads_per_process']} | {r['backend']} | {r['tasks_per_rank']} | "
-              f"{r['seconds_per_iteration']:.3f} | {r['tasks_per_second']:.1f} | {r['tasks_per_second'] / base:.2f}× |"
+              + (f"{r['execution']} | " if execution else "")
+              + f"{r['seconds_per_iteration']:.3f} | {r['tasks_per_second']:.1f} | {r['tasks_per_second'] / base:.2f}× |"
               for r in rows]
     return "\n".join(lines)
 

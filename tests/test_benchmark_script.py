@@ -171,6 +171,23 @@ def test_equal_iterations_benchmark_trains_each_algorithm_as_long_and_states_its
     assert "device cpu, precision fp32, 10 test tasks" in tables.stdout and "| maml++ | " in tables.stdout
 
 
+def test_distributed_benchmark_runs_each_process_count_and_states_precision_and_execution(tmp_path, omniglot_root):
+    out = tmp_path / "scaling.json"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "distributed.py"), "--data-root", str(omniglot_root),
+         "--processes", "1", "2", "--meta-batch-size", "2", "--iterations", "1", "--warmup", "0",
+         "--precision", "fp32", "--json", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["processes"], r["backend"], r["tasks_per_rank"]) for r in rows] == [(1, "none", 2), (2, "gloo", 1)]
+    assert all(r["precision"] == "fp32" and r["execution"] == "eager" and r["tasks_per_second"] > 0 for r in rows)
+    tables = subprocess.run([sys.executable, str(REPO / "benchmarks" / "render_tables.py"), str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert tables.returncode == 0, tables.stderr[-2000:]
+    assert "device cpu, precision fp32;" in tables.stdout and "| 2 | 1 | gloo | 1 | eager | " in tables.stdout
+
+
 def test_end_to_end_evaluation_and_sampling_sections(tmp_path, omniglot_root):
     out = tmp_path / "sections.json"
     done = subprocess.run(
@@ -346,6 +363,7 @@ def test_gpu_kernels_counts_ops_on_the_cpu_and_sees_what_a_derivative_change_rem
     ("equal_iterations.py", ["--meta-lr", "-1"], ["equal_iterations.py", "--meta-lr", "'-1'", "positive finite"]),
     ("equal_iterations.py", ["--device", "cpu", "--precision", "bf16"], ["equal_iterations.py", "'bf16'", "on cpu use fp32"]),
     ("distributed.py", ["--processes", "2", "0"], ["distributed.py", "--processes", "'0'", "integer >= 1"]),
+    ("distributed.py", ["--device", "cpu", "--precision", "bf16"], ["distributed.py", "'bf16'", "on cpu use fp32"]),
     ("render_tables.py", [str(REPO / "README.md")], ["render_tables.py", "README.md is not JSON"]),
     ("gpu_kernels.py", ["--grouped-conv-grads", "--steps", "1", "0"], ["gpu_kernels.py", "--steps", "'0'", "integer >= 1"]),
     ("gpu_kernels.py", ["--device", "cpu"], ["gpu_kernels.py", "--device", "'cpu'", "needs --ops"]),
