@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from bilevel_maml import distributed
-from bilevel_maml.data.device_sampler import (AUTO_MAX_EXAMPLES, DeviceTaskSampler, UnsupportedTaskSource,
+from bilevel_maml.data.device_sampler import (AUTO_MAX_EXAMPLES, DeviceTaskSource, UnsupportedTaskSource,
                                               device_memory_budget, sampler_from_taskset)
+from bilevel_maml.data.sinusoid import SinusoidTasks
 from bilevel_maml.engine import MetaEngine
 from bilevel_maml.env import EpisodicEnv
 from bilevel_maml.plugins import load_entry_points, unknown_algorithm
@@ -59,9 +60,10 @@ def _split_sources(tasksets) -> dict:
 def device_sources(sources: dict, sampler: str, ways: int, shots: int, query_shots: int, device,
                    memory_budget: int | None = None) -> dict:
     """Replace each learn2learn ``Taskset`` of ``sources`` by a :class:`DeviceTaskSampler` of the
-    same task distribution, as ``sampler`` asks. Splits share ``memory_budget`` bytes (default:
-    a quarter of the device's memory). Under ``auto`` a split that cannot move stays on the
-    learn2learn path with a one-line warning; under ``device`` it is an error."""
+    same task distribution, and each :class:`SinusoidTasks` by its :class:`DeviceSinusoidTasks`, as
+    ``sampler`` asks. Splits share ``memory_budget`` bytes (default: a quarter of the device's
+    memory). Under ``auto`` a split that cannot move stays on the learn2learn path with a one-line
+    warning; under ``device`` it is an error."""
     if sampler == "learn2learn":
         return dict(sources)
     left = device_memory_budget(device) if memory_budget is None else memory_budget
@@ -71,13 +73,16 @@ def device_sources(sources: dict, sampler: str, ways: int, shots: int, query_sho
         if already is not None:  # one source for several splits: convert it once
             converted[split] = already
             continue
-        if isinstance(source, DeviceTaskSampler):
+        if isinstance(source, DeviceTaskSource):
             converted[split] = source.to(device)
+            continue
+        if isinstance(source, SinusoidTasks):
+            converted[split] = source.on_device(shots, query_shots, device)
             continue
         if not hasattr(source, "task_transforms"):  # a callable or a custom source: only the host path fits it
             if sampler == "device":
-                raise ValueError(f"sampler='device' needs learn2learn Tasksets or DeviceTaskSamplers; the {split} "
-                                 f"source is a {type(source).__name__}")
+                raise ValueError(f"sampler='device' needs learn2learn Tasksets, SinusoidTasks or DeviceTaskSources; "
+                                 f"the {split} source is a {type(source).__name__}")
             converted[split] = source
             continue
         try:
@@ -198,7 +203,8 @@ def build_engine(
     :param sampler: how tasks are drawn, one of :data:`SAMPLERS`: ``"auto"`` holds each
         learn2learn ``Taskset`` split whose transforms have an exact tensor equivalent on
         ``device`` and draws a whole meta-batch there when it fits (:mod:`bilevel_maml.data.device_sampler`:
-        the same task distribution, another random stream), else falls back with a warning;
+        the same task distribution, another random stream), else falls back with a warning; it
+        draws :class:`~bilevel_maml.data.SinusoidTasks` on ``device`` too;
         ``"device"`` insists; ``"learn2learn"`` keeps learn2learn's task-by-task CPU path, which
         any ``TaskDataset`` or callable also takes.
     :param cuda_graph: on CUDA, capture the meta-iteration as a CUDA graph and replay it:
@@ -244,9 +250,7 @@ def build_engine(
         raise ValueError(f"gradient_clipping must be >= 0 (0 disables it), got {gradient_clipping!r}")
     sampler = check_choice("sampler", sampler, SAMPLERS)
     sources = _split_sources(tasksets)
-    if not regression:
-        sources = device_sources(sources, sampler, ways, shots, shots if query_shots is None else query_shots,
-                                 device)
+    sources = device_sources(sources, sampler, ways, shots, shots if query_shots is None else query_shots, device)
 
     envs = {
         split: EpisodicEnv(

@@ -190,9 +190,10 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
         help="adapt the meta-batch at once with torch.func.vmap, or task by task (same meta-gradient); "
              "evaluation follows")
     add("--sampler", choices=SAMPLERS, default="auto",
-        help="device: each split held on --device and whole meta-batches drawn there; learn2learn: task by "
-             "task on the CPU; auto: device where the split allows it and fits a quarter of the device's "
-             "memory, else learn2learn with a one-line warning (the same task distribution either way)")
+        help="device: each split held on --device and whole meta-batches drawn there (sinusoids too); "
+             "learn2learn: task by task on the CPU; auto: device where the split allows it and fits a quarter "
+             "of the device's memory, else learn2learn with a one-line warning (the same task distribution "
+             "either way)")
     add("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
         help="on CUDA, capture the meta-iteration as a CUDA graph and replay it (default: wherever it works, "
              "else a one-line warning says why and the run is eager; refused on other devices)")
@@ -647,6 +648,11 @@ def command_resume(args: argparse.Namespace) -> dict:
               file=sys.stderr, flush=True)
     config = dict(checkpoint["config"])
     config.setdefault("wandb_id", secrets.token_hex(4))
+    if config.get("sampler") == "auto":
+        # The saved stream decides: "auto" may choose otherwise today (sinusoids were drawn on the host
+        # before 2026-12-06; another device may not hold a split) and the run must go on drawing as it did.
+        drawn_on_device = "generator" in checkpoint["engine"]["envs"]["train"]
+        config["sampler"] = "device" if drawn_on_device else "learn2learn"
     if args.iterations is not None:  # checked by the parser
         config["iterations"] = args.iterations
     device = _device(args.device or config["device"])

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from betty.envs import Env
 
-from bilevel_maml.data.device_sampler import DeviceTaskSampler
+from bilevel_maml.data.device_sampler import DeviceTaskSource
 from bilevel_maml.validation import check_positive_int
 
 
@@ -120,8 +120,10 @@ def _seeded_states(seed: int) -> dict:
 class EpisodicEnv(Env):
     """Samples one task per :meth:`step` and exposes ``batch["support"]`` and ``batch["query"]``.
 
-    :param tasks: a :class:`~bilevel_maml.data.device_sampler.DeviceTaskSampler` (whole draws of
-        tasks on the device, from a ``torch.Generator`` there), a learn2learn ``TaskDataset``
+    :param tasks: a :class:`~bilevel_maml.data.device_sampler.DeviceTaskSource` (whole draws of
+        tasks on the device, from a ``torch.Generator`` there: the
+        :class:`~bilevel_maml.data.device_sampler.DeviceTaskSampler` of an image split, the
+        :class:`~bilevel_maml.data.sinusoid.DeviceSinusoidTasks`), a learn2learn ``TaskDataset``
         (anything with ``sample()``), or a callable that returns ``(inputs, labels)`` for one task,
         or ``{"support": (x, y), "query": (x, y)}`` for a task it has already split (used as given).
     :param ways: classes per task (classification); ignored for regression.
@@ -146,7 +148,7 @@ class EpisodicEnv(Env):
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
-        self.on_device = isinstance(tasks, DeviceTaskSampler)
+        self.on_device = isinstance(tasks, DeviceTaskSource)
         if self.on_device:
             self._draw = None
         elif callable(getattr(tasks, "sample", None)):
@@ -163,12 +165,13 @@ class EpisodicEnv(Env):
         self.ways = None if regression else check_positive_int("ways", ways)
         self.shots = check_positive_int("shots", shots)
         self.query_shots = self.shots if query_shots is None else check_positive_int("query_shots", query_shots)
-        if self.on_device and (regression or (self.ways, self.shots, self.query_shots)
-                               != (tasks.ways, tasks.shots, tasks.query_shots)):
-            raise ValueError(f"the DeviceTaskSampler draws {tasks.ways}-way tasks of {tasks.shots} + "
-                             f"{tasks.query_shots} examples per class; this env asks for "
-                             + ("regression tasks" if regression else
-                                f"{self.ways}-way tasks of {self.shots} + {self.query_shots}"))
+        asked = (regression, self.ways, self.shots, self.query_shots)
+        if self.on_device and asked != (tasks.regression, tasks.ways, tasks.shots, tasks.query_shots):
+            def episodes(regression, ways, shots, query_shots):
+                return (f"regression tasks of {shots} + {query_shots} points" if regression else
+                        f"{ways}-way tasks of {shots} + {query_shots} examples per class")
+            drawn = episodes(tasks.regression, tasks.ways, tasks.shots, tasks.query_shots)
+            raise ValueError(f"the {type(tasks).__name__} draws {drawn}; this env asks for {episodes(*asked)}")
         self.dtype = dtype
         self.seed = seed
         self._rng = _seeded_states(seed)
@@ -267,7 +270,7 @@ class EpisodicEnv(Env):
         then samples and splits one task without advancing this env's stream.
         """
         if self.on_device:
-            return  # DeviceTaskSampler checked ways and shots against its classes when it was built
+            return  # a DeviceTaskSampler checked ways and shots against its classes when it was built
         dataset = getattr(self.tasks, "dataset", None)
         per_class = getattr(dataset, "labels_to_indices", None)
         if not self.regression and per_class:

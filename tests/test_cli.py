@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bilevel_maml import cli
-from bilevel_maml.checkpoint import load_checkpoint
+from bilevel_maml.checkpoint import atomic_save, load_checkpoint
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -177,6 +177,24 @@ def test_a_device_sampled_run_resumes_to_exactly_the_same_theta(tmp_path, omnigl
     for name, value in straight["theta"].items():
         assert torch.equal(value, resumed["theta"][name]), name
     assert [h["loss"] for h in straight["history"]] == [h["loss"] for h in resumed["history"]]
+
+
+def test_a_run_resumes_drawing_from_the_stream_it_was_drawing_from(tmp_path):
+    """Sinusoid runs drew their tasks on the host before 2026-12-06 under --sampler auto (the default),
+    which now draws them on the device: such a run, resumed, goes on drawing on the host, exactly."""
+    cli.run(sinusoid_run(tmp_path / "straight", "--sampler", "learn2learn", "--checkpoint-every", "1"))
+    cli.run(sinusoid_run(tmp_path / "older", "--sampler", "learn2learn", "--iterations", "3", "--checkpoint-every", "1"))
+    last = tmp_path / "older" / "checkpoints" / "last.pt"
+    checkpoint = load_checkpoint(last)
+    checkpoint["config"]["sampler"] = "auto"  # what such a run's configuration said
+    atomic_save(checkpoint, last)
+    assert cli.build_from_config(checkpoint["config"], torch.device("cpu")).env.on_device  # auto today
+    cli.run(["resume", "--output", str(tmp_path / "older"), "--iterations", "6", "--wandb", "disabled"])
+    straight, resumed = (load_checkpoint(tmp_path / run / "checkpoints" / "last.pt")["engine"]
+                         for run in ("straight", "older"))
+    assert "generator" not in resumed["envs"]["train"] and resumed["meta_iteration"] == 6
+    for name, value in straight["theta"].items():
+        assert torch.equal(value, resumed["theta"][name]), name
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bilevel_maml import build_engine
-from bilevel_maml.data import omniglot_small_tasksets
+from bilevel_maml.data import DeviceSinusoidTasks, SinusoidTasks, omniglot_small_tasksets
 from bilevel_maml.data.device_sampler import DeviceTaskSampler, UnsupportedTaskSource, sampler_from_taskset
 from bilevel_maml.data.omniglot import CharacterImages, task_dataset
 from bilevel_maml.env import EpisodicEnv
@@ -266,8 +266,8 @@ def test_build_engine_moves_builtin_splits_and_keeps_other_sources_on_learn2lear
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a plain callable stays on its path without a word
         assert not engine_for("auto", callable_source).env.on_device
-    with pytest.raises(ValueError, match="sampler='device' needs learn2learn Tasksets or DeviceTaskSamplers; the "
-                                         "train source is a function"):
+    with pytest.raises(ValueError, match="sampler='device' needs learn2learn Tasksets, SinusoidTasks or "
+                                         "DeviceTaskSources; the train source is a function"):
         engine_for("device", callable_source)
     pool = task_dataset(CharacterImages(coded_images()), 5, 2, num_tasks=20)
     with pytest.raises(ValueError, match="sampler='device': the train split cannot be drawn on the device: it "
@@ -278,3 +278,77 @@ def test_build_engine_moves_builtin_splits_and_keeps_other_sources_on_learn2lear
         engine_for("auto", {"train": pool, "validation": pool, "test": pool})
     with pytest.raises(ValueError, match="unknown sampler 'gpu'; choose one of: auto, device, learn2learn"):
         engine_for("gpu", callable_source)
+
+
+# -- sinusoids ---------------------------------------------------------------------------------------
+def sinusoid_fit(x, y):
+    """Per task, the least-squares ``a sin x + b cos x`` through all its points: the amplitude and
+    phase of ``A sin(x - φ)`` (a = A cos φ, b = -A sin φ) and the largest residual."""
+    basis = torch.cat([torch.sin(x), torch.cos(x)], dim=-1)                     # (tasks, points, 2)
+    coef = torch.linalg.lstsq(basis, y).solution                                # (tasks, 2, 1)
+    a, b = coef[:, 0, 0], coef[:, 1, 0]
+    residual = (basis @ coef - y).abs().amax(dim=(1, 2))
+    return torch.sqrt(a**2 + b**2), torch.atan2(-b, a), residual
+
+
+def assert_uniform(values, low, high):
+    """Mean, variance and the share below the midpoint of U[low, high], within 5 standard errors."""
+    n, width = len(values), high - low
+    assert abs(values.mean() - (low + high) / 2) <= 5 * width / math.sqrt(12 * n)
+    assert abs(values.var() - width**2 / 12) <= 5 * width**2 * math.sqrt(1 / 180 / n)  # Var of (X - μ)^2: w⁴/180
+    assert abs((values < (low + high) / 2).double().mean() - 0.5) <= 5 * 0.5 / math.sqrt(n)
+    assert values.min() >= low and values.max() <= high
+
+
+def test_device_sinusoids_are_one_sine_per_task_with_the_papers_ranges():
+    tasks = SinusoidTasks(points=20).on_device(shots=10, query_shots=5, device="cpu")
+    (xs, ys), (xq, yq) = tasks.sample(4000, tasks.generator(0), torch.float64)
+    assert xs.shape == ys.shape == (4000, 10, 1) and xq.shape == yq.shape == (4000, 5, 1)
+    assert xs.dtype == yq.dtype == torch.float64
+    # support and query of a task lie on one sine wave: one fit through both leaves nothing over
+    amplitude, phase, residual = sinusoid_fit(torch.cat([xs, xq], 1), torch.cat([ys, yq], 1))
+    assert residual.max() < 1e-9
+    assert_uniform(amplitude, 0.1, 5.0)
+    assert_uniform(phase, 0.0, math.pi)
+    assert_uniform(torch.cat([xs, xq], 1).flatten(), -5.0, 5.0)
+    # each task its own wave
+    assert len(torch.unique(amplitude)) == 4000
+
+
+def test_the_host_sinusoids_have_the_same_distribution():
+    """The reference: SinusoidTasks drawn task by task through the env (split at random) pass the same checks."""
+    env = EpisodicEnv(SinusoidTasks(points=15, dtype=torch.float64), shots=10, query_shots=5, regression=True)
+    (xs, ys), (xq, yq) = env.sample_tasks(2000)
+    amplitude, phase, residual = sinusoid_fit(torch.cat([xs, xq], 1), torch.cat([ys, yq], 1))
+    assert residual.max() < 1e-9
+    assert_uniform(amplitude, 0.1, 5.0)
+    assert_uniform(phase, 0.0, math.pi)
+
+
+def test_device_sinusoids_resume_their_stream_and_are_checked_against_the_env():
+    tasks = SinusoidTasks(points=20).on_device(shots=10, query_shots=10, device="cpu")
+    a, b = (EpisodicEnv(tasks, shots=10, regression=True, seed=5) for _ in range(2))
+    first = a.sample_tasks(3)
+    assert a.on_device and torch.equal(first[0][0], b.sample_tasks(3)[0][0])
+    saved, expected = a.state_dict(), a.sample_tasks(3)
+    fresh = EpisodicEnv(tasks, shots=10, regression=True, seed=99)
+    fresh.load_state_dict(saved)
+    assert torch.equal(fresh.sample_tasks(3)[1][1], expected[1][1])
+    with pytest.raises(ValueError, match="the DeviceSinusoidTasks draws regression tasks of 10 \\+ 10 points; this "
+                                         "env asks for 5-way tasks of 10 \\+ 10 examples per class"):
+        EpisodicEnv(tasks, ways=5, shots=10)
+    with pytest.raises(ValueError, match="a sampled task has 20 points but shots \\+ query_shots = 25 are needed"):
+        SinusoidTasks(points=20).on_device(shots=10, query_shots=15, device="cpu")
+
+
+def test_build_engine_draws_sinusoids_on_the_device_unless_told_otherwise():
+    def engine(sampler, source=None):
+        return build_engine("maml", MLP(1, 1, (8,)), source or SinusoidTasks(points=10), regression=True, shots=5,
+                            meta_batch_size=2, sampler=sampler, verbose=False)
+
+    drawn_on_device = engine("auto")
+    assert all(isinstance(env.tasks, DeviceSinusoidTasks)
+               for env in (drawn_on_device.env, drawn_on_device.valid_env, drawn_on_device.test_env))
+    assert engine("device").env.on_device and not engine("learn2learn").env.on_device
+    with pytest.raises(ValueError, match="a sampled task has 10 points but shots \\+ query_shots = 12 are needed"):
+        build_engine("maml", MLP(1, 1, (8,)), SinusoidTasks(points=10), regression=True, shots=6, verbose=False)

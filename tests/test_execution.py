@@ -12,7 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from bilevel_maml import ALGORITHMS, MAMLLower, MAMLPlusPlusLower, MAMLPlusPlusUpper, MAMLUpper, MetaEngine, models
+from bilevel_maml import (ALGORITHMS, MAMLLower, MAMLPlusPlusLower, MAMLPlusPlusUpper, MAMLUpper, MetaEngine,
+                          build_engine, models)
+from bilevel_maml.data import SinusoidTasks
 from bilevel_maml.data.device_sampler import DeviceTaskSampler
 from bilevel_maml.engine import NonFiniteError
 from bilevel_maml.env import EpisodicEnv
@@ -296,6 +298,42 @@ def test_captured_iterations_equal_eager_ones(algorithm):
     assert eager.env.tasks_sampled == captured.env.tasks_sampled == 6 * 4 + 0
     assert eager.task_learner._count == captured.task_learner._count
     assert torch.equal(eager.env.generator.get_state(), captured.env.generator.get_state())
+
+
+def sinusoid_engine(sampler="auto", device="cpu", cuda_graph=None, optimizer="adam"):
+    torch.manual_seed(0)
+    return build_engine("maml", models.MLP(1, 1, (16, 16)), SinusoidTasks(points=10), regression=True, shots=5,
+                        optimizer=optimizer, inner_lr=0.1, inner_steps=2, meta_batch_size=4,
+                        meta_iterations=CapturedExecution.WARMUP_ITERATIONS + 3, valid_step=10**9, device=device,
+                        sampler=sampler, cuda_graph=cuda_graph, precision="fp32", verbose=False)
+
+
+def test_sinusoid_regression_drawn_on_the_device_runs_captured():
+    """The sinusoid example's engine draws its tasks on the device by default, so nothing stops a
+    capture: its capturable region reads nothing on the host, and replays equal eager iterations.
+    (SGD here: Adam's capturable mode, which CUDA runs switch on, keeps its step count on a CUDA device.)"""
+    assert capture_blocker(sinusoid_engine("learn2learn")).startswith("the training tasks are drawn on the host")
+    assert capture_blocker(sinusoid_engine()) is None
+    assert first_host_read_in_capturable_region(sinusoid_engine(optimizer="sgd")) is None
+    eager, captured = sinusoid_engine(optimizer="sgd"), sinusoid_engine(optimizer="sgd")
+    strategy = CapturedOnCPU(captured)
+    captured.use_execution(strategy)
+    for run in (eager, captured):
+        run.run()
+    assert strategy.graph.replays == 3
+    assert all(torch.equal(a, b) for a, b in zip(eager.meta_learner.trainable_parameters(),
+                                                 captured.meta_learner.trainable_parameters()))
+    assert torch.equal(eager.env.generator.get_state(), captured.env.generator.get_state())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_the_sinusoid_engine_runs_captured_and_equals_eager():
+    eager, captured = sinusoid_engine(device="cuda", cuda_graph=False), sinusoid_engine(device="cuda")
+    for run in (eager, captured):
+        run.run()
+    assert captured.execution.name == "cuda-graph" and captured.execution.graph is not None, captured.eager_reason
+    assert max((a - b).abs().max().item() for a, b in zip(eager.meta_learner.trainable_parameters(),
+                                                          captured.meta_learner.trainable_parameters())) <= 1e-5
 
 
 class SwitchingLower(MAMLPlusPlusLower):

@@ -7,11 +7,12 @@ from bilevel_maml.data.omniglot import (
     omniglot_small_tasksets,
     task_dataset,
 )
-from bilevel_maml.data.sinusoid import SinusoidTasks
+from bilevel_maml.data.sinusoid import DeviceSinusoidTasks, SinusoidTasks
 
 __all__ = [
     "CharacterImages",
     "DataNotFoundError",
+    "DeviceSinusoidTasks",
     "SinusoidTasks",
     "Tasksets",
     "omniglot_small_tasksets",

@@ -38,7 +38,49 @@ class UnsupportedTaskSource(ValueError):
     """A task source with no exact device-resident equivalent; the message says which part."""
 
 
-class DeviceTaskSampler:
+class DeviceTaskSource:
+    """A task source that draws whole meta-batches on its device from a ``torch.Generator`` there,
+    without a host synchronisation, so a captured CUDA graph can draw its own tasks.
+    :class:`~bilevel_maml.env.EpisodicEnv` takes one as it is (its generator state goes into
+    checkpoints). Subclasses set ``ways`` (None for regression), ``shots``, ``query_shots`` and
+    ``regression``, and implement :attr:`device`, :meth:`to` and :meth:`sample`.
+    """
+
+    regression = False
+
+    @property
+    def device(self) -> torch.device:
+        raise NotImplementedError
+
+    def to(self, device) -> "DeviceTaskSource":
+        """Moves what the source holds to ``device`` (in place; returns self).
+
+        :param device: the target device.
+        """
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        """Bytes the source holds on its device."""
+        return 0
+
+    def generator(self, seed: int) -> torch.Generator:
+        """A new random stream on this source's device.
+
+        :param seed: the stream's seed.
+        """
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def sample(self, count: int, generator: torch.Generator, dtype: torch.dtype | None = None):
+        """``count`` tasks as ``((xs, ys), (xq, yq))``, stacked along a leading task axis.
+
+        :param count: tasks to draw.
+        :param generator: the random stream (from :meth:`generator`), advanced by the draw.
+        :param dtype: dtype of the inputs (default: the source's own).
+        """
+        raise NotImplementedError
+
+
+class DeviceTaskSampler(DeviceTaskSource):
     """Draws few-shot classification tasks from tensors held on one device.
 
     :param images: every example of the split, stacked: ``(examples, *shape)``. ``uint8`` images
@@ -106,13 +148,6 @@ class DeviceTaskSampler:
             self.images, self.members, self.padding, self.turns = (
                 t.to(device) for t in (self.images, self.members, self.padding, self.turns))
         return self
-
-    def generator(self, seed: int) -> torch.Generator:
-        """A new random stream on this sampler's device.
-
-        :param seed: the stream's seed.
-        """
-        return torch.Generator(device=self.device).manual_seed(seed)
 
     def sample(self, count: int, generator: torch.Generator, dtype: torch.dtype | None = None):
         """``count`` tasks as ``((xs, ys), (xq, yq))``, stacked along a leading task axis: support
@@ -269,4 +304,5 @@ def device_memory_budget(device) -> int:
     return int(total * DEFAULT_MEMORY_FRACTION)
 
 
-__all__ = ["DeviceTaskSampler", "UnsupportedTaskSource", "device_memory_budget", "sampler_from_taskset"]
+__all__ = ["DeviceTaskSampler", "DeviceTaskSource", "UnsupportedTaskSource", "device_memory_budget",
+           "sampler_from_taskset"]
