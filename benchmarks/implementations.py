@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from bilevel_maml.data.device_sampler import DeviceTaskSampler
+from bilevel_maml.data.device_sampler import DeviceTaskSource
 from bilevel_maml.engine import MetaEngine
 from bilevel_maml.env import EpisodicEnv
 from bilevel_maml.execution import CapturedExecution, largest_cpu_chunk, precision_scope
@@ -40,12 +40,12 @@ INNER_LR, META_LR, LAM, CG_ITERATIONS = 0.4, 1e-3, 1.0, 5
 PRECISION = {"value": "fp32"}
 
 
-class FixedTasks(DeviceTaskSampler):
+class FixedTasks(DeviceTaskSource):
     """The benchmark's meta-batch as a device-resident task source: every draw of the whole
     meta-batch returns it, smaller draws cycle through its tasks. (Device-resident, so that our
     meta-iteration can be captured; the tensors are the ones every implementation gets.)"""
 
-    def __init__(self, tasks):  # noqa: D107 - no split to hold, so DeviceTaskSampler's set-up is skipped
+    def __init__(self, tasks):
         self.xs, self.ys, self.xq, self.yq = tasks
         self.ways = int(self.ys[0].max()) + 1
         self.shots = self.xs.shape[1] // self.ways

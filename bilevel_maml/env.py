@@ -165,6 +165,12 @@ class EpisodicEnv(Env):
         self.ways = None if regression else check_positive_int("ways", ways)
         self.shots = check_positive_int("shots", shots)
         self.query_shots = self.shots if query_shots is None else check_positive_int("query_shots", query_shots)
+        if self.on_device:
+            unset = [name for name in ("shots", "query_shots", *(() if tasks.regression else ("ways",)))
+                     if getattr(tasks, name) is None]
+            if unset:
+                raise TypeError(f"{type(tasks).__name__} is a DeviceTaskSource but does not set {', '.join(unset)}: "
+                                f"the episodes it draws (ways is None for regression)")
         asked = (regression, self.ways, self.shots, self.query_shots)
         if self.on_device and asked != (tasks.regression, tasks.ways, tasks.shots, tasks.query_shots):
             def episodes(regression, ways, shots, query_shots):

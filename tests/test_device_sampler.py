@@ -9,7 +9,8 @@ import torch
 
 from bilevel_maml import build_engine
 from bilevel_maml.data import DeviceSinusoidTasks, SinusoidTasks, omniglot_small_tasksets
-from bilevel_maml.data.device_sampler import DeviceTaskSampler, UnsupportedTaskSource, sampler_from_taskset
+from bilevel_maml.data.device_sampler import (DeviceTaskSampler, DeviceTaskSource, UnsupportedTaskSource,
+                                              sampler_from_taskset)
 from bilevel_maml.data.omniglot import CharacterImages, task_dataset
 from bilevel_maml.env import EpisodicEnv
 from bilevel_maml.models import MLP
@@ -352,3 +353,15 @@ def test_build_engine_draws_sinusoids_on_the_device_unless_told_otherwise():
     assert engine("device").env.on_device and not engine("learn2learn").env.on_device
     with pytest.raises(ValueError, match="a sampled task has 10 points but shots \\+ query_shots = 12 are needed"):
         build_engine("maml", MLP(1, 1, (8,)), SinusoidTasks(points=10), regression=True, shots=6, verbose=False)
+
+
+def test_a_device_source_of_ones_own_must_say_what_it_draws():
+    class Mine(DeviceTaskSource):
+        shots = 1
+
+        @property
+        def device(self):
+            return torch.device("cpu")
+
+    with pytest.raises(TypeError, match="^Mine is a DeviceTaskSource but does not set query_shots, ways: the episodes"):
+        EpisodicEnv(Mine(), ways=5, shots=1)

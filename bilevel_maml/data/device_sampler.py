@@ -47,6 +47,9 @@ class DeviceTaskSource:
     """
 
     regression = False
+    ways: int | None = None
+    shots: int | None = None
+    query_shots: int | None = None
 
     @property
     def device(self) -> torch.device:
