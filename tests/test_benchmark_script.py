@@ -171,16 +171,17 @@ def test_equal_iterations_benchmark_trains_each_algorithm_as_long_and_states_its
     assert "device cpu, precision fp32, 10 test tasks" in tables.stdout and "| maml++ | " in tables.stdout
 
 
-def test_distributed_benchmark_runs_each_process_count_and_states_precision_and_execution(tmp_path, omniglot_root):
+def test_distributed_benchmark_states_precision_and_execution_of_each_row(tmp_path, omniglot_root):
+    """Two gloo processes only (torchrun's start-up is most of the time; tests/test_distributed.py covers 1 vs 2)."""
     out = tmp_path / "scaling.json"
     done = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "distributed.py"), "--data-root", str(omniglot_root),
-         "--processes", "1", "2", "--meta-batch-size", "2", "--iterations", "1", "--warmup", "0",
+         "--processes", "2", "--meta-batch-size", "2", "--iterations", "1", "--warmup", "0",
          "--precision", "fp32", "--json", str(out)],
         capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["processes"], r["backend"], r["tasks_per_rank"]) for r in rows] == [(1, "none", 2), (2, "gloo", 1)]
+    assert [(r["processes"], r["backend"], r["tasks_per_rank"]) for r in rows] == [(2, "gloo", 1)]
     assert all(r["precision"] == "fp32" and r["execution"] == "eager" and r["tasks_per_second"] > 0 for r in rows)
     tables = subprocess.run([sys.executable, str(REPO / "benchmarks" / "render_tables.py"), str(out)],
                             capture_output=True, text=True, timeout=120)
