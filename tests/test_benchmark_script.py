@@ -16,22 +16,36 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 
+def run_benchmark(script: str, data_root, out, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """``benchmarks/<script>`` run with ``--data-root data_root --json out`` and ``args``: the finished
+    process (its exit status checked) and the JSON report it wrote."""
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--data-root", str(data_root), *args,
+                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done, json.loads(Path(out).read_text())
+
+
+def rendered(out) -> str:
+    """The tables ``benchmarks/render_tables.py`` prints for the report ``out``."""
+    tables = subprocess.run([sys.executable, str(REPO / "benchmarks" / "render_tables.py"), str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert tables.returncode == 0, tables.stderr[-2000:]
+    return tables.stdout
+
+
 def test_meta_iteration_benchmark_reports_ratios_limits_and_memory(tmp_path, omniglot_root):
     out = tmp_path / "bench.json"
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "meta_iteration.py"), "--data-root", str(omniglot_root),
-         "--meta-batch-size", "2", "--steps", "1", "--queries", "1", "--memory-steps", "1", "2", "--repeats", "1",
-         "--implementations", "ours maml vectorized", "ours maml per-task", "ours fomaml vectorized",
-         "learn2learn maml", "learn2learn fomaml", "textbook maml loop", "ours maml vectorized (cuda graph)",
-         "--breakdown", "--sections", "meta-iteration", "--json", str(out)],
-        capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    done, report = run_benchmark(
+        "meta_iteration.py", omniglot_root, out,
+        "--meta-batch-size", "2", "--steps", "1", "--queries", "1", "--memory-steps", "1", "2", "--repeats", "1",
+        "--implementations", "ours maml vectorized", "ours maml per-task", "ours fomaml vectorized",
+        "learn2learn maml", "learn2learn fomaml", "textbook maml loop", "ours maml vectorized (cuda graph)",
+        "--breakdown", "--sections", "meta-iteration")
     assert "device: cpu" in done.stdout and "conv throughput" in done.stdout and "precision fp32" in done.stdout
     assert "ours maml vectorized (cuda graph): skipped, CUDA graphs need a CUDA device" in done.stdout
     assert "× the meta-iterations/s of learn2learn maml" in done.stdout
     assert "FOMAML vs MAML (vectorized)" in done.stdout
     assert "ours imaml vectorized: peak memory at 2 inner steps is" in done.stdout
-    report = json.loads(out.read_text())
     assert report["precision"] == "fp32" and all(row["precision"] == "fp32" for row in report["rows"])
     assert report["notes"] == ["ours maml vectorized (cuda graph): skipped, CUDA graphs need a CUDA device"]
     names = {row["implementation"] for row in report["rows"]}
@@ -45,10 +59,8 @@ def test_meta_iteration_benchmark_reports_ratios_limits_and_memory(tmp_path, omn
         by_layer = row["seconds_by_layer"]
         assert set(by_layer) == {"convolution", "batch norm", "max-pool", "relu", "other"}
         assert all(by_layer[kind] > 0 for kind in ("convolution", "batch norm", "max-pool", "relu")), by_layer
-    tables = subprocess.run([sys.executable, str(REPO / "benchmarks" / "render_tables.py"), str(out)],
-                            capture_output=True, text=True, timeout=120)
-    assert tables.returncode == 0, tables.stderr[-2000:]
-    assert "| 1 | 1 | ours maml vectorized |" in tables.stdout and "Share of one profiled" in tables.stdout
+    tables = rendered(out)
+    assert "| 1 | 1 | ours maml vectorized |" in tables and "Share of one profiled" in tables
 
 
 def one_step(name, monkeypatch):
@@ -116,15 +128,13 @@ def test_benchmark_runs_finn_et_al_strided_network(tmp_path, omniglot_root):
     reports = {}
     for model in ("conv4", "conv4-strided"):
         out = tmp_path / f"{model}.json"
-        done = subprocess.run(
-            [sys.executable, str(REPO / "benchmarks" / "meta_iteration.py"), "--data-root", str(omniglot_root),
-             "--model", model, "--meta-batch-size", "2", "--steps", "1", "--queries", "1", "--memory-steps",
-             "--repeats", "1", "--implementations", "ours maml vectorized", "learn2learn maml",
-             "--sections", "meta-iteration", "--json", str(out)],
-            capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-2000:]
+        done, report = run_benchmark(
+            "meta_iteration.py", omniglot_root, out,
+            "--model", model, "--meta-batch-size", "2", "--steps", "1", "--queries", "1", "--memory-steps",
+            "--repeats", "1", "--implementations", "ours maml vectorized", "learn2learn maml",
+            "--sections", "meta-iteration")
         assert f"{model}-64, 28×28" in done.stdout
-        reports[model] = json.loads(out.read_text())
+        reports[model] = report
     assert reports["conv4-strided"]["model"] == "conv4-strided"
     strided, pooled = (reports[m]["rows"][0]["gflop"] for m in ("conv4-strided", "conv4"))
     assert 0 < strided < pooled / 2
@@ -132,13 +142,10 @@ def test_benchmark_runs_finn_et_al_strided_network(tmp_path, omniglot_root):
 
 def test_equal_budget_benchmark_trains_each_learner_for_the_budget_and_scores_it(tmp_path, omniglot_root):
     out = tmp_path / "budget.json"
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "equal_budget.py"), "--data-root", str(omniglot_root),
-         "--model", "conv4-strided", "--budget-minutes", "0.05", "--meta-batch-size", "2", "--test-tasks", "20",
-         "--learners", "learn2learn maml", "ours maml", "--device", "cpu", "--json", str(out)],
-        capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads(out.read_text())
+    done, report = run_benchmark(
+        "equal_budget.py", omniglot_root, out,
+        "--model", "conv4-strided", "--budget-minutes", "0.05", "--meta-batch-size", "2", "--test-tasks", "20",
+        "--learners", "learn2learn maml", "ours maml", "--device", "cpu")
     assert report["settings"]["model"] == "conv4-strided"
     assert report["settings"]["precision"] == "fp32" and "precision fp32" in done.stdout
     assert [r["learner"] for r in report["results"]] == ["learn2learn maml", "ours maml"]
@@ -147,57 +154,44 @@ def test_equal_budget_benchmark_trains_each_learner_for_the_budget_and_scores_it
         assert row["meta_iterations"] >= 1 and row["train_seconds"] >= 3.0  # trained for the budget
         assert row["tasks"] == 20 and 0.0 <= row["accuracy"] <= 1.0
     assert "ours maml: " in done.stdout and "learn2learn MAML" in done.stdout
-    tables = subprocess.run([sys.executable, str(REPO / "benchmarks" / "render_tables.py"), str(out)],
-                            capture_output=True, text=True, timeout=120)
-    assert tables.returncode == 0 and "model conv4-strided" in tables.stdout, tables.stderr[-2000:]
-    assert "device cpu, precision fp32" in tables.stdout and "| ours maml | eager | " in tables.stdout
+    tables = rendered(out)
+    assert "model conv4-strided" in tables
+    assert "device cpu, precision fp32" in tables and "| ours maml | eager | " in tables
 
 
 def test_equal_iterations_benchmark_trains_each_algorithm_as_long_and_states_its_settings(tmp_path, omniglot_root):
     out = tmp_path / "iterations.json"
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "equal_iterations.py"), "--data-root", str(omniglot_root),
-         "--algorithms", "maml", "maml++", "--iterations", "2", "--meta-batch-size", "2", "--width", "8",
-         "--test-tasks", "10", "--device", "cpu", "--json", str(out)],
-        capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads(out.read_text())
+    done, report = run_benchmark(
+        "equal_iterations.py", omniglot_root, out,
+        "--algorithms", "maml", "maml++", "--iterations", "2", "--meta-batch-size", "2", "--width", "8",
+        "--test-tasks", "10", "--device", "cpu")
     assert report["settings"]["precision"] == "fp32" and report["settings"]["iterations"] == 2
     assert [r["algorithm"] for r in report["rows"]] == ["maml", "maml++"]
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["training_seconds"] > 0 for r in report["rows"])
-    tables = subprocess.run([sys.executable, str(REPO / "benchmarks" / "render_tables.py"), str(out)],
-                            capture_output=True, text=True, timeout=120)
-    assert tables.returncode == 0, tables.stderr[-2000:]
-    assert "device cpu, precision fp32, 10 test tasks" in tables.stdout and "| maml++ | " in tables.stdout
+    tables = rendered(out)
+    assert "device cpu, precision fp32, 10 test tasks" in tables and "| maml++ | " in tables
 
 
 def test_distributed_benchmark_states_precision_and_execution_of_each_row(tmp_path, omniglot_root):
     """Two gloo processes only (torchrun's start-up is most of the time; tests/test_distributed.py covers 1 vs 2)."""
     out = tmp_path / "scaling.json"
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "distributed.py"), "--data-root", str(omniglot_root),
-         "--processes", "2", "--meta-batch-size", "2", "--iterations", "1", "--warmup", "0",
-         "--precision", "fp32", "--json", str(out)],
-        capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
+    done, report = run_benchmark(
+        "distributed.py", omniglot_root, out,
+        "--processes", "2", "--meta-batch-size", "2", "--iterations", "1", "--warmup", "0",
+        "--precision", "fp32")
+    rows = report["rows"]
     assert [(r["processes"], r["backend"], r["tasks_per_rank"]) for r in rows] == [(2, "gloo", 1)]
     assert all(r["precision"] == "fp32" and r["execution"] == "eager" and r["tasks_per_second"] > 0 for r in rows)
-    tables = subprocess.run([sys.executable, str(REPO / "benchmarks" / "render_tables.py"), str(out)],
-                            capture_output=True, text=True, timeout=120)
-    assert tables.returncode == 0, tables.stderr[-2000:]
-    assert "device cpu, precision fp32;" in tables.stdout and "| 2 | 1 | gloo | 1 | eager | " in tables.stdout
+    tables = rendered(out)
+    assert "device cpu, precision fp32;" in tables and "| 2 | 1 | gloo | 1 | eager | " in tables
 
 
 def test_end_to_end_evaluation_and_sampling_sections(tmp_path, omniglot_root):
     out = tmp_path / "sections.json"
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "meta_iteration.py"), "--data-root", str(omniglot_root),
-         "--meta-batch-size", "4", "--steps", "1", "--sections", "end-to-end", "evaluation", "sampling",
-         "--end-to-end-iterations", "2", "--eval-tasks", "20", "--repeats", "2", "--json", str(out)],
-        capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads(out.read_text())
+    done, report = run_benchmark(
+        "meta_iteration.py", omniglot_root, out,
+        "--meta-batch-size", "4", "--steps", "1", "--sections", "end-to-end", "evaluation", "sampling",
+        "--end-to-end-iterations", "2", "--eval-tasks", "20", "--repeats", "2")
     assert [r["setup"] for r in report["end_to_end"]] == [
         "ours, device sampler, eager", "ours, learn2learn sampler, eager", "learn2learn (its own loop)"]
     assert all(r["tasks_per_second"] > 0 and r["inner_steps"] == 1 for r in report["end_to_end"])
@@ -209,10 +203,8 @@ def test_end_to_end_evaluation_and_sampling_sections(tmp_path, omniglot_root):
         evaluation["task by task, device sampler"]["accuracy"], abs=1e-6)
     assert {r["sampler"] for r in report["sampling"]} == {"device sampler", "learn2learn sampler"}
     assert "sampling 4 tasks, device sampler:" in done.stdout
-    tables = subprocess.run([sys.executable, str(REPO / "benchmarks" / "render_tables.py"), str(out)],
-                            capture_output=True, text=True, timeout=120)
-    assert tables.returncode == 0, tables.stderr[-2000:]
-    assert "| 1 | ours, device sampler, eager |" in tables.stdout and "| device sampler |" in tables.stdout
+    tables = rendered(out)
+    assert "| 1 | ours, device sampler, eager |" in tables and "| device sampler |" in tables
 
 
 def test_bench_runs_the_benchmark_under_its_own_name():
@@ -268,15 +260,13 @@ print(worst)
 def test_the_benchmark_times_jax_after_checking_it(tmp_path, omniglot_root):
     jax_or_skip()
     out = tmp_path / "jax.json"
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "meta_iteration.py"), "--data-root", str(omniglot_root),
-         "--meta-batch-size", "2", "--steps", "1", "--queries", "1", "--memory-steps", "--repeats", "1",
-         "--sections", "meta-iteration", "--implementations", "ours maml vectorized", "jax maml (jit + vmap)",
-         "--json", str(out)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    done, report = run_benchmark(
+        "meta_iteration.py", omniglot_root, out,
+        "--meta-batch-size", "2", "--steps", "1", "--queries", "1", "--memory-steps", "--repeats", "1",
+        "--sections", "meta-iteration", "--implementations", "ours maml vectorized", "jax maml (jit + vmap)")
     assert "JAX (cpu: cpu): meta-gradient at 1 inner step within" in done.stdout
     assert "× JAX's time per meta-iteration" in done.stdout
-    rows = {r["implementation"]: r for r in json.loads(out.read_text())["rows"]}
+    rows = {r["implementation"]: r for r in report["rows"]}
     assert rows["jax maml (jit + vmap)"]["seconds"] > 0 and rows["jax maml (jit + vmap)"]["peak_mb"] is None
 
 

@@ -70,7 +70,6 @@ class DeviceSinusoidTasks(DeviceTaskSource):
     """
 
     regression = True
-    ways = None
 
     def __init__(self, shots: int, query_shots: int, amplitude=(0.1, 5.0), phase=(0.0, math.pi),
                  x_range=(-5.0, 5.0), dtype: torch.dtype = torch.float32, device="cpu"):
