@@ -184,9 +184,10 @@ class EpisodicEnv(Env):
         self.tasks_sampled = 0
         self._device = None
         self.device = device
-        #: tasks per :meth:`step`; above 1, ``batch`` holds them stacked along a leading task axis
-        #: (the engine's vectorized path sets it to the tasks it adapts at once).
+        #: tasks per :meth:`step`, and whether ``batch`` holds them stacked along a leading task axis
+        #: (the engine's vectorized path sets both: the tasks it adapts at once, which may be one).
         self.tasks_per_step = 1
+        self.stacked = False
         self.batch = {"support": None, "query": None}
 
     @property
@@ -263,10 +264,10 @@ class EpisodicEnv(Env):
         )
 
     def step(self):
-        if self.tasks_per_step == 1:
-            self.batch["support"], self.batch["query"] = self.sample_task()
-        else:
+        if self.stacked:
             self.batch["support"], self.batch["query"] = self.sample_tasks(self.tasks_per_step)
+        else:
+            self.batch["support"], self.batch["query"] = self.sample_task()
         self.tasks_sampled += self.tasks_per_step
 
     def check(self) -> None:

@@ -3,8 +3,8 @@
 :class:`~bilevel_maml.engine.MetaEngine` says *what* a meta-iteration is (an env step per task or
 chunk, the inner steps, the Upper's step, in Betty's order); the strategies here say *how* it runs:
 
-* :class:`EagerExecution`: Betty steps the problems, ``tasks_per_step`` tasks at a time (1: task by
-  task; more: ``torch.func.vmap`` over stacked tasks, see :func:`plan_tasks_per_call`). The host
+* :class:`EagerExecution`: Betty steps the problems, ``tasks_per_step`` tasks at a time (task by
+  task, or ``torch.func.vmap`` over stacked tasks: see :func:`plan_tasks_per_call`). The host
   reads the iteration's statistics and non-finite checks once, just before the outer step.
 * :class:`CapturedExecution` (CUDA): the same steps, captured once as a CUDA graph after a few
   eager warm-up iterations and replayed, so a meta-iteration is one launch instead of ~1,700. The
@@ -121,6 +121,7 @@ def plan_vectorization(engine, vectorize: bool | int) -> None:
         # One Betty step of each problem now covers `tasks` tasks; the Upper accumulates the rest.
         engine.vectorized = True
         engine.tasks_per_step = engine.env.tasks_per_step = tasks
+        engine.env.stacked = True
         engine.task_learner.tasks_in_batch = engine.meta_learner.tasks_in_batch = tasks
         engine.meta_learner.gas = engine.meta_batch_size // tasks
     engine.evaluation_tasks_per_call = evaluation_tasks_per_call(

@@ -37,7 +37,7 @@ class RecordingSGD(torch.optim.SGD):
 def tasks_in_batch(env):
     """The tasks of ``env.batch`` as ``((xs, ys), (xq, yq))`` each."""
     (xs, ys), (xq, yq) = env.batch["support"], env.batch["query"]
-    if env.tasks_per_step == 1:
+    if not env.stacked:
         return [((xs, ys), (xq, yq))]
     # the vectorized path stacks the meta-batch along a leading task axis
     return [((xs[i], ys[i]), (xq[i], yq[i])) for i in range(env.tasks_per_step)]

@@ -47,14 +47,16 @@ def test_vectorized_and_per_task_meta_gradients_agree(algorithm, make_model, sou
     model = make_model().double()
     twin = copy.deepcopy(model)
     chunked_twin = copy.deepcopy(model)
+    one_each_twin = copy.deepcopy(model)
     per_task = meta_gradient(algorithm, model, source(), vectorize=False)
     vectorized = meta_gradient(algorithm, twin, source(), vectorize=True)
     chunked = meta_gradient(algorithm, chunked_twin, source(), vectorize=2)  # 2 tasks per vmap, 2 chunks
-    assert len(per_task) == len(vectorized) == len(chunked) == 2  # two meta-iterations, θ moved in between
-    for step_a, step_b, step_c in zip(per_task, vectorized, chunked):
-        for a, b, c in zip(step_a, step_b, step_c):
-            assert torch.allclose(a, b, atol=1e-6, rtol=0), (a - b).abs().max()
-            assert torch.allclose(a, c, atol=1e-6, rtol=0), (a - c).abs().max()
+    one_each = meta_gradient(algorithm, one_each_twin, source(), vectorize=1)  # a task axis of 1, 4 chunks
+    assert len(per_task) == len(vectorized) == len(chunked) == len(one_each) == 2  # θ moved in between
+    for step_a, *steps in zip(per_task, vectorized, chunked, one_each):
+        for a, *others in zip(step_a, *steps):
+            for b in others:
+                assert torch.allclose(a, b, atol=1e-6, rtol=0), (a - b).abs().max()
     assert any(g.abs().max() > 1e-3 for g in per_task[0])
 
 
