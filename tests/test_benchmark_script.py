@@ -1,6 +1,7 @@
 """The benchmark script runs end to end and reports what it promises (timings are not asserted:
 speed targets are read from its output, see README "Speed")."""
 
+import importlib.util
 import json
 import os
 import runpy
@@ -268,6 +269,21 @@ def test_the_benchmark_times_jax_after_checking_it(tmp_path, omniglot_root):
     assert "× JAX's time per meta-iteration" in done.stdout
     rows = {r["implementation"]: r for r in report["rows"]}
     assert rows["jax maml (jit + vmap)"]["seconds"] > 0 and rows["jax maml (jit + vmap)"]["peak_mb"] is None
+
+
+def test_the_xla_grouped_convolution_comparison_checks_both_compute_the_same_before_timing():
+    """benchmarks/xla_cpu_grouped_conv.py (why the JAX row is slow on a CPU) times a computation only
+    after XLA's and PyTorch's grouped convolution and filter gradient agree; without JAX, one line."""
+    script = [sys.executable, str(REPO / "benchmarks" / "xla_cpu_grouped_conv.py"), "--tasks", "2", "--repeats", "1"]
+    done = subprocess.run(script, capture_output=True, text=True, timeout=300)
+    if importlib.util.find_spec("jax") is None:
+        assert done.returncode == 2 and done.stderr.strip() == (
+            "error: jax is not importable: pip install jax (beside the venv, e.g. --target /tmp/jax)")
+        return
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "XLA and PyTorch agree" in done.stdout
+    rows = [line.split() for line in done.stdout.splitlines()[1:]]
+    assert [row[0] for row in rows] == ["forward", "filter"] and all(float(row[-1].rstrip("x")) > 0 for row in rows)
 
 
 def cuda_only_tests() -> set[str]:
