@@ -222,14 +222,21 @@ def _distributed_options(parser: argparse.ArgumentParser) -> None:
                         help="under torchrun: seconds a rank waits for the others before stopping with an error")
 
 
-def _logging_options(parser: argparse.ArgumentParser) -> None:
+#: the W&B settings a run keeps (in its config) and ``train`` defaults to; ``resume`` continues with the run's
+RUN_LOGGING_DEFAULTS = {"wandb": "offline", "wandb_project": "bilevel-maml", "run_name": None, "group": None, "tags": []}
+
+
+def _logging_options(parser: argparse.ArgumentParser, existing_run: bool = False) -> None:
+    """The W&B and progress options; for an ``existing_run`` (resume) the W&B ones default to the run's."""
     add = parser.add_argument
-    add("--wandb", choices=WandbLogger.MODES, default="offline",
-        help="W&B mode: offline needs no account (sync later with `wandb sync`), online uses your own key")
-    add("--wandb-project", default="bilevel-maml", help="W&B project")
-    add("--run-name", help="W&B run name (default: the run folder's name)")
-    add("--group", help="W&B group")
-    add("--tags", nargs="*", default=[], help="W&B tags")
+    default = {name: None for name in RUN_LOGGING_DEFAULTS} if existing_run else RUN_LOGGING_DEFAULTS
+    run_s = " (default: the run's)" if existing_run else ""
+    add("--wandb", choices=WandbLogger.MODES, default=default["wandb"],
+        help=f"W&B mode: offline needs no account (sync later with `wandb sync`), online uses your own key{run_s}")
+    add("--wandb-project", default=default["wandb_project"], help=f"W&B project{run_s}")
+    add("--run-name", help="W&B run name (default: " + ("the run's" if existing_run else "the run folder's name") + ")")
+    add("--group", help=f"W&B group{run_s}")
+    add("--tags", nargs="*", default=default["tags"], help=f"W&B tags{run_s}")
     add("--progress", action=argparse.BooleanOptionalAction, default=None,
         help="show a progress bar: loss, accuracy, tasks/s, validation accuracy, ETA "
              "(default: only when stderr is a terminal)")
@@ -274,13 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     resume = command("resume", "continue an interrupted or finished run",
                      "Continue a stopped or killed run from its newest intact checkpoint (last.pt, else "
-                     "previous.pt, else best.pt), in the same W&B run; --iterations N extends it. On a finished "
+                     "previous.pt, else best.pt), in the same W&B run (the run's W&B settings unless flags change them); "
+                     "--iterations N extends it. On a finished "
                      "run (trained and tested) it says so, changes nothing and exits 0.")
     resume.add_argument("--output", required=True, metavar="FOLDER", help="run folder holding checkpoints/last.pt")
     resume.add_argument("--iterations", type=positive_int, help="new total of meta-iterations (default: the run's)")
     _existing_run_options(resume)
     _distributed_options(resume)
-    _logging_options(resume)
+    _logging_options(resume, existing_run=True)
 
     plot = command("plot", "learning curves of a run as a PNG",
                    "Draw the run's learning curves (training loss and accuracy per meta-iteration, validation mean "
@@ -655,6 +663,10 @@ def command_resume(args: argparse.Namespace) -> dict:
         config["sampler"] = "device" if drawn_on_device else "learn2learn"
     if args.iterations is not None:  # checked by the parser
         config["iterations"] = args.iterations
+    for name, default in RUN_LOGGING_DEFAULTS.items():  # the same W&B run, unless a flag says otherwise
+        if getattr(args, name) is None:
+            setattr(args, name, config.get(name, default))
+        config[name] = getattr(args, name)
     device = _device(args.device or config["device"])
     reached, result = checkpoint["engine"]["meta_iteration"], output / "result.json"
     if reached >= config["iterations"] and result.is_file():  # trained and tested: nothing left to do

@@ -69,7 +69,8 @@ def assert_same_run(resumed: Path, straight: Path):
 def test_a_signal_stops_after_the_iteration_checkpoints_and_resume_continues_exactly(tmp_path, straight, stop, status,
                                                                                      wandb):
     output = tmp_path / "run"
-    stopped = cli(training(output, wandb=wandb), signal_at=5, signals=(stop,))
+    wandb_identity = ["--wandb-project", "sines", "--group", "stops", "--tags", "a", "b"] if wandb == "offline" else []
+    stopped = cli(training(output, wandb=wandb) + wandb_identity, signal_at=5, signals=(stop,))
     assert stopped.returncode == status, stopped.stderr[-2000:]
     assert "Traceback" not in stopped.stderr
     assert f"stopped by {stop} after meta-iteration 5 of {ITERATIONS}" in stopped.stderr
@@ -79,13 +80,18 @@ def test_a_signal_stops_after_the_iteration_checkpoints_and_resume_continues_exa
     assert engine_state(output / "checkpoints" / "last.pt")["meta_iteration"] == 5
     assert not (output / ".lock").exists()
 
-    resumed = cli(["resume", "--output", str(output), "--wandb", wandb])
+    resumed = cli(["resume", "--output", str(output)])  # the command the stop printed: the run's W&B settings
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "(from iteration 5)" in resumed.stdout  # it started where the stop left off
     assert_same_run(output, straight)
-    if wandb == "offline":
+    if wandb == "disabled":
+        assert not (output / "wandb").exists()
+    else:
         runs = sorted((output / "wandb").glob("offline-run-*"))
         assert len(runs) == 2 and runs[0].name.split("-")[-1] == runs[1].name.split("-")[-1]  # one W&B run id
+        resumed_part = read_offline_run(runs[1])["run"]  # the W&B run as the resumed part logged it
+        assert resumed_part == {"id": runs[0].name.split("-")[-1], "project": "sines", "group": "stops",
+                                "tags": ["a", "b"], "name": "run"}
         second_part = read_offline_run(runs[1])["history"]
         merged = read_offline_run(runs[0])
         assert len(merged["parts"]) == 2
