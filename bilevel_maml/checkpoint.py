@@ -99,6 +99,14 @@ def _first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+def _written_by_torch_save(path: Path) -> bool:
+    """Whether the file starts as torch.save's files do (a zip archive, or a legacy pickle's protocol
+    opcode); weights_only refuses any other bytes as an "unpickling" error too (a JSON file, say)."""
+    with open(path, "rb") as file:
+        head = file.read(2)
+    return head == b"PK" or head[:1] == b"\x80"
+
+
 def load_checkpoint(path) -> dict:
     """Load and check a checkpoint written by :func:`save_checkpoint`; raises
     :class:`CheckpointError` (one line naming the file and what is wrong) for anything else.
@@ -113,8 +121,11 @@ def load_checkpoint(path) -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(f"no checkpoint at {str(path)!r}") from None
     except pickle.UnpicklingError as error:
-        raise CheckpointError(f"{path} holds more than tensors and plain values ({_first_line(error)}); "
-                              f"refused: loading it could run code") from None
+        if _written_by_torch_save(path):
+            raise CheckpointError(f"{path} holds more than tensors and plain values ({_first_line(error)}); "
+                                  f"refused: loading it could run code") from None
+        raise CheckpointError(f"{path} is damaged or not a checkpoint (not a file torch.save writes: "
+                              f"{_first_line(error)})") from None
     except Exception as error:  # torch reports a truncated or garbled file in many ways
         raise CheckpointError(f"{path} is damaged or not a checkpoint "
                               f"({type(error).__name__}: {_first_line(error)})") from None

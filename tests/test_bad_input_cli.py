@@ -93,6 +93,8 @@ CASES = [
     (["resume", "--output", "{tmp}/nowhere"], {}, ["--output", "nowhere", "is not a run folder"]),
     (["evaluate", "--output", "{run}", "--test-tasks", "0"], {}, ["--test-tasks", "'0'", "integer >= 1"]),
     (["evaluate", "--checkpoint", "{tmp}/notes.pt"], {"notes.pt": b"just text"}, ["notes.pt", "damaged or not a checkpoint"]),
+    (["evaluate", "--checkpoint", "{tmp}/config.json"], {"config.json": b'{"algorithm": "maml"}'},
+     ["config.json", "damaged or not a checkpoint (not a file torch.save writes"]),  # not "could run code"
     (["evaluate", "--checkpoint", "{tmp}/absent.pt"], {}, ["absent.pt", "no checkpoint"]),
     (["evaluate"], {}, ["--output RUN_FOLDER or --checkpoint FILE"]),
     (["bench", "--device", "tpu"], {}, ["bench", "--device", "'tpu'", "cpu, cuda or cuda:N"]),
