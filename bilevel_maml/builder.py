@@ -21,7 +21,7 @@ from bilevel_maml.engine import MetaEngine
 from bilevel_maml.env import EpisodicEnv
 from bilevel_maml.plugins import load_entry_points, unknown_algorithm
 from bilevel_maml.problems import ALGORITHMS, IMAMLLower, IMAMLUpper, split_options
-from bilevel_maml.validation import check_choice, check_positive, check_positive_int
+from bilevel_maml.validation import check_choice, check_device, check_positive, check_positive_int
 
 #: outer optimizers by name (``optimizer="adafactor"``, say)
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -194,7 +194,7 @@ def build_engine(
     :param valid_tasks: tasks per validation.
     :param seed: seeds the task streams (each split its own, and each rank its own training stream).
     :param device: where θ, the tasks and the adaptation live (``"cpu"``, ``"cuda"``, ...).
-    :param dtype: dtype of θ and the tasks (default: the model's).
+    :param dtype: dtype of θ and the tasks' inputs (and regression targets); default: the model's.
     :param logger: a Betty-style logger (``log(stats, tag, step)``), e.g.
         :class:`~bilevel_maml.logging.WandbLogger`; default: none.
     :param vectorize: ``True`` adapts the meta-batch with ``torch.func.vmap`` in chunks the
@@ -249,6 +249,9 @@ def build_engine(
     if gradient_clipping < 0:
         raise ValueError(f"gradient_clipping must be >= 0 (0 disables it), got {gradient_clipping!r}")
     sampler = check_choice("sampler", sampler, SAMPLERS)
+    device = check_device("device", device)
+    if dtype is None:  # the tasks are cast to θ's dtype (a float64 model gets float64 tasks)
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     sources = _split_sources(tasksets)
     sources = device_sources(sources, sampler, ways, shots, shots if query_shots is None else query_shots, device)
 

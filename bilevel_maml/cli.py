@@ -44,6 +44,7 @@ from bilevel_maml.problems import ALGORITHMS, options_in_use
 from bilevel_maml.progress import ProgressBar
 from bilevel_maml.runlock import RunFolderInUse, RunLock
 from bilevel_maml.stopping import GracefulStop, StoppedAtOnce, exit_status
+from bilevel_maml.validation import device_problem
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 RUN_FILES = ("config.json", "checkpoints/last.pt")
@@ -120,15 +121,9 @@ positive_float = _number(float, math.ulp(0.0), "a positive finite number")
 
 def device_name(text: str) -> str:
     """An argparse type: a device this machine has (``cpu``, ``cuda``, ``cuda:N``)."""
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r} requested but CUDA is not available here; use cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text!r} requested but this machine has {torch.cuda.device_count()} "
-                                         f"CUDA device(s): use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    problem = device_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
     return text
 
 

@@ -26,7 +26,7 @@ from bilevel_maml.env import EpisodicEnv, global_rng_state, saveable_rng_state, 
 from bilevel_maml.evaluation import mean_and_ci95
 from bilevel_maml.problems.base import MetaLearner, NonFiniteError, TaskLearner
 from bilevel_maml.progress import ProgressBar
-from bilevel_maml.validation import check_positive_int
+from bilevel_maml.validation import check_device, check_positive_int
 
 
 @contextlib.contextmanager
@@ -51,7 +51,8 @@ class MetaEngine(Engine):
     :param test_env: test task stream, used only by :meth:`test`.
     :param valid_step: validate every this many meta-iterations.
     :param valid_tasks: tasks per validation.
-    :param device: device for the problems and every env (Betty's ``Engine`` has none).
+    :param device: device for the problems and every env (Betty's ``Engine`` has none). An env
+        without a ``dtype`` of its own hands out tasks in θ's dtype.
     :param logger: a Betty-style logger (``log(stats, tag, step)``), e.g.
         :class:`bilevel_maml.logging.WandbLogger`; defaults to Betty's no-op logger.
     :param callbacks: progress bars, checkpointers, ... (see :attr:`callbacks`).
@@ -99,12 +100,15 @@ class MetaEngine(Engine):
         self.meta_iterations = check_positive_int("meta_iterations", meta_iterations)
         self.valid_every = check_positive_int("valid_step", valid_step)
         self.valid_tasks = check_positive_int("valid_tasks", valid_tasks)
-        self.device = torch.device(device) if device is not None else env.device
+        self.device = check_device("device", device) if device is not None else env.device
         for problem in (upper, lower):
             problem.device = self.device
+        theta_dtype = next((p.dtype for p in upper.module.parameters() if p.is_floating_point()), None)
         for stream in (env, valid_env, test_env):
             if stream is not None:
                 stream.device = self.device
+                if stream.dtype is None:  # tasks in θ's dtype: a float64 model gets float64 tasks
+                    stream.dtype = theta_dtype
         self.meta_learner, self.task_learner = upper, lower
         #: under torch.distributed, this process's rank and the number of ranks (else 0 and 1)
         self.rank, self.world_size = distributed.world()

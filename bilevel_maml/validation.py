@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from numbers import Integral, Real
 
+import torch
+
 
 def check_positive(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, Real):
@@ -26,3 +28,27 @@ def check_choice(name: str, value, choices) -> str:
     if not isinstance(value, str) or value.lower() not in choices:
         raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(sorted(choices))}")
     return value.lower()
+
+
+
+def device_problem(value) -> str | None:
+    """What is wrong with ``value`` as a device of this machine (``cpu``, ``cuda``, ``cuda:N``, or another
+    type torch knows), in words that follow its name, or None."""
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        return f"must be cpu, cuda or cuda:N, got {value!r}"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"{value!r} requested but CUDA is not available here; use cpu"
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        return (f"{value!r} requested but this machine has {torch.cuda.device_count()} CUDA device(s): "
+                f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return None
+
+
+def check_device(name: str, value) -> torch.device:
+    """``value`` as a ``torch.device`` this machine has, or a ValueError naming it and what is allowed."""
+    problem = device_problem(value)
+    if problem is not None:
+        raise ValueError(f"{name} {problem}")
+    return torch.device(value)

@@ -46,6 +46,9 @@ def test_a_valid_configuration_builds():
         (dict(algorithm="imaml", lam=0), ValueError, r"lam \(the iMAML proximal strength λ\) must be a positive"),
         (dict(optimizer="rmsprop"), ValueError, r"unknown optimizer 'rmsprop'; choose one of: adafactor, adam, adamw, sgd"),
         (dict(model="conv4"), TypeError, r"model must be a torch.nn.Module, got str"),
+        (dict(device="gpu"), ValueError, r"device must be cpu, cuda or cuda:N, got 'gpu'"),
+        *([(dict(device="cuda"), ValueError, r"device 'cuda' requested but CUDA is not available here; use cpu")]
+          if not torch.cuda.is_available() else []),
     ],
 )
 def test_bad_arguments_are_rejected_with_a_clear_message(overrides, error, message):
@@ -87,3 +90,13 @@ def test_models_refuse_sizes_that_are_not_positive(name, kwargs, message):
     arguments = {"ways": 5, **kwargs}
     with pytest.raises(ValueError, match=message):
         build_model(name, arguments.pop("ways"), **arguments)
+
+
+def test_a_float64_model_gets_float64_tasks_from_a_float32_source():
+    """build_engine's dtype defaults to the model's: the float32 images are handed out as float64 (they were
+    handed out as drawn, and the first convolution of the float64 model failed inside torch)."""
+    engine = build(model=flat_model().double(), meta_iterations=2)
+    engine.run()
+    assert engine.env.batch["support"][0].dtype == torch.float64
+    assert all(p.dtype == torch.float64 and p.isfinite().all() for p in engine.meta_learner.module.parameters())
+    assert engine.test(num_tasks=3)["tasks"] == 3
