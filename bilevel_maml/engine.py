@@ -116,6 +116,9 @@ class MetaEngine(Engine):
         self.inner_steps = lower.inner_steps
         self.meta_batch_size = upper.meta_batch_size
         self.meta_iteration = 0
+        #: the meta-iteration that produced θ (that of a checkpoint :meth:`load_parameters` read); an
+        #: evaluation runs the problems' schedules as they were then
+        self.theta_iteration = 0
         self.best_valid: dict | None = None
         self.history: list[dict] = []
         #: the signal that asked :meth:`run` to stop after the current meta-iteration (set by
@@ -230,7 +233,7 @@ class MetaEngine(Engine):
                 raise NonFiniteError(
                     f"meta-iteration {iteration}: {error}; θ was not updated at this iteration"
                 ) from None
-            self.meta_iteration = iteration
+            self.meta_iteration = self.theta_iteration = iteration
             stats["lr"] = float(self.meta_learner.optimizer.param_groups[0]["lr"])
             stats["tasks_per_second"] = self.meta_batch_size * self.world_size / (time.perf_counter() - started)
             self.history.append(stats)
@@ -289,6 +292,7 @@ class MetaEngine(Engine):
         :param state: a :meth:`state_dict` (a checkpoint's ``"engine"`` entry).
         """
         self.meta_learner.module.load_state_dict(state["theta"])
+        self.theta_iteration = state["meta_iteration"]
         saved = state.get("task_learner_meta_parameters", [])
         extra = list(self.task_learner.meta_parameters())
         if len(saved) != len(extra):
@@ -342,6 +346,10 @@ class MetaEngine(Engine):
         :param num_tasks: tasks to adapt and score.
         :param per_task: also return every task's values (``report["per_task"]``).
         """
+        # Adapt as the inner loops of the meta-iteration that produced θ did (a variant's inner step
+        # size schedule, say), also for a checkpoint just loaded or θ before any training.
+        for problem in (self.meta_learner, self.task_learner):
+            problem.on_meta_iteration_start(max(self.theta_iteration, 1), self.meta_iterations)
         return evaluation.evaluate(self, env, num_tasks, per_task)
 
     def validation(self) -> dict:

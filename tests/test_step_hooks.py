@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bilevel_maml import MetaEngine, current_inner_step
+from bilevel_maml.env import EpisodicEnv
 from bilevel_maml.problems import MAMLLower, MAMLUpper
 
 from conftest import RecordingEnv, RecordingSGD, functional, random_classification_source
@@ -199,3 +200,40 @@ def test_schedules_are_set_before_each_meta_iteration_with_its_number():
     engine = MetaEngine(upper, MAMLLower(model, inner_lr=0.1), env, meta_iterations=3)
     engine.run()
     assert seen == [(1, 3), (2, 3), (3, 3)]
+
+
+class AnnealedLower(MAMLLower):
+    """An inner step size annealed over the run, set by the schedule hook alone."""
+
+    scale = 1.0
+
+    def on_meta_iteration_start(self, iteration, iterations):
+        self.scale = 1.0 - 0.9 * iteration / iterations
+
+    def inner_update(self, params, grads, step):
+        return tuple(p if g is None else p - self.inner_lr * self.scale * g for p, g in zip(params, grads))
+
+
+def test_an_evaluation_adapts_with_the_schedule_of_the_iteration_that_produced_theta():
+    """A checkpoint evaluated by a fresh engine (`bilevel-maml evaluate`, the final test of best.pt) scores
+    the held-out tasks as the run that wrote it would: its inner step size is the schedule's at the
+    checkpoint's iteration, not the variant's initial one."""
+    def engine():
+        model = tanh_mlp()
+        env = EpisodicEnv(random_classification_source(5, 2, 6), ways=5, shots=1, query_shots=1, seed=7)
+        upper = MAMLUpper(model, torch.optim.SGD(model.parameters(), lr=0.5), meta_batch_size=2)
+        return MetaEngine(upper, AnnealedLower(model, inner_lr=INNER_LR, inner_steps=2), env, meta_iterations=4)
+
+    def held_out(engine):
+        stream = EpisodicEnv(random_classification_source(5, 2, 6, seed=1), ways=5, shots=1, query_shots=1, seed=3)
+        return engine.evaluate(stream, 6, per_task=True)["per_task"]["loss"]
+
+    trained = engine()
+    trained.run()
+    assert trained.task_learner.scale == pytest.approx(0.1)  # iteration 4 of 4
+    fresh = engine()
+    fresh.load_parameters(trained.state_dict())
+    assert held_out(fresh) == pytest.approx(held_out(trained), rel=1e-12, abs=0)
+    untrained = engine()
+    held_out(untrained)  # before any training: the schedule of iteration 1
+    assert untrained.task_learner.scale == pytest.approx(1.0 - 0.9 / 4)

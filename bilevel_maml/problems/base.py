@@ -16,7 +16,8 @@ A new algorithm is a subclass that overrides a few of these hooks:
   (Meta-SGD's step sizes); the engine adds them to the outer optimizer and to checkpoints;
 * ``MetaLearner.meta_gradient(query_loss)``: the gradient it assigns to θ (and to those tensors);
 * ``on_meta_iteration_start(iteration, iterations)`` (both problems): schedules that change with
-  training (loss weights, learning rates, the derivative order), set before each meta-iteration.
+  training (loss weights, learning rates, the derivative order), set before each meta-iteration
+  and before an evaluation (for the meta-iteration that produced θ).
 
 ``step`` is the index (0 … ``inner_steps`` − 1) of the inner step under way. A hook may leave it
 out of its signature (then it is not passed), so variants written before it existed keep working.
@@ -316,7 +317,10 @@ class TaskLearner(_NoRollBack, Problem):
 
     def on_meta_iteration_start(self, iteration: int, iterations: int) -> None:
         """Called before meta-iteration ``iteration`` (1-based) of ``iterations``, outside any
-        captured CUDA graph: set what changes with training here (in place, for tensors).
+        captured CUDA graph: set what changes with training here (in place, for tensors), from
+        ``iteration`` alone. Also called before an evaluation, with the meta-iteration that
+        produced θ (1 before any training; a loaded checkpoint's own), so that held-out tasks are
+        adapted as that iteration's were.
 
         :param iteration: the meta-iteration about to run, 1-based.
         :param iterations: the run's total.
@@ -536,7 +540,10 @@ class MetaLearner(_NoRollBack, Problem):
 
     def on_meta_iteration_start(self, iteration: int, iterations: int) -> None:
         """Called before meta-iteration ``iteration`` (1-based) of ``iterations``, outside any
-        captured CUDA graph: set what changes with training here (in place, for tensors).
+        captured CUDA graph: set what changes with training here (in place, for tensors), from
+        ``iteration`` alone. Also called before an evaluation, with the meta-iteration that
+        produced θ (1 before any training; a loaded checkpoint's own), so that held-out tasks are
+        adapted as that iteration's were.
 
         :param iteration: the meta-iteration about to run, 1-based.
         :param iterations: the run's total.
