@@ -15,7 +15,9 @@ the run's ``config.json`` records it, so ``evaluate`` and ``resume`` import it a
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
+import traceback
 import warnings
 from importlib.metadata import entry_points
 
@@ -33,9 +35,20 @@ def load_plugin(module: str) -> None:
     try:
         importlib.import_module(module)
     except Exception as error:  # a plugin's own bug must read as one line, not a traceback
-        detail = " ".join(str(error).split()) or type(error).__name__
-        raise ValueError(f"plugin module {module!r} could not be imported ({type(error).__name__}: {detail}); "
-                         f"it must be importable from this Python (installed, or on PYTHONPATH)") from None
+        detail = f"{type(error).__name__}: {' '.join(str(error).split()) or type(error).__name__}"
+        missing = isinstance(error, ModuleNotFoundError) and error.name is not None and \
+            (module == error.name or module.startswith(error.name + "."))
+        if missing:
+            raise ValueError(f"plugin module {module!r} could not be imported ({detail}); it must be importable "
+                             f"from this Python (installed, or on PYTHONPATH)") from None
+        # the plugin's own line that led to the error, not where in the library or Python it was raised
+        try:
+            source = importlib.util.find_spec(module).origin
+        except Exception:
+            source = None
+        frames = [frame for frame in traceback.extract_tb(error.__traceback__) if frame.filename == source]
+        raised_at = f" at {source}:{frames[-1].lineno}" if frames else ""
+        raise ValueError(f"plugin module {module!r} failed while it was imported{raised_at} ({detail})") from None
 
 
 def load_entry_points() -> None:

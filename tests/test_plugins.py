@@ -91,6 +91,40 @@ def test_an_unknown_algorithm_lists_the_known_ones_and_how_to_register_one(tmp_p
         cli.run(["train", "--plugin", "no_such_module", "--output", str(tmp_path / "x")])
 
 
+def test_a_variant_cannot_take_the_name_of_another(tmp_path, monkeypatch):
+    """Registering other classes under a known name (a built-in one, say) is refused: runs of `--algorithm maml`
+    would quietly run other code. The same classes defined again (a module reloaded) replace the old ones; a
+    plugin that fails is named with its own file and line."""
+    from bilevel_maml import ALGORITHMS, MAMLLower, MAMLUpper, register_algorithm
+
+    class Other(MAMLLower):
+        pass
+
+    with pytest.raises(ValueError, match=r"algorithm 'maml' is already registered \(bilevel_maml.problems.maml."
+                                         r"MAMLUpper and bilevel_maml.problems.maml.MAMLLower\); register the variant "
+                                         r"under another name"):
+        register_algorithm("MAML", MAMLUpper, Other)
+    assert ALGORITHMS["maml"] == (MAMLUpper, MAMLLower)
+    register_algorithm("maml", MAMLUpper, MAMLLower)  # the same classes: nothing changes
+    monkeypatch.setitem(ALGORITHMS, "other-variant", (MAMLUpper, Other))
+    redefined = type("Other", (MAMLLower,), {"__module__": Other.__module__, "__qualname__": Other.__qualname__})
+    register_algorithm("other-variant", MAMLUpper, redefined)
+    assert ALGORITHMS["other-variant"] == (MAMLUpper, redefined)
+
+    (tmp_path / "shadowing.py").write_text(VARIANT + textwrap.dedent('''
+        from bilevel_maml import register_algorithm
+
+        register_algorithm("maml", HalfStepUpper, HalfStepLower)
+    '''))
+    line = (tmp_path / "shadowing.py").read_text().splitlines().index('register_algorithm("maml", HalfStepUpper, '
+                                                                     'HalfStepLower)') + 1
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(cli.BadInput, match=rf"--plugin: plugin module 'shadowing' failed while it was imported at "
+                                            rf".*shadowing.py:{line} \(ValueError: algorithm 'maml' is already registered"):
+        cli.run(["train", "--plugin", "shadowing", "--output", str(tmp_path / "x")])
+    assert ALGORITHMS["maml"] == (MAMLUpper, MAMLLower)
+
+
 def test_a_run_whose_variant_is_gone_says_so_in_one_line(tmp_path):
     (tmp_path / "short_lived.py").write_text(VARIANT + textwrap.dedent('''
         from bilevel_maml import register_algorithm

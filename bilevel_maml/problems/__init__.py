@@ -35,10 +35,25 @@ def register_algorithm(name: str, upper: type[MetaLearner], lower: type[TaskLear
     :param name: the name (case-insensitive; ``--algorithm NAME`` on the command line).
     :param upper: the Upper class, a :class:`~bilevel_maml.problems.base.MetaLearner` subclass.
     :param lower: the Lower class, a :class:`~bilevel_maml.problems.base.TaskLearner` subclass.
+    :raises ValueError: when ``name`` is taken by other classes (a built-in algorithm, say); the same
+        classes defined again (a reloaded module) replace the old ones.
     """
-    if not (issubclass(upper, MetaLearner) and issubclass(lower, TaskLearner)):
-        raise TypeError("register_algorithm needs a MetaLearner subclass and a TaskLearner subclass")
+    if not (isinstance(upper, type) and issubclass(upper, MetaLearner)
+            and isinstance(lower, type) and issubclass(lower, TaskLearner)):
+        raise TypeError(f"register_algorithm needs a MetaLearner subclass and a TaskLearner subclass, got "
+                        f"{upper!r} and {lower!r}")
+    registered = ALGORITHMS.get(name.lower())
+    if registered is not None and list(map(_defined_as, registered)) != [_defined_as(upper), _defined_as(lower)]:
+        # a redefinition of the same classes (a module reloaded, a notebook cell run again) may replace them;
+        # anything else would quietly make runs of an existing name run other code
+        held = " and ".join(".".join(_defined_as(cls)) for cls in registered)
+        raise ValueError(f"algorithm {name.lower()!r} is already registered ({held}); register the variant under "
+                         f"another name")
     ALGORITHMS[name.lower()] = (upper, lower)
+
+
+def _defined_as(cls: type) -> tuple[str, str]:
+    return cls.__module__, cls.__qualname__
 
 
 def option_defaults(upper: type, lower: type) -> dict[str, dict]:
