@@ -95,7 +95,7 @@ def average_gradients(params) -> None:
     size = world()[1]
     if size == 1:
         return
-    params = list(params)
+    params = [p for p in params if p.requires_grad]  # a frozen parameter has no gradient to average
     grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
     sum_tensors(grads, "averaging the meta-gradient (all-reduce)")
     for p, g in zip(params, grads):

@@ -465,7 +465,8 @@ class CapturedExecution(EagerExecution):
 
 
 def structure(engine) -> tuple:
-    return engine.meta_learner.structure(), engine.task_learner.structure()
+    frozen = tuple(not p.requires_grad for p in engine.meta_learner.trainable_parameters())
+    return engine.meta_learner.structure(), engine.task_learner.structure(), frozen
 
 
 def make_capturable(upper, capturable: bool = True) -> None:

@@ -29,6 +29,19 @@ def zeros_for_unused(grads: Sequence[torch.Tensor | None], like: Tensors) -> tup
     return tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, like))
 
 
+def gradients_or_zeros(output: torch.Tensor, inputs: Tensors, **kwargs) -> tuple[torch.Tensor, ...]:
+    """``torch.autograd.grad(output, inputs, allow_unused=True, **kwargs)`` with zeros for the inputs it
+    does not reach and for those that do not require a gradient (frozen parameters), which
+    ``torch.autograd.grad`` refuses."""
+    wanted = [i for i, p in enumerate(inputs) if p.requires_grad]
+    grads: list[torch.Tensor | None] = [None] * len(inputs)
+    if wanted:
+        found = torch.autograd.grad(output, [inputs[i] for i in wanted], allow_unused=True, **kwargs)
+        for i, g in zip(wanted, found):
+            grads[i] = g
+    return zeros_for_unused(grads, inputs)
+
+
 def _dot(xs: Tensors, ys: Tensors, batch_dims: int) -> torch.Tensor:
     """Inner product over everything but the leading ``batch_dims`` axes."""
     return sum((x * y).flatten(batch_dims).sum(-1) for x, y in zip(xs, ys))

@@ -30,7 +30,8 @@ class RecordingSGD(torch.optim.SGD):
         self.seen_grads = []
 
     def step(self, closure=None):
-        self.seen_grads.append([p.grad.detach().clone() for g in self.param_groups for p in g["params"]])
+        self.seen_grads.append([None if p.grad is None else p.grad.detach().clone()
+                                for g in self.param_groups for p in g["params"]])
         return super().step(closure)
 
 

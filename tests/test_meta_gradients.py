@@ -1,5 +1,6 @@
 """θ.grad after one meta-iteration against references computed here, in float64."""
 
+import copy
 import pytest
 import torch
 import torch.nn.functional as F
@@ -173,3 +174,47 @@ def test_betty_style_cg_path_through_the_generic_meta_learner_matches_the_closed
                        config=Config(type="cg", unroll_steps=600, cg_iterations=D))
     got, expected = run_ridge(upper, lower, model, optimizer)
     assert torch.allclose(got, expected, atol=1e-4, rtol=0), (got - expected).abs().max()
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "imaml", "metasgd", "anil", "reptile", "maml++"])
+@pytest.mark.parametrize("vectorize", [False, True], ids=["per-task", "vectorized"])
+def test_a_frozen_layer_is_a_constant_of_the_inner_loop_and_of_the_outer_step(algorithm, vectorize):
+    """A parameter with requires_grad=False is held fixed: the meta-gradients of the others (and of their
+    learned step sizes) equal those of the same learner without that layer, fed the layer's fixed outputs
+    as inputs, and the outer step leaves the layer as it was (some algorithms adapted and stepped it,
+    the others failed inside torch)."""
+    from bilevel_maml import ALGORITHMS
+    from bilevel_maml.env import EpisodicEnv
+
+    torch.manual_seed(0)
+    frozen = nn.Linear(6, 8).double().requires_grad_(False)
+    rest = nn.Sequential(nn.Tanh(), nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 5)).double()
+    whole = nn.Sequential(frozen, *rest)
+    without = copy.deepcopy(rest)
+    source = random_classification_source(5, 2, 6)
+
+    def through_frozen():
+        inputs, labels = source()
+        with torch.no_grad():
+            return frozen(inputs), labels
+
+    def meta_gradients(model, tasks):
+        upper_cls, lower_cls = ALGORITHMS[algorithm]
+        optimizer = RecordingSGD(model.parameters(), lr=0.1)
+        upper = upper_cls(model, optimizer, meta_batch_size=4)
+        lower = lower_cls(model, inner_lr=INNER_LR, inner_steps=2)  # (ANIL: the last layer)
+        env = EpisodicEnv(tasks, ways=5, shots=1, query_shots=1, seed=4)
+        MetaEngine(upper, lower, env, meta_iterations=2, vectorize=vectorize, valid_env=None).run()
+        return optimizer.seen_grads
+
+    weight, bias = frozen.weight.clone(), frozen.bias.clone()
+    with_frozen, reference = meta_gradients(whole, source), meta_gradients(without, through_frozen)
+    assert len(with_frozen) == len(reference) == 2
+    for seen, expected in zip(with_frozen, reference):
+        # θ's gradients, then (Meta-SGD, MAML++) those of one step size per parameter of θ
+        is_frozen = [True, True, False, False, False, False] * (len(seen) // 6)
+        assert len(seen) == 6 * len(expected) // 4
+        assert all(g is None or not g.any() for g, f in zip(seen, is_frozen) if f)
+        for a, b in zip([g for g, f in zip(seen, is_frozen) if not f], expected):
+            assert torch.allclose(a, b, atol=1e-10, rtol=0), (a - b).abs().max()
+    assert torch.equal(frozen.weight, weight) and torch.equal(frozen.bias, bias)

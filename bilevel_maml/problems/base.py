@@ -44,7 +44,7 @@ from betty.problems import Problem
 from torch.func import functional_call, vmap
 
 from bilevel_maml.distributed import average_gradients
-from bilevel_maml.hypergradient import get_grads, zeros_for_unused
+from bilevel_maml.hypergradient import get_grads, gradients_or_zeros, zeros_for_unused
 from bilevel_maml.validation import check_positive, check_positive_int
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -231,7 +231,7 @@ class TaskLearner(_NoRollBack, Problem):
         self.param_names = [name for name, _ in module.named_parameters()]
         #: tasks adapted at once on the vectorized path (φ then has this leading axis), else None
         self.tasks_in_batch: int | None = None
-        self._adapted: tuple[int, ...] | None = None
+        self._adapted: tuple[tuple[bool, ...], tuple[int, ...]] | None = None  # (requires_grad flags, indices)
         #: index of the inner step under way (0 … inner_steps − 1); it stays at the last step
         #: after the loop, while the meta-learner scores the adapted learner
         self.inner_step = 0
@@ -274,7 +274,8 @@ class TaskLearner(_NoRollBack, Problem):
 
     def adapts(self, name: str) -> bool:
         """Whether the inner loop adapts the parameter ``name`` (as in ``module.named_parameters()``).
-        A parameter it does not adapt keeps its starting value and gets no inner gradient.
+        A parameter it does not adapt keeps its starting value and gets no inner gradient; one with
+        ``requires_grad=False`` is never adapted, whatever this says.
 
         :param name: a parameter's name in ``module.named_parameters()``.
         """
@@ -332,12 +333,17 @@ class TaskLearner(_NoRollBack, Problem):
         return (self.second_order, self.keep_update_graph)
 
     def adapted_indices(self) -> tuple[int, ...]:
-        if self._adapted is None:
-            self._adapted = tuple(i for i, name in enumerate(self.param_names) if self.adapts(name))
-            if not self._adapted:
-                raise ValueError(f"{type(self).__name__}.adapts() rejects every parameter of the model "
-                                 f"({', '.join(self.param_names)}); the inner loop would adapt nothing")
-        return self._adapted
+        """Indices (in ``param_names`` order) of the parameters the inner loop adapts: those
+        :meth:`adapts` accepts, less any that does not require a gradient (a frozen parameter is
+        held fixed, inner loop and outer step alike)."""
+        trainable = tuple(p.requires_grad for p in self.module.parameters())
+        if self._adapted is None or self._adapted[0] != trainable:  # read again if a parameter was (un)frozen
+            adapted = tuple(i for i, name in enumerate(self.param_names) if trainable[i] and self.adapts(name))
+            if not adapted:
+                raise ValueError(f"the inner loop would adapt nothing: {type(self).__name__}.adapts() and "
+                                 f"requires_grad leave none of the model's parameters ({', '.join(self.param_names)})")
+            self._adapted = (trainable, adapted)
+        return self._adapted[1]
 
     def inner_gradients(self, loss, params, create_graph=False) -> tuple[torch.Tensor | None, ...]:
         """Gradients of ``loss`` for the adapted parameters, None for the others.
@@ -618,7 +624,8 @@ class MetaLearner(_NoRollBack, Problem):
 
     def backward(self, loss, params, paths, create_graph=False, retain_graph=True, allow_unused=True):
         grads = self.meta_gradient(loss)
-        self.set_grads(params, [g.detach() for g in grads])
+        # a frozen parameter gets no gradient, so the outer optimizer leaves it as it is
+        self.set_grads(params, [g.detach() if p.requires_grad else None for p, g in zip(params, grads)])
 
     def meta_gradient(self, query_loss: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The gradient given to θ for one task (or stacked tasks): the direct gradient plus Betty's
@@ -628,9 +635,7 @@ class MetaLearner(_NoRollBack, Problem):
         :returns: one tensor per parameter of θ.
         """
         theta = self.trainable_parameters()
-        grads = zeros_for_unused(
-            torch.autograd.grad(query_loss, theta, retain_graph=True, allow_unused=True), theta
-        )
+        grads = gradients_or_zeros(query_loss, theta, retain_graph=True)
         for path in self.paths:
             grads = tuple(g + h for g, h in zip(grads, get_grads(query_loss, path, retain_graph=True)))
         return grads

@@ -58,9 +58,11 @@ class IMAMLUpper(MetaLearner):
         :param query_loss: the query loss of the adapted learner.
         """
         learner = self.task_learner
-        phi = learner.params
+        # the inner problem's variables: a frozen parameter is a constant of it (its entry stays zero)
+        live = [i for i, p in enumerate(self.initialization()) if p.requires_grad]
+        phi = tuple(learner.params[i] for i in live)
         query_grad = zeros_for_unused(torch.autograd.grad(query_loss, phi, allow_unused=True), phi)
-        support_loss = learner.over_tasks(learner.task_loss, phi, learner.get_batch())
+        support_loss = learner.over_tasks(learner.task_loss, learner.params, learner.get_batch())
         support_grad = torch.autograd.grad(support_loss, phi, create_graph=True)
 
         def damped_hessian_vector(v):
@@ -70,4 +72,7 @@ class IMAMLUpper(MetaLearner):
 
         solution = conjugate_gradient(damped_hessian_vector, query_grad, self.cg_iterations, self.cg_tolerance,
                                       batch_dims=1 if self.tasks_in_batch else 0)
-        return self.reduce_over_tasks(solution)
+        full = list(zeros_for_unused([None] * len(learner.params), learner.params))
+        for i, entry in zip(live, solution):
+            full[i] = entry
+        return self.reduce_over_tasks(full)

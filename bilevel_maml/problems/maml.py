@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-
-from bilevel_maml.hypergradient import zeros_for_unused
+from bilevel_maml.hypergradient import gradients_or_zeros
 from bilevel_maml.problems.base import MetaLearner, TaskLearner
 
 
@@ -27,4 +25,4 @@ class MAMLUpper(MetaLearner):
         :param query_loss: the query loss of the adapted learner.
         """
         theta = self.trainable_parameters()
-        return zeros_for_unused(torch.autograd.grad(query_loss, theta, allow_unused=True), theta)
+        return gradients_or_zeros(query_loss, theta)
