@@ -13,10 +13,9 @@ import functools
 import math
 
 import torch
-from torch.func import vmap
 
 from bilevel_maml.execution import precision_scope
-from bilevel_maml.problems.base import is_classification
+from bilevel_maml.problems.base import is_classification, vmap_over_tasks
 from bilevel_maml.validation import check_positive_int
 
 #: two-sided 95% normal quantile, for confidence intervals over tasks
@@ -55,8 +54,8 @@ def score_tasks(task_learner, loss_fn, support, query, stacked: bool) -> dict[st
         return scores
     params = task_learner.adapt(support, tasks=len(inputs))
     with torch.no_grad():
-        outputs = vmap(functools.partial(task_learner.forward, step=last_step))(inputs, params)
-        scores = {"loss": vmap(loss_fn)(outputs, labels)}
+        outputs = vmap_over_tasks(functools.partial(task_learner.forward, step=last_step))(inputs, params)
+        scores = {"loss": vmap_over_tasks(loss_fn)(outputs, labels)}
         if is_classification(outputs[0], labels[0]):
             scores["accuracy"] = (outputs.argmax(dim=2) == labels).float().mean(dim=1)
     return scores

@@ -11,6 +11,7 @@ from torch import nn
 from bilevel_maml import ALGORITHMS, MetaEngine
 from bilevel_maml.env import EpisodicEnv
 from bilevel_maml.models import Conv4
+from bilevel_maml.problems.base import vmap_over_tasks
 
 from conftest import RecordingSGD, random_classification_source
 
@@ -86,6 +87,31 @@ def test_a_model_that_writes_buffers_falls_back_to_the_per_task_path_with_a_warn
     assert not engine.vectorized
     engine.run()
     assert env.tasks_sampled == 4
+
+
+def test_a_model_with_dropout_is_vectorized_and_each_task_draws_its_own_mask():
+    """Dropout under vmap (which refuses random ops by default) draws for every task on its own, as the
+    per-task path does: two identical tasks get different masks, each dropping about half the units."""
+    model = nn.Sequential(nn.Linear(6, 400), nn.Dropout(0.5), nn.Tanh(), nn.Linear(400, 5))
+    upper_cls, lower_cls = ALGORITHMS["maml"]
+    upper = upper_cls(model, torch.optim.SGD(model.parameters(), lr=0.1), meta_batch_size=4)
+    lower = lower_cls(model, inner_lr=0.1)
+    env = EpisodicEnv(random_classification_source(5, 2, 6, dtype=torch.float32), ways=5, shots=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "cannot be vectorized" fallback
+        engine = MetaEngine(upper, lower, env, meta_iterations=2)
+    assert engine.vectorized
+    engine.run()
+    body = nn.Sequential(model[0], model[1])
+    params = tuple(p.detach().expand(2, *p.shape) for p in body.parameters())
+    inputs = torch.ones(1, 6).expand(2, 1, 6)  # the same example in two stacked tasks
+    names = [name for name, _ in body.named_parameters()]
+    with torch.no_grad():
+        outputs = vmap_over_tasks(lambda p, x: torch.func.functional_call(body, dict(zip(names, p)), (x,)))(params,
+                                                                                                          inputs)
+    dropped = outputs == 0
+    assert not torch.equal(dropped[0], dropped[1])
+    assert 0.4 < dropped.float().mean() < 0.6
 
 
 def test_chunk_size_must_divide_the_meta_batch():

@@ -190,6 +190,12 @@ class _NoRollBack:
     recover_states = cache_states
 
 
+def vmap_over_tasks(fn: Callable, in_dims=0) -> Callable:
+    """``torch.func.vmap`` of ``fn`` over stacked tasks. A random op in the model (dropout) draws for
+    each task on its own, as on the per-task path; vmap's default would refuse it."""
+    return vmap(fn, in_dims=in_dims, randomness="different")
+
+
 class TaskLearner(_NoRollBack, Problem):
     """Lower problem: adapts fast weights φ to one task's support set, starting from θ.
 
@@ -370,7 +376,7 @@ class TaskLearner(_NoRollBack, Problem):
         :param batch: the batch (stacked over tasks when vectorized).
         """
         if self.tasks_in_batch:
-            return vmap(hook)(params, batch).sum()
+            return vmap_over_tasks(hook)(params, batch).sum()
         return hook(params, batch)
 
     def apply_update(self, params, grads, step: int = 0) -> tuple[torch.Tensor, ...]:
@@ -382,7 +388,7 @@ class TaskLearner(_NoRollBack, Problem):
         """
         update = with_step(self.inner_update, step)
         if self.tasks_in_batch:  # a parameter that is not adapted has no gradient to batch over
-            update = vmap(update, in_dims=(0, tuple(None if g is None else 0 for g in grads)))
+            update = vmap_over_tasks(update, in_dims=(0, tuple(None if g is None else 0 for g in grads)))
         return update(params, grads)
 
     @contextmanager
@@ -597,8 +603,8 @@ class MetaLearner(_NoRollBack, Problem):
         learner = self.task_learner
         params = learner.params if params is None else params
         if self.tasks_in_batch:
-            outputs = vmap(functools.partial(learner.forward, step=step))(inputs, params)
-            return outputs.flatten(0, 1), labels.flatten(0, 1), vmap(self.loss_fn)(outputs, labels).mean()
+            outputs = vmap_over_tasks(functools.partial(learner.forward, step=step))(inputs, params)
+            return outputs.flatten(0, 1), labels.flatten(0, 1), vmap_over_tasks(self.loss_fn)(outputs, labels).mean()
         outputs = learner.forward(inputs, params, step)
         return outputs, labels, self.loss_fn(outputs, labels)
 

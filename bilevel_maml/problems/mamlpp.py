@@ -34,10 +34,9 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import vmap
 
 from bilevel_maml import distributed
-from bilevel_maml.problems.base import current_inner_step, with_step
+from bilevel_maml.problems.base import current_inner_step, vmap_over_tasks, with_step
 from bilevel_maml.problems.maml import MAMLLower, MAMLUpper
 from bilevel_maml.validation import check_positive
 
@@ -252,7 +251,7 @@ class MAMLPlusPlusLower(MAMLLower):
             return loss, torch.cat(found)
 
         if self.tasks_in_batch:
-            losses, statistics = vmap(loss_and_statistics)(self.params, batch)
+            losses, statistics = vmap_over_tasks(loss_and_statistics)(self.params, batch)
             loss, statistics, tasks = losses.sum(), statistics.sum(0), self.tasks_in_batch
         else:
             (loss, statistics), tasks = loss_and_statistics(self.params, batch), 1
