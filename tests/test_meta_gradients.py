@@ -218,3 +218,22 @@ def test_a_frozen_layer_is_a_constant_of_the_inner_loop_and_of_the_outer_step(al
         for a, b in zip([g for g, f in zip(seen, is_frozen) if not f], expected):
             assert torch.allclose(a, b, atol=1e-10, rtol=0), (a - b).abs().max()
     assert torch.equal(frozen.weight, weight) and torch.equal(frozen.bias, bias)
+
+
+def test_imaml_refuses_an_inner_loop_that_keeps_a_trainable_parameter_at_theta():
+    """(I + H/λ)⁻¹ ∇L_query is the implicit gradient only for parameters the proximal inner problem
+    optimises; an iMAML variant adapting the head alone would get a wrong gradient for the body, so it
+    is refused in the first meta-iteration, before θ changes."""
+    class HeadOnlyIMAMLLower(IMAMLLower):
+        def adapts(self, name):
+            return name.startswith("2.")
+
+    model = tanh_mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+    env = RecordingEnv(random_classification_source(5, 2, 6), ways=5, shots=1, query_shots=1, seed=7)
+    engine = MetaEngine(IMAMLUpper(model, torch.optim.SGD(model.parameters(), lr=0.1), meta_batch_size=2),
+                        HeadOnlyIMAMLLower(model, inner_lr=INNER_LR), env, meta_iterations=1, vectorize=False)
+    with pytest.raises(ValueError, match=r"iMAML's implicit gradient needs the inner loop to adapt every trainable "
+                                         r"parameter, but HeadOnlyIMAMLLower.adapts\(\) keeps 0.weight, 0.bias at θ"):
+        engine.run()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

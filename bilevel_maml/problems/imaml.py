@@ -60,6 +60,13 @@ class IMAMLUpper(MetaLearner):
         learner = self.task_learner
         # the inner problem's variables: a frozen parameter is a constant of it (its entry stays zero)
         live = [i for i, p in enumerate(self.initialization()) if p.requires_grad]
+        if tuple(live) != learner.adapted_indices():
+            # (I + H/λ)⁻¹ is dφ*/dθ for the variables of the proximal inner problem only; a trainable
+            # parameter the inner loop keeps at θ would need the cross terms of the Hessian instead
+            kept = [learner.param_names[i] for i in live if i not in learner.adapted_indices()]
+            raise ValueError(f"iMAML's implicit gradient needs the inner loop to adapt every trainable parameter, "
+                             f"but {type(learner).__name__}.adapts() keeps {', '.join(kept)} at θ: freeze them "
+                             f"(requires_grad=False) or use a second-order variant (MAML, ANIL)")
         phi = tuple(learner.params[i] for i in live)
         query_grad = zeros_for_unused(torch.autograd.grad(query_loss, phi, allow_unused=True), phi)
         support_loss = learner.over_tasks(learner.task_loss, learner.params, learner.get_batch())
