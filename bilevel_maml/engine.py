@@ -195,7 +195,12 @@ class MetaEngine(Engine):
         by :attr:`execution`; returns the mean query loss (and accuracy) over its tasks."""
         for problem in (self.meta_learner, self.task_learner):
             problem.on_meta_iteration_start(self.meta_iteration + 1, self.meta_iterations)
-        return self.execution.meta_step()
+        # the rate this iteration's outer step uses (an LR scheduler moves it on at the iteration's end)
+        lr = self.meta_learner.optimizer.param_groups[0]["lr"]
+        lr = lr.clone() if isinstance(lr, torch.Tensor) else lr
+        stats = self.execution.meta_step()
+        stats["lr"] = float(lr)
+        return stats
 
     def run(self, progress: bool = False) -> list[dict]:
         """Meta-train until ``meta_iterations``, or until :attr:`stop_signal` is set (then after the
@@ -234,7 +239,6 @@ class MetaEngine(Engine):
                     f"meta-iteration {iteration}: {error}; θ was not updated at this iteration"
                 ) from None
             self.meta_iteration = self.theta_iteration = iteration
-            stats["lr"] = float(self.meta_learner.optimizer.param_groups[0]["lr"])
             stats["tasks_per_second"] = self.meta_batch_size * self.world_size / (time.perf_counter() - started)
             self.history.append(stats)
             metrics = {f"train/{key}": value for key, value in stats.items()}

@@ -40,11 +40,19 @@ def test_build_engine_accepts_an_optimizer_factory_and_a_scheduler():
     torch.manual_seed(0)
     model = nn.Linear(6, 5)
     source = random_classification_source(5, 2, 6, dtype=torch.float32)
+    used = []
+
+    class RecordingMomentumSGD(torch.optim.SGD):
+        def step(self, closure=None):
+            used.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
     engine = build_engine(
         "fomaml", model, source, ways=5, shots=1, meta_iterations=4, meta_batch_size=2, meta_lr=0.1,
-        optimizer=lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9),
+        optimizer=lambda params, lr: RecordingMomentumSGD(params, lr=lr, momentum=0.9),
         scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
     )
     history = engine.run()
-    assert [round(h["lr"], 6) for h in history] == [0.1, 0.05, 0.05, 0.025]
+    # each iteration logs the rate its outer step used (not the one the scheduler set for the next)
+    assert [round(h["lr"], 6) for h in history] == used == [0.1, 0.1, 0.05, 0.05]
     assert engine.meta_learner.optimizer.param_groups[0]["momentum"] == 0.9
