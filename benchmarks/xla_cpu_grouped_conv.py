@@ -15,25 +15,24 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from harness import timed  # noqa: E402
+
 from bilevel_maml.cli import OneLineParser, positive_int, run_script  # noqa: E402
+
+CPU = torch.device("cpu")
 
 
 def fastest_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
+    fn()  # warm-up (XLA compiles on the first call)
+    return 1e3 * min(timed(fn, CPU) for _ in range(repeats))
 
 
 def main(argv=None) -> None:

@@ -250,8 +250,6 @@ def build_engine(
         raise ValueError(f"gradient_clipping must be >= 0 (0 disables it), got {gradient_clipping!r}")
     sampler = check_choice("sampler", sampler, SAMPLERS)
     device = check_device("device", device)
-    if dtype is None:  # the tasks are cast to θ's dtype (a float64 model gets float64 tasks)
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     sources = _split_sources(tasksets)
     sources = device_sources(sources, sampler, ways, shots, shots if query_shots is None else query_shots, device)
 

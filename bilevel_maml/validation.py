@@ -30,7 +30,6 @@ def check_choice(name: str, value, choices) -> str:
     return value.lower()
 
 
-
 def device_problem(value) -> str | None:
     """What is wrong with ``value`` as a device of this machine (``cpu``, ``cuda``, ``cuda:N``, or another
     type torch knows), in words that follow its name, or None."""

@@ -58,16 +58,17 @@ class IMAMLUpper(MetaLearner):
         :param query_loss: the query loss of the adapted learner.
         """
         learner = self.task_learner
-        # the inner problem's variables: a frozen parameter is a constant of it (its entry stays zero)
-        live = [i for i, p in enumerate(self.initialization()) if p.requires_grad]
-        if tuple(live) != learner.adapted_indices():
+        # the inner problem's variables: the adapted parameters (a frozen one is a constant of it, its entry zero)
+        adapted = learner.adapted_indices()
+        kept = [name for i, (name, p) in enumerate(zip(learner.param_names, self.initialization()))
+                if p.requires_grad and i not in adapted]
+        if kept:
             # (I + H/λ)⁻¹ is dφ*/dθ for the variables of the proximal inner problem only; a trainable
             # parameter the inner loop keeps at θ would need the cross terms of the Hessian instead
-            kept = [learner.param_names[i] for i in live if i not in learner.adapted_indices()]
             raise ValueError(f"iMAML's implicit gradient needs the inner loop to adapt every trainable parameter, "
                              f"but {type(learner).__name__}.adapts() keeps {', '.join(kept)} at θ: freeze them "
                              f"(requires_grad=False) or use a second-order variant (MAML, ANIL)")
-        phi = tuple(learner.params[i] for i in live)
+        phi = tuple(learner.params[i] for i in adapted)
         query_grad = zeros_for_unused(torch.autograd.grad(query_loss, phi, allow_unused=True), phi)
         support_loss = learner.over_tasks(learner.task_loss, learner.params, learner.get_batch())
         support_grad = torch.autograd.grad(support_loss, phi, create_graph=True)
@@ -79,7 +80,7 @@ class IMAMLUpper(MetaLearner):
 
         solution = conjugate_gradient(damped_hessian_vector, query_grad, self.cg_iterations, self.cg_tolerance,
                                       batch_dims=1 if self.tasks_in_batch else 0)
-        full = list(zeros_for_unused([None] * len(learner.params), learner.params))
-        for i, entry in zip(live, solution):
+        full: list[torch.Tensor | None] = [None] * len(learner.params)
+        for i, entry in zip(adapted, solution):
             full[i] = entry
-        return self.reduce_over_tasks(full)
+        return self.reduce_over_tasks(zeros_for_unused(full, learner.params))
