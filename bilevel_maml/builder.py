@@ -11,7 +11,6 @@ from collections.abc import Callable, Mapping
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 from bilevel_maml import distributed
 from bilevel_maml.data.device_sampler import (AUTO_MAX_EXAMPLES, DeviceTaskSource, UnsupportedTaskSource,
@@ -21,6 +20,7 @@ from bilevel_maml.engine import MetaEngine
 from bilevel_maml.env import EpisodicEnv
 from bilevel_maml.plugins import load_entry_points, unknown_algorithm
 from bilevel_maml.problems import ALGORITHMS, IMAMLLower, IMAMLUpper, split_options
+from bilevel_maml.problems.base import classification_loss, regression_loss
 from bilevel_maml.validation import check_choice, check_device, check_positive, check_positive_int
 
 #: outer optimizers by name (``optimizer="adafactor"``, say)
@@ -143,6 +143,7 @@ def build_engine(
     gradient_clipping: float = 0.0,
     valid_step: int = 100,
     valid_tasks: int = 100,
+    eval_inner_steps: int | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
@@ -192,6 +193,8 @@ def build_engine(
         0 disables clipping.
     :param valid_step: validate every this many meta-iterations.
     :param valid_tasks: tasks per validation.
+    :param eval_inner_steps: inner steps of each validation and test task (default:
+        ``inner_steps``; see :class:`~bilevel_maml.engine.MetaEngine`).
     :param seed: seeds the task streams (each split its own, and each rank its own training stream).
     :param device: where θ, the tasks and the adaptation live (``"cpu"``, ``"cuda"``, ...).
     :param dtype: dtype of θ and the tasks' inputs (and regression targets); default: the model's.
@@ -237,6 +240,8 @@ def build_engine(
     check_positive_int("meta_iterations", meta_iterations)
     check_positive_int("valid_step", valid_step)
     check_positive_int("valid_tasks", valid_tasks)
+    if eval_inner_steps is not None:
+        check_positive_int("eval_inner_steps", eval_inner_steps)
     check_positive("inner_lr", inner_lr)
     check_positive("meta_lr", meta_lr)
     if name == "imaml":
@@ -246,8 +251,8 @@ def build_engine(
     if meta_batch_size % world_size:
         raise ValueError(f"meta_batch_size={meta_batch_size} must be divisible by the number of processes "
                          f"({world_size}): each rank adapts meta_batch_size / world_size tasks")
-    if gradient_clipping < 0:
-        raise ValueError(f"gradient_clipping must be >= 0 (0 disables it), got {gradient_clipping!r}")
+    if gradient_clipping != 0:
+        check_positive("gradient_clipping (a norm; 0 turns clipping off)", gradient_clipping)
     sampler = check_choice("sampler", sampler, SAMPLERS)
     device = check_device("device", device)
     sources = _split_sources(tasksets)
@@ -266,7 +271,7 @@ def build_engine(
 
     if dtype is not None:
         model = model.to(dtype)
-    loss_fn = loss_fn if loss_fn is not None else (F.mse_loss if regression else F.cross_entropy)
+    loss_fn = loss_fn if loss_fn is not None else (regression_loss if regression else classification_loss)
     outer = make_optimizer(optimizer, model.parameters(), meta_lr)
     upper_cls, lower_cls = ALGORITHMS[name]
     upper_kwargs = dict(
@@ -291,6 +296,7 @@ def build_engine(
         test_env=envs["test"],
         valid_step=valid_step,
         valid_tasks=valid_tasks,
+        eval_inner_steps=eval_inner_steps,
         device=device,
         logger=logger,
         vectorize=vectorize,

@@ -36,7 +36,7 @@ from bilevel_maml.checkpoint import CHECKPOINT_FILES, Checkpointer, CheckpointWr
 from bilevel_maml.data.sources import DATASETS, load_tasksets
 from bilevel_maml.engine import MetaEngine, NonFiniteError
 from bilevel_maml.execution import PRECISIONS, check_precision
-from bilevel_maml.history import METRICS_FILE, MetricsFile
+from bilevel_maml.history import METRICS_FILE, MetricsFile, plain_json
 from bilevel_maml.logging import WandbLogger
 from bilevel_maml.models import MODELS, build_model
 from bilevel_maml.plugins import defining_modules, load_entry_points, load_plugin, unknown_algorithm
@@ -117,6 +117,7 @@ def _option_value(text: str):
 positive_int = _number(int, 1, "an integer >= 1")
 non_negative_int = _number(int, 0, "an integer >= 0")
 positive_float = _number(float, math.ulp(0.0), "a positive finite number")
+non_negative_float = _number(float, 0.0, "a finite number >= 0")
 
 
 def device_name(text: str) -> str:
@@ -167,6 +168,9 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
     add("--shots", type=positive_int, help="support examples per class (default: 1; 10 points for sinusoid)")
     add("--query-shots", type=positive_int, help="query examples per class (default: --shots)")
     add("--inner-steps", type=positive_int, default=1, help="SGD steps of the inner loop")
+    add("--eval-inner-steps", type=positive_int,
+        help="inner steps of each validation and test task (default: --inner-steps; MAML tests mini-ImageNet with "
+             "10 after training with 5); steps past those trained repeat the last one's per-step values")
     add("--inner-lr", type=positive_float,
         help="inner-loop SGD step size (default: 0.4 Omniglot, 0.01 ImageNet-style, 0.1 sinusoid)")
     add("--meta-lr", type=positive_float, default=1e-3, help="outer learning rate")
@@ -174,6 +178,9 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
         help="tasks per meta-update; under torchrun the global count, split evenly over the ranks")
     add("--iterations", type=positive_int, default=200, help="meta-iterations (outer updates)")
     add("--optimizer", choices=sorted(OPTIMIZERS), default="adam", help="outer optimizer")
+    add("--gradient-clipping", type=non_negative_float, default=0.0, metavar="NORM",
+        help="scale the meta-gradient (θ's and any meta-learned step sizes' together) to this global norm "
+             "where it is larger, before each outer step; 0 turns clipping off")
     add("--model", choices=MODELS,
         help="backbone: conv4 (Vinyals et al.'s max-pool network), conv4-strided (Finn et al.'s stride-2 Omniglot "
              "network), resnet12, mlp (default: conv4; mlp for sinusoid)")
@@ -270,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", metavar="FOLDER", help="run folder (uses checkpoints/best.pt, else last.pt)")
     evaluate.add_argument("--checkpoint", metavar="FILE", help="checkpoint file (instead of --output)")
     evaluate.add_argument("--test-tasks", type=positive_int, default=600, help="test tasks to score")
+    evaluate.add_argument("--eval-inner-steps", type=positive_int,
+                          help="inner steps of each test task (default: the run's)")
     evaluate.add_argument("--result", metavar="FILE",
                           help="JSON file to write (default: <run folder>/evaluation.json)")
     _existing_run_options(evaluate)
@@ -438,6 +447,7 @@ def _run_config(args: argparse.Namespace) -> dict:
     spec = DATASETS[config["dataset"]]
     config["shots"] = config["shots"] or spec.shots
     config["query_shots"] = config["query_shots"] or config["shots"]
+    config["eval_inner_steps"] = config["eval_inner_steps"] or config["inner_steps"]
     config["inner_lr"] = config["inner_lr"] if config["inner_lr"] is not None else spec.inner_lr
     config["model"] = config["model"] or spec.model
     try:
@@ -492,9 +502,11 @@ def build_from_config(config: dict, device: torch.device) -> MetaEngine:
         config["algorithm"], model, tasksets, ways=config["ways"], shots=config["shots"],
         query_shots=config["query_shots"], inner_steps=config["inner_steps"], inner_lr=config["inner_lr"],
         meta_lr=config["meta_lr"], meta_batch_size=config["meta_batch_size"],
-        meta_iterations=config["iterations"], optimizer=config["optimizer"], regression=spec.regression,
+        meta_iterations=config["iterations"], optimizer=config["optimizer"],
+        gradient_clipping=config.get("gradient_clipping", 0.0), regression=spec.regression,
         lam=config["lam"], cg_iterations=config["cg_iterations"], valid_step=config["valid_every"],
-        valid_tasks=config["valid_tasks"], seed=config["seed"], device=device,
+        valid_tasks=config["valid_tasks"], eval_inner_steps=config.get("eval_inner_steps"), seed=config["seed"],
+        device=device,
         dtype=DTYPES[config["dtype"]], vectorize=config.get("vectorize", True),
         # runs written before these options existed drew their tasks through learn2learn, eagerly
         sampler=config.get("sampler", "learn2learn"),
@@ -510,10 +522,19 @@ def _task_kind(config: dict) -> str:
     return f"{config['ways']}-way {config['shots']}-shot"
 
 
+def _evaluation_steps(engine: MetaEngine) -> str:
+    """How many inner steps held-out tasks took, where that differs from training."""
+    steps = engine.eval_inner_steps
+    return "" if steps == engine.inner_steps else f", adapted with {steps} inner step{'s' if steps != 1 else ''}"
+
+
 def _format(stats: dict) -> str:
     if "accuracy" in stats:
-        return f"{100 * stats['accuracy']:.2f}% ± {100 * stats['accuracy_ci95']:.2f}%"
-    return f"MSE {stats['loss']:.4f} ± {stats['loss_ci95']:.4f}"
+        mean, half, unit, digits = 100 * stats["accuracy"], 100 * stats["accuracy_ci95"], "%", 2
+    else:
+        mean, half, unit, digits = stats["loss"], stats["loss_ci95"], "", 4
+    spread = f" ± {half:.{digits}f}{unit}" if math.isfinite(half) else " ± n/a"
+    return f"{'' if unit else 'MSE '}{mean:.{digits}f}{unit}{spread}"
 
 
 def _train(engine: MetaEngine, config: dict, output: Path, args: argparse.Namespace) -> dict:
@@ -577,7 +598,7 @@ def _train(engine: MetaEngine, config: dict, output: Path, args: argparse.Namesp
     result.update(checkpoint=entry, iteration=trained_at, config=config)
     atomic_save_json(output / "result.json", result)
     print(f"held-out test, {_task_kind(config)} ({entry} θ, iteration {trained_at}): {_format(result)} "
-          f"(95% CI over {result['tasks']} tasks)", flush=True)
+          f"(95% CI over {result['tasks']} tasks{_evaluation_steps(engine)})", flush=True)
     if logger is not None:
         if checkpointer.best is not None:
             logger.log_artifact(checkpointer.best, name=f"{run_name}-best", metadata=engine.best_valid)
@@ -596,7 +617,7 @@ def _resume_command(engine: MetaEngine, output: Path) -> str:
 
 def atomic_save_json(path: Path, data: dict) -> None:
     partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(data, indent=2, default=str))
+    partial.write_text(json.dumps(plain_json(data), indent=2, default=str, allow_nan=False))
     partial.replace(path)
 
 
@@ -695,13 +716,16 @@ def command_evaluate(args: argparse.Namespace) -> dict:
     engine = build_from_config(config, _device(args.device or config["device"]))
     engine.load_parameters(checkpoint["engine"])
     engine.meta_iteration = checkpoint["engine"]["meta_iteration"]
+    if args.eval_inner_steps is not None:
+        engine.eval_inner_steps = args.eval_inner_steps
     result = engine.test(args.test_tasks)
-    result.update(checkpoint=str(path), iteration=engine.meta_iteration, config=config)
+    result.update(checkpoint=str(path), iteration=engine.meta_iteration, eval_inner_steps=engine.eval_inner_steps,
+                  config=config)
     target = Path(args.result) if args.result else path.parent.parent / "evaluation.json"
     atomic_save_json(target, result)
     print(f"{config['algorithm']} {config['dataset']} {_task_kind(config)}, "
           f"θ from {path} (iteration {engine.meta_iteration}): {_format(result)} "
-          f"(95% CI over {result['tasks']} test tasks); written to {target}")
+          f"(95% CI over {result['tasks']} test tasks{_evaluation_steps(engine)}); written to {target}")
     return result
 
 

@@ -51,6 +51,10 @@ class MetaEngine(Engine):
     :param test_env: test task stream, used only by :meth:`test`.
     :param valid_step: validate every this many meta-iterations.
     :param valid_tasks: tasks per validation.
+    :param eval_inner_steps: inner steps of each validation and test task (default: ``lower``'s
+        ``inner_steps``); papers often adapt held-out tasks with more steps than training (MAML
+        trains mini-ImageNet with 5 and tests with 10). Steps past those trained repeat the last
+        trained step's hooks (per-step step sizes and BatchNorm rows).
     :param device: device for the problems and every env (Betty's ``Engine`` has none). An env
         without a ``dtype`` of its own hands out tasks in θ's dtype.
     :param logger: a Betty-style logger (``log(stats, tag, step)``), e.g.
@@ -85,6 +89,7 @@ class MetaEngine(Engine):
         test_env: EpisodicEnv | None = None,
         valid_step: int = 100,
         valid_tasks: int = 100,
+        eval_inner_steps: int | None = None,
         device: torch.device | str | None = None,
         logger=None,
         callbacks=(),
@@ -114,6 +119,9 @@ class MetaEngine(Engine):
         self.rank, self.world_size = distributed.world()
         self.valid_env, self.test_env = valid_env, test_env
         self.inner_steps = lower.inner_steps
+        #: inner steps of each validation and test task
+        self.eval_inner_steps = self.inner_steps if eval_inner_steps is None else check_positive_int(
+            "eval_inner_steps", eval_inner_steps)
         self.meta_batch_size = upper.meta_batch_size
         self.meta_iteration = 0
         #: the meta-iteration that produced θ (that of a checkpoint :meth:`load_parameters` read); an
@@ -339,7 +347,8 @@ class MetaEngine(Engine):
             set_global_rng_state(ranks[self.rank]["rng"])
 
     # -- evaluation ---------------------------------------------------------------------------
-    def evaluate(self, env: EpisodicEnv, num_tasks: int, per_task: bool = False) -> dict:
+    def evaluate(self, env: EpisodicEnv, num_tasks: int, per_task: bool = False,
+                 inner_steps: int | None = None) -> dict:
         """Adapt a copy of θ on each task's support set and score it on the query set, in vmapped
         batches of :attr:`evaluation_tasks_per_call` tasks (:func:`bilevel_maml.evaluation.evaluate`).
 
@@ -349,12 +358,14 @@ class MetaEngine(Engine):
         :param env: the task stream to draw from (:attr:`valid_env`, :attr:`test_env` or another).
         :param num_tasks: tasks to adapt and score.
         :param per_task: also return every task's values (``report["per_task"]``).
+        :param inner_steps: inner steps per task (default: :attr:`eval_inner_steps`).
         """
         # Adapt as the inner loops of the meta-iteration that produced θ did (a variant's inner step
         # size schedule, say), also for a checkpoint just loaded or θ before any training.
         for problem in (self.meta_learner, self.task_learner):
             problem.on_meta_iteration_start(max(self.theta_iteration, 1), self.meta_iterations)
-        return evaluation.evaluate(self, env, num_tasks, per_task)
+        return evaluation.evaluate(self, env, num_tasks, per_task,
+                                   self.eval_inner_steps if inner_steps is None else inner_steps)
 
     def validation(self) -> dict:
         return self.evaluate(self.valid_env, self.valid_tasks)

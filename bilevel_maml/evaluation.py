@@ -15,7 +15,7 @@ import math
 import torch
 
 from bilevel_maml.execution import precision_scope
-from bilevel_maml.problems.base import is_classification, vmap_over_tasks
+from bilevel_maml.problems.base import is_classification, predictions, vmap_over_tasks
 from bilevel_maml.validation import check_positive_int
 
 #: two-sided 95% normal quantile, for confidence intervals over tasks
@@ -39,29 +39,32 @@ def mean_and_ci95(values: list[float]) -> tuple[float, float]:
     return mean, Z_95 * math.sqrt(variance / n)
 
 
-def score_tasks(task_learner, loss_fn, support, query, stacked: bool) -> dict[str, torch.Tensor]:
-    """Per-task query loss (and accuracy, for classification) after adapting to ``support``;
-    ``stacked``: the tasks lie along a leading axis and are adapted at once."""
+def score_tasks(task_learner, loss_fn, support, query, stacked: bool, steps: int | None = None
+                ) -> dict[str, torch.Tensor]:
+    """Per-task query loss (and accuracy, for classification) after ``steps`` inner steps on
+    ``support`` (default: the task learner's ``inner_steps``); ``stacked``: the tasks lie along a
+    leading axis and are adapted at once."""
     inputs, labels = query
-    last_step = task_learner.inner_steps - 1  # the adapted learner is scored as at its last inner step
+    last_step = task_learner.inner_steps - 1  # the adapted learner is scored as at its last trained step
     if not stacked:
-        params = task_learner.adapt(support)
+        params = task_learner.adapt(support, steps)
         with torch.no_grad():
             outputs = task_learner.forward(inputs, params, last_step)
             scores = {"loss": loss_fn(outputs, labels).reshape(1)}
             if is_classification(outputs, labels):
-                scores["accuracy"] = (outputs.argmax(dim=1) == labels).float().mean().reshape(1)
+                scores["accuracy"] = (predictions(outputs).argmax(dim=1) == labels).float().mean().reshape(1)
         return scores
-    params = task_learner.adapt(support, tasks=len(inputs))
+    params = task_learner.adapt(support, steps, tasks=len(inputs))
     with torch.no_grad():
         outputs = vmap_over_tasks(functools.partial(task_learner.forward, step=last_step))(inputs, params)
         scores = {"loss": vmap_over_tasks(loss_fn)(outputs, labels)}
-        if is_classification(outputs[0], labels[0]):
-            scores["accuracy"] = (outputs.argmax(dim=2) == labels).float().mean(dim=1)
+        scores_per_class = predictions(outputs)
+        if is_classification(scores_per_class[0], labels[0]):
+            scores["accuracy"] = (scores_per_class.argmax(dim=2) == labels).float().mean(dim=1)
     return scores
 
 
-def evaluate(engine, env, num_tasks: int, per_task: bool = False) -> dict:
+def evaluate(engine, env, num_tasks: int, per_task: bool = False, inner_steps: int | None = None) -> dict:
     """Mean and 95% confidence half-width over ``num_tasks`` tasks of ``env`` of the query loss
     and, for classification, the accuracy, with θ adapted by ``engine``'s task learner. With
     ``per_task``, ``report["per_task"]`` also lists each task's values, in the order drawn (two
@@ -71,8 +74,11 @@ def evaluate(engine, env, num_tasks: int, per_task: bool = False) -> dict:
     :param env: the task stream to draw from.
     :param num_tasks: tasks to adapt and score.
     :param per_task: also return every task's values.
+    :param inner_steps: inner steps per task (default: the task learner's; more than it trained
+        with repeat its last step's hooks, see :meth:`~bilevel_maml.problems.base.TaskLearner.adapt`).
     """
     check_positive_int("num_tasks", num_tasks)
+    steps = engine.task_learner.inner_steps if inner_steps is None else check_positive_int("inner_steps", inner_steps)
     per_call = engine.evaluation_tasks_per_call
     learner, loss_fn = engine.task_learner, engine.meta_learner.loss_fn
     scores: list[dict[str, torch.Tensor]] = []
@@ -84,16 +90,17 @@ def evaluate(engine, env, num_tasks: int, per_task: bool = False) -> dict:
                 if per_call == 1 and not env.on_device:  # one at a time: tasks of any shape
                     for _ in range(count):
                         support, query = env.sample_task()
-                        scores.append(score_tasks(learner, loss_fn, support, query, stacked=False))
+                        scores.append(score_tasks(learner, loss_fn, support, query, stacked=False, steps=steps))
                     continue
                 (xs, ys), (xq, yq) = env.sample_tasks(count)
                 for lo in range(0, count, per_call):
                     part = slice(lo, min(count, lo + per_call))
                     if per_call == 1:
-                        scores.append(score_tasks(learner, loss_fn, (xs[lo], ys[lo]), (xq[lo], yq[lo]), stacked=False))
+                        scores.append(score_tasks(learner, loss_fn, (xs[lo], ys[lo]), (xq[lo], yq[lo]), stacked=False,
+                                                  steps=steps))
                     else:
                         scores.append(score_tasks(learner, loss_fn, (xs[part], ys[part]), (xq[part], yq[part]),
-                                                  stacked=True))
+                                                  stacked=True, steps=steps))
     finally:
         engine.train()
     keys = list(scores[0])

@@ -15,10 +15,20 @@ from bilevel_maml.callbacks import Callback
 METRICS_FILE = "metrics.jsonl"
 
 
-def _plain(value):
+def plain_json(value):
+    """``value`` with tensors as numbers and every non-finite float as None, in nested dicts and
+    lists too: JSON has no NaN or infinity (Python writes them, strict parsers refuse them), and a
+    missing point is drawn as a gap. One task gives no confidence interval, for instance.
+
+    :param value: a number, tensor, string, or a dict/list/tuple of them.
+    """
+    if isinstance(value, dict):
+        return {key: plain_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_json(item) for item in value]
     value = value.item() if hasattr(value, "item") else value
     if isinstance(value, float) and not math.isfinite(value):
-        return None  # JSON has no NaN/inf; a missing point is drawn as a gap
+        return None
     return value
 
 
@@ -38,7 +48,7 @@ class MetricsFile(Callback):
 
     def _append(self, row: dict) -> None:
         with self.path.open("a") as file:
-            file.write(json.dumps({key: _plain(value) for key, value in row.items()}) + "\n")
+            file.write(json.dumps(plain_json(row)) + "\n")
 
     def on_train_start(self, engine):
         if self.path.exists():
@@ -70,4 +80,4 @@ def read_metrics(path) -> list[dict]:
     return [rows[step] for step in sorted(rows)]
 
 
-__all__ = ["METRICS_FILE", "MetricsFile", "read_metrics"]
+__all__ = ["METRICS_FILE", "MetricsFile", "plain_json", "read_metrics"]

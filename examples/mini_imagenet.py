@@ -1,4 +1,5 @@
-"""5-way 1-shot mini-ImageNet (MAML paper: conv4 with 32 filters, α = 0.01, 5 inner steps).
+"""5-way 1-shot mini-ImageNet (MAML paper: conv4 with 32 filters, α = 0.01, 5 inner steps,
+10 on the validation and test tasks).
 
 Uses learn2learn's get_tasksets; place mini-imagenet-cache-{train,validation,test}.pkl in
 --data-root (or pass --download on a machine with internet access).
@@ -25,6 +26,7 @@ def main():
     parser.add_argument("--shots", type=int, default=1)
     parser.add_argument("--query-shots", type=int, default=15)
     parser.add_argument("--inner-steps", type=int, default=5)
+    parser.add_argument("--eval-inner-steps", type=int, default=10)
     parser.add_argument("--iterations", type=int, default=60000)
     parser.add_argument("--meta-batch-size", type=int, default=4)
     parser.add_argument("--test-tasks", type=int, default=600)
@@ -39,7 +41,7 @@ def main():
     engine = build_engine(
         args.algorithm, Conv4(args.ways, in_channels=3, hidden=32, image_size=84), tasksets,
         ways=args.ways, shots=args.shots, query_shots=args.query_shots, inner_steps=args.inner_steps,
-        inner_lr=0.01, meta_lr=1e-3, meta_batch_size=args.meta_batch_size,
+        eval_inner_steps=args.eval_inner_steps, inner_lr=0.01, meta_lr=1e-3, meta_batch_size=args.meta_batch_size,
         meta_iterations=args.iterations, valid_step=max(1, min(500, args.iterations)), seed=args.seed,
         device=args.device,
     )

@@ -38,6 +38,10 @@ def test_a_valid_configuration_builds():
         (dict(shots=3, query_shots=2), ValueError, r"shots \+ query_shots = 3 \+ 2 = 5 is more than the 4 examples"),
         (dict(inner_steps=0), ValueError, r"inner_steps must be an integer >= 1, got 0"),
         (dict(inner_steps=1.5), TypeError, r"inner_steps must be an integer >= 1, got 1.5"),
+        (dict(eval_inner_steps=0), ValueError, r"eval_inner_steps must be an integer >= 1, got 0"),
+        (dict(gradient_clipping=-1.0), ValueError, r"gradient_clipping \(a norm; 0 turns clipping off\) must be a "
+                                                   r"positive finite number, got -1.0"),
+        (dict(gradient_clipping=float("nan")), ValueError, r"gradient_clipping .* got nan"),
         (dict(meta_batch_size=0), ValueError, r"meta_batch_size must be an integer >= 1, got 0"),
         (dict(algorithm="reptil"), ValueError, r"unknown algorithm 'reptil'; known: anil, boil, fomaml, imaml, maml, maml\+\+, "
                                               r"metasgd, reptile\. A variant of your own is registered with"),

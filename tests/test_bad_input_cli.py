@@ -40,6 +40,8 @@ CASES = [
     (["train", "--ways", "0"], {}, ["--ways", "'0'", "integer >= 1"]),
     (["train", "--query-shots", "0"], {}, ["--query-shots", "'0'", "integer >= 1"]),
     (["train", "--inner-steps", "1.5"], {}, ["--inner-steps", "'1.5'", "integer >= 1"]),
+    (["train", "--eval-inner-steps", "0"], {}, ["--eval-inner-steps", "'0'", "integer >= 1"]),
+    (["train", "--gradient-clipping", "-1"], {}, ["--gradient-clipping", "'-1'", "finite number >= 0"]),
     (["train", "--inner-lr", "0"], {}, ["--inner-lr", "'0'", "positive finite number"]),
     (["train", "--inner-lr", "nan"], {}, ["--inner-lr", "'nan'", "positive finite number"]),
     (["train", "--meta-lr=-1e-3"], {}, ["--meta-lr", "'-1e-3'", "positive finite number"]),
@@ -92,6 +94,7 @@ CASES = [
     (["resume", "--output", "{run}", "--device", "tpu"], {}, ["--device", "'tpu'"]),
     (["resume", "--output", "{tmp}/nowhere"], {}, ["--output", "nowhere", "is not a run folder"]),
     (["evaluate", "--output", "{run}", "--test-tasks", "0"], {}, ["--test-tasks", "'0'", "integer >= 1"]),
+    (["evaluate", "--output", "{run}", "--eval-inner-steps", "-2"], {}, ["--eval-inner-steps", "'-2'", "integer >= 1"]),
     (["evaluate", "--checkpoint", "{tmp}/notes.pt"], {"notes.pt": b"just text"}, ["notes.pt", "damaged or not a checkpoint"]),
     (["evaluate", "--checkpoint", "{tmp}/config.json"], {"config.json": b'{"algorithm": "maml"}'},
      ["config.json", "damaged or not a checkpoint (not a file torch.save writes"]),  # not "could run code"

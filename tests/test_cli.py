@@ -18,8 +18,9 @@ def test_every_training_flag_reaches_the_run(tmp_path, omniglot_root):
     output = tmp_path / "run"
     result = cli.run([
         "train", "--algorithm", "imaml", "--dataset", "omniglot-small", "--data-root", str(omniglot_root),
-        "--ways", "3", "--shots", "2", "--query-shots", "3", "--inner-steps", "2", "--inner-lr", "0.2",
+        "--ways", "3", "--shots", "2", "--query-shots", "3", "--inner-steps", "2", "--eval-inner-steps", "4", "--inner-lr", "0.2",
         "--meta-lr", "0.005", "--meta-batch-size", "2", "--iterations", "3", "--optimizer", "adafactor",
+        "--gradient-clipping", "5.5",
         "--model", "resnet12", "--width", "4", "--lam", "2.0", "--cg-iterations", "2", "--no-vectorize", "--seed", "5",
         "--device", "cpu", "--dtype", "float64", "--valid-every", "3", "--valid-tasks", "2",
         "--test-tasks", "4", "--checkpoint-every", "1", "--output", str(output), "--wandb", "disabled",
@@ -27,8 +28,8 @@ def test_every_training_flag_reaches_the_run(tmp_path, omniglot_root):
     ])
     config = json.loads((output / "config.json").read_text())
     expected = dict(algorithm="imaml", dataset="omniglot-small", data_root=str(omniglot_root), ways=3, shots=2,
-                    query_shots=3, inner_steps=2, inner_lr=0.2, meta_lr=0.005, meta_batch_size=2, iterations=3,
-                    optimizer="adafactor", model="resnet12", width=4, lam=2.0, cg_iterations=2, vectorize=False, seed=5,
+                    query_shots=3, inner_steps=2, eval_inner_steps=4, inner_lr=0.2, meta_lr=0.005, meta_batch_size=2, iterations=3,
+                    optimizer="adafactor", gradient_clipping=5.5, model="resnet12", width=4, lam=2.0, cg_iterations=2, vectorize=False, seed=5,
                     device="cpu", dtype="float64", valid_every=3, valid_tasks=2, test_tasks=4,
                     checkpoint_every=1, output=str(output), wandb="disabled", progress=False,
                     sampler="learn2learn", cuda_graph=False, precision="fp32")
@@ -39,12 +40,13 @@ def test_every_training_flag_reaches_the_run(tmp_path, omniglot_root):
     engine = cli.build_from_config(config, torch.device("cpu"))
     lower, upper, env = engine.task_learner, engine.meta_learner, engine.env
     assert type(lower).__name__ == "IMAMLLower" and lower.lam == 2.0 and upper.cg_iterations == 2
-    assert (lower.inner_lr, lower.inner_steps, upper.meta_batch_size) == (0.2, 2, 2)
+    assert (lower.inner_lr, lower.inner_steps, engine.eval_inner_steps, upper.meta_batch_size) == (0.2, 2, 4, 2)
     assert not engine.vectorized and cli.build_from_config({**config, "vectorize": True}, torch.device("cpu")).vectorized
     assert (env.ways, env.shots, env.query_shots, env.seed) == (3, 2, 3, 15)
     assert not env.on_device and cli.build_from_config({**config, "sampler": "device"}, torch.device("cpu")).env.on_device
     assert engine.precision == "fp32" and engine.execution.name == "eager"
     assert isinstance(upper.optimizer, torch.optim.Adafactor) and upper.optimizer.defaults["lr"] == 0.005
+    assert upper.gradient_clipping == 5.5
     assert type(upper.module).__name__ == "ResNet12" and upper.module.classifier.out_features == 3
     assert upper.module.features[0].body[0].out_channels == 4
     assert all(p.dtype == torch.float64 for p in upper.module.parameters())
@@ -89,6 +91,21 @@ def test_evaluate_reports_mean_and_ci_and_writes_json(tmp_path, capsys):
                        "--test-tasks", "25", "--device", "cpu"])
     assert by_file["iteration"] == 6 and (tmp_path / "run" / "evaluation.json").is_file()
     assert f"MSE {result['loss']:.4f} ± {result['loss_ci95']:.4f} (95% CI over 25 test tasks)" in capsys.readouterr().out
+    assert written["eval_inner_steps"] == written["config"]["eval_inner_steps"] == 1  # the run's --inner-steps
+    more = cli.run(["evaluate", "--output", str(tmp_path / "run"), "--test-tasks", "25", "--eval-inner-steps", "3",
+                    "--result", str(tmp_path / "eval3.json")])
+    assert json.loads((tmp_path / "eval3.json").read_text())["eval_inner_steps"] == 3
+    assert abs(more["loss"] - result["loss"]) > 1e-3 * result["loss"]  # the same 25 tasks, adapted further
+    assert "(95% CI over 25 test tasks, adapted with 3 inner steps)" in capsys.readouterr().out
+    # one task has no confidence interval: null in the file, which stays JSON (no NaN) for strict readers
+    cli.run(["evaluate", "--output", str(tmp_path / "run"), "--test-tasks", "1", "--result", str(tmp_path / "one.json")])
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    one = json.loads((tmp_path / "one.json").read_text(), parse_constant=refuse)
+    assert one["tasks"] == 1 and one["loss"] > 0 and one["loss_ci95"] is None
+    assert f"MSE {one['loss']:.4f} ± n/a (95% CI over 1 test tasks" in capsys.readouterr().out  # none from one task
 
 
 def test_train_refuses_to_overwrite_a_run_and_resume_extends_it(tmp_path, capsys):

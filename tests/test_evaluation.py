@@ -34,14 +34,15 @@ def device_images():
     return DeviceTaskSampler(images, [range(4 * c, 4 * c + 4) for c in range(10)], ways=5, shots=1, query_shots=2)
 
 
-def built(algorithm, model, source, vectorize=True):
+def built(algorithm, model, source, vectorize=True, eval_inner_steps=None):
     upper_cls, lower_cls = ALGORITHMS[algorithm]
     extra = ({"cg_iterations": 3}, {"lam": 0.5}) if algorithm == "imaml" else ({}, {})
     upper = upper_cls(model, torch.optim.SGD(model.parameters(), lr=0.5), meta_batch_size=4, **extra[0])
     lower = lower_cls(model, inner_lr=0.3, inner_steps=2, **extra[1])
     env = EpisodicEnv(source, ways=5, shots=1, query_shots=2, seed=2)
     test = EpisodicEnv(source, ways=5, shots=1, query_shots=2, seed=7)
-    engine = MetaEngine(upper, lower, env, meta_iterations=2, test_env=test, vectorize=vectorize)
+    engine = MetaEngine(upper, lower, env, meta_iterations=2, test_env=test, vectorize=vectorize,
+                        eval_inner_steps=eval_inner_steps)
     engine.run()  # θ moved, so that adaptation matters
     return engine
 
@@ -72,7 +73,7 @@ def test_vectorized_evaluation_scores_every_task_as_the_per_task_path_does(algor
     assert str(engine.test_env.state_dict()) == str(after)
 
 
-def reference_evaluation(engine, env, tasks):
+def reference_evaluation(engine, env, tasks, steps=None):
     """The evaluation as first written: draw a task, adapt a copy of θ by plain SGD steps through
     functional_call, score the query set; one task at a time."""
     from torch.func import functional_call
@@ -83,7 +84,7 @@ def reference_evaluation(engine, env, tasks):
     for _ in range(tasks):
         (xs, ys), (xq, yq) = env.sample_task()
         params = [p.detach().requires_grad_() for p in model.parameters()]
-        for _ in range(engine.inner_steps):
+        for _ in range(engine.inner_steps if steps is None else steps):
             loss = F.cross_entropy(functional_call(model, dict(zip(names, params)), (xs,)), ys)
             grads = torch.autograd.grad(loss, params)
             params = [(p - engine.task_learner.inner_lr * g).detach().requires_grad_() for p, g in zip(params, grads)]
@@ -105,6 +106,25 @@ def test_reported_numbers_equal_a_reference_written_out_by_hand():
     assert torch.allclose(torch.tensor(report["per_task"]["loss"]), torch.tensor(losses), atol=1e-6, rtol=0)
     assert report["per_task"]["accuracy"] == pytest.approx(accuracies, abs=1e-6)
     assert (report["accuracy"], report["accuracy_ci95"]) == pytest.approx(mean_and_ci95(accuracies), abs=1e-6)
+
+
+@pytest.mark.parametrize("per_call", [1, 4], ids=["per-task", "vectorized"])
+def test_held_out_tasks_take_the_evaluation_inner_steps(per_call):
+    torch.manual_seed(0)
+    engine = built("maml", Conv4(5, in_channels=1, hidden=4, image_size=16).double(), image_source(),
+                   eval_inner_steps=5)
+    engine.evaluation_tasks_per_call = per_call
+    state = engine.test_env.state_dict()
+    report = engine.test(TASKS)
+    engine.test_env.load_state_dict(state)
+    trained_steps = engine.evaluate(engine.test_env, TASKS, inner_steps=2)
+    engine.test_env.load_state_dict(state)
+    engine.eval()
+    losses, accuracies = reference_evaluation(engine, engine.test_env, TASKS, steps=5)
+    engine.train()
+    assert (report["loss"], report["accuracy"]) == pytest.approx((sum(losses) / TASKS, sum(accuracies) / TASKS),
+                                                                  abs=1e-6)
+    assert report["loss"] < trained_steps["loss"] - 0.01  # three more steps on the support set did something
 
 
 def test_mean_and_ci95_by_hand():

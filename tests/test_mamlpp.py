@@ -154,20 +154,22 @@ def test_evaluation_normalises_each_step_with_that_steps_running_statistics():
 
     def reference_loss(rows):
         phi = [p.clone().requires_grad_() for p in theta]
-        for k in range(steps):
+        for k in range(len(rows) - 1):
             adapted = [phi[i] for i in ADAPTED]
             grads = torch.autograd.grad(F.cross_entropy(reference_forward(phi, xs, rows[k], statistics), ys), adapted)
             for i, g in zip(ADAPTED, grads):
                 phi[i] = (phi[i] - INNER_LR * g).detach().requires_grad_()
-        return F.cross_entropy(reference_forward(phi, xq, rows[steps], statistics), yq).item()
+        return F.cross_entropy(reference_forward(phi, xq, rows[-1], statistics), yq).item()
 
     engine.eval()
     got = score_tasks(lower, F.cross_entropy, (xs, ys), (xq, yq), stacked=False)["loss"].item()
     stacked = score_tasks(lower, F.cross_entropy, (xs[None], ys[None]), (xq[None], yq[None]), stacked=True)
+    longer = score_tasks(lower, F.cross_entropy, (xs, ys), (xq, yq), stacked=False, steps=5)["loss"].item()
     engine.train()
     expected = reference_loss([0, 1, 2, 2])  # support at step k with row k; the query as at the last step
     assert got == pytest.approx(expected, abs=1e-6)
     assert stacked["loss"].item() == pytest.approx(expected, abs=1e-6)
+    assert longer == pytest.approx(reference_loss([0, 1, 2, 2, 2, 2]), abs=1e-6)  # steps past the last: its row
     assert abs(reference_loss([2, 2, 2, 2]) - expected) > 1e-3  # the last step's statistics give another loss
     with torch.no_grad():
         layer.statistics = False  # batch statistics

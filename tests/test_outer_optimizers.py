@@ -10,7 +10,7 @@ from torch import nn
 from bilevel_maml import MAMLLower, MAMLUpper, MetaEngine, build_engine
 from bilevel_maml.builder import OPTIMIZERS
 
-from conftest import RecordingEnv, random_classification_source
+from conftest import RecordingEnv, RecordingSGD, random_classification_source
 from test_meta_gradients import INNER_LR, unrolled_maml_gradient
 
 
@@ -56,3 +56,24 @@ def test_build_engine_accepts_an_optimizer_factory_and_a_scheduler():
     # each iteration logs the rate its outer step used (not the one the scheduler set for the next)
     assert [round(h["lr"], 6) for h in history] == used == [0.1, 0.1, 0.05, 0.05]
     assert engine.meta_learner.optimizer.param_groups[0]["momentum"] == 0.9
+
+
+def test_gradient_clipping_scales_the_whole_meta_gradient_to_the_norm():
+    """θ's gradient and Meta-SGD's step sizes' are scaled together, by max_norm / their joint norm."""
+    def seen_gradient(clipping):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5)).double()
+        engine = build_engine("metasgd", model, random_classification_source(5, 2, 6), ways=5, shots=1,
+                              meta_batch_size=2, meta_iterations=1, optimizer=RecordingSGD,
+                              gradient_clipping=clipping, seed=3)
+        engine.run()
+        grads = engine.meta_learner.optimizer.seen_grads[0]
+        assert len(grads) == 8  # four of θ, four step sizes
+        return grads
+
+    unclipped = seen_gradient(0.0)
+    norm = torch.linalg.vector_norm(torch.cat([g.flatten() for g in unclipped]))
+    for got, want in zip(seen_gradient(0.25 * norm.item()), unclipped):
+        assert torch.allclose(got, 0.25 * want, atol=1e-6 * norm.item(), rtol=1e-5)
+    for got, want in zip(seen_gradient(2 * norm.item()), unclipped):  # within the norm: unchanged
+        assert torch.equal(got, want)

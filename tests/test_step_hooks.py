@@ -75,6 +75,11 @@ def test_every_hook_and_the_model_see_the_inner_step_in_training_and_evaluation(
     engine.evaluate(env, num_tasks=2)  # adapt + score: the same steps
     assert lower.losses_at == [0, 1, 2] * (1 if vectorize else 2)
     assert model.seen == [0, 1, 2, 2] * (1 if vectorize else 2)
+    model.seen.clear()
+    lower.losses_at.clear()
+    engine.evaluate(env, num_tasks=2, inner_steps=5)  # steps past the trained ones are the last trained step
+    assert lower.losses_at == [0, 1, 2, 2, 2] * (1 if vectorize else 2)
+    assert model.seen == [0, 1, 2, 2, 2, 2] * (1 if vectorize else 2)
     assert current_inner_step() is None
 
 
@@ -155,6 +160,31 @@ def test_the_tutorials_per_step_learning_rates_get_the_reference_gradient(vector
     for a, b in zip(got, expected):
         assert torch.allclose(a, b, atol=1e-6, rtol=0), (a - b).abs().max()
     assert all(len(set(g.tolist())) == steps for g in got[4:])  # each step's rate gets its own gradient
+
+
+@pytest.mark.parametrize("vectorize", [False, True], ids=["per-task", "vectorized"])
+def test_evaluating_with_more_steps_than_trained_repeats_the_last_steps_rate(vectorize):
+    model = tanh_mlp()
+    engine, _, _ = build(model, LSLRLower, steps=3, vectorize=vectorize)
+    engine.eval_inner_steps = 5
+    trained_rates = torch.tensor([0.1, 0.2, 0.4], dtype=torch.float64)
+    with torch.no_grad():
+        for rate in engine.task_learner.rates:
+            rate.copy_(trained_rates)
+    test = EpisodicEnv(random_classification_source(5, 2, 6), ways=5, shots=1, query_shots=1, seed=11)
+    state = test.state_dict()
+    report = engine.evaluate(test, num_tasks=4, per_task=True)
+    test.load_state_dict(state)
+    forward = functional(model)
+    losses = []
+    for _ in range(4):
+        (xs, ys), (xq, yq) = test.sample_task()
+        phi = [p.detach().requires_grad_() for p in model.parameters()]
+        for rate in [0.1, 0.2, 0.4, 0.4, 0.4]:
+            grads = torch.autograd.grad(F.cross_entropy(forward(phi, xs), ys), phi)
+            phi = [(p - rate * g).detach().requires_grad_() for p, g in zip(phi, grads)]
+        losses.append(F.cross_entropy(forward(phi, xq), yq).item())
+    assert report["per_task"]["loss"] == pytest.approx(losses, abs=1e-10)
 
 
 class MultiStepUpper(MAMLUpper):

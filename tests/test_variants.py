@@ -217,3 +217,47 @@ def test_meta_sgd_from_the_cli_checkpoints_and_evaluates_with_its_learned_rates(
     assert len(rates) == 6 and not all(torch.allclose(r, torch.full_like(r, 0.1)) for r in rates)
     evaluated = cli.run(["evaluate", "--output", str(output), "--test-tasks", "20"])
     assert evaluated["loss"] == pytest.approx(result["loss"], abs=1e-12)
+
+
+class LogitsAndFeatures(nn.Module):
+    """A user's model that returns extras after its prediction."""
+
+    def __init__(self, logits_only=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.head, self.logits_only = nn.Sequential(nn.Linear(6, 16), nn.Tanh()), nn.Linear(16, 5), logits_only
+
+    def forward(self, x):
+        features = self.body(x)
+        return self.head(features) if self.logits_only else (self.head(features), features)
+
+
+def feature_penalised(outputs, labels):
+    logits, features = outputs
+    return F.cross_entropy(logits, labels) + 0.5 * features.pow(2).mean()
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "imaml", "anil"])
+def test_a_model_returning_extras_is_scored_on_its_first_output_and_its_loss_sees_them_all(algorithm):
+    def trained(model, loss_fn=None, vectorize=True):
+        model = model.double()
+        engine = build_engine(algorithm, model, random_classification_source(5, 3, 6), ways=5, shots=1,
+                              meta_batch_size=4, meta_iterations=2, meta_lr=0.1, loss_fn=loss_fn,
+                              vectorize=vectorize, seed=1,
+                              algorithm_options={"head": "head"} if algorithm == "anil" else None)
+        history = engine.run()
+        report = engine.evaluate(engine.test_env, 6, per_task=True)
+        return [p.detach() for p in model.parameters()], history, report
+
+    plain_theta, plain_history, plain_report = trained(LogitsAndFeatures(logits_only=True))
+    for vectorize in (True, False):  # the default loss: as if the model returned its logits alone
+        theta, history, report = trained(LogitsAndFeatures(), vectorize=vectorize)
+        assert all(torch.allclose(a, b, atol=1e-10, rtol=0) for a, b in zip(theta, plain_theta))
+        assert [h["accuracy"] for h in history] == pytest.approx([h["accuracy"] for h in plain_history])
+        assert report["per_task"]["accuracy"] == pytest.approx(plain_report["per_task"]["accuracy"], abs=1e-10)
+    penalised = [trained(LogitsAndFeatures(), feature_penalised, vectorize) for vectorize in (True, False)]
+    (theta, history, report), (per_task_theta, _, per_task_report) = penalised
+    assert all(torch.allclose(a, b, atol=1e-10, rtol=0) for a, b in zip(theta, per_task_theta))
+    assert not torch.allclose(theta[0], plain_theta[0], atol=1e-4)  # the features' term moved θ
+    assert report["per_task"]["loss"] == pytest.approx(per_task_report["per_task"]["loss"], abs=1e-10)
+    assert "accuracy" in history[-1] and "accuracy" in report

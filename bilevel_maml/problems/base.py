@@ -19,8 +19,11 @@ A new algorithm is a subclass that overrides a few of these hooks:
   training (loss weights, learning rates, the derivative order), set before each meta-iteration
   and before an evaluation (for the meta-iteration that produced θ).
 
-``step`` is the index (0 … ``inner_steps`` − 1) of the inner step under way. A hook may leave it
-out of its signature (then it is not passed), so variants written before it existed keep working.
+``step`` is the index (0 … ``inner_steps`` − 1) of the inner step under way. An evaluation that
+adapts with more steps than training (``eval_inner_steps``) passes ``inner_steps`` − 1 to the steps
+beyond: per-step values (MAML++'s step sizes and BatchNorm rows) repeat the last trained step's.
+A hook may leave it out of its signature (then it is not passed), so variants written before it
+existed keep working.
 The model's forward sees it too, through :func:`current_inner_step` (per-step BatchNorm reads it),
 and ``TaskLearner.trajectory`` holds φ after every inner step taken so far (for a multi-step loss).
 
@@ -89,25 +92,45 @@ def with_step(hook, step: int):
     return functools.partial(hook, step=step) if _accepts_step(function) else hook
 
 
-def is_classification(outputs: torch.Tensor, labels: torch.Tensor) -> bool:
-    """Whether ``outputs`` are class scores for integer ``labels`` (then accuracy is reported).
+def predictions(outputs) -> torch.Tensor:
+    """The prediction among a model's ``outputs``: the tensor itself, or the first element of a
+    tuple or list. A model may return extras after it, ``(logits, features)`` say, for a
+    ``loss_fn`` of its own; accuracy and the default losses read the first.
 
-    :param outputs: the model's outputs, ``(examples, classes)`` for classification.
+    :param outputs: what the model's forward returned.
+    """
+    return outputs if isinstance(outputs, torch.Tensor) else outputs[0]
+
+
+def classification_loss(outputs, labels: torch.Tensor) -> torch.Tensor:
+    """The default loss of classification: cross-entropy of the :func:`predictions`."""
+    return F.cross_entropy(predictions(outputs), labels)
+
+
+def regression_loss(outputs, targets: torch.Tensor) -> torch.Tensor:
+    """The default loss of regression: mean squared error of the :func:`predictions`."""
+    return F.mse_loss(predictions(outputs), targets)
+
+
+def is_classification(outputs, labels: torch.Tensor) -> bool:
+    """Whether ``outputs`` hold class scores for integer ``labels`` (then accuracy is reported).
+
+    :param outputs: the model's outputs (see :func:`predictions`), ``(examples, classes)`` for classification.
     :param labels: the targets.
     """
-    return outputs.dim() == 2 and not labels.is_floating_point()
+    return predictions(outputs).dim() == 2 and not labels.is_floating_point()
 
 
-def task_metrics(outputs: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor) -> dict:
-    """Loss, plus accuracy for classification, as plain floats for logging.
+def task_metrics(outputs, labels: torch.Tensor, loss: torch.Tensor) -> dict:
+    """Loss, plus accuracy for classification, as 0-d tensors for logging.
 
-    :param outputs: the model's outputs on a query set.
+    :param outputs: the model's outputs on a query set (see :func:`predictions`).
     :param labels: the query targets.
     :param loss: the query loss already computed from them.
     """
     stats = {"loss": loss.detach()}
     if is_classification(outputs, labels):
-        stats["accuracy"] = (outputs.argmax(dim=1) == labels).float().mean().detach()
+        stats["accuracy"] = (predictions(outputs).argmax(dim=1) == labels).float().mean().detach()
     return stats
 
 
@@ -231,7 +254,7 @@ class TaskLearner(_NoRollBack, Problem):
             check_positive_int("config.unroll_steps", config.unroll_steps)
         super().__init__(name=name, config=config, module=module, optimizer=None, device=device)
         self.inner_lr = inner_lr
-        self.loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
+        self.loss_fn = loss_fn if loss_fn is not None else classification_loss
         self.params: tuple[torch.Tensor, ...] = ()
         self._grads: tuple[torch.Tensor, ...] | None = None
         self.param_names = [name for name, _ in module.named_parameters()]
@@ -466,16 +489,19 @@ class TaskLearner(_NoRollBack, Problem):
         the returned φ then has a leading task axis.
 
         :param batch: ``(inputs, targets)`` of the support set (stacked tasks with ``tasks``).
-        :param steps: inner steps to take (default: :attr:`inner_steps`).
+        :param steps: inner steps to take (default: :attr:`inner_steps`); the hooks of the steps
+            past :attr:`inner_steps` see ``step`` = :attr:`inner_steps` − 1, the last one trained.
         :param tasks: the number of stacked tasks in ``batch``, or None for one task.
         """
+        steps = self.inner_steps if steps is None else check_positive_int("steps", steps)
         saved_step = self.inner_step
         with torch.enable_grad(), self.tasks_at_once(tasks):
             params = tuple(p.detach().requires_grad_() for p in self.start_params())
             if tasks:
                 params = tuple(p.expand(tasks, *p.shape) for p in params)
             try:
-                for step in range(self.inner_steps if steps is None else steps):
+                for taken in range(steps):
+                    step = min(taken, self.inner_steps - 1)
                     self.inner_step = step  # for hooks written without a `step` argument
                     loss = self.over_tasks(with_step(self.inner_loss, step), params, batch)
                     grads = self.inner_gradients(loss, params)
@@ -530,7 +556,7 @@ class MetaLearner(_NoRollBack, Problem):
         # The scheduler is stepped once per meta-update here, not by Betty once per task.
         super().__init__(name=name, config=config, module=module, optimizer=optimizer, device=device)
         self.lr_scheduler = scheduler
-        self.loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
+        self.loss_fn = loss_fn if loss_fn is not None else classification_loss
         self._meta_batch_size = config.gradient_accumulation
         #: set with the task learner's on the vectorized path (one Betty step then covers that many tasks)
         self.tasks_in_batch: int | None = None
@@ -591,9 +617,10 @@ class MetaLearner(_NoRollBack, Problem):
         return self.env.batch["query"]
 
     def score_query(self, batch, params=None, step: int | None = None):
-        """``(outputs, labels, loss)`` of the task learner with φ = ``params`` (default: the adapted
-        φ) on the query ``batch`` at inner step ``step`` (default: the last); when vectorized, the
-        loss is the mean over the stacked tasks and outputs/labels are flattened over them.
+        """``(predictions, labels, loss)`` of the task learner with φ = ``params`` (default: the
+        adapted φ) on the query ``batch`` at inner step ``step`` (default: the last); when
+        vectorized, the loss is the mean over the stacked tasks and predictions/labels are
+        flattened over them. The loss sees the model's whole output (:func:`predictions`).
 
         :param batch: the query set ``(inputs, targets)``.
         :param params: φ (default: the task learner's adapted φ).
@@ -604,9 +631,10 @@ class MetaLearner(_NoRollBack, Problem):
         params = learner.params if params is None else params
         if self.tasks_in_batch:
             outputs = vmap_over_tasks(functools.partial(learner.forward, step=step))(inputs, params)
-            return outputs.flatten(0, 1), labels.flatten(0, 1), vmap_over_tasks(self.loss_fn)(outputs, labels).mean()
+            loss = vmap_over_tasks(self.loss_fn)(outputs, labels).mean()
+            return predictions(outputs).flatten(0, 1), labels.flatten(0, 1), loss
         outputs = learner.forward(inputs, params, step)
-        return outputs, labels, self.loss_fn(outputs, labels)
+        return predictions(outputs), labels, self.loss_fn(outputs, labels)
 
     def training_step(self, batch):
         """Betty's hook: the query loss and statistics of the adapted task learner.
