@@ -41,6 +41,7 @@ from bilevel_maml.logging import WandbLogger
 from bilevel_maml.models import MODELS, build_model
 from bilevel_maml.plugins import defining_modules, load_entry_points, load_plugin, unknown_algorithm
 from bilevel_maml.problems import ALGORITHMS, options_in_use
+from bilevel_maml.problems.mamlpp import cosine_learning_rate
 from bilevel_maml.progress import ProgressBar
 from bilevel_maml.runlock import RunFolderInUse, RunLock
 from bilevel_maml.stopping import GracefulStop, StoppedAtOnce, exit_status
@@ -48,6 +49,8 @@ from bilevel_maml.validation import device_problem
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 RUN_FILES = ("config.json", "checkpoints/last.pt")
+#: the outer learning-rate schedules of ``--meta-lr-schedule``
+META_LR_SCHEDULES = ("constant", "cosine")
 
 
 class BadInput(SystemExit):
@@ -174,6 +177,10 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
     add("--inner-lr", type=positive_float,
         help="inner-loop SGD step size (default: 0.4 Omniglot, 0.01 ImageNet-style, 0.1 sinusoid)")
     add("--meta-lr", type=positive_float, default=1e-3, help="outer learning rate")
+    add("--meta-lr-schedule", choices=META_LR_SCHEDULES, default="constant",
+        help="constant: --meta-lr throughout; cosine: from --meta-lr along half a cosine toward 0 over --iterations "
+             "(a resume with more --iterations re-spans it over the new total); maml++ anneals its own "
+             "(--option cosine_lr=false hands it this one)")
     add("--meta-batch-size", type=positive_int, default=8,
         help="tasks per meta-update; under torchrun the global count, split evenly over the ranks")
     add("--iterations", type=positive_int, default=200, help="meta-iterations (outer updates)")
@@ -501,7 +508,7 @@ def build_from_config(config: dict, device: torch.device) -> MetaEngine:
     return build_engine(
         config["algorithm"], model, tasksets, ways=config["ways"], shots=config["shots"],
         query_shots=config["query_shots"], inner_steps=config["inner_steps"], inner_lr=config["inner_lr"],
-        meta_lr=config["meta_lr"], meta_batch_size=config["meta_batch_size"],
+        meta_lr=config["meta_lr"], scheduler=_meta_lr_schedule(config), meta_batch_size=config["meta_batch_size"],
         meta_iterations=config["iterations"], optimizer=config["optimizer"],
         gradient_clipping=config.get("gradient_clipping", 0.0), regression=spec.regression,
         lam=config["lam"], cg_iterations=config["cg_iterations"], valid_step=config["valid_every"],
@@ -514,6 +521,16 @@ def build_from_config(config: dict, device: torch.device) -> MetaEngine:
         precision=config.get("precision") if device.type == torch.device(config["device"]).type else None,
         algorithm_options=config.get("algorithm_options"),
     )
+
+
+def _meta_lr_schedule(config: dict):
+    """The scheduler factory ``--meta-lr-schedule`` names (None: constant). The cosine is a closed
+    form of the iteration, so a resumed run continues it exactly."""
+    if config.get("meta_lr_schedule", "constant") == "constant":
+        return None
+    iterations = config["iterations"]
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda done: cosine_learning_rate(1.0, 0.0, done + 1, iterations))
 
 
 def _task_kind(config: dict) -> str:

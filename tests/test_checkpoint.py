@@ -22,7 +22,7 @@ ITERATIONS = 150
 def float64_run(output):
     return [sys.executable, "-m", "bilevel_maml", "train", "--dataset", "sinusoid", "--dtype", "float64",
             "--width", "16", "--iterations", str(ITERATIONS), "--meta-batch-size", "4", "--inner-steps", "2",
-            "--optimizer", "adam", "--valid-every", "40", "--valid-tasks", "5", "--test-tasks", "10",
+            "--optimizer", "adam", "--meta-lr-schedule", "cosine", "--valid-every", "40", "--valid-tasks", "5", "--test-tasks", "10",
             "--checkpoint-every", "1", "--seed", "3", "--wandb", "disabled", "--output", str(output)]
 
 
@@ -56,6 +56,9 @@ def test_a_run_killed_midway_and_resumed_ends_with_exactly_the_same_theta(tmp_pa
         assert value.dtype == torch.float64
         assert torch.equal(value, resumed["theta"][name]), name
     assert [h["loss"] for h in straight["history"]] == [h["loss"] for h in resumed["history"]]
+    # the cosine schedule went on from where it was: every iteration's rate as in the straight run
+    assert [h["lr"] for h in resumed["history"]] == [h["lr"] for h in straight["history"]] == [
+        pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * i / ITERATIONS)), rel=1e-12) for i in range(ITERATIONS)]
 
 
 def test_a_crash_during_a_write_leaves_the_last_good_checkpoint(tmp_path, monkeypatch):
