@@ -533,6 +533,21 @@ def _meta_lr_schedule(config: dict):
         optimizer, lambda done: cosine_learning_rate(1.0, 0.0, done + 1, iterations))
 
 
+def _continue_meta_lr_schedule(engine: MetaEngine, config: dict) -> None:
+    """After a checkpoint is loaded: the next iteration's rate from the schedule over the run's
+    total. The checkpoint holds the rate its schedule set for that iteration, which differs when
+    resume --iterations changed the total (the end of a cosine over the old total is 0)."""
+    scheduler = engine.meta_learner.lr_scheduler
+    if scheduler is None or config.get("meta_lr_schedule", "constant") == "constant":
+        return
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        rate = base * factor(scheduler.last_epoch)
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(rate)
+        else:
+            group["lr"] = rate
+
+
 def _task_kind(config: dict) -> str:
     if DATASETS[config["dataset"]].regression:
         return f"{config['shots']}-shot regression"
@@ -712,6 +727,7 @@ def command_resume(args: argparse.Namespace) -> dict:
     lock = _lock(output, engine)
     try:
         engine.load_state_dict(checkpoint["engine"])
+        _continue_meta_lr_schedule(engine, config)
         return _train(engine, config, output, args)
     finally:
         if lock is not None:

@@ -1,6 +1,7 @@
 """The `bilevel-maml` command: every flag reaches the run, config files, evaluate, errors."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch
 
 from bilevel_maml import cli
 from bilevel_maml.checkpoint import atomic_save, load_checkpoint
+from bilevel_maml.history import METRICS_FILE, read_metrics
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -271,3 +273,18 @@ def test_a_device_must_exist_on_this_machine(monkeypatch):
         cli.device_name("cuda:7")
     with pytest.raises(cli.BadInput, match=r"invalid --device: must be cpu, cuda or cuda:N, got 'gpu'"):
         cli.run(["train", "--dataset", "sinusoid", "--device", "gpu", "--wandb", "disabled"])
+
+
+def test_a_cosine_meta_lr_schedule_is_continued_over_the_new_total_by_resume(tmp_path):
+    run = tmp_path / "run"
+    cli.run(sinusoid_run(run, "--meta-lr-schedule", "cosine", "--meta-lr", "0.01", "--iterations", "4",
+                         "--no-progress"))
+    cli.run(["resume", "--output", str(run), "--iterations", "6", "--wandb", "disabled", "--no-progress"])
+    rates = [row["train/lr"] for row in read_metrics(run / METRICS_FILE) if "train/lr" in row]
+
+    def cosine(iteration, total):
+        return 0.01 * 0.5 * (1 + math.cos(math.pi * (iteration - 1) / total))
+
+    # four iterations over a total of 4, then the fifth and sixth over the new total of 6 (not the
+    # old schedule's last value, 0, for the fifth)
+    assert rates == pytest.approx([cosine(i, 4) for i in (1, 2, 3, 4)] + [cosine(5, 6), cosine(6, 6)], rel=1e-9)
