@@ -16,7 +16,7 @@ from bilevel_maml import distributed
 from bilevel_maml.data.device_sampler import (AUTO_MAX_EXAMPLES, DeviceTaskSource, UnsupportedTaskSource,
                                               device_memory_budget, sampler_from_taskset)
 from bilevel_maml.data.sinusoid import SinusoidTasks
-from bilevel_maml.engine import MetaEngine
+from bilevel_maml.engine import MetaEngine, meta_parameters_outside
 from bilevel_maml.env import EpisodicEnv
 from bilevel_maml.plugins import load_entry_points, unknown_algorithm
 from bilevel_maml.problems import ALGORITHMS, IMAMLLower, IMAMLUpper, split_options
@@ -277,7 +277,6 @@ def build_engine(
     upper_kwargs = dict(
         meta_batch_size=meta_batch_size // world_size,
         loss_fn=loss_fn,
-        scheduler=scheduler(outer) if scheduler is not None else None,
         gradient_clipping=gradient_clipping,
     )
     lower_kwargs = dict(inner_lr=inner_lr, inner_steps=inner_steps, loss_fn=loss_fn)
@@ -285,8 +284,12 @@ def build_engine(
         upper_kwargs["cg_iterations"] = cg_iterations
     if issubclass(lower_cls, IMAMLLower):
         lower_kwargs["lam"] = lam
-    upper = upper_cls(model, outer, **{**upper_kwargs, **upper_options})
     lower = lower_cls(model, **{**lower_kwargs, **lower_options})
+    learned = meta_parameters_outside(outer, lower)  # Meta-SGD's step sizes: a schedule must see their group
+    if learned:
+        outer.add_param_group({"params": learned})
+    upper_kwargs["scheduler"] = scheduler(outer) if scheduler is not None else None
+    upper = upper_cls(model, outer, **{**upper_kwargs, **upper_options})
     return MetaEngine(
         upper,
         lower,

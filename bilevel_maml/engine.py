@@ -29,6 +29,22 @@ from bilevel_maml.progress import ProgressBar
 from bilevel_maml.validation import check_device, check_positive_int
 
 
+def meta_parameters_outside(optimizer: torch.optim.Optimizer, task_learner: TaskLearner) -> list[torch.Tensor]:
+    """The task learner's :meth:`~bilevel_maml.problems.base.TaskLearner.meta_parameters` that
+    ``optimizer`` does not hold yet (the engine adds them as a param group of their own).
+
+    :param optimizer: the outer optimizer.
+    :param task_learner: the Lower problem.
+    """
+    extra = list(task_learner.meta_parameters())
+    for tensor in extra:
+        if not (isinstance(tensor, torch.Tensor) and tensor.is_leaf and tensor.requires_grad):
+            raise TypeError(f"{type(task_learner).__name__}.meta_parameters() must return leaf tensors "
+                            f"that require grad (nn.Parameter), got {type(tensor).__name__}")
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return [p for p in extra if id(p) not in held]
+
+
 @contextlib.contextmanager
 def _betty_log_level(level: int):
     betty_logger = get_logger()
@@ -175,20 +191,18 @@ class MetaEngine(Engine):
     def _learn_task_learner_meta_parameters(self) -> None:
         """Put the task learner's meta-parameters (Meta-SGD's step sizes, say) on the device and
         in the outer optimizer, unless the user's optimizer already holds them."""
-        extra = list(self.task_learner.meta_parameters())
-        if not extra:
-            return
-        for tensor in extra:
-            if not (isinstance(tensor, torch.Tensor) and tensor.is_leaf and tensor.requires_grad):
-                raise TypeError(f"{type(self.task_learner).__name__}.meta_parameters() must return leaf tensors "
-                                f"that require grad (nn.Parameter), got {type(tensor).__name__}")
+        missing = meta_parameters_outside(self.meta_learner.optimizer, self.task_learner)
+        for tensor in self.task_learner.meta_parameters():
             if tensor.device != self.device:
                 tensor.data = tensor.data.to(self.device)
-        optimizer = self.meta_learner.optimizer
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        missing = [p for p in extra if id(p) not in held]
+        if missing and self.meta_learner.lr_scheduler is not None:
+            # a torch LR scheduler keeps one entry per param group it was built with
+            raise ValueError(f"{type(self.task_learner).__name__}.meta_parameters() are not in the outer optimizer, "
+                             f"and its LR scheduler was built without them: add them first "
+                             f"(optimizer.add_param_group({{'params': list(lower.meta_parameters())}})), then build "
+                             f"the scheduler, or let build_engine(scheduler=...) do it")
         if missing:
-            optimizer.add_param_group({"params": missing})
+            self.meta_learner.optimizer.add_param_group({"params": missing})
 
     # -- order of operations ----------------------------------------------------------------
     def train_step(self):

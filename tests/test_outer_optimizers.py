@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from bilevel_maml import MAMLLower, MAMLUpper, MetaEngine, build_engine
+from bilevel_maml import ALGORITHMS, MAMLLower, MAMLUpper, MetaEngine, build_engine
 from bilevel_maml.builder import OPTIMIZERS
 
 from conftest import RecordingEnv, RecordingSGD, random_classification_source
@@ -77,3 +77,29 @@ def test_gradient_clipping_scales_the_whole_meta_gradient_to_the_norm():
         assert torch.allclose(got, 0.25 * want, atol=1e-6 * norm.item(), rtol=1e-5)
     for got, want in zip(seen_gradient(2 * norm.item()), unclipped):  # within the norm: unchanged
         assert torch.equal(got, want)
+
+
+def test_a_schedule_reaches_meta_sgds_step_sizes_too():
+    """build_engine adds the learned step sizes to the optimizer before the scheduler is built (a torch
+    scheduler covers the param groups it was built with; the step failed on the group added later)."""
+    used = []
+
+    class RecordingRates(torch.optim.SGD):
+        def step(self, closure=None):
+            used.append([group["lr"] for group in self.param_groups])
+            return super().step(closure)
+
+    engine = build_engine("metasgd", nn.Linear(6, 5), random_classification_source(5, 2, 6, dtype=torch.float32),
+                          ways=5, shots=1, meta_batch_size=2, meta_iterations=3, meta_lr=0.1, optimizer=RecordingRates,
+                          scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5))
+    engine.run()
+    assert used == [[0.1, 0.1], [0.05, 0.05], [0.025, 0.025]]  # θ's group, then the step sizes'
+
+    model = nn.Linear(6, 5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    upper = ALGORITHMS["metasgd"][0](model, optimizer, scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1))
+    lower = ALGORITHMS["metasgd"][1](model, inner_lr=0.1)
+    env = RecordingEnv(random_classification_source(5, 2, 6, dtype=torch.float32), ways=5, shots=1, seed=5)
+    with pytest.raises(ValueError, match=r"MetaSGDLower.meta_parameters\(\) are not in the outer optimizer, and its "
+                                         r"LR scheduler was built without them: add them first"):
+        MetaEngine(upper, lower, env)
