@@ -286,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--test-tasks", type=positive_int, default=600, help="test tasks to score")
     evaluate.add_argument("--eval-inner-steps", type=positive_int,
                           help="inner steps of each test task (default: the run's)")
+    evaluate.add_argument("--per-step", action="store_true",
+                          help="also report the mean ± 95%% CI after 0, 1, ..., --eval-inner-steps inner steps "
+                               "(per_step in the JSON file)")
     evaluate.add_argument("--result", metavar="FILE",
                           help="JSON file to write (default: <run folder>/evaluation.json)")
     _existing_run_options(evaluate)
@@ -560,6 +563,11 @@ def _evaluation_steps(engine: MetaEngine) -> str:
     return "" if steps == engine.inner_steps else f", adapted with {steps} inner step{'s' if steps != 1 else ''}"
 
 
+def _per_step_rows(curve: dict) -> list[dict]:
+    """An evaluation's ``per_step`` lists as one dict of scores per number of steps taken."""
+    return [dict(zip(curve, values)) for values in zip(*curve.values())]
+
+
 def _format(stats: dict) -> str:
     if "accuracy" in stats:
         mean, half, unit, digits = 100 * stats["accuracy"], 100 * stats["accuracy_ci95"], "%", 2
@@ -751,7 +759,7 @@ def command_evaluate(args: argparse.Namespace) -> dict:
     engine.meta_iteration = checkpoint["engine"]["meta_iteration"]
     if args.eval_inner_steps is not None:
         engine.eval_inner_steps = args.eval_inner_steps
-    result = engine.test(args.test_tasks)
+    result = engine.test(args.test_tasks, per_step=args.per_step)
     result.update(checkpoint=str(path), iteration=engine.meta_iteration, eval_inner_steps=engine.eval_inner_steps,
                   config=config)
     target = Path(args.result) if args.result else path.parent.parent / "evaluation.json"
@@ -759,6 +767,8 @@ def command_evaluate(args: argparse.Namespace) -> dict:
     print(f"{config['algorithm']} {config['dataset']} {_task_kind(config)}, "
           f"θ from {path} (iteration {engine.meta_iteration}): {_format(result)} "
           f"(95% CI over {result['tasks']} test tasks{_evaluation_steps(engine)}); written to {target}")
+    for steps, stats in enumerate(_per_step_rows(result.get("per_step", {}))):
+        print(f"  after {steps} inner step{'s' if steps != 1 else ''}: {_format(stats)}")
     return result
 
 

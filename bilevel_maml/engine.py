@@ -362,7 +362,7 @@ class MetaEngine(Engine):
 
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self, env: EpisodicEnv, num_tasks: int, per_task: bool = False,
-                 inner_steps: int | None = None) -> dict:
+                 inner_steps: int | None = None, per_step: bool = False) -> dict:
         """Adapt a copy of θ on each task's support set and score it on the query set, in vmapped
         batches of :attr:`evaluation_tasks_per_call` tasks (:func:`bilevel_maml.evaluation.evaluate`).
 
@@ -373,13 +373,14 @@ class MetaEngine(Engine):
         :param num_tasks: tasks to adapt and score.
         :param per_task: also return every task's values (``report["per_task"]``).
         :param inner_steps: inner steps per task (default: :attr:`eval_inner_steps`).
+        :param per_step: also report the scores after 0, 1, … inner steps (``report["per_step"]``).
         """
         # Adapt as the inner loops of the meta-iteration that produced θ did (a variant's inner step
         # size schedule, say), also for a checkpoint just loaded or θ before any training.
         for problem in (self.meta_learner, self.task_learner):
             problem.on_meta_iteration_start(max(self.theta_iteration, 1), self.meta_iterations)
         return evaluation.evaluate(self, env, num_tasks, per_task,
-                                   self.eval_inner_steps if inner_steps is None else inner_steps)
+                                   self.eval_inner_steps if inner_steps is None else inner_steps, per_step)
 
     def validation(self) -> dict:
         return self.evaluate(self.valid_env, self.valid_tasks)
@@ -395,15 +396,16 @@ class MetaEngine(Engine):
         self._call("on_validation_end", stats, improved)
         return stats
 
-    def test(self, num_tasks: int = 600) -> dict:
+    def test(self, num_tasks: int = 600, per_step: bool = False) -> dict:
         """Final report on the test split: mean and 95% CI over ``num_tasks`` tasks.
 
         :param num_tasks: test tasks to adapt and score.
+        :param per_step: also report the scores after 0, 1, … inner steps (``report["per_step"]``).
         """
         if self.test_env is None:
             raise ValueError("this engine has no test_env; pass test_env= to report test accuracy")
-        stats = self.evaluate(self.test_env, num_tasks)
-        self.logger.log({f"test/{k}": v for k, v in stats.items()}, step=self.meta_iteration)
+        stats = self.evaluate(self.test_env, num_tasks, per_step=per_step)
+        self.logger.log({f"test/{k}": v for k, v in stats.items() if k != "per_step"}, step=self.meta_iteration)
         self._call("on_test_end", stats)
         return stats
 

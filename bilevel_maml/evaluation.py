@@ -39,36 +39,51 @@ def mean_and_ci95(values: list[float]) -> tuple[float, float]:
     return mean, Z_95 * math.sqrt(variance / n)
 
 
-def score_tasks(task_learner, loss_fn, support, query, stacked: bool, steps: int | None = None
-                ) -> dict[str, torch.Tensor]:
+def score_tasks(task_learner, loss_fn, support, query, stacked: bool, steps: int | None = None,
+                per_step: bool = False) -> dict[str, torch.Tensor]:
     """Per-task query loss (and accuracy, for classification) after ``steps`` inner steps on
     ``support`` (default: the task learner's ``inner_steps``); ``stacked``: the tasks lie along a
-    leading axis and are adapted at once."""
+    leading axis and are adapted at once. With ``per_step``, also ``"<key>_per_step"``: the
+    scores after 0, 1, …, ``steps`` steps, one row per task.
+
+    The query after ``k`` steps is scored as at the last step taken (inner step ``k`` − 1, at most
+    the last trained one; step 0 for θ itself), as the multi-step loss scores it in training."""
     inputs, labels = query
-    last_step = task_learner.inner_steps - 1  # the adapted learner is scored as at its last trained step
-    if not stacked:
-        params = task_learner.adapt(support, steps)
-        with torch.no_grad():
-            outputs = task_learner.forward(inputs, params, last_step)
+    steps = task_learner.inner_steps if steps is None else steps
+
+    @torch.no_grad()
+    def score(params, taken: int) -> dict[str, torch.Tensor]:
+        step = min(max(taken - 1, 0), task_learner.inner_steps - 1)
+        if not stacked:
+            outputs = task_learner.forward(inputs, params, step)
             scores = {"loss": loss_fn(outputs, labels).reshape(1)}
             if is_classification(outputs, labels):
                 scores["accuracy"] = (predictions(outputs).argmax(dim=1) == labels).float().mean().reshape(1)
-        return scores
-    params = task_learner.adapt(support, steps, tasks=len(inputs))
-    with torch.no_grad():
-        outputs = vmap_over_tasks(functools.partial(task_learner.forward, step=last_step))(inputs, params)
+            return scores
+        outputs = vmap_over_tasks(functools.partial(task_learner.forward, step=step))(inputs, params)
         scores = {"loss": vmap_over_tasks(loss_fn)(outputs, labels)}
         scores_per_class = predictions(outputs)
         if is_classification(scores_per_class[0], labels[0]):
             scores["accuracy"] = (scores_per_class.argmax(dim=2) == labels).float().mean(dim=1)
-    return scores
+        return scores
+
+    tasks = len(inputs) if stacked else None
+    if not per_step:
+        return score(task_learner.adapt(support, steps, tasks=tasks), steps)
+    after: list[dict[str, torch.Tensor]] = []
+    task_learner.adapt(support, steps, tasks=tasks, after_step=lambda taken, params: after.append(score(params, taken)))
+    return {**after[-1], **{f"{key}_per_step": torch.stack([s[key] for s in after], dim=1) for key in after[-1]}}
 
 
-def evaluate(engine, env, num_tasks: int, per_task: bool = False, inner_steps: int | None = None) -> dict:
+def evaluate(engine, env, num_tasks: int, per_task: bool = False, inner_steps: int | None = None,
+             per_step: bool = False) -> dict:
     """Mean and 95% confidence half-width over ``num_tasks`` tasks of ``env`` of the query loss
     and, for classification, the accuracy, with θ adapted by ``engine``'s task learner. With
     ``per_task``, ``report["per_task"]`` also lists each task's values, in the order drawn (two
-    checkpoints evaluated from the same env state can then be compared task by task).
+    checkpoints evaluated from the same env state can then be compared task by task). With
+    ``per_step``, ``report["per_step"]`` holds the mean and half-width after 0, 1, …,
+    ``inner_steps`` inner steps (``{"loss": [...], "loss_ci95": [...], ...}``; the last entries are
+    the report's own), for a plot of how far adaptation gets with more steps.
 
     :param engine: the :class:`~bilevel_maml.engine.MetaEngine` whose θ and task learner are scored.
     :param env: the task stream to draw from.
@@ -76,11 +91,13 @@ def evaluate(engine, env, num_tasks: int, per_task: bool = False, inner_steps: i
     :param per_task: also return every task's values.
     :param inner_steps: inner steps per task (default: the task learner's; more than it trained
         with repeat its last step's hooks, see :meth:`~bilevel_maml.problems.base.TaskLearner.adapt`).
+    :param per_step: also score the query after every inner step.
     """
     check_positive_int("num_tasks", num_tasks)
     steps = engine.task_learner.inner_steps if inner_steps is None else check_positive_int("inner_steps", inner_steps)
     per_call = engine.evaluation_tasks_per_call
-    learner, loss_fn = engine.task_learner, engine.meta_learner.loss_fn
+    score = functools.partial(score_tasks, engine.task_learner, engine.meta_learner.loss_fn, steps=steps,
+                              per_step=per_step)
     scores: list[dict[str, torch.Tensor]] = []
     engine.eval()
     try:
@@ -90,26 +107,26 @@ def evaluate(engine, env, num_tasks: int, per_task: bool = False, inner_steps: i
                 if per_call == 1 and not env.on_device:  # one at a time: tasks of any shape
                     for _ in range(count):
                         support, query = env.sample_task()
-                        scores.append(score_tasks(learner, loss_fn, support, query, stacked=False, steps=steps))
+                        scores.append(score(support, query, stacked=False))
                     continue
                 (xs, ys), (xq, yq) = env.sample_tasks(count)
                 for lo in range(0, count, per_call):
-                    part = slice(lo, min(count, lo + per_call))
-                    if per_call == 1:
-                        scores.append(score_tasks(learner, loss_fn, (xs[lo], ys[lo]), (xq[lo], yq[lo]), stacked=False,
-                                                  steps=steps))
-                    else:
-                        scores.append(score_tasks(learner, loss_fn, (xs[part], ys[part]), (xq[part], yq[part]),
-                                                  stacked=True, steps=steps))
+                    part = lo if per_call == 1 else slice(lo, min(count, lo + per_call))
+                    scores.append(score((xs[part], ys[part]), (xq[part], yq[part]), stacked=per_call > 1))
     finally:
         engine.train()
-    keys = list(scores[0])
-    per_task_values = torch.stack([torch.cat([s[k] for s in scores]).to(torch.float64) for k in keys]).tolist()
+    columns = {key: torch.cat([s[key] for s in scores]).to(torch.float64) for key in scores[0]}
+    keys = [key for key in columns if not key.endswith("_per_step")]
     report: dict = {"tasks": num_tasks}
-    for key, values in zip(keys, per_task_values):
-        report[key], report[f"{key}_ci95"] = mean_and_ci95(values)
+    for key in keys:
+        report[key], report[f"{key}_ci95"] = mean_and_ci95(columns[key].tolist())
+    if per_step:
+        report["per_step"] = {}
+        for key in keys:
+            after = [mean_and_ci95(column) for column in columns[f"{key}_per_step"].T.tolist()]
+            report["per_step"][key], report["per_step"][f"{key}_ci95"] = map(list, zip(*after))
     if per_task:
-        report["per_task"] = dict(zip(keys, per_task_values))
+        report["per_task"] = {key: columns[key].tolist() for key in keys}
     return report
 
 

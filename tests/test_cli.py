@@ -95,10 +95,17 @@ def test_evaluate_reports_mean_and_ci_and_writes_json(tmp_path, capsys):
     assert f"MSE {result['loss']:.4f} ± {result['loss_ci95']:.4f} (95% CI over 25 test tasks)" in capsys.readouterr().out
     assert written["eval_inner_steps"] == written["config"]["eval_inner_steps"] == 1  # the run's --inner-steps
     more = cli.run(["evaluate", "--output", str(tmp_path / "run"), "--test-tasks", "25", "--eval-inner-steps", "3",
-                    "--result", str(tmp_path / "eval3.json")])
-    assert json.loads((tmp_path / "eval3.json").read_text())["eval_inner_steps"] == 3
+                    "--per-step", "--result", str(tmp_path / "eval3.json")])
+    written = json.loads((tmp_path / "eval3.json").read_text())
+    assert written["eval_inner_steps"] == 3
     assert abs(more["loss"] - result["loss"]) > 1e-3 * result["loss"]  # the same 25 tasks, adapted further
-    assert "(95% CI over 25 test tasks, adapted with 3 inner steps)" in capsys.readouterr().out
+    # the curve: after 0 (θ), 1, 2, 3 steps; after 1 step, the same tasks scored as the run's 1-step evaluation did
+    curve = written["per_step"]
+    assert len(curve["loss"]) == 4 and curve["loss"][3] == more["loss"]
+    assert curve["loss"][1] == pytest.approx(result["loss"], rel=1e-9)
+    out = capsys.readouterr().out
+    assert "(95% CI over 25 test tasks, adapted with 3 inner steps)" in out
+    assert f"  after 1 inner step: MSE {curve['loss'][1]:.4f} ± {curve['loss_ci95'][1]:.4f}\n" in out
     # one task has no confidence interval: null in the file, which stays JSON (no NaN) for strict readers
     cli.run(["evaluate", "--output", str(tmp_path / "run"), "--test-tasks", "1", "--result", str(tmp_path / "one.json")])
 

@@ -127,6 +127,28 @@ def test_held_out_tasks_take_the_evaluation_inner_steps(per_call):
     assert report["loss"] < trained_steps["loss"] - 0.01  # three more steps on the support set did something
 
 
+@pytest.mark.parametrize("per_call", [1, 4], ids=["per-task", "vectorized"])
+def test_per_step_scores_are_those_of_adapting_with_that_many_steps(per_call):
+    torch.manual_seed(0)
+    engine = built("maml", Conv4(5, in_channels=1, hidden=4, image_size=16).double(), image_source())
+    engine.evaluation_tasks_per_call = per_call
+    state = engine.test_env.state_dict()
+    report = engine.evaluate(engine.test_env, TASKS, inner_steps=4, per_step=True)
+    curve = report["per_step"]
+    assert len(curve["loss"]) == len(curve["accuracy_ci95"]) == 5  # after 0 (θ itself), 1, ..., 4 steps
+    assert (curve["loss"][-1], curve["accuracy"][-1], curve["loss_ci95"][-1]) == (
+        report["loss"], report["accuracy"], report["loss_ci95"])
+    engine.eval()
+    for steps in range(5):
+        engine.test_env.load_state_dict(state)
+        losses, accuracies = reference_evaluation(engine, engine.test_env, TASKS, steps=steps)
+        assert (curve["loss"][steps], curve["accuracy"][steps]) == pytest.approx(
+            (sum(losses) / TASKS, sum(accuracies) / TASKS), abs=1e-6), steps
+        assert curve["accuracy_ci95"][steps] == pytest.approx(mean_and_ci95(accuracies)[1], abs=1e-6)
+    engine.train()
+    assert curve["loss"][0] > curve["loss"][2]  # adapting helps
+
+
 def test_mean_and_ci95_by_hand():
     mean, half = mean_and_ci95([1.0, 2.0, 3.0, 4.0])
     # sample variance 5/3; standard error sqrt(5/3 / 4); two-sided 95% normal quantile 1.959964

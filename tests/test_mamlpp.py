@@ -165,7 +165,11 @@ def test_evaluation_normalises_each_step_with_that_steps_running_statistics():
     got = score_tasks(lower, F.cross_entropy, (xs, ys), (xq, yq), stacked=False)["loss"].item()
     stacked = score_tasks(lower, F.cross_entropy, (xs[None], ys[None]), (xq[None], yq[None]), stacked=True)
     longer = score_tasks(lower, F.cross_entropy, (xs, ys), (xq, yq), stacked=False, steps=5)["loss"].item()
+    curve = score_tasks(lower, F.cross_entropy, (xs, ys), (xq, yq), stacked=False, per_step=True)["loss_per_step"]
     engine.train()
+    # after k steps the query is normalised with the row of the last step taken (row 0 for θ itself)
+    assert curve[0].tolist() == pytest.approx([reference_loss(rows) for rows in ([0], [0, 0], [0, 1, 1], [0, 1, 2, 2])],
+                                              abs=1e-6)
     expected = reference_loss([0, 1, 2, 2])  # support at step k with row k; the query as at the last step
     assert got == pytest.approx(expected, abs=1e-6)
     assert stacked["loss"].item() == pytest.approx(expected, abs=1e-6)

@@ -483,7 +483,8 @@ class TaskLearner(_NoRollBack, Problem):
         return self.params
 
     # -- evaluation ----------------------------------------------------------------------------
-    def adapt(self, batch, steps: int | None = None, tasks: int | None = None) -> tuple[torch.Tensor, ...]:
+    def adapt(self, batch, steps: int | None = None, tasks: int | None = None,
+              after_step: Callable[[int, tuple], None] | None = None) -> tuple[torch.Tensor, ...]:
         """Adapt a graph-free copy of θ to ``batch`` with the same hooks as training. With ``tasks``,
         ``batch`` holds that many stacked tasks, adapted at once (vmapped) as on the training path;
         the returned φ then has a leading task axis.
@@ -492,6 +493,7 @@ class TaskLearner(_NoRollBack, Problem):
         :param steps: inner steps to take (default: :attr:`inner_steps`); the hooks of the steps
             past :attr:`inner_steps` see ``step`` = :attr:`inner_steps` − 1, the last one trained.
         :param tasks: the number of stacked tasks in ``batch``, or None for one task.
+        :param after_step: called as ``after_step(k, φ)`` with φ after ``k`` = 0 (θ), 1, …, ``steps`` steps.
         """
         steps = self.inner_steps if steps is None else check_positive_int("steps", steps)
         saved_step = self.inner_step
@@ -500,12 +502,16 @@ class TaskLearner(_NoRollBack, Problem):
             if tasks:
                 params = tuple(p.expand(tasks, *p.shape) for p in params)
             try:
+                if after_step is not None:
+                    after_step(0, params)
                 for taken in range(steps):
                     step = min(taken, self.inner_steps - 1)
                     self.inner_step = step  # for hooks written without a `step` argument
                     loss = self.over_tasks(with_step(self.inner_loss, step), params, batch)
                     grads = self.inner_gradients(loss, params)
                     params = tuple(p.detach().requires_grad_() for p in self.apply_update(params, grads, step))
+                    if after_step is not None:
+                        after_step(taken + 1, params)
             finally:
                 self.inner_step = saved_step
         return params

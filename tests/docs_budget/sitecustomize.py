@@ -25,8 +25,8 @@ def _shrink():
         build(self, *args, **kwargs)
 
     @functools.wraps(evaluate)
-    def small_evaluate(self, env, num_tasks, per_task=False):
-        return evaluate(self, env, min(num_tasks, TASKS), per_task)
+    def small_evaluate(self, env, num_tasks, *args, **kwargs):
+        return evaluate(self, env, min(num_tasks, TASKS), *args, **kwargs)
 
     MetaEngine.__init__, MetaEngine.evaluate = small_init, small_evaluate
 
