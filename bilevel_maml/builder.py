@@ -183,9 +183,12 @@ def build_engine(
     :param optimizer: the outer optimizer: ``"adam"``, ``"adamw"``, ``"sgd"``, ``"adafactor"``, a
         ``torch.optim.Optimizer`` class or a ``factory(params, lr)`` (see :func:`make_optimizer`).
     :param scheduler: a callable taking the outer optimizer and returning an LR scheduler,
-        stepped once per meta-update; ``None`` keeps ``meta_lr``.
-    :param loss_fn: ``loss_fn(predictions, targets)`` for support and query sets (default:
-        cross-entropy, or MSE with ``regression``).
+        stepped once per meta-update; ``None`` keeps ``meta_lr``. It is called once the
+        optimizer holds the inner loop's meta-learned tensors too (Meta-SGD's step sizes, in a
+        param group of their own), so the schedule reaches them.
+    :param loss_fn: ``loss_fn(outputs, targets)`` for support and query sets; a model's extra
+        outputs after its prediction reach it too (default: cross-entropy, or MSE with
+        ``regression``, of the prediction).
     :param regression: tasks are regression (no classes, MSE loss, no accuracy).
     :param lam: iMAML's proximal strength λ (iMAML only).
     :param cg_iterations: iMAML's conjugate-gradient iterations (iMAML only).
