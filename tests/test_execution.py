@@ -337,6 +337,29 @@ def test_on_a_gpu_the_sinusoid_engine_runs_captured_and_equals_eager():
                                                           captured.meta_learner.trainable_parameters())) <= 1e-5
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_a_dropout_model_runs_captured_and_every_replay_draws_new_masks():
+    """Dropout's masks come from the default CUDA generator, which a capture registers: each replay
+    must move its state on (a graph that replayed the recorded masks would leave it unchanged)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 1))
+    built = build_engine("maml", model, SinusoidTasks(points=10), regression=True, shots=5, inner_lr=0.1,
+                         inner_steps=2, meta_batch_size=4, meta_iterations=CapturedExecution.WARMUP_ITERATIONS + 3,
+                         valid_step=10**9, device="cuda", precision="fp32", verbose=False)
+    states = []
+
+    class RandomState:
+        def on_iteration_end(self, engine, metrics):
+            states.append(torch.cuda.get_rng_state(engine.device))
+
+    built.callbacks.append(RandomState())
+    built.run()
+    assert built.execution.name == "cuda-graph" and built.execution.graph is not None, built.eager_reason
+    replays = states[-3:]
+    assert not any(torch.equal(a, b) for a, b in zip(replays, replays[1:]))
+    assert all(math.isfinite(h["loss"]) for h in built.history)
+
+
 class SwitchingLower(MAMLPlusPlusLower):
     """Turns second order after the first capture."""
 
@@ -404,15 +427,20 @@ def test_a_non_finite_replay_stops_with_theta_from_before_it():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("algorithm", ["maml", "fomaml", "imaml", "metasgd", "anil", "maml++", "reptile", "boil",
-                                       "maml pool before norm"])
+                                       "maml pool before norm", "maml first block frozen", "imaml first block frozen"])
 def test_on_a_gpu_three_captured_meta_iterations_equal_eager_ones(algorithm):
     """The real thing: θ after the warm-up and 3 replayed meta-iterations equals eager θ (fp32,
-    same tasks: the replays draw from the registered device generator like eager draws would)."""
+    same tasks: the replays draw from the registered device generator like eager draws would);
+    a frozen block (requires_grad=False) stays as it was."""
     algorithm, pool_before_norm = algorithm.split()[0], algorithm.endswith("pool before norm")
+    frozen = algorithm.endswith("frozen")
     results = []
     for cuda_graph in (False, False, True):
         torch.manual_seed(0)
         model = Conv4(5, hidden=16, image_size=16, pool_before_norm=pool_before_norm).cuda()
+        if frozen:
+            model.features[0].requires_grad_(False)
+            initial = [p.detach().clone() for p in model.features[0].parameters()]
         upper_cls, lower_cls = ALGORITHMS[algorithm]
         extra = ({"cg_iterations": 3}, {"lam": 0.5}) if algorithm == "imaml" else ({}, {})
         # Adam's eps well above rounding noise: a conv bias before BatchNorm has a zero meta-gradient
@@ -426,6 +454,8 @@ def test_on_a_gpu_three_captured_meta_iterations_equal_eager_ones(algorithm):
                            cuda_graph=cuda_graph, precision="fp32", device="cuda")
         built.run()
         assert built.execution.name == ("cuda-graph" if cuda_graph else "eager"), built.eager_reason
+        if frozen:
+            assert all(torch.equal(p, q) for p, q in zip(model.features[0].parameters(), initial))
         results.append(built)
     eager, again, captured = results
     assert captured.execution.graph is not None
