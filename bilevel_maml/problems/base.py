@@ -103,12 +103,20 @@ def predictions(outputs) -> torch.Tensor:
 
 
 def classification_loss(outputs, labels: torch.Tensor) -> torch.Tensor:
-    """The default loss of classification: cross-entropy of the :func:`predictions`."""
+    """The default loss of classification: cross-entropy of the :func:`predictions`.
+
+    :param outputs: what the model returned, ``(examples, classes)`` scores first.
+    :param labels: the class of each example.
+    """
     return F.cross_entropy(predictions(outputs), labels)
 
 
 def regression_loss(outputs, targets: torch.Tensor) -> torch.Tensor:
-    """The default loss of regression: mean squared error of the :func:`predictions`."""
+    """The default loss of regression: mean squared error of the :func:`predictions`.
+
+    :param outputs: what the model returned, the predicted values first.
+    :param targets: the values to predict.
+    """
     return F.mse_loss(predictions(outputs), targets)
 
 
