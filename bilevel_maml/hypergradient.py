@@ -29,17 +29,27 @@ def zeros_for_unused(grads: Sequence[torch.Tensor | None], like: Tensors) -> tup
     return tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, like))
 
 
+def placed(values: Sequence, indices: Sequence[int], length: int) -> list:
+    """A list of ``length`` entries holding ``values`` at ``indices`` (in order) and None elsewhere:
+    the gradients of a subset of the parameters, in the positions of all of them.
+
+    :param values: one per index.
+    :param indices: positions in the full list.
+    :param length: the full list's length.
+    """
+    full = [None] * length
+    for i, value in zip(indices, values):
+        full[i] = value
+    return full
+
+
 def gradients_or_zeros(output: torch.Tensor, inputs: Tensors, **kwargs) -> tuple[torch.Tensor, ...]:
     """``torch.autograd.grad(output, inputs, allow_unused=True, **kwargs)`` with zeros for the inputs it
     does not reach and for those that do not require a gradient (frozen parameters), which
     ``torch.autograd.grad`` refuses."""
     wanted = [i for i, p in enumerate(inputs) if p.requires_grad]
-    grads: list[torch.Tensor | None] = [None] * len(inputs)
-    if wanted:
-        found = torch.autograd.grad(output, [inputs[i] for i in wanted], allow_unused=True, **kwargs)
-        for i, g in zip(wanted, found):
-            grads[i] = g
-    return zeros_for_unused(grads, inputs)
+    found = torch.autograd.grad(output, [inputs[i] for i in wanted], allow_unused=True, **kwargs) if wanted else ()
+    return zeros_for_unused(placed(found, wanted, len(inputs)), inputs)
 
 
 def _dot(xs: Tensors, ys: Tensors, batch_dims: int) -> torch.Tensor:

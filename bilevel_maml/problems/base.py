@@ -47,7 +47,7 @@ from betty.problems import Problem
 from torch.func import functional_call, vmap
 
 from bilevel_maml.distributed import average_gradients
-from bilevel_maml.hypergradient import get_grads, gradients_or_zeros, zeros_for_unused
+from bilevel_maml.hypergradient import get_grads, gradients_or_zeros, placed, zeros_for_unused
 from bilevel_maml.validation import check_positive, check_positive_int
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -393,10 +393,7 @@ class TaskLearner(_NoRollBack, Problem):
         chosen = [params[i] for i in adapted]
         grads = zeros_for_unused(
             torch.autograd.grad(loss, chosen, create_graph=create_graph, allow_unused=True), chosen)
-        full: list[torch.Tensor | None] = [None] * len(params)
-        for i, g in zip(adapted, grads):
-            full[i] = g
-        return tuple(full)
+        return tuple(placed(grads, adapted, len(params)))
 
     def over_tasks(self, hook, params, batch) -> torch.Tensor:
         """``hook(params, batch)`` for one task, or summed over the stacked tasks when vectorized:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from bilevel_maml.hypergradient import conjugate_gradient, zeros_for_unused
+from bilevel_maml.hypergradient import conjugate_gradient, placed, zeros_for_unused
 from bilevel_maml.problems.base import MetaLearner, TaskLearner
 from bilevel_maml.validation import check_positive, check_positive_int
 
@@ -80,7 +80,4 @@ class IMAMLUpper(MetaLearner):
 
         solution = conjugate_gradient(damped_hessian_vector, query_grad, self.cg_iterations, self.cg_tolerance,
                                       batch_dims=1 if self.tasks_in_batch else 0)
-        full: list[torch.Tensor | None] = [None] * len(learner.params)
-        for i, entry in zip(adapted, solution):
-            full[i] = entry
-        return self.reduce_over_tasks(zeros_for_unused(full, learner.params))
+        return self.reduce_over_tasks(zeros_for_unused(placed(solution, adapted, len(learner.params)), learner.params))
