@@ -41,6 +41,7 @@ from bilevel_maml.logging import WandbLogger
 from bilevel_maml.models import MODELS, build_model
 from bilevel_maml.plugins import defining_modules, load_entry_points, load_plugin, unknown_algorithm
 from bilevel_maml.problems import ALGORITHMS, options_in_use
+from bilevel_maml.problems.base import set_learning_rate
 from bilevel_maml.problems.mamlpp import cosine_learning_rate
 from bilevel_maml.progress import ProgressBar
 from bilevel_maml.runlock import RunFolderInUse, RunLock
@@ -544,11 +545,7 @@ def _continue_meta_lr_schedule(engine: MetaEngine, config: dict) -> None:
     if scheduler is None or config.get("meta_lr_schedule", "constant") == "constant":
         return
     for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-        rate = base * factor(scheduler.last_epoch)
-        if isinstance(group["lr"], torch.Tensor):
-            group["lr"].fill_(rate)
-        else:
-            group["lr"] = rate
+        set_learning_rate(group, base * factor(scheduler.last_epoch))
 
 
 def _task_kind(config: dict) -> str:

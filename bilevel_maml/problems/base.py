@@ -221,6 +221,19 @@ class _NoRollBack:
     recover_states = cache_states
 
 
+def set_learning_rate(group: dict, rate: float) -> None:
+    """Set an optimizer param group's learning rate, in place where it is a tensor (a captured CUDA
+    graph reads it there).
+
+    :param group: one of ``optimizer.param_groups``.
+    :param rate: the new learning rate.
+    """
+    if isinstance(group["lr"], torch.Tensor):
+        group["lr"].fill_(rate)
+    else:
+        group["lr"] = rate
+
+
 def vmap_over_tasks(fn: Callable, in_dims=0) -> Callable:
     """``torch.func.vmap`` of ``fn`` over stacked tasks. A random op in the model (dropout) draws for
     each task on its own, as on the per-task path; vmap's default would refuse it."""

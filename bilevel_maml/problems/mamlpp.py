@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bilevel_maml import distributed
-from bilevel_maml.problems.base import current_inner_step, vmap_over_tasks, with_step
+from bilevel_maml.problems.base import current_inner_step, set_learning_rate, vmap_over_tasks, with_step
 from bilevel_maml.problems.maml import MAMLLower, MAMLUpper
 from bilevel_maml.validation import check_positive
 
@@ -337,11 +337,7 @@ class MAMLPlusPlusUpper(MAMLUpper):
             for group in self.optimizer.param_groups:
                 # "initial_lr", as torch's schedulers keep it: saved with the optimizer's state
                 initial = group.setdefault("initial_lr", float(group["lr"]))
-                lr = cosine_learning_rate(initial, self.min_meta_lr, iteration, iterations)
-                if isinstance(group["lr"], torch.Tensor):
-                    group["lr"].fill_(lr)
-                else:
-                    group["lr"] = lr
+                set_learning_rate(group, cosine_learning_rate(initial, self.min_meta_lr, iteration, iterations))
 
     def structure(self):
         return (self.step_weights is not None,)
