@@ -20,8 +20,8 @@ from bilevel_maml.engine import MetaEngine, meta_parameters_outside
 from bilevel_maml.env import EpisodicEnv
 from bilevel_maml.plugins import load_entry_points, unknown_algorithm
 from bilevel_maml.problems import ALGORITHMS, IMAMLLower, IMAMLUpper, split_options
-from bilevel_maml.problems.base import classification_loss, regression_loss
-from bilevel_maml.validation import check_choice, check_device, check_positive, check_positive_int
+from bilevel_maml.problems.base import META_LR_SCHEDULES, classification_loss, regression_loss
+from bilevel_maml.validation import check_choice, check_device, check_non_negative, check_positive, check_positive_int
 
 #: outer optimizers by name (``optimizer="adafactor"``, say)
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -141,6 +141,8 @@ def build_engine(
     lam: float = 1.0,
     cg_iterations: int = 5,
     gradient_clipping: float = 0.0,
+    meta_lr_schedule: str | None = None,
+    min_meta_lr: float | None = None,
     valid_step: int = 100,
     valid_tasks: int = 100,
     eval_inner_steps: int | None = None,
@@ -194,6 +196,10 @@ def build_engine(
     :param cg_iterations: iMAML's conjugate-gradient iterations (iMAML only).
     :param gradient_clipping: clip the meta-gradient to this global norm before each outer step;
         0 disables clipping.
+    :param meta_lr_schedule: ``"constant"`` or ``"cosine"`` (see
+        :class:`~bilevel_maml.problems.base.MetaLearner`); None: the algorithm's own (constant,
+        but cosine for MAML++).
+    :param min_meta_lr: where the cosine ends (None: the algorithm's own; 0, MAML++'s 1e-5).
     :param valid_step: validate every this many meta-iterations.
     :param valid_tasks: tasks per validation.
     :param eval_inner_steps: inner steps of each validation and test task (default:
@@ -256,6 +262,11 @@ def build_engine(
                          f"({world_size}): each rank adapts meta_batch_size / world_size tasks")
     if gradient_clipping != 0:
         check_positive("gradient_clipping (a norm; 0 turns clipping off)", gradient_clipping)
+    schedule = {}
+    if meta_lr_schedule is not None:
+        schedule["meta_lr_schedule"] = check_choice("meta_lr_schedule", meta_lr_schedule, META_LR_SCHEDULES)
+    if min_meta_lr is not None:
+        schedule["min_meta_lr"] = check_non_negative("min_meta_lr", min_meta_lr)
     sampler = check_choice("sampler", sampler, SAMPLERS)
     device = check_device("device", device)
     sources = _split_sources(tasksets)
@@ -281,6 +292,7 @@ def build_engine(
         meta_batch_size=meta_batch_size // world_size,
         loss_fn=loss_fn,
         gradient_clipping=gradient_clipping,
+        **schedule,
     )
     lower_kwargs = dict(inner_lr=inner_lr, inner_steps=inner_steps, loss_fn=loss_fn)
     if issubclass(upper_cls, IMAMLUpper):

@@ -41,8 +41,7 @@ from bilevel_maml.logging import WandbLogger
 from bilevel_maml.models import MODELS, build_model
 from bilevel_maml.plugins import defining_modules, load_entry_points, load_plugin, unknown_algorithm
 from bilevel_maml.problems import ALGORITHMS, options_in_use
-from bilevel_maml.problems.base import set_learning_rate
-from bilevel_maml.problems.mamlpp import cosine_learning_rate
+from bilevel_maml.problems.base import META_LR_SCHEDULES
 from bilevel_maml.progress import ProgressBar
 from bilevel_maml.runlock import RunFolderInUse, RunLock
 from bilevel_maml.stopping import GracefulStop, StoppedAtOnce, exit_status
@@ -50,8 +49,6 @@ from bilevel_maml.validation import device_problem
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 RUN_FILES = ("config.json", "checkpoints/last.pt")
-#: the outer learning-rate schedules of ``--meta-lr-schedule``
-META_LR_SCHEDULES = ("constant", "cosine")
 
 
 class BadInput(SystemExit):
@@ -179,9 +176,11 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
         help="inner-loop SGD step size (default: 0.4 Omniglot, 0.01 ImageNet-style, 0.1 sinusoid)")
     add("--meta-lr", type=positive_float, default=1e-3, help="outer learning rate")
     add("--meta-lr-schedule", choices=META_LR_SCHEDULES, default="constant",
-        help="constant: --meta-lr throughout; cosine: from --meta-lr along half a cosine toward 0 over --iterations "
-             "(a resume with more --iterations re-spans it over the new total); maml++ anneals its own "
-             "(--option cosine_lr=false hands it this one)")
+        help="constant: --meta-lr throughout; cosine: from --meta-lr along half a cosine toward --min-meta-lr over "
+             "--iterations (a resume with more --iterations re-spans it over the new total); maml++ anneals its own "
+             "cosine unless --option cosine_lr=false")
+    add("--min-meta-lr", type=non_negative_float, metavar="RATE",
+        help="where the cosine ends (default: 0; maml++: 1e-5)")
     add("--meta-batch-size", type=positive_int, default=8,
         help="tasks per meta-update; under torchrun the global count, split evenly over the ranks")
     add("--iterations", type=positive_int, default=200, help="meta-iterations (outer updates)")
@@ -453,6 +452,12 @@ def _run_config(args: argparse.Namespace) -> dict:
         config["algorithm_options"] = options_in_use(config["algorithm"], dict(config["algorithm_options"]))
     except ValueError as error:
         raise BadInput(f"bilevel-maml: --option: {error}") from None
+    own_cosine = config["algorithm_options"].get("cosine_lr")  # MAML++'s, on by default
+    if config["meta_lr_schedule"] == "cosine" and own_cosine is False:
+        raise BadInput("bilevel-maml: --meta-lr-schedule cosine and --option cosine_lr=false disagree; drop one")
+    if config["min_meta_lr"] is not None and config["meta_lr_schedule"] != "cosine" and own_cosine is not True:
+        raise BadInput(f"bilevel-maml: --min-meta-lr {config['min_meta_lr']} is where a cosine schedule ends, and this "
+                       f"run's rate is constant; add --meta-lr-schedule cosine")
     for name in ("lam", "cg_iterations"):  # iMAML's, set by their own flags
         config["algorithm_options"].pop(name, None)
     spec = DATASETS[config["dataset"]]
@@ -512,9 +517,12 @@ def build_from_config(config: dict, device: torch.device) -> MetaEngine:
     return build_engine(
         config["algorithm"], model, tasksets, ways=config["ways"], shots=config["shots"],
         query_shots=config["query_shots"], inner_steps=config["inner_steps"], inner_lr=config["inner_lr"],
-        meta_lr=config["meta_lr"], scheduler=_meta_lr_schedule(config), meta_batch_size=config["meta_batch_size"],
+        meta_lr=config["meta_lr"], meta_batch_size=config["meta_batch_size"],
         meta_iterations=config["iterations"], optimizer=config["optimizer"],
-        gradient_clipping=config.get("gradient_clipping", 0.0), regression=spec.regression,
+        gradient_clipping=config.get("gradient_clipping", 0.0),
+        # constant: the algorithm's own (MAML++ anneals its own cosine unless cosine_lr=false)
+        meta_lr_schedule=None if config.get("meta_lr_schedule", "constant") == "constant" else config["meta_lr_schedule"],
+        min_meta_lr=config.get("min_meta_lr"), regression=spec.regression,
         lam=config["lam"], cg_iterations=config["cg_iterations"], valid_step=config["valid_every"],
         valid_tasks=config["valid_tasks"], eval_inner_steps=config.get("eval_inner_steps"), seed=config["seed"],
         device=device,
@@ -525,27 +533,6 @@ def build_from_config(config: dict, device: torch.device) -> MetaEngine:
         precision=config.get("precision") if device.type == torch.device(config["device"]).type else None,
         algorithm_options=config.get("algorithm_options"),
     )
-
-
-def _meta_lr_schedule(config: dict):
-    """The scheduler factory ``--meta-lr-schedule`` names (None: constant). The cosine is a closed
-    form of the iteration, so a resumed run continues it exactly."""
-    if config.get("meta_lr_schedule", "constant") == "constant":
-        return None
-    iterations = config["iterations"]
-    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda done: cosine_learning_rate(1.0, 0.0, done + 1, iterations))
-
-
-def _continue_meta_lr_schedule(engine: MetaEngine, config: dict) -> None:
-    """After a checkpoint is loaded: the next iteration's rate from the schedule over the run's
-    total. The checkpoint holds the rate its schedule set for that iteration, which differs when
-    resume --iterations changed the total (the end of a cosine over the old total is 0)."""
-    scheduler = engine.meta_learner.lr_scheduler
-    if scheduler is None or config.get("meta_lr_schedule", "constant") == "constant":
-        return
-    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-        set_learning_rate(group, base * factor(scheduler.last_epoch))
 
 
 def _task_kind(config: dict) -> str:
@@ -732,7 +719,6 @@ def command_resume(args: argparse.Namespace) -> dict:
     lock = _lock(output, engine)
     try:
         engine.load_state_dict(checkpoint["engine"])
-        _continue_meta_lr_schedule(engine, config)
         return _train(engine, config, output, args)
     finally:
         if lock is not None:

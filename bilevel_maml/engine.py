@@ -215,6 +215,7 @@ class MetaEngine(Engine):
     def meta_step(self) -> dict:
         """One meta-iteration: ``meta_batch_size`` tasks, ending in one outer optimizer step, run
         by :attr:`execution`; returns the mean query loss (and accuracy) over its tasks."""
+        self.meta_learner.set_meta_learning_rate(self.meta_iteration + 1, self.meta_iterations)
         for problem in (self.meta_learner, self.task_learner):
             problem.on_meta_iteration_start(self.meta_iteration + 1, self.meta_iterations)
         # the rate this iteration's outer step uses (an LR scheduler moves it on at the iteration's end)

@@ -16,6 +16,14 @@ def check_positive(name: str, value) -> float:
     return value
 
 
+def check_non_negative(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a number >= 0, got {value!r} ({type(value).__name__})")
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return value
+
+
 def check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name} must be an integer >= 1, got {value!r} ({type(value).__name__})")

@@ -22,7 +22,7 @@ def test_every_training_flag_reaches_the_run(tmp_path, omniglot_root):
         "train", "--algorithm", "imaml", "--dataset", "omniglot-small", "--data-root", str(omniglot_root),
         "--ways", "3", "--shots", "2", "--query-shots", "3", "--inner-steps", "2", "--eval-inner-steps", "4", "--inner-lr", "0.2",
         "--meta-lr", "0.005", "--meta-batch-size", "2", "--iterations", "3", "--optimizer", "adafactor",
-        "--gradient-clipping", "5.5", "--meta-lr-schedule", "cosine",
+        "--gradient-clipping", "5.5", "--meta-lr-schedule", "cosine", "--min-meta-lr", "0.0001",
         "--model", "resnet12", "--width", "4", "--lam", "2.0", "--cg-iterations", "2", "--no-vectorize", "--seed", "5",
         "--device", "cpu", "--dtype", "float64", "--valid-every", "3", "--valid-tasks", "2",
         "--test-tasks", "4", "--checkpoint-every", "1", "--output", str(output), "--wandb", "disabled",
@@ -31,7 +31,7 @@ def test_every_training_flag_reaches_the_run(tmp_path, omniglot_root):
     config = json.loads((output / "config.json").read_text())
     expected = dict(algorithm="imaml", dataset="omniglot-small", data_root=str(omniglot_root), ways=3, shots=2,
                     query_shots=3, inner_steps=2, eval_inner_steps=4, inner_lr=0.2, meta_lr=0.005, meta_batch_size=2, iterations=3,
-                    optimizer="adafactor", gradient_clipping=5.5, meta_lr_schedule="cosine", model="resnet12", width=4, lam=2.0, cg_iterations=2, vectorize=False, seed=5,
+                    optimizer="adafactor", gradient_clipping=5.5, meta_lr_schedule="cosine", min_meta_lr=1e-4, model="resnet12", width=4, lam=2.0, cg_iterations=2, vectorize=False, seed=5,
                     device="cpu", dtype="float64", valid_every=3, valid_tasks=2, test_tasks=4,
                     checkpoint_every=1, output=str(output), wandb="disabled", progress=False,
                     sampler="learn2learn", cuda_graph=False, precision="fp32")
@@ -48,7 +48,7 @@ def test_every_training_flag_reaches_the_run(tmp_path, omniglot_root):
     assert not env.on_device and cli.build_from_config({**config, "sampler": "device"}, torch.device("cpu")).env.on_device
     assert engine.precision == "fp32" and engine.execution.name == "eager"
     assert isinstance(upper.optimizer, torch.optim.Adafactor) and upper.optimizer.defaults["lr"] == 0.005
-    assert upper.gradient_clipping == 5.5 and isinstance(upper.lr_scheduler, torch.optim.lr_scheduler.LambdaLR)
+    assert upper.gradient_clipping == 5.5 and upper.meta_lr_schedule == "cosine" and upper.min_meta_lr == 1e-4
     assert type(upper.module).__name__ == "ResNet12" and upper.module.classifier.out_features == 3
     assert upper.module.features[0].body[0].out_channels == 4
     assert all(p.dtype == torch.float64 for p in upper.module.parameters())

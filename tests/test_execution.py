@@ -216,6 +216,9 @@ def test_what_stops_a_capture_is_said_before_running():
     with_scheduler = engine()
     with_scheduler.meta_learner.lr_scheduler = torch.optim.lr_scheduler.StepLR(with_scheduler.meta_learner.optimizer, 5)
     assert "SGD's learning rate is a number fixed into the graph" in capture_blocker(with_scheduler)
+    with_cosine = engine()
+    with_cosine.meta_learner.meta_lr_schedule = "cosine"
+    assert "SGD's learning rate is a number fixed into the graph" in capture_blocker(with_cosine)
     on_host = engine(sampler=random_classification_source(5, 3, 6), vectorize=False)
     assert capture_blocker(on_host).startswith("the training tasks are drawn on the host")
     distributed = engine()
@@ -301,12 +304,13 @@ def test_captured_iterations_equal_eager_ones(algorithm):
     assert torch.equal(eager.env.generator.get_state(), captured.env.generator.get_state())
 
 
-def sinusoid_engine(sampler="auto", device="cpu", cuda_graph=None, optimizer="adam"):
+def sinusoid_engine(sampler="auto", device="cpu", cuda_graph=None, optimizer="adam",
+                    iterations=CapturedExecution.WARMUP_ITERATIONS + 3, **options):
     torch.manual_seed(0)
     return build_engine("maml", models.MLP(1, 1, (16, 16)), SinusoidTasks(points=10), regression=True, shots=5,
                         optimizer=optimizer, inner_lr=0.1, inner_steps=2, meta_batch_size=4,
-                        meta_iterations=CapturedExecution.WARMUP_ITERATIONS + 3, valid_step=10**9, device=device,
-                        sampler=sampler, cuda_graph=cuda_graph, precision="fp32", verbose=False)
+                        meta_iterations=iterations, valid_step=10**9, device=device,
+                        sampler=sampler, cuda_graph=cuda_graph, precision="fp32", verbose=False, **options)
 
 
 def test_sinusoid_regression_drawn_on_the_device_runs_captured():
@@ -335,6 +339,33 @@ def test_on_a_gpu_the_sinusoid_engine_runs_captured_and_equals_eager():
     assert captured.execution.name == "cuda-graph" and captured.execution.graph is not None, captured.eager_reason
     assert max((a - b).abs().max().item() for a, b in zip(eager.meta_learner.trainable_parameters(),
                                                           captured.meta_learner.trainable_parameters())) <= 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_a_cosine_schedule_reaches_the_replays_and_a_resumed_run_re_spans_it():
+    """The captured step reads the rate from the device tensor the schedule fills in place before
+    each replay: θ equals eager θ, every iteration logs the formula's rate, and an engine loaded from
+    the checkpoint with more iterations (rates already device tensors, Adam capturable) continues
+    the cosine over the new total, captured again."""
+    total = CapturedExecution.WARMUP_ITERATIONS + 3
+    eager, captured = (sinusoid_engine(device="cuda", cuda_graph=graph, meta_lr_schedule="cosine", min_meta_lr=1e-4)
+                       for graph in (False, None))
+    for run in (eager, captured):
+        run.run()
+    assert captured.execution.name == "cuda-graph" and captured.execution.graph is not None, captured.eager_reason
+    assert max((a - b).abs().max().item() for a, b in zip(eager.meta_learner.trainable_parameters(),
+                                                          captured.meta_learner.trainable_parameters())) <= 1e-5
+
+    def cosine(iteration, iterations):
+        return 1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * (iteration - 1) / iterations))
+
+    assert [h["lr"] for h in captured.history] == pytest.approx([cosine(i, total) for i in range(1, total + 1)])
+    extended = sinusoid_engine(device="cuda", iterations=total + 4, meta_lr_schedule="cosine", min_meta_lr=1e-4)
+    extended.load_state_dict(captured.state_dict())
+    extended.run()
+    assert extended.execution.name == "cuda-graph", extended.eager_reason
+    assert [h["lr"] for h in extended.history[total:]] == pytest.approx(
+        [cosine(i, total + 4) for i in range(total + 1, total + 5)])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -12,7 +12,8 @@ from bilevel_maml.env import EpisodicEnv
 from bilevel_maml.evaluation import score_tasks
 from bilevel_maml.models import Conv4
 from bilevel_maml.problems import MAMLPlusPlusLower, MAMLPlusPlusUpper, PerStepBatchNorm
-from bilevel_maml.problems.mamlpp import cosine_learning_rate, multi_step_weights
+from bilevel_maml.problems.base import cosine_learning_rate
+from bilevel_maml.problems.mamlpp import multi_step_weights
 
 from conftest import RecordingEnv, RecordingSGD, random_classification_source
 from test_vectorized import image_source

@@ -2,6 +2,7 @@
 reference meta-gradient."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -103,3 +104,66 @@ def test_a_schedule_reaches_meta_sgds_step_sizes_too():
     with pytest.raises(ValueError, match=r"MetaSGDLower.meta_parameters\(\) are not in the outer optimizer, and its "
                                          r"LR scheduler was built without them: add them first"):
         MetaEngine(upper, lower, env)
+
+
+class RecordingRates(torch.optim.SGD):
+    """SGD that records every param group's rate at each outer step."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.used = []
+
+    def step(self, closure=None):
+        self.used.append([float(group["lr"]) for group in self.param_groups])
+        return super().step(closure)
+
+
+def cosine(initial, minimum, iteration, total):
+    return minimum + 0.5 * (initial - minimum) * (1 + math.cos(math.pi * (iteration - 1) / total))
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "metasgd"])
+def test_a_cosine_schedule_sets_every_groups_rate_and_an_extended_run_re_spans_it(algorithm):
+    """meta_lr_schedule="cosine" for any algorithm: each outer step's rate is the closed form at that
+    iteration (Meta-SGD's step sizes' group too, from its own start); an engine loaded from the
+    checkpoint with more iterations continues over the new total from the initial rate it saved."""
+    def built(iterations):
+        return build_engine(algorithm, nn.Linear(6, 5), random_classification_source(5, 2, 6, dtype=torch.float32),
+                            ways=5, shots=1, meta_batch_size=2, meta_iterations=iterations, meta_lr=0.1,
+                            optimizer=RecordingRates, meta_lr_schedule="cosine", min_meta_lr=0.01, seed=4)
+
+    engine = built(4)
+    history = engine.run()
+    groups = len(engine.meta_learner.optimizer.param_groups)
+    assert groups == (2 if algorithm == "metasgd" else 1)
+    expected = [[cosine(0.1, 0.01, i, 4)] * groups for i in (1, 2, 3, 4)]
+    assert sum(engine.meta_learner.optimizer.used, []) == pytest.approx(sum(expected, []), rel=1e-12)
+    assert [h["lr"] for h in history] == pytest.approx([rates[0] for rates in expected], rel=1e-12)
+
+    extended = built(6)
+    extended.load_state_dict(engine.state_dict())
+    extended.run()
+    assert sum(extended.meta_learner.optimizer.used, []) == pytest.approx(
+        [cosine(0.1, 0.01, i, 6) for i in (5, 6) for _ in range(groups)], rel=1e-12)
+
+
+def test_the_outer_learning_rate_schedule_is_checked_before_any_work():
+    model = nn.Linear(6, 5)
+    source = random_classification_source(5, 2, 6, dtype=torch.float32)
+    with pytest.raises(ValueError, match="^unknown meta_lr_schedule 'linear'; choose one of: constant, cosine$"):
+        build_engine("maml", model, source, ways=5, meta_lr_schedule="linear")
+    with pytest.raises(ValueError, match="^min_meta_lr must be a finite number >= 0, got -0.1$"):
+        build_engine("maml", model, source, ways=5, meta_lr_schedule="cosine", min_meta_lr=-0.1)
+    with pytest.raises(ValueError, match="min_meta_lr=0.1 is where a cosine schedule ends, and meta_lr_schedule is "
+                                         "'constant'; pass meta_lr_schedule='cosine' too"):
+        build_engine("maml", model, source, ways=5, min_meta_lr=0.1)
+    with pytest.raises(ValueError, match="meta_lr_schedule='cosine' and a scheduler both set the outer learning rate"):
+        build_engine("maml", model, source, ways=5, meta_lr_schedule="cosine",
+                     scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1))
+    with pytest.raises(ValueError, match="cosine_lr=False and meta_lr_schedule='cosine' disagree"):
+        build_engine("maml++", model, source, ways=5, meta_lr_schedule="cosine",
+                     algorithm_options={"cosine_lr": False})
+    # MAML++'s own cosine is this schedule; "constant" turns it off
+    assert build_engine("maml++", model, source, ways=5).meta_learner.meta_lr_schedule == "cosine"
+    assert build_engine("maml++", model, source, ways=5,
+                        meta_lr_schedule="constant").meta_learner.meta_lr_schedule == "constant"

@@ -26,7 +26,8 @@ ALGORITHMS: dict[str, tuple[type[MetaLearner], type[TaskLearner]]] = {
 
 #: constructor arguments every Upper/Lower takes from the engine builder, not from the user's options
 _BUILDER_ARGUMENTS = {"self", "args", "kwargs", "module", "optimizer", "meta_batch_size", "loss_fn", "scheduler",
-                      "gradient_clipping", "name", "config", "device", "inner_lr", "inner_steps"}
+                      "gradient_clipping", "meta_lr_schedule", "min_meta_lr", "name", "config", "device", "inner_lr",
+                      "inner_steps"}
 
 
 def register_algorithm(name: str, upper: type[MetaLearner], lower: type[TaskLearner]) -> None:
@@ -95,8 +96,6 @@ def split_options(name: str, options: dict) -> tuple[dict, dict]:
 def options_in_use(name: str, options: dict) -> dict:
     """Every option of algorithm ``name`` with the value a run given ``options`` uses: the given
     ones, the constructors' defaults for the rest (options without a default are left out).
-
-    Every option of algorithm ``name`` with the value a run uses: ``options`` over the classes' defaults.
 
     :param name: a registered algorithm.
     :param options: the options given.

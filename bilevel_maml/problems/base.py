@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
+import math
 from contextlib import contextmanager
 from typing import Callable
 
@@ -48,7 +49,7 @@ from torch.func import functional_call, vmap
 
 from bilevel_maml.distributed import average_gradients
 from bilevel_maml.hypergradient import get_grads, gradients_or_zeros, placed, zeros_for_unused
-from bilevel_maml.validation import check_positive, check_positive_int
+from bilevel_maml.validation import check_choice, check_non_negative, check_positive, check_positive_int
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -232,6 +233,22 @@ def set_learning_rate(group: dict, rate: float) -> None:
         group["lr"].fill_(rate)
     else:
         group["lr"] = rate
+
+
+#: the outer learning-rate schedules a :class:`MetaLearner` sets itself (``meta_lr_schedule``)
+META_LR_SCHEDULES = ("constant", "cosine")
+
+
+def cosine_learning_rate(initial: float, minimum: float, iteration: int, iterations: int) -> float:
+    """The learning rate of meta-iteration ``iteration`` (1-based) of ``iterations``: ``initial`` at
+    the first, falling along half a cosine toward ``minimum`` at the end.
+
+    :param initial: the learning rate at iteration 1.
+    :param minimum: the learning rate at the end.
+    :param iteration: the meta-iteration, 1-based.
+    :param iterations: the run's total.
+    """
+    return minimum + 0.5 * (initial - minimum) * (1 + math.cos(math.pi * (iteration - 1) / max(iterations, 1)))
 
 
 def vmap_over_tasks(fn: Callable, in_dims=0) -> Callable:
@@ -551,6 +568,8 @@ class MetaLearner(_NoRollBack, Problem):
         loss_fn: LossFn | None = None,
         scheduler=None,
         gradient_clipping: float = 0.0,
+        meta_lr_schedule: str = "constant",
+        min_meta_lr: float | None = None,
         name: str = "upper",
         config: Config | None = None,
         device=None,
@@ -561,6 +580,12 @@ class MetaLearner(_NoRollBack, Problem):
         :param loss_fn: ``loss_fn(outputs, targets)`` of the query set (default: cross-entropy).
         :param scheduler: an LR scheduler over ``optimizer``, stepped once per meta-update, or None.
         :param gradient_clipping: clip the meta-gradient to this global norm; 0 disables clipping.
+        :param meta_lr_schedule: ``"constant"``, or ``"cosine"``: every param group's rate falls from
+            its initial value along half a cosine toward ``min_meta_lr`` over the run
+            (:func:`cosine_learning_rate`). Set in closed form from the iteration before each one
+            (:meth:`set_meta_learning_rate`), so a resumed run continues it and one extended to more
+            iterations re-spans it over the new total.
+        :param min_meta_lr: where the cosine ends (None: 0).
         :param name: the problem's name in Betty's dependency graph.
         :param config: a Betty ``Config`` used as given instead of one built from the arguments above.
         :param device: where the problem's tensors live (the engine sets it).
@@ -577,9 +602,19 @@ class MetaLearner(_NoRollBack, Problem):
             )
         else:
             check_positive_int("config.gradient_accumulation", config.gradient_accumulation)
+        meta_lr_schedule = check_choice("meta_lr_schedule", meta_lr_schedule, META_LR_SCHEDULES)
+        if meta_lr_schedule != "constant" and scheduler is not None:
+            raise ValueError(f"meta_lr_schedule={meta_lr_schedule!r} and a scheduler both set the outer learning "
+                             f"rate; pass one of them")
+        if min_meta_lr is not None:
+            check_non_negative("min_meta_lr", min_meta_lr)
+            if meta_lr_schedule == "constant":
+                raise ValueError(f"min_meta_lr={min_meta_lr!r} is where a cosine schedule ends, and "
+                                 f"meta_lr_schedule is 'constant'; pass meta_lr_schedule='cosine' too")
         # The scheduler is stepped once per meta-update here, not by Betty once per task.
         super().__init__(name=name, config=config, module=module, optimizer=optimizer, device=device)
         self.lr_scheduler = scheduler
+        self.meta_lr_schedule, self.min_meta_lr = meta_lr_schedule, float(min_meta_lr or 0.0)
         self.loss_fn = loss_fn if loss_fn is not None else classification_loss
         self._meta_batch_size = config.gradient_accumulation
         #: set with the task learner's on the vectorized path (one Betty step then covers that many tasks)
@@ -611,6 +646,23 @@ class MetaLearner(_NoRollBack, Problem):
         :param iterations: the run's total.
         """
 
+    def set_meta_learning_rate(self, iteration: int, iterations: int) -> None:
+        """Set the outer optimizer's rates for meta-iteration ``iteration`` (1-based) of
+        ``iterations`` from ``meta_lr_schedule``; the engine calls it before each meta-iteration.
+        Each param group's initial rate is kept in its ``"initial_lr"``, as torch's schedulers keep
+        it, so it is saved with the optimizer's state.
+
+        :param iteration: the meta-iteration about to run, 1-based.
+        :param iterations: the run's total.
+        """
+        if self.meta_lr_schedule == "constant":
+            return
+        for group in self.optimizer.param_groups:
+            if "initial_lr" not in group:  # read once: a captured run's rate is a device tensor
+                group["initial_lr"] = float(group["lr"])
+            initial = group["initial_lr"]
+            set_learning_rate(group, cosine_learning_rate(initial, self.min_meta_lr, iteration, iterations))
+
     def structure(self) -> tuple:
         """What the computation of a meta-iteration depends on besides tensor values (see
         :meth:`TaskLearner.structure`)."""
@@ -618,9 +670,10 @@ class MetaLearner(_NoRollBack, Problem):
 
     @property
     def schedules_learning_rate(self) -> bool:
-        """Whether the outer learning rate changes during training (an LR scheduler, or a
-        variant's own schedule), so a captured step must read it from a device tensor."""
-        return self.lr_scheduler is not None
+        """Whether the outer learning rate changes during training (``meta_lr_schedule``, an LR
+        scheduler, or a variant's own schedule), so a captured step must read it from a device
+        tensor."""
+        return self.meta_lr_schedule != "constant" or self.lr_scheduler is not None
 
     @property
     def meta_batch_size(self) -> int:

@@ -19,8 +19,8 @@ Each piece is on by default, as in the paper, and each is an option of the two c
 * **learned per-layer per-step inner learning rates** (``learned_inner_lr``, "LSLR"): one step size
   per parameter tensor and inner step, starting at ``inner_lr``, meta-learned with θ.
 * **cosine annealing of the outer learning rate** (``cosine_lr``) from its initial value to
-  ``min_meta_lr`` over the run, in closed form (as ``CosineAnnealingLR``'s), so a resumed run
-  needs no scheduler state.
+  ``min_meta_lr`` over the run: the ``meta_lr_schedule="cosine"`` every
+  :class:`~bilevel_maml.problems.base.MetaLearner` has, on by default here.
 
 The meta-gradient is MAML's, d/d(θ, α) of the (weighted) query loss, through the inner updates.
 """
@@ -28,7 +28,6 @@ The meta-gradient is MAML's, d/d(θ, α) of the (weighted) query loss, through t
 from __future__ import annotations
 
 import contextvars
-import math
 from contextlib import contextmanager
 
 import torch
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bilevel_maml import distributed
-from bilevel_maml.problems.base import current_inner_step, set_learning_rate, vmap_over_tasks, with_step
+from bilevel_maml.problems.base import current_inner_step, vmap_over_tasks, with_step
 from bilevel_maml.problems.maml import MAMLLower, MAMLUpper
 from bilevel_maml.validation import check_positive
 
@@ -152,18 +151,6 @@ def multi_step_weights(steps: int, iteration: int, anneal_iterations: int) -> li
     weights = [max(1.0 / steps - done * decay, floor) for _ in range(steps - 1)]
     weights.append(min(1.0 / steps + done * (steps - 1) * decay, 1.0 - (steps - 1) * floor))
     return weights
-
-
-def cosine_learning_rate(initial: float, minimum: float, iteration: int, iterations: int) -> float:
-    """The learning rate of meta-iteration ``iteration`` (1-based) of ``iterations``: ``initial`` at
-    the first, falling along half a cosine toward ``minimum`` at the end.
-
-    :param initial: the learning rate at iteration 1.
-    :param minimum: the learning rate at the end.
-    :param iteration: the meta-iteration, 1-based.
-    :param iterations: the run's total.
-    """
-    return minimum + 0.5 * (initial - minimum) * (1 + math.cos(math.pi * (iteration - 1) / max(iterations, 1)))
 
 
 class MAMLPlusPlusLower(MAMLLower):
@@ -294,33 +281,36 @@ class MAMLPlusPlusUpper(MAMLUpper):
     :param args: passed to :class:`~bilevel_maml.problems.maml.MAMLUpper` (``module``, ``optimizer``).
     :param multi_step_loss: weight the query losses of every inner step (else the last step's only).
     :param multi_step_loss_iterations: meta-iterations over which the weights anneal toward the last step (None: the first tenth of the run).
-    :param cosine_lr: cosine-anneal the outer learning rate over the run.
-    :param min_meta_lr: where the cosine ends.
+    :param cosine_lr: cosine-anneal the outer learning rate over the run (``meta_lr_schedule="cosine"``).
+    :param min_meta_lr: where the cosine ends (None: 1e-5).
+    :param meta_lr_schedule: ``"constant"`` or ``"cosine"`` (None: as ``cosine_lr`` says), as for
+        every :class:`~bilevel_maml.problems.base.MetaLearner`.
     :param kwargs: passed to :class:`~bilevel_maml.problems.maml.MAMLUpper` (``meta_batch_size``, ``loss_fn``, ...).
     """
 
     def __init__(self, *args, multi_step_loss: bool = True, multi_step_loss_iterations: int | None = None,
-                 cosine_lr: bool = True, min_meta_lr: float = 1e-5, **kwargs):
-        super().__init__(*args, **kwargs)
+                 cosine_lr: bool = True, min_meta_lr: float | None = None, meta_lr_schedule: str | None = None,
+                 **kwargs):
+        if meta_lr_schedule is None:
+            meta_lr_schedule = "cosine" if cosine_lr else "constant"
+        elif meta_lr_schedule == "cosine" and not cosine_lr:
+            raise ValueError("MAML++'s cosine_lr=False and meta_lr_schedule='cosine' disagree; pass one of them")
+        if meta_lr_schedule == "cosine" and min_meta_lr is None:
+            min_meta_lr = 1e-5
+        if meta_lr_schedule == "cosine" and kwargs.get("scheduler") is not None:
+            raise ValueError("MAML++'s cosine_lr and a scheduler both set the outer learning rate; pass "
+                             "cosine_lr=False to use the scheduler")
+        super().__init__(*args, meta_lr_schedule=meta_lr_schedule, min_meta_lr=min_meta_lr, **kwargs)
         if multi_step_loss_iterations is not None and (isinstance(multi_step_loss_iterations, bool) or not
                                                        isinstance(multi_step_loss_iterations, int)
                                                        or multi_step_loss_iterations < 1):
             raise ValueError(f"multi_step_loss_iterations must be an integer >= 1 (default: the first tenth of "
                              f"the run), got {multi_step_loss_iterations!r}")
-        if cosine_lr and self.lr_scheduler is not None:
-            raise ValueError("MAML++'s cosine_lr and a scheduler both set the outer learning rate; pass "
-                             "cosine_lr=False to use the scheduler")
-        if min_meta_lr < 0:
-            raise ValueError(f"min_meta_lr must be >= 0, got {min_meta_lr!r}")
         self.multi_step_loss, self.multi_step_loss_iterations = multi_step_loss, multi_step_loss_iterations
-        self.cosine_lr, self.min_meta_lr = cosine_lr, min_meta_lr
+        self.cosine_lr = meta_lr_schedule == "cosine"
         #: the multi-step loss weights of the current meta-iteration, a device tensor (a captured
         #: graph reads them where they are), or None while only the last step's loss counts
         self.step_weights: torch.Tensor | None = None
-
-    @property
-    def schedules_learning_rate(self):
-        return self.cosine_lr or super().schedules_learning_rate
 
     def on_meta_iteration_start(self, iteration, iterations):
         steps = self.task_learner.inner_steps
@@ -333,11 +323,6 @@ class MAMLPlusPlusUpper(MAMLUpper):
             self.step_weights.copy_(weights)
         else:
             self.step_weights = None
-        if self.cosine_lr:
-            for group in self.optimizer.param_groups:
-                # "initial_lr", as torch's schedulers keep it: saved with the optimizer's state
-                initial = group.setdefault("initial_lr", float(group["lr"]))
-                set_learning_rate(group, cosine_learning_rate(initial, self.min_meta_lr, iteration, iterations))
 
     def structure(self):
         return (self.step_weights is not None,)
