@@ -304,12 +304,16 @@ def build_parser() -> argparse.ArgumentParser:
     _distributed_options(resume)
     _logging_options(resume, existing_run=True)
 
-    plot = command("plot", "learning curves of a run as a PNG",
+    plot = command("plot", "learning curves of a run, or several runs compared, as a PNG",
                    "Draw the run's learning curves (training loss and accuracy per meta-iteration, validation mean "
                    "with its 95% band, the test point) from its metrics.jsonl, else its offline W&B run; needs no "
-                   "W&B account.")
-    plot.add_argument("--output", required=True, metavar="FOLDER", help="run folder")
-    plot.add_argument("--file", metavar="PNG", help="PNG to write (default: <run folder>/curves.png)")
+                   "W&B account. Given several runs, draw them in one figure, a colour each, and print a Markdown "
+                   "table of their test and best validation results.")
+    plot.add_argument("--output", required=True, nargs="+", metavar="FOLDER",
+                      help="run folder; several to compare them")
+    plot.add_argument("--file", metavar="PNG",
+                      help="PNG to write (default: <run folder>/curves.png; for several runs, comparison.png in "
+                           "their common parent folder)")
     plot.add_argument("--dpi", type=positive_int, default=120,
                       help="dots per inch of the PNG (the figure is 4 inches high)")
 
@@ -756,17 +760,23 @@ def command_evaluate(args: argparse.Namespace) -> dict:
 
 
 def command_plot(args: argparse.Namespace) -> dict:
-    folder = Path(args.output)
-    if not folder.is_dir():
-        raise BadInput(f"bilevel-maml plot: --output {str(folder)!r} is not a run folder")
+    folders = list(dict.fromkeys(Path(folder) for folder in args.output))
+    for folder in folders:
+        if not folder.is_dir():
+            raise BadInput(f"bilevel-maml plot: --output {str(folder)!r} is not a run folder")
     if args.file is not None:
         _check_writable_folder("--file", Path(args.file).parent)
         if not args.file.lower().endswith(".png"):
             raise BadInput(f"bilevel-maml plot: --file {args.file!r} must end in .png")
-    from bilevel_maml.plots import plot_run
+    from bilevel_maml.plots import compare_runs, plot_run, results_table
 
-    drawn = plot_run(folder, args.file, dpi=args.dpi)
-    print(f"learning curves of {folder} (from {drawn['source']}) written to {drawn['path']}", flush=True)
+    if len(folders) == 1:
+        drawn = plot_run(folders[0], args.file, dpi=args.dpi)
+        print(f"learning curves of {folders[0]} (from {drawn['source']}) written to {drawn['path']}", flush=True)
+        return drawn
+    drawn = compare_runs(folders, args.file, dpi=args.dpi)
+    print(results_table(drawn["rows"]))
+    print(f"learning curves of {len(folders)} runs written to {drawn['path']}", flush=True)
     return drawn
 
 

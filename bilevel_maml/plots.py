@@ -1,4 +1,5 @@
-"""Learning curves of a run folder as a PNG: ``bilevel-maml plot --output RUN``.
+"""Learning curves of a run folder as a PNG: ``bilevel-maml plot --output RUN``; several runs
+compared in one figure, with a table of their results: ``bilevel-maml plot --output RUN RUN ...``.
 
 Read from the run's ``metrics.jsonl`` (written by ``train`` and ``resume`` whatever ``--wandb`` says),
 else from its offline W&B run; the test point from the same history, else ``result.json``.
@@ -7,11 +8,16 @@ else from its offline W&B run; the test point from the same history, else ``resu
 from __future__ import annotations
 
 import json
+import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from bilevel_maml.history import METRICS_FILE, read_metrics
 
 PLOT_FILE = "curves.png"
+#: what ``bilevel-maml plot`` with several runs writes, in their common parent folder
+COMPARISON_FILE = "comparison.png"
 
 
 def run_history(run_folder) -> tuple[list[dict], str]:
@@ -66,19 +72,10 @@ def plot_run(run_folder, path=None, dpi: int = 120) -> dict:
 
     folder = Path(run_folder)
     rows, source = run_history(folder)
-    if not any(key.startswith("train/") for row in rows for key in row):
-        raise ValueError(f"{source} holds no training metrics yet; plot a run that has run meta-iterations")
-    result = json.loads((folder / "result.json").read_text()) if (folder / "result.json").is_file() else {}
-    test = next((row for row in reversed(rows) if "test/loss" in row), None)
-    if test is None and result:
-        test = {"step": result.get("iteration"), **{f"test/{k}": v for k, v in result.items()}}
-    tested = f" (best θ, iteration {result.get('iteration')})" if result.get("checkpoint") == "best" else ""
-    metrics = ["loss"] + (["accuracy"] if any("train/accuracy" in row for row in rows) else [])
-    config = folder / "config.json"
-    title = folder.name
-    if config.is_file():
-        c = json.loads(config.read_text())
-        title = f"{c.get('algorithm')} on {c.get('dataset')} — {folder.name}"
+    test, tested = _test_point(folder, rows, source)
+    metrics = _metrics(rows)
+    config = _config(folder)
+    title = f"{config.get('algorithm')} on {config.get('dataset')} — {folder.name}" if config else folder.name
 
     figure, axes = plt.subplots(1, len(metrics), figsize=(10 if len(metrics) == 2 else 6, 4), squeeze=False)
     for axis, metric in zip(axes[0], metrics):
@@ -90,35 +87,225 @@ def plot_run(run_folder, path=None, dpi: int = 120) -> dict:
             axis.plot(steps, values, color="tab:blue", alpha=0.25, linewidth=0.8, label=f"train {metric}")
         axis.plot(steps, _moving_average(values, window), color="tab:blue", linewidth=1.6,
                   label=f"train, mean of {window}" if window > 1 else f"train {metric}")
-        steps, means = _series(rows, f"validation/{metric}")
-        if steps:
-            _, halves = _series(rows, f"validation/{metric}_ci95")
-            means = [scale * v for v in means]
-            halves = [scale * v for v in halves] if len(halves) == len(means) else [0.0] * len(means)
-            axis.fill_between(steps, [m - h for m, h in zip(means, halves)], [m + h for m, h in zip(means, halves)],
-                              color="tab:orange", alpha=0.25, linewidth=0)
-            axis.plot(steps, means, color="tab:orange", marker="o", markersize=3, label="validation (95% CI)")
+        _draw_validation(axis, rows, metric, scale, "tab:orange", "validation (95% CI)", band=0.25, width=1.5)
         if test is not None and test.get(f"test/{metric}") is not None:
-            value, half = scale * test[f"test/{metric}"], scale * (test.get(f"test/{metric}_ci95") or 0.0)
-            shown = f"{value:.1f}% ± {half:.1f}%" if metric == "accuracy" else f"{value:.3f} ± {half:.3f}"
-            drawn = axis.errorbar([test["step"]], [value], yerr=[half], color="tab:red", marker="s", capsize=4,
-                                  label=f"test{tested}: {shown}")
-            drawn.lines[0].set_gid(drawn.get_label())  # the point's own line is unlabelled: name it for the read-back
-        axis.set_xlabel("meta-iteration")
-        axis.set_ylabel("query accuracy (%)" if metric == "accuracy" else "query loss")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+            value, half = _scaled(test, f"test/{metric}", scale)
+            _draw_test_point(axis, test["step"], value, half, "tab:red", f"test{tested}: {_shown(metric, value, half)}")
+        _label_axes(axis, metric)
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
+    return _save(figure, axes, plt, Path(path) if path is not None else folder / PLOT_FILE, dpi, {"source": source})
+
+
+def compare_runs(run_folders, path=None, dpi: int = 120) -> dict:
+    """Write one figure comparing several runs to ``path`` (default ``comparison.png`` in their
+    common parent folder) and return a row of results per run.
+
+    One panel per metric (query loss, and accuracy for classification), one colour per run: its
+    validation mean with the 95% confidence band, the moving average of its training value (thin),
+    and the test result of its final θ as a point with its interval. Runs are named by their
+    folders (with the parent folders that tell apart two of the same name).
+
+    :param run_folders: folders written by ``bilevel-maml train`` (or ``resume``), all
+        classification or all regression.
+    :param path: the PNG to write; its folder is created if missing.
+    :param dpi: dots per inch of the PNG (the figure is 12 × 4 inches, 8 × 4 for regression).
+    :returns: ``{"path": the PNG, "sources": {run: history file}, "series": {label: (x, y)}, "rows":
+        [{"run", "algorithm", "dataset", "iterations", "metric", "test", "test_ci95", "tested",
+        "best_validation", "best_validation_ci95", "best_validation_iteration"}, ...]}``: the drawn
+        lines read back from the figure and the results table, one row per run (``metric`` is
+        ``"accuracy"`` for classification and ``"loss"`` for regression; None where a run has no
+        such result yet).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folders = list(dict.fromkeys(Path(folder).resolve() for folder in run_folders))
+    if len(folders) < 2:
+        raise ValueError(f"compare_runs needs two or more run folders, got {len(folders)}")
+    runs = [_Run.read(folder, name) for folder, name in zip(folders, _run_names(folders))]
+    kinds = {run.name: "classification" if "accuracy" in run.metrics else "regression" for run in runs}
+    if len(set(kinds.values())) > 1:
+        listed = ", ".join(f"{name} ({kind})" for name, kind in kinds.items())
+        raise ValueError(f"these runs measure different things: {listed}; compare runs of one kind")
+    metrics = runs[0].metrics
+
+    from matplotlib.lines import Line2D
+
+    figure, axes = plt.subplots(1, len(metrics), figsize=(12 if len(metrics) == 2 else 8, 4), squeeze=False)
+    named = {run.name: run.name for run in runs}  # the legend's entry of each run: its name and last test result
+    for axis, metric in zip(axes[0], metrics):
+        scale = 100.0 if metric == "accuracy" else 1.0
+        for i, run in enumerate(runs):
+            colour = f"C{i}"
+            steps, values = _series(run.rows, f"train/{metric}")
+            window = max(1, len(values) // 25)
+            trained, = axis.plot(steps, _moving_average([scale * v for v in values], window), color=colour,
+                                 linewidth=0.9, alpha=0.6)
+            trained.set_gid(f"{run.name}: train")
+            _draw_validation(axis, run.rows, metric, scale, colour, f"{run.name}: validation (95% CI)", band=0.15,
+                             width=1.8, in_legend=False)
+            if run.test is not None and run.test.get(f"test/{metric}") is not None:
+                value, half = _scaled(run.test, f"test/{metric}", scale)
+                named[run.name] = f"{run.name}: test {_shown(metric, value, half)}"
+                _draw_test_point(axis, run.test["step"], value, half, colour, named[run.name], in_legend=False)
+        _label_axes(axis, metric, legend=False)
+    # one legend for the figure: a colour per run, then what each mark means
+    handles = [Line2D([], [], color=f"C{i}", linewidth=2.5, label=named[run.name]) for i, run in enumerate(runs)]
+    handles += [Line2D([], [], color="grey", linewidth=0.9, alpha=0.6, label="train (moving mean)"),
+                Line2D([], [], color="grey", linewidth=1.8, marker="o", markersize=3, label="validation (95% CI)"),
+                Line2D([], [], color="grey", linestyle="none", marker="s", label="test (95% CI)")]
+    figure.suptitle(" vs ".join(run.name for run in runs), fontsize=10)
+    plotted = 0.76 if len(metrics) == 2 else 0.66  # of the width; the legend takes the rest
+    figure.tight_layout(rect=(0, 0, plotted, 1))
+    figure.legend(handles=handles, loc="center left", bbox_to_anchor=(plotted, 0.5), fontsize=8, frameon=False)
+    target = Path(path) if path is not None else Path(os.path.commonpath(folders)) / COMPARISON_FILE
+    drawn = _save(figure, axes, plt, target, dpi, {"sources": {run.name: run.source for run in runs}})
+    drawn["rows"] = [run.summary(metrics[-1]) for run in runs]
+    return drawn
+
+
+def results_table(rows: list[dict]) -> str:
+    """The rows of :func:`compare_runs` as a Markdown table (accuracies in %).
+
+    :param rows: ``compare_runs(...)["rows"]``.
+    """
+    unit = "accuracy" if rows[0]["metric"] == "accuracy" else "MSE"
+    lines = [f"| run | algorithm | dataset | meta-iterations | test {unit} (95% CI) | best validation {unit} |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        scale = 100.0 if row["metric"] == "accuracy" else 1.0
+        test = "—" if row["test"] is None else _shown(row["metric"], *_scaled(row, "test", scale))
+        if row["test"] is not None and row["tested"]:
+            test += f" ({row['tested']})"
+        best = "—" if row["best_validation"] is None else (
+            f"{_shown(row['metric'], *_scaled(row, 'best_validation', scale))} (iteration {row['best_validation_iteration']})")
+        lines.append(f"| {row['run']} | {row['algorithm'] or '?'} | {row['dataset'] or '?'} | {row['iterations']} | "
+                     f"{test} | {best} |")
+    return "\n".join(lines)
+
+
+def _scaled(row: dict, key: str, scale: float) -> tuple[float, float]:
+    """``row[key]`` and its 95% half-width (NaN where there is none: a single task) times ``scale``."""
+    half = row.get(f"{key}_ci95")
+    return scale * row[key], scale * half if half is not None else math.nan
+
+
+@dataclass
+class _Run:
+    """One run folder's history, as :func:`compare_runs` draws and tabulates it."""
+
+    folder: Path
+    name: str
+    rows: list[dict]
+    source: str
+    test: dict | None
+    tested: str
+
+    @classmethod
+    def read(cls, folder: Path, name: str) -> _Run:
+        rows, source = run_history(folder)
+        return cls(folder, name, rows, source, *_test_point(folder, rows, source))
+
+    @property
+    def metrics(self) -> list[str]:
+        return _metrics(self.rows)
+
+    def summary(self, metric: str) -> dict:
+        config = _config(self.folder)
+        validation = [(row[f"validation/{metric}"], row["step"], row.get(f"validation/{metric}_ci95"))
+                      for row in self.rows if row.get(f"validation/{metric}") is not None]
+        better = max if metric == "accuracy" else min
+        best = better(validation, key=lambda entry: entry[0]) if validation else (None, None, None)
+        trained = [row["step"] for row in self.rows if any(key.startswith("train/") for key in row)]
+        test = self.test or {}
+        return {"run": self.name, "algorithm": config.get("algorithm"), "dataset": config.get("dataset"),
+                "iterations": max(trained), "metric": metric, "test": test.get(f"test/{metric}"),
+                "test_ci95": test.get(f"test/{metric}_ci95"), "tested": self.tested.strip(" ()"),
+                "best_validation": best[0], "best_validation_ci95": best[2], "best_validation_iteration": best[1]}
+
+
+def _run_names(folders: list[Path]) -> list[str]:
+    """Each folder's name, with as many parent folders as tell apart two of the same name."""
+    depth = 1
+    while True:
+        names = ["/".join(folder.parts[-depth:]) for folder in folders]
+        if len(set(names)) == len(names) or depth >= max(len(folder.parts) for folder in folders):
+            return names
+        depth += 1
+
+
+def _config(folder: Path) -> dict:
+    config = folder / "config.json"
+    return json.loads(config.read_text()) if config.is_file() else {}
+
+
+def _metrics(rows: list[dict]) -> list[str]:
+    return ["loss"] + (["accuracy"] if any("train/accuracy" in row for row in rows) else [])
+
+
+def _test_point(folder: Path, rows: list[dict], source: str) -> tuple[dict | None, str]:
+    """The run's test result as a history row (from its history, else ``result.json``) and which θ
+    it tested, in words for a label."""
+    if not any(key.startswith("train/") for row in rows for key in row):
+        raise ValueError(f"{source} holds no training metrics yet; plot a run that has run meta-iterations")
+    result = json.loads((folder / "result.json").read_text()) if (folder / "result.json").is_file() else {}
+    test = next((row for row in reversed(rows) if "test/loss" in row), None)
+    if test is None and result:
+        test = {"step": result.get("iteration"), **{f"test/{k}": v for k, v in result.items()}}
+    tested = f" (best θ, iteration {result.get('iteration')})" if result.get("checkpoint") == "best" else ""
+    return test, tested
+
+
+def _shown(metric: str, value: float, half: float) -> str:
+    if metric == "accuracy":
+        return f"{value:.1f}% ± {half:.1f}%" if math.isfinite(half) else f"{value:.1f}% ± n/a"
+    return f"{value:.3f} ± {half:.3f}" if math.isfinite(half) else f"{value:.3f} ± n/a"
+
+
+def _draw_validation(axis, rows: list[dict], metric: str, scale: float, colour: str, label: str, band: float,
+                     width: float, in_legend: bool = True) -> None:
+    """The validation means with their 95% confidence band (none where a half-width is missing),
+    named ``label`` in the legend, or only for the read-back."""
+    steps, means = _series(rows, f"validation/{metric}")
+    if not steps:
+        return
+    _, halves = _series(rows, f"validation/{metric}_ci95")
+    means = [scale * v for v in means]
+    halves = [scale * v for v in halves] if len(halves) == len(means) else [0.0] * len(means)
+    axis.fill_between(steps, [m - h for m, h in zip(means, halves)], [m + h for m, h in zip(means, halves)],
+                      color=colour, alpha=band, linewidth=0)
+    line, = axis.plot(steps, means, color=colour, marker="o", markersize=3, linewidth=width,
+                      label=label if in_legend else None)
+    line.set_gid(label)
+
+
+def _draw_test_point(axis, step, value: float, half: float, colour: str, label: str, in_legend: bool = True) -> None:
+    drawn = axis.errorbar([step], [value], yerr=[half if math.isfinite(half) else 0.0], color=colour, marker="s",
+                          capsize=4, label=label if in_legend else None)
+    drawn.lines[0].set_gid(label)  # the point's own line is unlabelled: name it for the read-back
+
+
+def _label_axes(axis, metric: str, legend: bool = True) -> None:
+    axis.set_xlabel("meta-iteration")
+    axis.set_ylabel("query accuracy (%)" if metric == "accuracy" else "query loss")
+    axis.grid(alpha=0.3)
+    if legend:
+        axis.legend(fontsize=8)
+
+
+def _save(figure, axes, plt, target: Path, dpi: int, extra: dict) -> dict:
+    """Write the figure (laid out already); the data of every named line, read back from it."""
     series = {f"{axis.get_ylabel()}: {line.get_gid() or line.get_label()}": (
                   list(map(float, line.get_xdata())), list(map(float, line.get_ydata())))
               for axis in axes[0] for line in axis.get_lines()
               if line.get_gid() or not line.get_label().startswith("_")}
-    target = Path(path) if path is not None else folder / PLOT_FILE
     target.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(target, dpi=dpi)
     plt.close(figure)
-    return {"path": str(target), "source": source, "series": series}
+    return {"path": str(target), **extra, "series": series}
 
 
-__all__ = ["PLOT_FILE", "plot_run", "run_history"]
+__all__ = ["COMPARISON_FILE", "PLOT_FILE", "compare_runs", "plot_run", "results_table", "run_history"]

@@ -12,7 +12,7 @@ from bilevel_maml import build_engine, cli
 from bilevel_maml.data import SinusoidTasks
 from bilevel_maml.history import MetricsFile, read_metrics
 from bilevel_maml.models import MLP
-from bilevel_maml.plots import plot_run
+from bilevel_maml.plots import compare_runs, plot_run, results_table
 
 SINUSOID = ["train", "--dataset", "sinusoid", "--iterations", "6", "--meta-batch-size", "2", "--valid-every", "3",
             "--valid-tasks", "5", "--test-tasks", "5", "--wandb", "disabled", "--no-progress"]
@@ -24,7 +24,7 @@ def png_size(path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
-def classification_run(folder, iterations=40):
+def classification_run(folder, iterations=40, better_by=0.0):
     """A run folder whose metrics.jsonl the callback writes, as `train` would, with accuracy."""
     rng = np.random.default_rng(0)
     file, engine = MetricsFile(folder / "metrics.jsonl"), SimpleNamespace(meta_iteration=0)
@@ -35,7 +35,7 @@ def classification_run(folder, iterations=40):
                    "train/lr": 1e-3, "train/tasks_per_second": 50.0}
         if i % 10 == 0:
             metrics.update({"validation/loss": 1.0 / i, "validation/loss_ci95": 0.05,
-                            "validation/accuracy": i / 60, "validation/accuracy_ci95": 0.03})
+                            "validation/accuracy": i / 60 + better_by, "validation/accuracy_ci95": 0.03})
         file.on_iteration_end(engine, metrics)
     file.on_test_end(engine, {"loss": 0.4, "loss_ci95": 0.02, "accuracy": 0.71, "accuracy_ci95": 0.021, "tasks": 50})
     return read_metrics(folder / "metrics.jsonl")
@@ -96,6 +96,63 @@ def test_plot_command_bad_input_is_one_line(tmp_path, capsys):
     classification_run(tmp_path)
     assert cli.main(["plot", "--output", str(tmp_path), "--file", str(tmp_path / "c.jpg")]) == 2
     assert "must end in .png" in capsys.readouterr().err
+
+
+def test_runs_compared_in_one_figure_show_each_runs_history_and_a_table_of_results(tmp_path):
+    """Two runs of the same folder name (told apart by their parents), the second one tested with its
+    best θ (result.json, not in its history): each line is that run's own history, and the table
+    holds each run's test result and best validation accuracy."""
+    first = classification_run(tmp_path / "a" / "maml")
+    second = classification_run(tmp_path / "b" / "maml", iterations=30, better_by=0.1)
+    history = tmp_path / "b" / "maml" / "metrics.jsonl"
+    history.write_text("".join(line + "\n" for line in history.read_text().splitlines() if '"test/' not in line))
+    (tmp_path / "b" / "maml" / "result.json").write_text(json.dumps(
+        {"loss": 0.3, "loss_ci95": 0.01, "accuracy": 0.8, "accuracy_ci95": None, "tasks": 1,
+         "checkpoint": "best", "iteration": 20}))
+    (tmp_path / "b" / "maml" / "config.json").write_text(json.dumps({"algorithm": "fomaml", "dataset": "omniglot"}))
+
+    drawn = compare_runs([tmp_path / "a" / "maml", tmp_path / "b" / "maml", tmp_path / "a" / "maml"], dpi=80)
+    assert drawn["path"] == str(tmp_path / "comparison.png") and png_size(tmp_path / "comparison.png") == (960, 320)
+    series = drawn["series"]
+    for name, rows in (("a/maml", first), ("b/maml", second)):
+        validation = [r for r in rows if "validation/accuracy" in r]
+        assert series[f"query accuracy (%): {name}: validation (95% CI)"] == (
+            [r["step"] for r in validation], pytest.approx([100 * r["validation/accuracy"] for r in validation]))
+        assert series[f"query loss: {name}: train"][0] == [r["step"] for r in rows if "train/loss" in r]
+    assert series["query accuracy (%): a/maml: test 71.0% ± 2.1%"] == ([40.0], [pytest.approx(71.0)])
+    assert series["query accuracy (%): b/maml: test 80.0% ± n/a"] == ([20.0], [pytest.approx(80.0)])
+
+    a, b = drawn["rows"]
+    assert (a["run"], a["algorithm"], a["iterations"], a["test"], a["tested"]) == ("a/maml", None, 40, 0.71, "")
+    assert (a["best_validation"], a["best_validation_iteration"]) == (pytest.approx(40 / 60), 40)
+    assert (b["run"], b["algorithm"], b["iterations"], b["test"], b["tested"]) == (
+        "b/maml", "fomaml", 30, 0.8, "best θ, iteration 20")
+    assert (b["best_validation"], b["best_validation_iteration"]) == (pytest.approx(30 / 60 + 0.1), 30)
+    table = results_table(drawn["rows"]).splitlines()
+    assert table[0] == ("| run | algorithm | dataset | meta-iterations | test accuracy (95% CI) | "
+                        "best validation accuracy |")
+    assert table[2] == "| a/maml | ? | ? | 40 | 71.0% ± 2.1% | 66.7% ± 3.0% (iteration 40) |"
+    assert table[3] == "| b/maml | fomaml | omniglot | 30 | 80.0% ± n/a (best θ, iteration 20) | 60.0% ± 3.0% (iteration 30) |"
+
+
+def test_plot_command_compares_several_runs_and_refuses_runs_of_different_kinds(tmp_path, capsys):
+    for name in ("maml", "fomaml"):
+        assert cli.main([*SINUSOID, "--algorithm", name, "--output", str(tmp_path / name)]) == 0
+    capsys.readouterr()
+    assert cli.main(["plot", "--output", str(tmp_path / "maml"), str(tmp_path / "fomaml"), "--dpi", "40"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    for name in ("maml", "fomaml"):
+        result = json.loads((tmp_path / name / "result.json").read_text())
+        assert any(line.startswith(f"| {name} | {name} | sinusoid | 6 | {result['loss']:.3f} ± ") for line in out)
+    assert out[-1] == f"learning curves of 2 runs written to {tmp_path / 'comparison.png'}"
+    assert png_size(tmp_path / "comparison.png") == (320, 160)
+    classification_run(tmp_path / "images")
+    assert cli.main(["plot", "--output", str(tmp_path / "maml"), str(tmp_path / "images")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("bilevel-maml plot: these runs measure different things: maml (regression), images "
+                   "(classification); compare runs of one kind")
+    assert cli.main(["plot", "--output", str(tmp_path / "maml"), str(tmp_path / "nowhere")]) == 2
+    assert "--output '" + str(tmp_path / "nowhere") + "' is not a run folder" in capsys.readouterr().err
 
 
 def test_engine_run_progress_shows_the_cli_bar(capsys):
