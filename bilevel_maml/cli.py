@@ -193,7 +193,9 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
              "network), resnet12, mlp (default: conv4; mlp for sinusoid)")
     add("--width", type=positive_int,
         help="conv4 filters, resnet12 first-stage channels, mlp hidden units (default: 64, 64, 40)")
-    add("--lam", type=positive_float, default=1.0, help="iMAML proximal strength λ")
+    add("--lam", type=positive_float, default=1.0,
+        help="iMAML proximal strength λ (iMAML wants its proximal inner problem nearly solved: on 5-way 1-shot "
+             "Omniglot, 5 inner steps of --inner-lr 0.1 with --lam 0.5 reached 76%% where 0.4 and 1.0 reached 37%%)")
     add("--cg-iterations", type=positive_int, default=5, help="iMAML conjugate-gradient iterations")
     add("--vectorize", action=argparse.BooleanOptionalAction, default=True,
         help="adapt the meta-batch at once with torch.func.vmap, or task by task (same meta-gradient); "
