@@ -217,6 +217,9 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
     add("--valid-every", type=positive_int, default=50, help="validate every this many meta-iterations")
     add("--valid-tasks", type=positive_int, default=100, help="validation tasks per validation")
     add("--test-tasks", type=positive_int, default=600, help="tasks in the final test report")
+    add("--per-step", action="store_true",
+        help="the final test also reports the mean ± 95%% CI after 0, 1, ..., --eval-inner-steps inner steps "
+             "(per_step in result.json)")
     add("--checkpoint-every", type=positive_int, default=50,
         help="write checkpoints/last.pt every N meta-iterations (and at the end or a stop; the one before is kept "
              "as previous.pt); best.pt at every validation improvement")
@@ -553,9 +556,12 @@ def _evaluation_steps(engine: MetaEngine) -> str:
     return "" if steps == engine.inner_steps else f", adapted with {steps} inner step{'s' if steps != 1 else ''}"
 
 
-def _per_step_rows(curve: dict) -> list[dict]:
-    """An evaluation's ``per_step`` lists as one dict of scores per number of steps taken."""
-    return [dict(zip(curve, values)) for values in zip(*curve.values())]
+def _print_per_step(result: dict) -> None:
+    """An evaluation's ``per_step`` lists, if it has them, as a line per number of steps taken."""
+    curve = result.get("per_step", {})
+    for steps, values in enumerate(zip(*curve.values())):
+        print(f"  after {steps} inner step{'s' if steps != 1 else ''}: {_format(dict(zip(curve, values)))}",
+              flush=True)
 
 
 def _format(stats: dict) -> str:
@@ -624,11 +630,12 @@ def _train(engine: MetaEngine, config: dict, output: Path, args: argparse.Namesp
         entry, trained_at = "best", engine.best_valid["iteration"]
     else:
         entry, trained_at = "last", engine.meta_iteration
-    result = engine.test(config["test_tasks"])
+    result = engine.test(config["test_tasks"], per_step=config.get("per_step", False))
     result.update(checkpoint=entry, iteration=trained_at, config=config)
     atomic_save_json(output / "result.json", result)
     print(f"held-out test, {_task_kind(config)} ({entry} θ, iteration {trained_at}): {_format(result)} "
           f"(95% CI over {result['tasks']} tasks{_evaluation_steps(engine)})", flush=True)
+    _print_per_step(result)
     if logger is not None:
         if checkpointer.best is not None:
             logger.log_artifact(checkpointer.best, name=f"{run_name}-best", metadata=engine.best_valid)
@@ -756,8 +763,7 @@ def command_evaluate(args: argparse.Namespace) -> dict:
     print(f"{config['algorithm']} {config['dataset']} {_task_kind(config)}, "
           f"θ from {path} (iteration {engine.meta_iteration}): {_format(result)} "
           f"(95% CI over {result['tasks']} test tasks{_evaluation_steps(engine)}); written to {target}")
-    for steps, stats in enumerate(_per_step_rows(result.get("per_step", {}))):
-        print(f"  after {steps} inner step{'s' if steps != 1 else ''}: {_format(stats)}")
+    _print_per_step(result)
     return result
 
 

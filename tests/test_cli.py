@@ -117,6 +117,25 @@ def test_evaluate_reports_mean_and_ci_and_writes_json(tmp_path, capsys):
     assert f"MSE {one['loss']:.4f} ± n/a (95% CI over 1 test tasks" in capsys.readouterr().out  # none from one task
 
 
+def test_train_per_step_reports_the_final_tests_curve_as_evaluate_does(tmp_path, capsys):
+    """train --per-step: result.json's curve, after 0 ... --eval-inner-steps steps, is the one
+    `evaluate --per-step` computes for the same θ and test tasks; its last point is the test result."""
+    result = cli.run(sinusoid_run(tmp_path / "run", "--eval-inner-steps", "2", "--per-step", "--no-progress"))
+    out = capsys.readouterr().out
+    written = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert written["config"]["per_step"] is True
+    curve = written["per_step"]
+    assert len(curve["loss"]) == 3 and curve["loss"][2] == pytest.approx(result["loss"], rel=1e-12)
+    again = cli.run(["evaluate", "--output", str(tmp_path / "run"), "--test-tasks", "10", "--per-step"])
+    assert again["per_step"]["loss"] == pytest.approx(curve["loss"], rel=1e-9)
+    for steps in range(3):
+        assert (f"  after {steps} inner step{'s' if steps != 1 else ''}: MSE {curve['loss'][steps]:.4f} ± "
+                f"{curve['loss_ci95'][steps]:.4f}\n") in out
+    capsys.readouterr()
+    plain = cli.run(sinusoid_run(tmp_path / "plain", "--no-progress"))
+    assert "per_step" not in plain and "after 0 inner steps" not in capsys.readouterr().out
+
+
 def test_train_refuses_to_overwrite_a_run_and_resume_extends_it(tmp_path, capsys):
     cli.run(sinusoid_run(tmp_path / "run"))
     first = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["engine"]
