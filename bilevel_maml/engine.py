@@ -374,7 +374,8 @@ class MetaEngine(Engine):
         :param num_tasks: tasks to adapt and score.
         :param per_task: also return every task's values (``report["per_task"]``).
         :param inner_steps: inner steps per task (default: :attr:`eval_inner_steps`).
-        :param per_step: also report the scores after 0, 1, … inner steps (``report["per_step"]``).
+        :param per_step: also report the scores after 0, 1, … inner steps (``report["per_step"]``;
+            logged as ``test/accuracy_after_K_steps`` and so on).
         """
         # Adapt as the inner loops of the meta-iteration that produced θ did (a variant's inner step
         # size schedule, say), also for a checkpoint just loaded or θ before any training.
@@ -401,12 +402,16 @@ class MetaEngine(Engine):
         """Final report on the test split: mean and 95% CI over ``num_tasks`` tasks.
 
         :param num_tasks: test tasks to adapt and score.
-        :param per_step: also report the scores after 0, 1, … inner steps (``report["per_step"]``).
+        :param per_step: also report the scores after 0, 1, … inner steps (``report["per_step"]``;
+            logged as ``test/accuracy_after_K_steps`` and so on).
         """
         if self.test_env is None:
             raise ValueError("this engine has no test_env; pass test_env= to report test accuracy")
         stats = self.evaluate(self.test_env, num_tasks, per_step=per_step)
-        self.logger.log({f"test/{k}": v for k, v in stats.items() if k != "per_step"}, step=self.meta_iteration)
+        logged = {f"test/{k}": v for k, v in stats.items() if k != "per_step"}
+        for name, values in stats.get("per_step", {}).items():  # scalars, so each point is in the W&B summary
+            logged.update({f"test/{name}_after_{steps}_steps": value for steps, value in enumerate(values)})
+        self.logger.log(logged, step=self.meta_iteration)
         self._call("on_test_end", stats)
         return stats
 

@@ -17,7 +17,7 @@ def test_offline_run_folder_matches_the_engine(tmp_path, omniglot_root):
         "train", "--dataset", "omniglot-small", "--data-root", str(omniglot_root), "--width", "8",
         "--iterations", "4", "--meta-batch-size", "2", "--valid-every", "2", "--valid-tasks", "6",
         "--test-tasks", "8", "--checkpoint-every", "2", "--output", str(output), "--wandb", "offline",
-        "--wandb-project", "bm-test", "--run-name", "short", "--group", "ci", "--tags", "t1", "t2",
+        "--wandb-project", "bm-test", "--run-name", "short", "--group", "ci", "--tags", "t1", "t2", "--per-step",
     ])
     (run_dir,) = glob.glob(str(output / "wandb" / "offline-run-*"))
     run = read_offline_run(run_dir)
@@ -38,6 +38,8 @@ def test_offline_run_folder_matches_the_engine(tmp_path, omniglot_root):
         assert rows[best["iteration"]][f"validation/{key}"] == best[key]
     for key in ("accuracy", "accuracy_ci95", "loss", "tasks"):
         assert run["summary"][f"test/{key}"] == result[key]
+    for key in ("accuracy", "accuracy_ci95", "loss", "loss_ci95"):  # --per-step: after 0 (θ) and 1 inner step
+        assert [run["summary"][f"test/{key}_after_{steps}_steps"] for steps in (0, 1)] == result["per_step"][key]
     assert run["artifacts"] == [{"name": "short-best", "type": "model", "files": ["best.pt"]}]
 
 
