@@ -370,6 +370,8 @@ def _config_file_arguments(path: str, parser: argparse.ArgumentParser) -> list[s
                 isinstance(value, bool) and action.nargs != 0 and not isinstance(action, argparse.BooleanOptionalAction)):
             raise BadInput(f"bilevel-maml: {key} = {value!r} in {path} must be a single value"
                            + (f" ({action.type.__name__})" if action.type is not None else ""))
+        if action.nargs == 0 and not isinstance(value, bool):  # an on/off flag (--per-step, --download)
+            raise BadInput(f"bilevel-maml: {key} = {value!r} in {path} must be true or false")
         for item in value if isinstance(value, list) else [value]:
             if action.type is not None and not isinstance(item, bool) and item is not None:
                 try:
