@@ -226,6 +226,9 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
     add("--output", metavar="FOLDER",
         help="run folder; train refuses one that already holds a run "
              "(default: runs/<algorithm>-<dataset>-<ways>w<shots>s-seed<seed>)")
+    add("--resume-if-exists", action="store_true",
+        help="if --output already holds this run (the same settings; --iterations may be larger), continue it as "
+             "`resume` would, so a requeued cluster job can run the same command again")
     _distributed_options(parser)
     _logging_options(parser)
 
@@ -681,10 +684,17 @@ def _lock(output: Path, engine: MetaEngine) -> RunLock | None:
     return lock
 
 
+#: what ``train --resume-if-exists`` lets differ from the run it continues (``iterations`` may grow)
+NOT_THE_RUNS_SETTINGS = {"output", "iterations", "device", "progress", "dist_timeout", "world_size", "plugins",
+                         "resume_if_exists", "wandb_id", *RUN_LOGGING_DEFAULTS}
+
+
 def command_train(args: argparse.Namespace) -> dict:
     device = _join_process_group(_device(args.device), args.dist_timeout)
     config = _run_config(args)
     output = Path(config["output"])
+    if args.resume_if_exists and any((output / "checkpoints" / name).exists() for name in CHECKPOINT_FILES):
+        return _resume_the_same_run(args, config, output)
     _refuse_existing_run(output)
     engine = build_from_config(config, device)
     lock = _lock(output, engine)
@@ -698,6 +708,28 @@ def command_train(args: argparse.Namespace) -> dict:
     finally:
         if lock is not None:
             lock.release()
+
+
+def _resume_the_same_run(args: argparse.Namespace, config: dict, output: Path) -> dict:
+    """``train --resume-if-exists`` on a folder holding a run: ``resume`` it, if the command asks for
+    that run; else one line naming each setting that differs."""
+    resumed = newest_intact(output / "checkpoints")[1]["config"]  # its total as resume last set it
+    # the settings as train wrote them (a checkpoint's config holds what resume resolved, sampler="auto" say)
+    stored = json.loads((output / "config.json").read_text()) if (output / "config.json").is_file() else resumed
+    differ = [f"{name} (the run's {stored[name]!r}, this command's {config[name]!r})" for name in config
+              if name not in NOT_THE_RUNS_SETTINGS and name in stored and stored[name] != config[name]]
+    if config["iterations"] < resumed["iterations"]:
+        differ.append(f"iterations (the run's {resumed['iterations']}, this command's {config['iterations']}: "
+                      f"fewer)")
+    if differ:
+        raise BadInput(f"bilevel-maml: --resume-if-exists: {output} holds another run: {'; '.join(differ)}; "
+                       f"choose another --output")
+    if distributed.is_main_process():
+        print(f"bilevel-maml: {output} holds this run; continuing it (--resume-if-exists)", flush=True)
+    resume = argparse.Namespace(output=str(output), iterations=config["iterations"], device=args.device,
+                                plugins=[], dist_timeout=args.dist_timeout, progress=args.progress,
+                                **{name: getattr(args, name) for name in RUN_LOGGING_DEFAULTS})
+    return command_resume(resume)
 
 
 def command_resume(args: argparse.Namespace) -> dict:

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -134,6 +135,30 @@ def test_train_per_step_reports_the_final_tests_curve_as_evaluate_does(tmp_path,
     capsys.readouterr()
     plain = cli.run(sinusoid_run(tmp_path / "plain", "--no-progress"))
     assert "per_step" not in plain and "after 0 inner steps" not in capsys.readouterr().out
+
+
+def test_train_resume_if_exists_continues_the_run_as_resume_does(tmp_path, capsys):
+    """A requeued job runs its command again: with --resume-if-exists, train on a folder holding the
+    same run continues it (here extended from 4 to 6 iterations) to exactly what `resume` reaches, and
+    on the finished run it changes nothing; on an empty folder it trains."""
+    command = sinusoid_run(tmp_path / "run", "--resume-if-exists", "--no-progress")
+    cli.run([*command, "--iterations", "4"])
+    shutil.copytree(tmp_path / "run", tmp_path / "resumed")
+    capsys.readouterr()
+    cli.run([*command, "--iterations", "6"])
+    assert f"{tmp_path / 'run'} holds this run; continuing it" in capsys.readouterr().out
+    cli.run(["resume", "--output", str(tmp_path / "resumed"), "--iterations", "6", "--wandb", "disabled",
+             "--no-progress"])
+    again, resumed = (load_checkpoint(tmp_path / name / "checkpoints" / "last.pt")["engine"]
+                      for name in ("run", "resumed"))
+    assert again["meta_iteration"] == resumed["meta_iteration"] == 6
+    assert all(torch.equal(again["theta"][name], resumed["theta"][name]) for name in resumed["theta"])
+    assert [h["loss"] for h in again["history"]] == [h["loss"] for h in resumed["history"]]
+    files = {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()}
+    finished = cli.run([*command, "--iterations", "6"])
+    assert finished == json.loads((tmp_path / "run" / "result.json").read_text())
+    assert "is finished (iteration 6 of 6" in capsys.readouterr().out
+    assert {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()} == files
 
 
 def test_train_refuses_to_overwrite_a_run_and_resume_extends_it(tmp_path, capsys):
