@@ -36,7 +36,7 @@ from bilevel_maml.checkpoint import CHECKPOINT_FILES, Checkpointer, CheckpointWr
 from bilevel_maml.data.sources import DATASETS, load_tasksets
 from bilevel_maml.engine import MetaEngine, NonFiniteError
 from bilevel_maml.execution import PRECISIONS, check_precision
-from bilevel_maml.history import METRICS_FILE, MetricsFile, plain_json
+from bilevel_maml.history import METRICS_FILE, RUN_PLACEMENT_KEYS, MetricsFile, plain_json
 from bilevel_maml.logging import WandbLogger
 from bilevel_maml.models import MODELS, build_model
 from bilevel_maml.plugins import defining_modules, load_entry_points, load_plugin, unknown_algorithm
@@ -685,8 +685,7 @@ def _lock(output: Path, engine: MetaEngine) -> RunLock | None:
 
 
 #: what ``train --resume-if-exists`` lets differ from the run it continues (``iterations`` may grow)
-NOT_THE_RUNS_SETTINGS = {"output", "iterations", "device", "progress", "dist_timeout", "world_size", "plugins",
-                         "resume_if_exists", "wandb_id", *RUN_LOGGING_DEFAULTS}
+NOT_THE_RUNS_SETTINGS = RUN_PLACEMENT_KEYS | {"iterations"}
 
 
 def command_train(args: argparse.Namespace) -> dict:
@@ -817,7 +816,7 @@ def command_plot(args: argparse.Namespace) -> dict:
         print(f"learning curves of {folders[0]} (from {drawn['source']}) written to {drawn['path']}", flush=True)
         return drawn
     drawn = compare_runs(folders, args.file, dpi=args.dpi)
-    print(results_table(drawn["rows"]))
+    print(results_table(drawn["rows"], drawn["seed_groups"]))
     print(f"learning curves of {len(folders)} runs written to {drawn['path']}", flush=True)
     return drawn
 

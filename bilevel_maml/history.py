@@ -13,6 +13,10 @@ from pathlib import Path
 from bilevel_maml.callbacks import Callback
 
 METRICS_FILE = "metrics.jsonl"
+#: keys of a run's config.json that say where and how it ran (its folder, device, W&B, progress,
+#: processes), not what it computed: two runs that differ only in these are the same run
+RUN_PLACEMENT_KEYS = frozenset({"output", "device", "progress", "dist_timeout", "world_size", "plugins",
+                                "resume_if_exists", "wandb_id", "wandb", "wandb_project", "run_name", "group", "tags"})
 
 
 def plain_json(value):
@@ -80,4 +84,4 @@ def read_metrics(path) -> list[dict]:
     return [rows[step] for step in sorted(rows)]
 
 
-__all__ = ["METRICS_FILE", "MetricsFile", "plain_json", "read_metrics"]
+__all__ = ["METRICS_FILE", "MetricsFile", "RUN_PLACEMENT_KEYS", "plain_json", "read_metrics"]

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from bilevel_maml.history import METRICS_FILE, read_metrics
+from bilevel_maml.history import METRICS_FILE, RUN_PLACEMENT_KEYS, read_metrics
 
 PLOT_FILE = "curves.png"
 #: what ``bilevel-maml plot`` with several runs writes, in their common parent folder
@@ -115,7 +115,10 @@ def compare_runs(run_folders, path=None, dpi: int = 120) -> dict:
         "best_validation", "best_validation_ci95", "best_validation_iteration"}, ...]}``: the drawn
         lines read back from the figure and the results table, one row per run (``metric`` is
         ``"accuracy"`` for classification and ``"loss"`` for regression; None where a run has no
-        such result yet).
+        such result yet); and ``"seed_groups"``: for each set of two or more tested runs whose
+        config.json differ in the seed alone (and where they ran), ``{"runs", "seeds",
+        "algorithm", "dataset", "iterations", "metric", "test_mean", "test_std",
+        "best_validation_mean", "best_validation_std"}`` over those seeds.
     """
     import matplotlib
 
@@ -164,13 +167,43 @@ def compare_runs(run_folders, path=None, dpi: int = 120) -> dict:
     target = Path(path) if path is not None else Path(os.path.commonpath(folders)) / COMPARISON_FILE
     drawn = _save(figure, axes, plt, target, dpi, {"sources": {run.name: run.source for run in runs}})
     drawn["rows"] = [run.summary(metrics[-1]) for run in runs]
+    drawn["seed_groups"] = _seed_groups(runs, drawn["rows"])
     return drawn
 
 
-def results_table(rows: list[dict]) -> str:
-    """The rows of :func:`compare_runs` as a Markdown table (accuracies in %).
+def _seed_groups(runs: list[_Run], rows: list[dict]) -> list[dict]:
+    """The runs that differ in their seed alone (and where they ran), two or more to a group, with
+    the mean and standard deviation over seeds of their test and best validation results."""
+    settings = {}
+    for run, row in zip(runs, rows):
+        config = _config(run.folder)
+        if config and row["test"] is not None:
+            key = json.dumps({k: v for k, v in config.items() if k not in RUN_PLACEMENT_KEYS | {"seed"}},
+                             sort_keys=True, default=str)
+            settings.setdefault(key, []).append((config.get("seed"), row))
+    groups = []
+    for members in settings.values():
+        if len(members) < 2:
+            continue
+        first = members[0][1]
+        group = {"runs": [row["run"] for _, row in members], "seeds": [seed for seed, _ in members],
+                 **{key: first[key] for key in ("algorithm", "dataset", "iterations", "metric")}}
+        for key in ("test", "best_validation"):
+            values = [row[key] for _, row in members if row[key] is not None]
+            mean = sum(values) / len(values)
+            group[f"{key}_mean"] = mean
+            group[f"{key}_std"] = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) \
+                if len(values) > 1 else math.nan
+        groups.append(group)
+    return groups
+
+
+def results_table(rows: list[dict], seed_groups: list[dict] = ()) -> str:
+    """The rows of :func:`compare_runs` as a Markdown table (accuracies in %), then a row per group
+    of runs that differ in their seed alone: the mean ± standard deviation over those seeds.
 
     :param rows: ``compare_runs(...)["rows"]``.
+    :param seed_groups: ``compare_runs(...)["seed_groups"]``.
     """
     unit = "accuracy" if rows[0]["metric"] == "accuracy" else "MSE"
     lines = [f"| run | algorithm | dataset | meta-iterations | test {unit} (95% CI) | best validation {unit} |",
@@ -184,6 +217,13 @@ def results_table(rows: list[dict]) -> str:
             f"{_shown(row['metric'], *_scaled(row, 'best_validation', scale))} (iteration {row['best_validation_iteration']})")
         lines.append(f"| {row['run']} | {row['algorithm'] or '?'} | {row['dataset'] or '?'} | {row['iterations']} | "
                      f"{test} | {best} |")
+    for group in seed_groups:
+        scale = 100.0 if group["metric"] == "accuracy" else 1.0
+        over = f"std over {len(group['runs'])} seeds"
+        test, best = (f"{_shown(group['metric'], scale * group[f'{key}_mean'], scale * group[f'{key}_std'])} ({over})"
+                      for key in ("test", "best_validation"))
+        lines.append(f"| mean of {', '.join(group['runs'])} (seeds {', '.join(map(str, group['seeds']))}) | "
+                     f"{group['algorithm']} | {group['dataset']} | {group['iterations']} | {test} | {best} |")
     return "\n".join(lines)
 
 

@@ -135,6 +135,38 @@ def test_runs_compared_in_one_figure_show_each_runs_history_and_a_table_of_resul
     assert table[3] == "| b/maml | fomaml | omniglot | 30 | 80.0% ± n/a (best θ, iteration 20) | 60.0% ± 3.0% (iteration 30) |"
 
 
+def test_runs_that_differ_in_their_seed_alone_are_summarised_over_seeds(tmp_path):
+    """Three seeds of one setting (in folders of their own, one on another device and W&B project)
+    get a row of mean ± standard deviation over seeds; a run with another meta_lr, and an untested
+    run, stay out of it."""
+    settings = {"algorithm": "maml", "dataset": "omniglot-small", "meta_lr": 0.001, "iterations": 40}
+    tests = {"s0": 0.70, "s1": 0.74, "s2": 0.78, "lr": 0.9, "untested": None}
+    for name, (seed, extra) in {"s0": (0, {}), "s1": (1, {"device": "cuda", "wandb_project": "other"}),
+                                "s2": (2, {}), "lr": (3, {"meta_lr": 0.01}), "untested": (4, {})}.items():
+        folder = tmp_path / name
+        classification_run(folder, better_by=0.01 * seed)
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+        (folder / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if '"test/' not in line))
+        (folder / "config.json").write_text(json.dumps({**settings, "seed": seed, "output": str(folder),
+                                                        "device": "cpu", "wandb_project": "p", **extra}))
+        if tests[name] is not None:
+            (folder / "result.json").write_text(json.dumps({"accuracy": tests[name], "accuracy_ci95": 0.01,
+                                                            "loss": 0.5, "loss_ci95": 0.01, "checkpoint": "last",
+                                                            "iteration": 40}))
+    drawn = compare_runs([tmp_path / name for name in tests], dpi=40)
+    (group,) = drawn["seed_groups"]
+    assert (group["runs"], group["seeds"], group["algorithm"], group["iterations"]) == (["s0", "s1", "s2"],
+                                                                                       [0, 1, 2], "maml", 40)
+    assert group["test_mean"] == pytest.approx(0.74) and group["test_std"] == pytest.approx(0.04)
+    best = [40 / 60 + 0.01 * seed for seed in (0, 1, 2)]  # each run's best validation accuracy
+    assert group["best_validation_mean"] == pytest.approx(sum(best) / 3)
+    assert group["best_validation_std"] == pytest.approx(0.01)
+    table = results_table(drawn["rows"], drawn["seed_groups"]).splitlines()
+    assert len(table) == 2 + 5 + 1
+    assert table[-1] == ("| mean of s0, s1, s2 (seeds 0, 1, 2) | maml | omniglot-small | 40 | 74.0% ± 4.0% (std over 3 "
+                         "seeds) | 67.7% ± 1.0% (std over 3 seeds) |")
+
+
 def test_plot_command_compares_several_runs_and_refuses_runs_of_different_kinds(tmp_path, capsys):
     for name in ("maml", "fomaml"):
         assert cli.main([*SINUSOID, "--algorithm", name, "--output", str(tmp_path / name)]) == 0
