@@ -314,8 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     plot = command("plot", "learning curves of a run, or several runs compared, as a PNG",
                    "Draw the run's learning curves (training loss and accuracy per meta-iteration, validation mean "
-                   "with its 95% band, the test point) from its metrics.jsonl, else its offline W&B run; needs no "
-                   "W&B account. Given several runs, draw them in one figure, a colour each, and print a Markdown "
+                   "with its 95% band, the test point; the test after 0, 1, ... inner steps where train or evaluate "
+                   "ran with --per-step) from its metrics.jsonl, else its offline W&B run; needs no W&B account. Given several runs, draw them in one figure, a colour each, and print a Markdown "
                    "table of their test and best validation results.")
     plot.add_argument("--output", required=True, nargs="+", metavar="FOLDER",
                       help="run folder; several to compare them")

@@ -57,11 +57,14 @@ def plot_run(run_folder, path=None, dpi: int = 120) -> dict:
 
     One panel per metric (query loss, and accuracy for classification): the training value of every
     meta-iteration (faint) and its moving average, the validation mean with its 95% confidence band,
-    and the test result of the final θ as a point with its interval.
+    and the test result of the final θ as a point with its interval. Where the run's test (or its
+    ``evaluate``) was run with ``--per-step``, one more panel: the test accuracy (or loss) after 0,
+    1, ... inner steps, with their intervals.
 
     :param run_folder: a folder written by ``bilevel-maml train`` (or ``resume``).
     :param path: the PNG to write; its folder is created if missing.
-    :param dpi: dots per inch of the PNG (the figure is 10 × 4 inches, 6 × 4 for regression).
+    :param dpi: dots per inch of the PNG (the figure is 10 × 4 inches, 6 × 4 for regression; 5
+        inches wider with the per-step panel).
     :returns: ``{"path": the PNG, "source": the history file read, "series": {label: (x, y)}}``,
         the data of every drawn line read back from the figure.
     """
@@ -77,7 +80,10 @@ def plot_run(run_folder, path=None, dpi: int = 120) -> dict:
     config = _config(folder)
     title = f"{config.get('algorithm')} on {config.get('dataset')} — {folder.name}" if config else folder.name
 
-    figure, axes = plt.subplots(1, len(metrics), figsize=(10 if len(metrics) == 2 else 6, 4), squeeze=False)
+    curve, curve_source = _adaptation_curve(folder)
+    panels = len(metrics) + (curve is not None)
+    width = (10 if len(metrics) == 2 else 6) + (5 if curve is not None else 0)
+    figure, axes = plt.subplots(1, panels, figsize=(width, 4), squeeze=False)
     for axis, metric in zip(axes[0], metrics):
         scale = 100.0 if metric == "accuracy" else 1.0
         steps, values = _series(rows, f"train/{metric}")
@@ -92,9 +98,33 @@ def plot_run(run_folder, path=None, dpi: int = 120) -> dict:
             value, half = _scaled(test, f"test/{metric}", scale)
             _draw_test_point(axis, test["step"], value, half, "tab:red", f"test{tested}: {_shown(metric, value, half)}")
         _label_axes(axis, metric)
+    if curve is not None:
+        metric = metrics[-1]
+        scale = 100.0 if metric == "accuracy" else 1.0
+        axis = axes[0][-1]
+        means = [scale * value for value in curve[metric]]
+        halves = [scale * half if half is not None else 0.0 for half in curve[f"{metric}_ci95"]]
+        drawn = axis.errorbar(list(range(len(means))), means, yerr=halves, color="tab:red", marker="s", capsize=4,
+                              label=f"test, after k inner steps ({curve_source})")
+        drawn.lines[0].set_gid(drawn.get_label())
+        _label_axes(axis, metric)
+        axis.set_xlabel("inner steps on the support set (0: θ itself)")
+        axis.set_xticks(range(len(means)))
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     return _save(figure, axes, plt, Path(path) if path is not None else folder / PLOT_FILE, dpi, {"source": source})
+
+
+def _adaptation_curve(folder: Path) -> tuple[dict | None, str]:
+    """The scores after 0, 1, ... inner steps of the run's final test (``train --per-step``), else
+    of its latest ``evaluate --per-step``, and the file they came from."""
+    for name in ("result.json", "evaluation.json"):
+        file = folder / name
+        if file.is_file():
+            curve = json.loads(file.read_text()).get("per_step")
+            if curve:
+                return curve, name
+    return None, ""
 
 
 def compare_runs(run_folders, path=None, dpi: int = 120) -> dict:

@@ -65,6 +65,25 @@ def test_the_png_shows_exactly_the_runs_history(tmp_path):
     assert blue.sum() > 300 and orange.sum() > 100
 
 
+def test_a_per_step_test_adds_the_adaptation_curve(tmp_path):
+    """train --per-step's curve (result.json) is drawn as a third panel, before a later evaluate
+    --per-step's (evaluation.json), which is drawn where the run's own test has none."""
+    classification_run(tmp_path)
+    curve = {"accuracy": [0.2, 0.6, 0.7], "accuracy_ci95": [0.01, None, 0.02], "loss": [1.6, 0.9, 0.7],
+             "loss_ci95": [0.1, 0.1, 0.1]}
+    (tmp_path / "evaluation.json").write_text(json.dumps({"per_step": {**curve, "accuracy": [0.2, 0.65, 0.75, 0.8],
+                                                                      "accuracy_ci95": [0.01] * 4}}))
+    drawn = plot_run(tmp_path, dpi=80)
+    assert png_size(tmp_path / "curves.png") == (1200, 320)  # 15 × 4 inches
+    assert drawn["series"]["query accuracy (%): test, after k inner steps (evaluation.json)"] == (
+        [0.0, 1.0, 2.0, 3.0], pytest.approx([20.0, 65.0, 75.0, 80.0]))
+    (tmp_path / "result.json").write_text(json.dumps({"accuracy": 0.7, "accuracy_ci95": 0.02, "loss": 0.7,
+                                                      "loss_ci95": 0.1, "per_step": curve}))
+    drawn = plot_run(tmp_path, dpi=80)
+    assert drawn["series"]["query accuracy (%): test, after k inner steps (result.json)"] == (
+        [0.0, 1.0, 2.0], pytest.approx([20.0, 60.0, 70.0]))
+
+
 def test_a_resumed_run_drops_the_lines_it_redoes(tmp_path):
     classification_run(tmp_path, iterations=12)
     MetricsFile(tmp_path / "metrics.jsonl").on_train_start(SimpleNamespace(meta_iteration=10))
