@@ -148,7 +148,8 @@ def compare_runs(run_folders, path=None, dpi: int = 120) -> dict:
         such result yet); and ``"seed_groups"``: for each set of two or more tested runs whose
         config.json differ in the seed alone (and where they ran), ``{"runs", "seeds",
         "algorithm", "dataset", "iterations", "metric", "test_mean", "test_std",
-        "best_validation_mean", "best_validation_std"}`` over those seeds.
+        "best_validation_mean", "best_validation_std"}`` over those seeds (a mean is None where no
+        run of the group has that result).
     """
     import matplotlib
 
@@ -218,9 +219,9 @@ def _seed_groups(runs: list[_Run], rows: list[dict]) -> list[dict]:
         first = members[0][1]
         group = {"runs": [row["run"] for _, row in members], "seeds": [seed for seed, _ in members],
                  **{key: first[key] for key in ("algorithm", "dataset", "iterations", "metric")}}
-        for key in ("test", "best_validation"):
+        for key in ("test", "best_validation"):  # a run validated never (--valid-every past its end) has no best
             values = [row[key] for _, row in members if row[key] is not None]
-            mean = sum(values) / len(values)
+            mean = sum(values) / len(values) if values else None
             group[f"{key}_mean"] = mean
             group[f"{key}_std"] = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) \
                 if len(values) > 1 else math.nan
@@ -250,7 +251,8 @@ def results_table(rows: list[dict], seed_groups: list[dict] = ()) -> str:
     for group in seed_groups:
         scale = 100.0 if group["metric"] == "accuracy" else 1.0
         over = f"std over {len(group['runs'])} seeds"
-        test, best = (f"{_shown(group['metric'], scale * group[f'{key}_mean'], scale * group[f'{key}_std'])} ({over})"
+        test, best = ("—" if group[f"{key}_mean"] is None else
+                      f"{_shown(group['metric'], scale * group[f'{key}_mean'], scale * group[f'{key}_std'])} ({over})"
                       for key in ("test", "best_validation"))
         lines.append(f"| mean of {', '.join(group['runs'])} (seeds {', '.join(map(str, group['seeds']))}) | "
                      f"{group['algorithm']} | {group['dataset']} | {group['iterations']} | {test} | {best} |")

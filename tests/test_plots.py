@@ -186,6 +186,20 @@ def test_runs_that_differ_in_their_seed_alone_are_summarised_over_seeds(tmp_path
                          "seeds) | 67.7% ± 1.0% (std over 3 seeds) |")
 
 
+def test_seeds_that_never_validated_are_summarised_by_their_test_alone(tmp_path, capsys):
+    """--valid-every past the run's end: no best validation to average (it divided by zero)."""
+    for seed in (0, 1):
+        assert cli.main(["train", "--dataset", "sinusoid", "--iterations", "3", "--valid-every", "10",
+                         "--test-tasks", "5", "--seed", str(seed), "--wandb", "disabled", "--no-progress",
+                         "--output", str(tmp_path / f"s{seed}")]) == 0
+    capsys.readouterr()
+    assert cli.main(["plot", "--output", str(tmp_path / "s0"), str(tmp_path / "s1"), "--dpi", "40"]) == 0
+    tests = [json.loads((tmp_path / f"s{seed}" / "result.json").read_text())["loss"] for seed in (0, 1)]
+    mean, std = sum(tests) / 2, abs(tests[0] - tests[1]) / 2 ** 0.5
+    assert (f"| mean of s0, s1 (seeds 0, 1) | maml | sinusoid | 3 | {mean:.3f} ± {std:.3f} (std over 2 seeds) | — |"
+            in capsys.readouterr().out.splitlines())
+
+
 def test_plot_command_compares_several_runs_and_refuses_runs_of_different_kinds(tmp_path, capsys):
     for name in ("maml", "fomaml"):
         assert cli.main([*SINUSOID, "--algorithm", name, "--output", str(tmp_path / name)]) == 0
