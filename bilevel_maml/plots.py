@@ -96,17 +96,17 @@ def plot_run(run_folder, path=None, dpi: int = 120) -> dict:
         _draw_validation(axis, rows, metric, scale, "tab:orange", "validation (95% CI)", band=0.25, width=1.5)
         if test is not None and test.get(f"test/{metric}") is not None:
             value, half = _scaled(test, f"test/{metric}", scale)
-            _draw_test_point(axis, test["step"], value, half, "tab:red", f"test{tested}: {_shown(metric, value, half)}")
+            _draw_test_points(axis, [test["step"]], [value], [half], "tab:red",
+                              f"test{tested}: {_shown(metric, value, half)}")
         _label_axes(axis, metric)
     if curve is not None:
         metric = metrics[-1]
         scale = 100.0 if metric == "accuracy" else 1.0
         axis = axes[0][-1]
         means = [scale * value for value in curve[metric]]
-        halves = [scale * half if half is not None else 0.0 for half in curve[f"{metric}_ci95"]]
-        drawn = axis.errorbar(list(range(len(means))), means, yerr=halves, color="tab:red", marker="s", capsize=4,
-                              label=f"test, after k inner steps ({curve_source})")
-        drawn.lines[0].set_gid(drawn.get_label())
+        halves = [scale * half if half is not None else math.nan for half in curve[f"{metric}_ci95"]]
+        _draw_test_points(axis, range(len(means)), means, halves, "tab:red",
+                          f"test, after k inner steps ({curve_source})")
         _label_axes(axis, metric)
         axis.set_xlabel("inner steps on the support set (0: θ itself)")
         axis.set_xticks(range(len(means)))
@@ -184,7 +184,7 @@ def compare_runs(run_folders, path=None, dpi: int = 120) -> dict:
             if run.test is not None and run.test.get(f"test/{metric}") is not None:
                 value, half = _scaled(run.test, f"test/{metric}", scale)
                 named[run.name] = f"{run.name}: test {_shown(metric, value, half)}"
-                _draw_test_point(axis, run.test["step"], value, half, colour, named[run.name], in_legend=False)
+                _draw_test_points(axis, [run.test["step"]], [value], [half], colour, named[run.name], in_legend=False)
         _label_axes(axis, metric, legend=False)
     # one legend for the figure: a colour per run, then what each mark means
     handles = [Line2D([], [], color=f"C{i}", linewidth=2.5, label=named[run.name]) for i, run in enumerate(runs)]
@@ -207,11 +207,10 @@ def _seed_groups(runs: list[_Run], rows: list[dict]) -> list[dict]:
     the mean and standard deviation over seeds of their test and best validation results."""
     settings = {}
     for run, row in zip(runs, rows):
-        config = _config(run.folder)
-        if config and row["test"] is not None:
-            key = json.dumps({k: v for k, v in config.items() if k not in RUN_PLACEMENT_KEYS | {"seed"}},
+        if run.config and row["test"] is not None:
+            key = json.dumps({k: v for k, v in run.config.items() if k not in RUN_PLACEMENT_KEYS | {"seed"}},
                              sort_keys=True, default=str)
-            settings.setdefault(key, []).append((config.get("seed"), row))
+            settings.setdefault(key, []).append((run.config.get("seed"), row))
     groups = []
     for members in settings.values():
         if len(members) < 2:
@@ -275,25 +274,25 @@ class _Run:
     source: str
     test: dict | None
     tested: str
+    config: dict
 
     @classmethod
     def read(cls, folder: Path, name: str) -> _Run:
         rows, source = run_history(folder)
-        return cls(folder, name, rows, source, *_test_point(folder, rows, source))
+        return cls(folder, name, rows, source, *_test_point(folder, rows, source), _config(folder))
 
     @property
     def metrics(self) -> list[str]:
         return _metrics(self.rows)
 
     def summary(self, metric: str) -> dict:
-        config = _config(self.folder)
         validation = [(row[f"validation/{metric}"], row["step"], row.get(f"validation/{metric}_ci95"))
                       for row in self.rows if row.get(f"validation/{metric}") is not None]
         better = max if metric == "accuracy" else min
         best = better(validation, key=lambda entry: entry[0]) if validation else (None, None, None)
         trained = [row["step"] for row in self.rows if any(key.startswith("train/") for key in row)]
         test = self.test or {}
-        return {"run": self.name, "algorithm": config.get("algorithm"), "dataset": config.get("dataset"),
+        return {"run": self.name, "algorithm": self.config.get("algorithm"), "dataset": self.config.get("dataset"),
                 "iterations": max(trained), "metric": metric, "test": test.get(f"test/{metric}"),
                 "test_ci95": test.get(f"test/{metric}_ci95"), "tested": self.tested.strip(" ()"),
                 "best_validation": best[0], "best_validation_ci95": best[2], "best_validation_iteration": best[1]}
@@ -354,10 +353,12 @@ def _draw_validation(axis, rows: list[dict], metric: str, scale: float, colour: 
     line.set_gid(label)
 
 
-def _draw_test_point(axis, step, value: float, half: float, colour: str, label: str, in_legend: bool = True) -> None:
-    drawn = axis.errorbar([step], [value], yerr=[half if math.isfinite(half) else 0.0], color=colour, marker="s",
-                          capsize=4, label=label if in_legend else None)
-    drawn.lines[0].set_gid(label)  # the point's own line is unlabelled: name it for the read-back
+def _draw_test_points(axis, steps, values: list[float], halves: list[float], colour: str, label: str,
+                      in_legend: bool = True) -> None:
+    """Test results as squares with their 95% intervals (none where a half-width is NaN)."""
+    drawn = axis.errorbar(list(steps), values, yerr=[half if math.isfinite(half) else 0.0 for half in halves],
+                          color=colour, marker="s", capsize=4, label=label if in_legend else None)
+    drawn.lines[0].set_gid(label)  # the points' own line is unlabelled: name it for the read-back
 
 
 def _label_axes(axis, metric: str, legend: bool = True) -> None:
