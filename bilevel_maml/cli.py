@@ -315,8 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     plot = command("plot", "learning curves of a run, or several runs compared, as a PNG",
                    "Draw the run's learning curves (training loss and accuracy per meta-iteration, validation mean "
                    "with its 95% band, the test point; the test after 0, 1, ... inner steps where train or evaluate "
-                   "ran with --per-step) from its metrics.jsonl, else its offline W&B run; needs no W&B account. Given several runs, draw them in one figure, a colour each, and print a Markdown "
-                   "table of their test and best validation results.")
+                   "ran with --per-step) from its metrics.jsonl, else its offline W&B run; needs no W&B account. "
+                   "Given several runs, draw them in one figure, a colour each, and print a Markdown table of their "
+                   "test and best validation results.")
     plot.add_argument("--output", required=True, nargs="+", metavar="FOLDER",
                       help="run folder; several to compare them")
     plot.add_argument("--file", metavar="PNG",
@@ -555,18 +556,21 @@ def _task_kind(config: dict) -> str:
     return f"{config['ways']}-way {config['shots']}-shot"
 
 
+def _inner_steps(count: int) -> str:
+    return f"{count} inner step{'s' if count != 1 else ''}"
+
+
 def _evaluation_steps(engine: MetaEngine) -> str:
     """How many inner steps held-out tasks took, where that differs from training."""
     steps = engine.eval_inner_steps
-    return "" if steps == engine.inner_steps else f", adapted with {steps} inner step{'s' if steps != 1 else ''}"
+    return "" if steps == engine.inner_steps else f", adapted with {_inner_steps(steps)}"
 
 
 def _print_per_step(result: dict) -> None:
     """An evaluation's ``per_step`` lists, if it has them, as a line per number of steps taken."""
     curve = result.get("per_step", {})
     for steps, values in enumerate(zip(*curve.values())):
-        print(f"  after {steps} inner step{'s' if steps != 1 else ''}: {_format(dict(zip(curve, values)))}",
-              flush=True)
+        print(f"  after {_inner_steps(steps)}: {_format(dict(zip(curve, values)))}", flush=True)
 
 
 def _format(stats: dict) -> str:
@@ -663,8 +667,12 @@ def atomic_save_json(path: Path, data: dict) -> None:
     partial.replace(path)
 
 
+def _holds_run(output: Path) -> bool:
+    return any((output / "checkpoints" / name).exists() for name in CHECKPOINT_FILES)
+
+
 def _refuse_existing_run(output: Path) -> None:
-    if any((output / "checkpoints" / name).exists() for name in CHECKPOINT_FILES):
+    if _holds_run(output):
         existing = [f for f in RUN_FILES if (output / f).exists()] or ["checkpoints"]
         raise BadInput(f"bilevel-maml: {output} already holds a run ({', '.join(existing)}); continue it "
                        f"with `bilevel-maml resume --output {output}` or choose another --output")
@@ -692,7 +700,7 @@ def command_train(args: argparse.Namespace) -> dict:
     device = _join_process_group(_device(args.device), args.dist_timeout)
     config = _run_config(args)
     output = Path(config["output"])
-    if args.resume_if_exists and any((output / "checkpoints" / name).exists() for name in CHECKPOINT_FILES):
+    if args.resume_if_exists and _holds_run(output):
         return _resume_the_same_run(args, config, output)
     _refuse_existing_run(output)
     engine = build_from_config(config, device)
@@ -712,7 +720,8 @@ def command_train(args: argparse.Namespace) -> dict:
 def _resume_the_same_run(args: argparse.Namespace, config: dict, output: Path) -> dict:
     """``train --resume-if-exists`` on a folder holding a run: ``resume`` it, if the command asks for
     that run; else one line naming each setting that differs."""
-    resumed = newest_intact(output / "checkpoints")[1]["config"]  # its total as resume last set it
+    found = newest_intact(output / "checkpoints")
+    resumed = found[1]["config"]  # its total as resume last set it
     # the settings as train wrote them (a checkpoint's config holds what resume resolved, sampler="auto" say)
     stored = json.loads((output / "config.json").read_text()) if (output / "config.json").is_file() else resumed
     differ = [f"{name} (the run's {stored[name]!r}, this command's {config[name]!r})" for name in config
@@ -728,14 +737,16 @@ def _resume_the_same_run(args: argparse.Namespace, config: dict, output: Path) -
     resume = argparse.Namespace(output=str(output), iterations=config["iterations"], device=args.device,
                                 plugins=[], dist_timeout=args.dist_timeout, progress=args.progress,
                                 **{name: getattr(args, name) for name in RUN_LOGGING_DEFAULTS})
-    return command_resume(resume)
+    return command_resume(resume, found)
 
 
-def command_resume(args: argparse.Namespace) -> dict:
+def command_resume(args: argparse.Namespace, found: tuple | None = None) -> dict:
+    """``bilevel-maml resume``; ``found``: what :func:`newest_intact` returned for the run, when
+    the caller has read it already."""
     output = Path(args.output)
     if not output.is_dir():
         raise BadInput(f"bilevel-maml resume: --output {str(output)!r} is not a run folder")
-    path, checkpoint, problems = newest_intact(output / "checkpoints")
+    path, checkpoint, problems = found or newest_intact(output / "checkpoints")
     if problems or path.name != "last.pt":
         print(f"bilevel-maml resume: warning: {'; '.join(problems) + '; ' if problems else ''}continuing from "
               f"{path} (iteration {checkpoint['engine']['meta_iteration']}), the newest intact checkpoint",
