@@ -163,6 +163,12 @@ def test_the_outer_learning_rate_schedule_is_checked_before_any_work():
     with pytest.raises(ValueError, match="cosine_lr=False and meta_lr_schedule='cosine' disagree"):
         build_engine("maml++", model, source, ways=5, meta_lr_schedule="cosine",
                      algorithm_options={"cosine_lr": False})
+    # the class itself, spelled in capitals (build_engine lower-cases it before)
+    upper = ALGORITHMS["maml++"][0]
+    with pytest.raises(ValueError, match="cosine_lr=False and meta_lr_schedule='cosine' disagree"):
+        upper(model, torch.optim.SGD(model.parameters(), lr=0.1), meta_lr_schedule="Cosine", cosine_lr=False)
+    spelled = upper(model, torch.optim.SGD(model.parameters(), lr=0.1), meta_lr_schedule="COSINE")
+    assert (spelled.meta_lr_schedule, spelled.min_meta_lr, spelled.cosine_lr) == ("cosine", 1e-5, True)
     # MAML++'s own cosine is this schedule; "constant" turns it off
     assert build_engine("maml++", model, source, ways=5).meta_learner.meta_lr_schedule == "cosine"
     assert build_engine("maml++", model, source, ways=5,

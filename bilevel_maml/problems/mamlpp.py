@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bilevel_maml import distributed
-from bilevel_maml.problems.base import current_inner_step, vmap_over_tasks, with_step
+from bilevel_maml.problems.base import META_LR_SCHEDULES, current_inner_step, vmap_over_tasks, with_step
 from bilevel_maml.problems.maml import MAMLLower, MAMLUpper
-from bilevel_maml.validation import check_positive
+from bilevel_maml.validation import check_choice, check_positive
 
 _STATISTICS: contextvars.ContextVar[list | None] = contextvars.ContextVar("bn_statistics", default=None)
 
@@ -293,7 +293,8 @@ class MAMLPlusPlusUpper(MAMLUpper):
                  **kwargs):
         if meta_lr_schedule is None:
             meta_lr_schedule = "cosine" if cosine_lr else "constant"
-        elif meta_lr_schedule == "cosine" and not cosine_lr:
+        meta_lr_schedule = check_choice("meta_lr_schedule", meta_lr_schedule, META_LR_SCHEDULES)
+        if meta_lr_schedule == "cosine" and not cosine_lr:
             raise ValueError("MAML++'s cosine_lr=False and meta_lr_schedule='cosine' disagree; pass one of them")
         if meta_lr_schedule == "cosine" and min_meta_lr is None:
             min_meta_lr = 1e-5
@@ -307,10 +308,14 @@ class MAMLPlusPlusUpper(MAMLUpper):
             raise ValueError(f"multi_step_loss_iterations must be an integer >= 1 (default: the first tenth of "
                              f"the run), got {multi_step_loss_iterations!r}")
         self.multi_step_loss, self.multi_step_loss_iterations = multi_step_loss, multi_step_loss_iterations
-        self.cosine_lr = meta_lr_schedule == "cosine"
         #: the multi-step loss weights of the current meta-iteration, a device tensor (a captured
         #: graph reads them where they are), or None while only the last step's loss counts
         self.step_weights: torch.Tensor | None = None
+
+    @property
+    def cosine_lr(self) -> bool:
+        """Whether the outer learning rate is cosine-annealed (``meta_lr_schedule == "cosine"``)."""
+        return self.meta_lr_schedule == "cosine"
 
     def on_meta_iteration_start(self, iteration, iterations):
         steps = self.task_learner.inner_steps
