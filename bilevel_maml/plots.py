@@ -170,10 +170,10 @@ def compare_runs(run_folders, path=None, dpi: int = 120) -> dict:
 
     figure, axes = plt.subplots(1, len(metrics), figsize=(12 if len(metrics) == 2 else 8, 4), squeeze=False)
     named = {run.name: run.name for run in runs}  # the legend's entry of each run: its name and last test result
+    colours = _run_colours(len(runs))
     for axis, metric in zip(axes[0], metrics):
         scale = 100.0 if metric == "accuracy" else 1.0
-        for i, run in enumerate(runs):
-            colour = f"C{i}"
+        for run, colour in zip(runs, colours):
             steps, values = _series(run.rows, f"train/{metric}")
             window = max(1, len(values) // 25)
             trained, = axis.plot(steps, _moving_average([scale * v for v in values], window), color=colour,
@@ -187,7 +187,7 @@ def compare_runs(run_folders, path=None, dpi: int = 120) -> dict:
                 _draw_test_points(axis, [run.test["step"]], [value], [half], colour, named[run.name], in_legend=False)
         _label_axes(axis, metric, legend=False)
     # one legend for the figure: a colour per run, then what each mark means
-    handles = [Line2D([], [], color=f"C{i}", linewidth=2.5, label=named[run.name]) for i, run in enumerate(runs)]
+    handles = [Line2D([], [], color=colour, linewidth=2.5, label=named[run.name]) for run, colour in zip(runs, colours)]
     handles += [Line2D([], [], color="grey", linewidth=0.9, alpha=0.6, label="train (moving mean)"),
                 Line2D([], [], color="grey", linewidth=1.8, marker="o", markersize=3, label="validation (95% CI)"),
                 Line2D([], [], color="grey", linestyle="none", marker="s", label="test (95% CI)")]
@@ -334,6 +334,20 @@ def _shown(metric: str, value: float, half: float) -> str:
     if metric == "accuracy":
         return f"{value:.1f}% ± {half:.1f}%" if math.isfinite(half) else f"{value:.1f}% ± n/a"
     return f"{value:.3f} ± {half:.3f}" if math.isfinite(half) else f"{value:.3f} ± n/a"
+
+
+def _run_colours(count: int) -> list:
+    """A distinct colour for each of ``count`` runs: matplotlib's ten default colours, which repeat
+    after ten; then tab20 (its dark shades first, so neighbours differ in hue); past twenty, turbo."""
+    import matplotlib
+
+    if count <= 10:
+        return [f"C{i}" for i in range(count)]
+    if count <= 20:
+        shades = matplotlib.colormaps["tab20"].colors
+        return [*shades[0::2], *shades[1::2]][:count]
+    turbo = matplotlib.colormaps["turbo"]
+    return [turbo(0.05 + 0.9 * i / (count - 1)) for i in range(count)]
 
 
 def _draw_validation(axis, rows: list[dict], metric: str, scale: float, colour: str, label: str, band: float,

@@ -154,6 +154,29 @@ def test_runs_compared_in_one_figure_show_each_runs_history_and_a_table_of_resul
     assert table[3] == "| b/maml | fomaml | omniglot | 30 | 80.0% ± n/a (best θ, iteration 20) | 60.0% ± 3.0% (iteration 30) |"
 
 
+@pytest.mark.parametrize("count", [12, 25])
+def test_more_than_ten_runs_compared_get_a_colour_each(tmp_path, monkeypatch, count):
+    """Past matplotlib's ten default colours, each run's lines still have a colour of their own."""
+    from matplotlib.colors import to_rgb
+
+    from bilevel_maml import plots
+
+    folders = [tmp_path / f"run{i:02d}" for i in range(count)]
+    for i, folder in enumerate(folders):
+        classification_run(folder, iterations=10, better_by=i / 100)
+    colours = {}
+
+    def keep_colours(figure, axes, *args):
+        colours.update({line.get_gid(): to_rgb(line.get_color()) for line in axes[0][0].get_lines()
+                        if (line.get_gid() or "").endswith(": train")})
+        return saved(figure, axes, *args)
+
+    saved = plots._save
+    monkeypatch.setattr(plots, "_save", keep_colours)
+    compare_runs(folders, dpi=40)
+    assert len(colours) == count and len(set(colours.values())) == count
+
+
 def test_runs_that_differ_in_their_seed_alone_are_summarised_over_seeds(tmp_path):
     """Three seeds of one setting (in folders of their own, one on another device and W&B project)
     get a row of mean ± standard deviation over seeds; a run with another meta_lr, and an untested
