@@ -45,3 +45,9 @@ def test_bring_your_own_model_and_task_source_example():
     out = run("bring_your_own.py", "--iterations", "2", "--meta-batch-size", "2", "--test-tasks", "10")
     assert "ResNet-12 + Adafactor, 5-way 1-shot texture tasks: held-out accuracy" in out
     assert "after 2 meta-iterations" in out
+
+
+def test_cavia_example_compares_with_maml_and_adapts_only_the_context():
+    out = run("cavia.py", "--iterations", "3", "--meta-batch-size", "2", "--contexts", "3")
+    assert "CAVIA post-adaptation MSE" in out and "(600 test tasks; 3 of 1884 parameters adapted per task)" in out
+    assert "MAML  post-adaptation MSE" in out and "1761 of 1761 parameters adapted per task" in out

@@ -1,5 +1,8 @@
-"""Meta-SGD, ANIL, Reptile and BOIL, each one short subclass on the public hooks, against references computed here
-(MAML++: test_mamlpp.py)."""
+"""Meta-SGD, ANIL, Reptile, BOIL and a user's CAVIA (examples/cavia.py), each one short subclass on the public
+hooks, against references computed here (MAML++: test_mamlpp.py)."""
+
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,13 +10,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from bilevel_maml import ALGORITHMS, MetaEngine, build_engine
-from bilevel_maml.problems import (ANILLower, ANILUpper, BOILLower, BOILUpper, MetaSGDLower, MetaSGDUpper,
+from bilevel_maml.execution import HostReadWatch
+from bilevel_maml.problems import (ANILLower, ANILUpper, BOILLower, BOILUpper, MAMLUpper, MetaSGDLower, MetaSGDUpper,
                                    ReptileLower, ReptileUpper)
+from bilevel_maml.data import SinusoidTasks
 from bilevel_maml.models import Conv4
 
 from conftest import RecordingEnv, RecordingSGD, functional, random_classification_source
 
 INNER_LR = 0.3
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def tanh_mlp():
@@ -21,12 +27,12 @@ def tanh_mlp():
     return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 5)).double()
 
 
-def run(upper_cls, lower_cls, model, steps, meta_iterations=1, lr=0.0, **lower_kwargs):
+def run(upper_cls, lower_cls, model, steps, meta_iterations=1, lr=0.0, vectorize=False, **lower_kwargs):
     env = RecordingEnv(random_classification_source(5, 2, 6), ways=5, shots=1, query_shots=1, seed=7)
     optimizer = RecordingSGD(model.parameters(), lr=lr)
     upper = upper_cls(model, optimizer, meta_batch_size=2)
     lower = lower_cls(model, inner_lr=INNER_LR, inner_steps=steps, **lower_kwargs)
-    MetaEngine(upper, lower, env, meta_iterations=meta_iterations, vectorize=False).run()
+    MetaEngine(upper, lower, env, meta_iterations=meta_iterations, vectorize=vectorize).run()
     return optimizer, lower, env.episodes
 
 
@@ -189,6 +195,63 @@ def test_boil_rejects_a_head_that_names_no_parameters_and_conv4s_body_is_its_fea
         BOILLower(Conv4(5, hidden=4, image_size=16), inner_lr=0.1, head="fc")
     lower = BOILLower(Conv4(5, hidden=4, image_size=16), inner_lr=0.1)
     assert all(n.startswith("features.") for n in lower.param_names if lower.adapts(n))
+
+
+# -- CAVIA: a user's variant that starts the inner loop elsewhere (examples/cavia.py) ------------------
+@pytest.fixture
+def cavia(monkeypatch):
+    """examples/cavia.py imported as a user's module; its registration of "cavia" is undone afterwards."""
+    monkeypatch.setitem(ALGORITHMS, "cavia", None)  # the key is removed again when the test ends
+    spec = importlib.util.spec_from_file_location("cavia", EXAMPLES / "cavia.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert ALGORITHMS["cavia"] == (MAMLUpper, module.CAVIALower)
+    return module
+
+
+def cavia_reference(model, episodes, steps):
+    """d/dθ of the mean query loss after k steps c ← c − lr ∇_c L_support(θ, c) from c = 0, written out here;
+    θ's own context parameter takes no part, so its gradient is zero."""
+    forward = functional(model)
+    theta = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    network = theta[1:]  # theta[0] is the context parameter
+    total = 0.0
+    for (xs, ys), (xq, yq) in episodes:
+        context = torch.zeros_like(theta[0], requires_grad=True)
+        for _ in range(steps):
+            grad, = torch.autograd.grad(F.cross_entropy(forward([context, *network], xs), ys), context,
+                                        create_graph=True)
+            context = context - INNER_LR * grad
+        total = total + F.cross_entropy(forward([context, *network], xq), yq) / len(episodes)
+    return [torch.zeros_like(theta[0]), *torch.autograd.grad(total, network)]
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("vectorize", [False, True], ids=["per-task", "vectorized"])
+def test_cavia_adapts_a_context_from_zero_and_gets_the_reference_gradient(cavia, vectorize, steps):
+    torch.manual_seed(0)
+    model = cavia.ContextMLP(6, 5, hidden=16, contexts=3, activation=nn.Tanh).double()
+    optimizer, lower, episodes = run(MAMLUpper, cavia.CAVIALower, model, steps, vectorize=vectorize)
+    assert len(episodes) == 2
+    got = optimizer.seen_grads[0]
+    assert_close(got, cavia_reference(model, episodes, steps), tol=1e-10)
+    assert max(g.abs().max().item() for g in got[1:]) > 1e-4  # not trivially zero
+
+
+def test_cavia_keeps_theta_context_at_zero_and_runs_without_host_reads(cavia):
+    torch.manual_seed(0)
+    model = cavia.ContextMLP(1, 1, hidden=16, contexts=2)
+    engine = build_engine("cavia", model, SinusoidTasks(points=10), regression=True, shots=5, optimizer="sgd",
+                          meta_batch_size=4, meta_iterations=3, meta_lr=0.1, valid_step=100)
+    assert type(engine.task_learner) is cavia.CAVIALower
+    engine.run()
+    assert torch.equal(model.context, torch.zeros(2))
+    engine.train()
+    engine.meta_learner.check_on_device = True
+    with HostReadWatch() as watch:
+        engine.execution.run_tasks()
+    engine.meta_learner.end_iteration()
+    assert watch.first is None
 
 
 # -- through the builder, vectorized, checkpointed ------------------------------------------------
