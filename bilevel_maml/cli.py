@@ -38,8 +38,9 @@ from bilevel_maml.engine import MetaEngine, NonFiniteError
 from bilevel_maml.execution import PRECISIONS, check_precision
 from bilevel_maml.history import METRICS_FILE, RUN_PLACEMENT_KEYS, MetricsFile, plain_json
 from bilevel_maml.logging import WandbLogger
-from bilevel_maml.models import MODELS, build_model
-from bilevel_maml.plugins import defining_modules, load_entry_points, load_plugin, unknown_algorithm
+from bilevel_maml.models import MODELS, REGISTERED_MODELS, build_model, known_models
+from bilevel_maml.plugins import (defining_modules, load_entry_points, load_plugin, model_modules,
+                                  unknown_algorithm)
 from bilevel_maml.problems import ALGORITHMS, options_in_use
 from bilevel_maml.problems.base import META_LR_SCHEDULES
 from bilevel_maml.progress import ProgressBar
@@ -89,6 +90,20 @@ def _algorithm_name(text: str) -> str:
 
 
 _algorithm_name.__name__ = "an algorithm name"
+
+
+def _model_name(text: str) -> str:
+    if text.lower() not in known_models():
+        raise argparse.ArgumentTypeError(unknown_model(text))
+    return text.lower()
+
+
+_model_name.__name__ = "a model name"
+
+
+def unknown_model(name: str) -> str:
+    return (f"unknown model {name!r}; known: {', '.join(known_models())}. A network of your own is registered with "
+            f"bilevel_maml.models.register_model(name, factory) in a module loaded with --plugin MODULE")
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -188,9 +203,10 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
     add("--gradient-clipping", type=non_negative_float, default=0.0, metavar="NORM",
         help="scale the meta-gradient (θ's and any meta-learned step sizes' together) to this global norm "
              "where it is larger, before each outer step; 0 turns clipping off")
-    add("--model", choices=MODELS,
+    add("--model", type=_model_name, metavar="MODEL",
         help="backbone: conv4 (Vinyals et al.'s max-pool network), conv4-strided (Finn et al.'s stride-2 Omniglot "
-             "network), resnet12, mlp (default: conv4; mlp for sinusoid)")
+             "network), resnet12, mlp, or a network a --plugin module registers with "
+             "bilevel_maml.models.register_model (default: conv4; mlp for sinusoid)")
     add("--width", type=positive_int,
         help="conv4 filters, resnet12 first-stage channels, mlp hidden units (default: 64, 64, 40)")
     add("--lam", type=positive_float, default=1.0,
@@ -457,12 +473,18 @@ def _join_process_group(device: torch.device, timeout: float) -> torch.device:
 def _run_config(args: argparse.Namespace) -> dict:
     config = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     config["world_size"] = distributed.world()[1]
-    config["plugins"] = list(dict.fromkeys([*config["plugins"], *defining_modules(config["algorithm"])]))
+    spec = DATASETS[config["dataset"]]
+    config["model"] = config["model"] or spec.model
+    defining = {f"algorithm {config['algorithm']!r}": defining_modules(config["algorithm"]),
+                f"model {config['model']!r}": model_modules(config["model"])}
+    config["plugins"] = list(dict.fromkeys([*config["plugins"], *(m for modules in defining.values() for m in modules)]))
     if "__main__" in config["plugins"]:
         config["plugins"].remove("__main__")
-        print(f"bilevel-maml: warning: algorithm {config['algorithm']!r} is defined in the running script "
-              f"(__main__), which `bilevel-maml evaluate` and `resume` cannot import; define it in a module and "
-              f"pass --plugin MODULE", file=sys.stderr, flush=True)
+        in_script = " and ".join(what for what, modules in defining.items() if "__main__" in modules)
+        print(f"bilevel-maml: warning: {in_script} {'is' if ' and ' not in in_script else 'are'} defined in the "
+              f"running script (__main__), which `bilevel-maml evaluate` and `resume` cannot import; define "
+              f"{'it' if ' and ' not in in_script else 'them'} in a module and pass --plugin MODULE",
+              file=sys.stderr, flush=True)
     try:  # every option of the algorithm, with the value this run uses (None: the class's own default rule)
         config["algorithm_options"] = options_in_use(config["algorithm"], dict(config["algorithm_options"]))
     except ValueError as error:
@@ -475,12 +497,10 @@ def _run_config(args: argparse.Namespace) -> dict:
                        f"run's rate is constant; add --meta-lr-schedule cosine")
     for name in ("lam", "cg_iterations"):  # iMAML's, set by their own flags
         config["algorithm_options"].pop(name, None)
-    spec = DATASETS[config["dataset"]]
     config["shots"] = config["shots"] or spec.shots
     config["query_shots"] = config["query_shots"] or config["shots"]
     config["eval_inner_steps"] = config["eval_inner_steps"] or config["inner_steps"]
     config["inner_lr"] = config["inner_lr"] if config["inner_lr"] is not None else spec.inner_lr
-    config["model"] = config["model"] or spec.model
     try:
         config["precision"] = check_precision(config["precision"], config["device"], DTYPES[config["dtype"]])
     except ValueError as error:
@@ -509,6 +529,17 @@ def _check_writable_folder(flag: str, folder: Path) -> None:
                        f"writable folder)")
 
 
+def _registered_model(config: dict, spec) -> torch.nn.Module:
+    """A network of the user's own (register_model), given what the dataset's tasks look like."""
+    shape = dict(in_channels=None, image_size=None, in_features=1) if spec.regression else dict(
+        in_channels=spec.in_channels, image_size=spec.image_size, in_features=spec.in_channels * spec.image_size**2)
+    try:
+        return build_model(config["model"], 1 if spec.regression else config["ways"], width=config["width"], **shape)
+    except Exception as error:  # the factory is the user's code: its failure is one line naming it
+        raise BadInput(f"bilevel-maml: --model {config['model']}: {type(error).__name__}: "
+                       f"{' '.join(str(error).split())}") from None
+
+
 def build_from_config(config: dict, device: torch.device) -> MetaEngine:
     """The engine a run's configuration describes (same path for train, evaluate and resume)."""
     load_plugins(config.get("plugins", []))
@@ -517,10 +548,14 @@ def build_from_config(config: dict, device: torch.device) -> MetaEngine:
     spec = DATASETS[config["dataset"]]
     tasksets = load_tasksets(config["dataset"], config["data_root"], config["ways"], config["shots"],
                              config["query_shots"], seed=config["seed"], download=config["download"])
-    if spec.regression and config["model"] != "mlp":
+    if config["model"] not in known_models():
+        raise BadInput(f"bilevel-maml: the run's {unknown_model(config['model'])}")
+    if spec.regression and config["model"] in MODELS and config["model"] != "mlp":
         raise BadInput(f"bilevel-maml: --dataset sinusoid needs --model mlp, got {config['model']!r}")
     torch.manual_seed(config["seed"])
-    if spec.regression:
+    if config["model"] in REGISTERED_MODELS:
+        model = _registered_model(config, spec)
+    elif spec.regression:
         model = build_model("mlp", 1, width=config["width"])
     elif config["model"] == "mlp":
         flat = spec.in_channels * spec.image_size**2

@@ -7,7 +7,8 @@ buffers, so it is a pure function of the parameters.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -352,25 +353,67 @@ class ResNet12(nn.Module):
 
 MODELS = ("conv4", "conv4-strided", "resnet12", "mlp")
 
+#: networks of users' own, by name (:func:`register_model`): selectable like the built-in :data:`MODELS`
+REGISTERED_MODELS: dict[str, Callable[..., nn.Module]] = {}
 
-def build_model(name: str, ways: int, in_channels: int = 1, image_size: int = 28, width: int | None = None,
-                in_features: int = 1) -> nn.Module:
+def register_model(name: str, factory: Callable[..., nn.Module]) -> None:
+    """Make a network of your own selectable by name: in :func:`build_model` and with ``--model
+    NAME`` on the command line, from a module loaded with ``--plugin`` (which the run's config
+    records, so ``evaluate`` and ``resume`` build it again).
+
+    :param name: the name (case-insensitive). A built-in name is refused, and so is one registered
+        with another factory; the same factory defined again (a reloaded module) replaces the old one.
+    :param factory: returns the ``nn.Module``. It is called with those of these keywords its
+        signature names (all of them if it takes ``**kwargs``): ``ways`` (outputs: the classes, 1
+        for regression), ``in_channels`` and ``image_size`` (None for vector inputs such as
+        sinusoid's), ``in_features`` (one input's size, flattened: 1 for sinusoid, C·H·W for
+        images) and ``width`` (``--width``; None when not given). Inputs reach the model as the
+        dataset gives them: ``(N, 1)`` points, ``(N, C, H, W)`` images.
+    """
+    if not callable(factory):
+        raise TypeError(f"register_model needs a callable that returns an nn.Module, got {factory!r}")
+    key = name.lower()
+    if key in MODELS:
+        raise ValueError(f"model {key!r} is built in; register your network under another name")
+    registered = REGISTERED_MODELS.get(key)
+    if registered is not None and _defined_as(registered) != _defined_as(factory):
+        raise ValueError(f"model {key!r} is already registered ({'.'.join(_defined_as(registered))}); register "
+                         f"your network under another name")
+    REGISTERED_MODELS[key] = factory
+
+
+def _defined_as(function) -> tuple[str, str]:
+    return getattr(function, "__module__", ""), getattr(function, "__qualname__", repr(function))
+
+
+def known_models() -> list[str]:
+    """The built-in :data:`MODELS`, then the names :func:`register_model` registered."""
+    return [*MODELS, *sorted(REGISTERED_MODELS)]
+
+
+def build_model(name: str, ways: int, in_channels: int | None = 1, image_size: int | None = 28,
+                width: int | None = None, in_features: int = 1) -> nn.Module:
     """A backbone by name: ``conv4`` (``width`` filters, default 64; ``conv4-strided`` is Finn et al.'s
     Omniglot variant with stride-2 convolutions instead of max-pooling), ``resnet12`` (``width`` is the
-    first stage's channels, default 64, then ×2.5, ×5, ×10) or ``mlp`` (two hidden layers of
-    ``width``, default 40; ``ways`` outputs, or 1 for regression).
+    first stage's channels, default 64, then ×2.5, ×5, ×10), ``mlp`` (two hidden layers of
+    ``width``, default 40; ``ways`` outputs, or 1 for regression), or a name :func:`register_model`
+    registered (its factory gets these arguments as keywords).
 
-    :param name: one of :data:`MODELS`.
+    :param name: one of :func:`known_models`.
     :param ways: outputs (classes; 1 for sinusoid regression).
-    :param in_channels: image channels.
-    :param image_size: image side in pixels.
+    :param in_channels: image channels (None: vector inputs; a registered model's factory sees it).
+    :param image_size: image side in pixels (None: vector inputs; likewise).
     :param width: see above (None: the default width).
-    :param in_features: the MLP's input features.
+    :param in_features: one input's size, flattened (the MLP's input features).
     """
     check_positive_int("ways", ways)
-    check_positive_int("in_channels", in_channels)
     if width is not None:
         check_positive_int("width", width)
+    factory = REGISTERED_MODELS.get(name.lower())
+    if factory is not None:
+        return _from_factory(name.lower(), factory, ways=ways, in_channels=in_channels, image_size=image_size,
+                             in_features=in_features, width=width)
+    check_positive_int("in_channels", in_channels)
     if name in ("conv4", "conv4-strided"):
         return Conv4(ways, in_channels=in_channels, hidden=width or 64, image_size=image_size,
                      downsample="stride" if name == "conv4-strided" else "max-pool")
@@ -380,8 +423,17 @@ def build_model(name: str, ways: int, in_channels: int = 1, image_size: int = 28
     if name == "mlp":
         hidden = width or 40
         return MLP(in_features, ways, (hidden, hidden))
-    raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+    raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(known_models())}")
 
 
-__all__ = ["MODELS", "BatchNorm2d", "Conv4", "ConvBlock", "ResNet12", "MLP", "build_model", "use_closed_form_norm_grads",
-           "use_grouped_conv_grads"]
+def _from_factory(name: str, factory: Callable[..., nn.Module], **given) -> nn.Module:
+    parameters = inspect.signature(factory).parameters
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    model = factory(**{k: v for k, v in given.items() if takes_all or k in parameters})
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"the factory of model {name!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+__all__ = ["MODELS", "REGISTERED_MODELS", "BatchNorm2d", "Conv4", "ConvBlock", "ResNet12", "MLP", "build_model",
+           "known_models", "register_model", "use_closed_form_norm_grads", "use_grouped_conv_grads"]

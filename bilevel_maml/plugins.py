@@ -9,7 +9,8 @@ its ``pyproject.toml``::
 The entry point's name is the algorithm's name; its object is the pair of classes, a callable
 returning the pair, or a module that calls :func:`~bilevel_maml.register_algorithm` when
 imported. Without packaging, ``--plugin my_module`` imports a module that registers its variant;
-the run's ``config.json`` records it, so ``evaluate`` and ``resume`` import it again.
+the run's ``config.json`` records it, so ``evaluate`` and ``resume`` import it again. Such a module
+may also register a network of its own for ``--model`` (:func:`bilevel_maml.models.register_model`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import traceback
 import warnings
 from importlib.metadata import entry_points
 
+from bilevel_maml.models import REGISTERED_MODELS
 from bilevel_maml.problems import ALGORITHMS, register_algorithm
 
 ENTRY_POINT_GROUP = "bilevel_maml.algorithms"
@@ -90,4 +92,14 @@ def defining_modules(name: str) -> list[str]:
     return modules
 
 
-__all__ = ["ENTRY_POINT_GROUP", "load_plugin", "load_entry_points", "unknown_algorithm"]
+def model_modules(name: str) -> list[str]:
+    """The module that defines the factory of model ``name``, when it is a registered one outside this package.
+
+    :param name: a model name (``--model``).
+    """
+    factory = REGISTERED_MODELS.get(name)
+    module = getattr(factory, "__module__", None) if factory is not None else None
+    return [module] if module and not module.startswith("bilevel_maml.") else []
+
+
+__all__ = ["ENTRY_POINT_GROUP", "load_plugin", "load_entry_points", "model_modules", "unknown_algorithm"]

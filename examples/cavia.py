@@ -5,7 +5,11 @@ at the same budget (K = 10 points, one inner step, the same training and test ta
 
     python examples/cavia.py --iterations 2000
 
-Import the file to use the variant elsewhere: it registers ``"cavia"`` for ``build_engine``.
+Imported, the file registers the algorithm ``"cavia"`` and the model ``"context-mlp"``, so the
+command line trains, evaluates, resumes and plots CAVIA runs too (from the repository's root):
+
+    python -m bilevel_maml train --plugin examples.cavia --algorithm cavia --model context-mlp \
+        --dataset sinusoid --inner-lr 1.0 --output runs/cavia
 """
 
 import argparse
@@ -16,7 +20,7 @@ from torch import nn
 from bilevel_maml import build_engine, register_algorithm
 from bilevel_maml.cli import run_script
 from bilevel_maml.data import SinusoidTasks
-from bilevel_maml.models import MLP
+from bilevel_maml.models import MLP, register_model
 from bilevel_maml.problems import MAMLLower, MAMLUpper
 from bilevel_maml.validation import check_positive_int
 
@@ -46,7 +50,15 @@ class CAVIALower(MAMLLower):
                      for name, p in zip(self.param_names, super().start_params()))
 
 
+def context_mlp(ways, in_features, image_size, width=None):
+    """``--model context-mlp``: ContextMLP for vector inputs (sinusoid's points), ``width`` hidden units."""
+    if image_size is not None:
+        raise ValueError("context-mlp takes vector inputs (--dataset sinusoid), not images")
+    return ContextMLP(in_features, ways, hidden=width or 40)
+
+
 register_algorithm("cavia", MAMLUpper, CAVIALower)
+register_model("context-mlp", context_mlp)
 
 
 def main():

@@ -67,7 +67,7 @@ CASES = [
     (["train", "--option", "multi_step_loss"], {}, ["--option", "NAME=VALUE", "'multi_step_loss'"]),
     (["train", "--dataset", "imagenet"], {}, ["--dataset", "'imagenet'", "'omniglot-small'"]),
     (["train", "--optimizer", "rmsprop"], {}, ["--optimizer", "'rmsprop'", "'adam'"]),
-    (["train", "--model", "vgg"], {}, ["--model", "'vgg'", "'conv4'"]),
+    (["train", "--model", "vgg"], {}, ["--model", "'vgg'", "known: conv4, conv4-strided, resnet12, mlp", "register_model"]),
     (["train", "--dtype", "float16"], {}, ["--dtype", "'float16'", "'float32'"]),
     (["train", "--precision", "fp8"], {}, ["--precision", "'fp8'", "'tf32'"]),
     (["train", "--wandb", "maybe"], {}, ["--wandb", "'maybe'", "'offline'"]),

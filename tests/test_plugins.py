@@ -3,16 +3,19 @@ resumed through the console script in fresh processes that know nothing of them 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from bilevel_maml import cli
 
 VENV_BIN = Path(sys.executable).parent
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 VARIANT = textwrap.dedent('''
     """A user's variant: MAML with half the inner step size, written on the public hooks only."""
     from bilevel_maml.problems import MAMLLower, MAMLUpper
@@ -150,3 +153,61 @@ def test_a_config_file_sets_algorithm_options_as_a_table(tmp_path):
     assert args.algorithm == "maml++"
     assert dict(args.algorithm_options) == {"multi_step_loss": False, "first_order_iterations": 7,
                                             "multi_step_loss_iterations": None, "cosine_lr": False}
+
+
+# -- networks of users' own: register_model ---------------------------------------------------------
+def test_a_registered_model_is_built_by_train_evaluate_and_resume(tmp_path):
+    """examples/cavia.py registers its algorithm and its network (context-mlp); the run's config records the
+    module, and every command in a new process builds the network again."""
+    shutil.copy(EXAMPLES / "cavia.py", tmp_path / "cavia.py")
+    config = train_evaluate_resume(tmp_path, "cavia", "--plugin", "cavia", "--model", "context-mlp")
+    assert (config["plugins"], config["model"]) == (["cavia"], "context-mlp")
+    theta = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)["engine"]["theta"]
+    assert theta["body.0.weight"].shape == (8, 5)  # --width 8 on 1 + 4 inputs
+    assert torch.equal(theta["context"], torch.zeros(4))  # CAVIA's context starts every task at zero: never meta-learned
+
+
+@pytest.fixture
+def registered_models():
+    """The registry of models, as it was before the test once it ends."""
+    from bilevel_maml.models import REGISTERED_MODELS
+
+    saved = dict(REGISTERED_MODELS)
+    yield REGISTERED_MODELS
+    REGISTERED_MODELS.clear()
+    REGISTERED_MODELS.update(saved)
+
+
+def test_model_names_are_checked_and_a_factorys_failure_is_one_line(tmp_path, registered_models, capsys):
+    from bilevel_maml.models import register_model
+
+    def vector_only(ways, image_size):
+        if image_size is not None:
+            raise ValueError("vector-only takes vector inputs")
+        return torch.nn.Linear(1, ways)
+
+    register_model("Vector-Only", vector_only)
+    register_model("not-a-module", lambda **given: "a string")
+    with pytest.raises(ValueError, match="^model 'mlp' is built in; register your network under another name$"):
+        register_model("MLP", vector_only)
+    with pytest.raises(ValueError, match=r"^model 'vector-only' is already registered \(test_plugins\..*vector_only\)"):
+        register_model("vector-only", lambda **given: torch.nn.Linear(1, 1))
+    register_model("vector-only", vector_only)  # the same factory again (a reloaded module): accepted
+
+    with pytest.raises(cli.BadInput, match=r"argument --model: unknown model 'nope'; known: conv4, conv4-strided, "
+                                            r"resnet12, mlp, not-a-module, vector-only\. A network of your own is "
+                                            r"registered with bilevel_maml\.models\.register_model"):
+        cli.run(["train", "--model", "nope", "--output", str(tmp_path / "x")])
+    with pytest.raises(cli.BadInput, match=r"^bilevel-maml: --model vector-only: ValueError: vector-only takes vector "
+                                            r"inputs$"):
+        cli.run(["train", "--model", "vector-only", "--output", str(tmp_path / "x")])
+    with pytest.raises(cli.BadInput, match=r"^bilevel-maml: --model not-a-module: TypeError: the factory of model "
+                                            r"'not-a-module' returned str, not a torch.nn.Module$"):
+        cli.run(sinusoid_run(tmp_path / "x", "--model", "not-a-module"))
+    assert not (tmp_path / "x").exists()
+
+    vector_only.__module__ = "__main__"  # as if a script registered it and called the CLI itself
+    register_model("scripted", vector_only)
+    cli.run(sinusoid_run(tmp_path / "scripted", "--model", "scripted", "--iterations", "1", "--checkpoint-every", "1"))
+    assert "model 'scripted' is defined in the running script (__main__)" in capsys.readouterr().err
+    assert json.loads((tmp_path / "scripted" / "config.json").read_text())["plugins"] == []
