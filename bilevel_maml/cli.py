@@ -24,8 +24,8 @@ import sys
 import textwrap
 import time
 import tomllib
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -33,14 +33,14 @@ from bilevel_maml import distributed
 from bilevel_maml.allocator import keep_freed_memory
 from bilevel_maml.builder import OPTIMIZERS, SAMPLERS, build_engine
 from bilevel_maml.checkpoint import CHECKPOINT_FILES, Checkpointer, CheckpointWriteError, load_checkpoint, newest_intact
+from bilevel_maml._factories import outside_package
 from bilevel_maml.data.sources import DATASETS, load_tasksets
 from bilevel_maml.engine import MetaEngine, NonFiniteError
 from bilevel_maml.execution import PRECISIONS, check_precision
 from bilevel_maml.history import METRICS_FILE, RUN_PLACEMENT_KEYS, MetricsFile, plain_json
 from bilevel_maml.logging import WandbLogger
 from bilevel_maml.models import MODELS, REGISTERED_MODELS, build_model, known_models
-from bilevel_maml.plugins import (defining_modules, load_entry_points, load_plugin, model_modules,
-                                  unknown_algorithm)
+from bilevel_maml.plugins import defining_modules, load_entry_points, load_plugin, unknown_algorithm
 from bilevel_maml.problems import ALGORITHMS, options_in_use
 from bilevel_maml.problems.base import META_LR_SCHEDULES
 from bilevel_maml.progress import ProgressBar
@@ -83,27 +83,31 @@ def _number(kind, smallest, description):
     return convert
 
 
-def _algorithm_name(text: str) -> str:
-    if text.lower() not in ALGORITHMS:
-        raise argparse.ArgumentTypeError(unknown_algorithm(text))
-    return text.lower()
+def _registered_name(known: Callable[[], Iterable[str]], unknown: Callable[[str], str], description: str):
+    """An argparse type for a name of a registry that plugins add to (so it is read when parsing,
+    after the plugins are loaded): lower-cased, or refused with ``unknown(name)``."""
+    def convert(text: str) -> str:
+        if text.lower() not in known():
+            raise argparse.ArgumentTypeError(unknown(text))
+        return text.lower()
+
+    convert.__name__ = description
+    return convert
 
 
-_algorithm_name.__name__ = "an algorithm name"
-
-
-def _model_name(text: str) -> str:
-    if text.lower() not in known_models():
-        raise argparse.ArgumentTypeError(unknown_model(text))
-    return text.lower()
-
-
-_model_name.__name__ = "a model name"
+def unknown_dataset(name: str) -> str:
+    return (f"unknown dataset {name!r}; known: {', '.join(DATASETS)}. A task source of your own is registered with "
+            f"bilevel_maml.data.register_dataset(name, load, spec) in a module loaded with --plugin MODULE")
 
 
 def unknown_model(name: str) -> str:
     return (f"unknown model {name!r}; known: {', '.join(known_models())}. A network of your own is registered with "
             f"bilevel_maml.models.register_model(name, factory) in a module loaded with --plugin MODULE")
+
+
+_algorithm_name = _registered_name(lambda: ALGORITHMS, unknown_algorithm, "an algorithm name")
+_model_name = _registered_name(known_models, unknown_model, "a model name")
+_dataset_name = _registered_name(lambda: DATASETS, unknown_dataset, "a dataset name")
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -173,9 +177,10 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
     add("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
         help="import MODULE first (it registers a variant with bilevel_maml.register_algorithm); repeatable; "
              "recorded in the run's config, so evaluate and resume import it too")
-    add("--dataset", choices=list(DATASETS), default="omniglot-small",
+    add("--dataset", type=_dataset_name, default="omniglot-small", metavar="DATASET",
         help="omniglot-small: the official small Omniglot background subsets in a local folder; omniglot, "
-             "mini-imagenet, tiered-imagenet, cifarfs, fc100: learn2learn's benchmarks; sinusoid: regression")
+             "mini-imagenet, tiered-imagenet, cifarfs, fc100: learn2learn's benchmarks; sinusoid: regression; or "
+             "a task source a --plugin module registers with bilevel_maml.data.register_dataset")
     add("--data-root", metavar="FOLDER",
         help="folder holding the dataset's files (default: ../shared/data/omniglot-small for omniglot-small, "
              "~/data for the others, $BILEVEL_MAML_DATA/<dataset> when that variable is set)")
@@ -476,14 +481,16 @@ def _run_config(args: argparse.Namespace) -> dict:
     spec = DATASETS[config["dataset"]]
     config["model"] = config["model"] or spec.model
     defining = {f"algorithm {config['algorithm']!r}": defining_modules(config["algorithm"]),
-                f"model {config['model']!r}": model_modules(config["model"])}
+                f"model {config['model']!r}": outside_package(REGISTERED_MODELS.get(config["model"])),
+                f"dataset {config['dataset']!r}": outside_package(spec.load)}
     config["plugins"] = list(dict.fromkeys([*config["plugins"], *(m for modules in defining.values() for m in modules)]))
     if "__main__" in config["plugins"]:
         config["plugins"].remove("__main__")
-        in_script = " and ".join(what for what, modules in defining.items() if "__main__" in modules)
-        print(f"bilevel-maml: warning: {in_script} {'is' if ' and ' not in in_script else 'are'} defined in the "
-              f"running script (__main__), which `bilevel-maml evaluate` and `resume` cannot import; define "
-              f"{'it' if ' and ' not in in_script else 'them'} in a module and pass --plugin MODULE",
+        in_script = [what for what, modules in defining.items() if "__main__" in modules]
+        several = len(in_script) > 1
+        print(f"bilevel-maml: warning: {', '.join(in_script[:-1]) + ' and ' if several else ''}{in_script[-1]} "
+              f"{'are' if several else 'is'} defined in the running script (__main__), which `bilevel-maml evaluate` "
+              f"and `resume` cannot import; define {'them' if several else 'it'} in a module and pass --plugin MODULE",
               file=sys.stderr, flush=True)
     try:  # every option of the algorithm, with the value this run uses (None: the class's own default rule)
         config["algorithm_options"] = options_in_use(config["algorithm"], dict(config["algorithm_options"]))
@@ -545,9 +552,17 @@ def build_from_config(config: dict, device: torch.device) -> MetaEngine:
     load_plugins(config.get("plugins", []))
     if config["algorithm"] not in ALGORITHMS:
         raise BadInput(f"bilevel-maml: the run's {unknown_algorithm(config['algorithm'])}")
+    if config["dataset"] not in DATASETS:
+        raise BadInput(f"bilevel-maml: the run's {unknown_dataset(config['dataset'])}")
     spec = DATASETS[config["dataset"]]
-    tasksets = load_tasksets(config["dataset"], config["data_root"], config["ways"], config["shots"],
-                             config["query_shots"], seed=config["seed"], download=config["download"])
+    try:
+        tasksets = load_tasksets(config["dataset"], config["data_root"], config["ways"], config["shots"],
+                                 config["query_shots"], seed=config["seed"], download=config["download"])
+    except Exception as error:
+        if spec.load is None:
+            raise  # the built-in loaders' own errors are one line already (missing files, say)
+        raise BadInput(f"bilevel-maml: --dataset {config['dataset']}: {type(error).__name__}: "
+                       f"{' '.join(str(error).split())}") from None
     if config["model"] not in known_models():
         raise BadInput(f"bilevel-maml: the run's {unknown_model(config['model'])}")
     if spec.regression and config["model"] in MODELS and config["model"] != "mlp":

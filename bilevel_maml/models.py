@@ -7,13 +7,13 @@ buffers, so it is a pure function of the parameters.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from bilevel_maml._factories import call_with_named_keywords, defined_as
 from bilevel_maml.batch_norm import batch_norm
 from bilevel_maml.grouped_conv import grouped_conv2d
 from bilevel_maml.relu_and_max_pool import max_pool2d, relu
@@ -376,14 +376,10 @@ def register_model(name: str, factory: Callable[..., nn.Module]) -> None:
     if key in MODELS:
         raise ValueError(f"model {key!r} is built in; register your network under another name")
     registered = REGISTERED_MODELS.get(key)
-    if registered is not None and _defined_as(registered) != _defined_as(factory):
-        raise ValueError(f"model {key!r} is already registered ({'.'.join(_defined_as(registered))}); register "
+    if registered is not None and defined_as(registered) != defined_as(factory):
+        raise ValueError(f"model {key!r} is already registered ({'.'.join(defined_as(registered))}); register "
                          f"your network under another name")
     REGISTERED_MODELS[key] = factory
-
-
-def _defined_as(function) -> tuple[str, str]:
-    return getattr(function, "__module__", ""), getattr(function, "__qualname__", repr(function))
 
 
 def known_models() -> list[str]:
@@ -427,9 +423,7 @@ def build_model(name: str, ways: int, in_channels: int | None = 1, image_size: i
 
 
 def _from_factory(name: str, factory: Callable[..., nn.Module], **given) -> nn.Module:
-    parameters = inspect.signature(factory).parameters
-    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    model = factory(**{k: v for k, v in given.items() if takes_all or k in parameters})
+    model = call_with_named_keywords(factory, **given)
     if not isinstance(model, nn.Module):
         raise TypeError(f"the factory of model {name!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model

@@ -22,7 +22,7 @@ import traceback
 import warnings
 from importlib.metadata import entry_points
 
-from bilevel_maml.models import REGISTERED_MODELS
+from bilevel_maml._factories import outside_package
 from bilevel_maml.problems import ALGORITHMS, register_algorithm
 
 ENTRY_POINT_GROUP = "bilevel_maml.algorithms"
@@ -84,22 +84,11 @@ def unknown_algorithm(name: str) -> str:
 
 
 def defining_modules(name: str) -> list[str]:
-    """The modules that define algorithm ``name``'s classes, when they are not this package's."""
-    modules = []
-    for cls in ALGORITHMS[name]:
-        if not cls.__module__.startswith("bilevel_maml.") and cls.__module__ not in modules:
-            modules.append(cls.__module__)
-    return modules
+    """The modules that define algorithm ``name``'s classes, when they are not this package's.
 
-
-def model_modules(name: str) -> list[str]:
-    """The module that defines the factory of model ``name``, when it is a registered one outside this package.
-
-    :param name: a model name (``--model``).
+    :param name: a registered algorithm's name.
     """
-    factory = REGISTERED_MODELS.get(name)
-    module = getattr(factory, "__module__", None) if factory is not None else None
-    return [module] if module and not module.startswith("bilevel_maml.") else []
+    return list(dict.fromkeys(module for cls in ALGORITHMS[name] for module in outside_package(cls)))
 
 
-__all__ = ["ENTRY_POINT_GROUP", "load_plugin", "load_entry_points", "model_modules", "unknown_algorithm"]
+__all__ = ["ENTRY_POINT_GROUP", "load_plugin", "load_entry_points", "unknown_algorithm"]

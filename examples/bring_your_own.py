@@ -8,6 +8,12 @@ examples are noisy, randomly shifted crops of it, so tasks need adaptation: a cl
 new to the learner at test time.
 
     python examples/bring_your_own.py --iterations 100
+
+Imported, the file registers the task source as ``--dataset textures``, so the command line trains,
+evaluates, resumes and plots on it (from the repository's root):
+
+    python -m bilevel_maml train --plugin examples.bring_your_own --dataset textures --model resnet12 \
+        --width 16 --optimizer adafactor --meta-lr 1e-2 --output runs/textures
 """
 
 import argparse
@@ -17,23 +23,36 @@ import torch.nn.functional as F
 
 from bilevel_maml import build_engine
 from bilevel_maml.cli import run_script
+from bilevel_maml.data import DatasetSpec, register_dataset
 from bilevel_maml.models import ResNet12
 
 
 class TextureTasks:
-    """``ways`` fresh random textures per task; ``per_class`` noisy shifted 32×32 crops of each."""
+    """``ways`` fresh random textures per task; ``per_class`` noisy shifted 32×32 crops of each.
 
-    def __init__(self, ways: int, per_class: int, seed: int, size: int = 32):
+    It draws from torch's global random stream: each split's env switches to a seeded stream of its
+    own around every draw (and checkpoints it), so the splits differ and a resumed run continues
+    exactly where it stopped."""
+
+    def __init__(self, ways: int, per_class: int, size: int = 32):
         self.ways, self.per_class, self.size = ways, per_class, size
-        self.generator = torch.Generator().manual_seed(seed)
 
     def sample(self):
-        g, n, s = self.generator, self.ways * self.per_class, self.size
-        textures = F.avg_pool2d(torch.randn(self.ways, 3, s + 8, s + 8, generator=g), 3, 1, 1)
+        n, s = self.ways * self.per_class, self.size
+        textures = F.avg_pool2d(torch.randn(self.ways, 3, s + 8, s + 8), 3, 1, 1)
         labels = torch.arange(self.ways).repeat_interleave(self.per_class)
-        dx, dy = torch.randint(0, 9, (2, n), generator=g)
+        dx, dy = torch.randint(0, 9, (2, n))
         crops = torch.stack([textures[c, :, y:y + s, x:x + s] for c, x, y in zip(labels, dx, dy)])
-        return crops + 0.5 * torch.randn(crops.shape, generator=g), labels
+        return crops + 0.5 * torch.randn(crops.shape), labels
+
+
+def texture_tasksets(ways, samples_per_class):
+    """``--dataset textures``: fresh textures in every split (each split's env has its own stream)."""
+    return {split: TextureTasks(ways, samples_per_class) for split in ("train", "validation", "test")}
+
+
+register_dataset("textures", texture_tasksets, DatasetSpec(in_channels=3, image_size=32, model="resnet12",
+                                                           inner_lr=0.1))
 
 
 def main():
@@ -46,9 +65,7 @@ def main():
     args = parser.parse_args()
     torch.manual_seed(0)
 
-    per_class = 2 * args.shots  # shots support + shots query
-    tasksets = {split: TextureTasks(args.ways, per_class, seed) for seed, split in
-                enumerate(("train", "validation", "test"))}
+    tasksets = texture_tasksets(args.ways, samples_per_class=2 * args.shots)  # shots support + shots query
     model = ResNet12(args.ways, in_channels=3, channels=(16, 32, 64, 128))  # a CPU-sized ResNet-12
     engine = build_engine(
         "maml", model, tasksets, ways=args.ways, shots=args.shots,

@@ -168,17 +168,19 @@ def test_a_registered_model_is_built_by_train_evaluate_and_resume(tmp_path):
 
 
 @pytest.fixture
-def registered_models():
-    """The registry of models, as it was before the test once it ends."""
+def registries():
+    """The registries of models and datasets, as they were before the test once it ends."""
+    from bilevel_maml.data.sources import DATASETS
     from bilevel_maml.models import REGISTERED_MODELS
 
-    saved = dict(REGISTERED_MODELS)
-    yield REGISTERED_MODELS
-    REGISTERED_MODELS.clear()
-    REGISTERED_MODELS.update(saved)
+    saved = [(registry, dict(registry)) for registry in (REGISTERED_MODELS, DATASETS)]
+    yield
+    for registry, entries in saved:
+        registry.clear()
+        registry.update(entries)
 
 
-def test_model_names_are_checked_and_a_factorys_failure_is_one_line(tmp_path, registered_models, capsys):
+def test_model_names_are_checked_and_a_factorys_failure_is_one_line(tmp_path, registries, capsys):
     from bilevel_maml.models import register_model
 
     def vector_only(ways, image_size):
@@ -211,3 +213,60 @@ def test_model_names_are_checked_and_a_factorys_failure_is_one_line(tmp_path, re
     cli.run(sinusoid_run(tmp_path / "scripted", "--model", "scripted", "--iterations", "1", "--checkpoint-every", "1"))
     assert "model 'scripted' is defined in the running script (__main__)" in capsys.readouterr().err
     assert json.loads((tmp_path / "scripted" / "config.json").read_text())["plugins"] == []
+
+
+# -- task sources of users' own: register_dataset ---------------------------------------------------
+def test_a_registered_dataset_is_loaded_by_every_command_and_a_resumed_run_draws_the_same_tasks(tmp_path):
+    """examples/bring_your_own.py registers its texture tasks (--dataset textures); they draw from the
+    global random stream, which each split's env seeds and checkpoints: 4 iterations resumed to 6 reach
+    the θ of 6 straight."""
+    shutil.copy(EXAMPLES / "bring_your_own.py", tmp_path / "textures.py")
+    common = ["--plugin", "textures", "--dataset", "textures", "--ways", "3"]  # the MLP on flattened 3×32×32 crops
+    config = train_evaluate_resume(tmp_path, "maml", *common, resume=False)
+    assert (config["plugins"], config["dataset"], config["inner_lr"]) == (["textures"], "textures", 0.1)
+    resumed = console("resume", "--output", tmp_path / "run", "--iterations", "6", path=tmp_path)
+    assert resumed.returncode == 0 and "from iteration 4" in resumed.stdout, resumed.stderr
+    straight = console(*sinusoid_run(tmp_path / "straight", *common, "--iterations", "6"), path=tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    resumed, uninterrupted = (torch.load(tmp_path / run / "checkpoints" / "last.pt", weights_only=False)["engine"]
+                              for run in ("run", "straight"))
+    assert resumed["meta_iteration"] == uninterrupted["meta_iteration"] == 6
+    assert resumed["theta"]["1.net.0.weight"].shape == (8, 3 * 32 * 32)
+    assert all(torch.equal(resumed["theta"][k], uninterrupted["theta"][k]) for k in uninterrupted["theta"])
+
+
+def test_dataset_names_are_checked_and_a_loaders_failure_is_one_line(tmp_path, registries, capsys):
+    from bilevel_maml.data import DatasetSpec, SinusoidTasks, register_dataset
+
+    spec = DatasetSpec(in_channels=1, image_size=0, model="mlp", inner_lr=0.1, regression=True, shots=5)
+
+    def points(samples_per_class, data_root):
+        if data_root is not None:
+            raise FileNotFoundError(f"nothing to read in {data_root}")
+        return SinusoidTasks(points=samples_per_class)
+
+    register_dataset("Points", points, spec)
+    with pytest.raises(ValueError, match="^dataset 'omniglot' is built in; register your task source under another name$"):
+        register_dataset("omniglot", points, spec)
+    with pytest.raises(ValueError, match=r"^dataset 'points' is already registered \(test_plugins\..*points\)"):
+        register_dataset("points", lambda **given: None, spec)
+    with pytest.raises(ValueError, match=r"^spec.inner_lr must be a positive finite number, got 0"):
+        register_dataset("other", points, DatasetSpec(1, 0, "mlp", 0))
+
+    with pytest.raises(cli.BadInput, match=r"argument --dataset: unknown dataset 'nope'; known: omniglot-small, omniglot, "
+                                            r"mini-imagenet, tiered-imagenet, cifarfs, fc100, sinusoid, points\. A task "
+                                            r"source of your own is registered with bilevel_maml\.data\.register_dataset"):
+        cli.run(["train", "--dataset", "nope", "--output", str(tmp_path / "x")])
+    run = ["train", "--dataset", "points", "--iterations", "1", "--test-tasks", "5", "--wandb", "disabled"]
+    with pytest.raises(cli.BadInput, match=r"^bilevel-maml: --dataset points: FileNotFoundError: nothing to read in "
+                                            r"somewhere$"):
+        cli.run([*run, "--data-root", "somewhere", "--output", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+
+    points.__module__ = "__main__"  # as if a script registered it and called the CLI itself
+    register_dataset("scripted-points", points, spec)
+    result = cli.run([*run, "--dataset", "scripted-points", "--output", str(tmp_path / "scripted")])
+    config = json.loads((tmp_path / "scripted" / "config.json").read_text())
+    assert (config["shots"], config["inner_lr"], config["model"], config["plugins"]) == (5, 0.1, "mlp", [])
+    assert "dataset 'scripted-points' is defined in the running script (__main__)" in capsys.readouterr().err
+    assert result["tasks"] == 5 and "loss" in result

@@ -1,14 +1,18 @@
-"""Named task sources for the CLI and examples: each returns tasksets plus the model shape they need."""
+"""Named task sources for the CLI and examples: each returns tasksets plus the model shape they need;
+:func:`register_dataset` adds a user's own."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from bilevel_maml._factories import call_with_named_keywords, defined_as
 from bilevel_maml.data.benchmarks import BENCHMARKS, benchmark_tasksets
 from bilevel_maml.data.omniglot import omniglot_small_tasksets
 from bilevel_maml.data.sinusoid import SinusoidTasks
+from bilevel_maml.validation import check_non_negative, check_positive, check_positive_int
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,7 @@ class DatasetSpec:
     :param regression: tasks are regression.
     :param default_root: the default ``--data-root``.
     :param shots: the default support examples per class (per task for regression).
+    :param load: a registered dataset's loader (see :func:`register_dataset`); None for the built-in ones.
     """
     in_channels: int
     image_size: int
@@ -30,6 +35,7 @@ class DatasetSpec:
     regression: bool = False
     default_root: str | None = None
     shots: int = 1
+    load: Callable | None = None
 
 
 #: Defaults follow the MAML paper: α = 0.4 on Omniglot, 0.01 on the ImageNet-style sets.
@@ -42,6 +48,46 @@ DATASETS: dict[str, DatasetSpec] = {
     "fc100": DatasetSpec(3, 32, "conv4", 0.01, default_root="~/data"),
     "sinusoid": DatasetSpec(1, 0, "mlp", 0.1, regression=True, shots=10),
 }
+
+
+#: the datasets this package knows by itself; :func:`register_dataset` adds others to :data:`DATASETS`
+BUILT_IN_DATASETS = tuple(DATASETS)
+
+
+def register_dataset(name: str, load: Callable, spec: DatasetSpec) -> None:
+    """Make a task source of your own selectable by name: ``--dataset NAME`` on the command line,
+    from a module loaded with ``--plugin`` (which the run's config records, so ``evaluate`` and
+    ``resume`` load it again), and :func:`load_tasksets`.
+
+    :param name: the name (case-insensitive). A built-in name is refused, and so is one registered
+        with another loader; the same loader defined again (a reloaded module) replaces the old one.
+    :param load: returns the train, validation and test task sources in any form
+        :func:`~bilevel_maml.build_engine` takes (a mapping with those keys, an object with those
+        attributes, or one source for all three). It is called with those of these keywords its
+        signature names (all of them if it takes ``**kwargs``): ``data_root`` (``--data-root``, else
+        ``spec.default_root``), ``ways``, ``shots``, ``query_shots``, ``samples_per_class``
+        (``shots + query_shots``: what one task needs of each class), ``seed`` and ``download``.
+        A source that draws from the global random streams (torch, ``random``, NumPy) draws from the
+        env's own seeded stream, which checkpoints hold: ``resume`` then continues it exactly.
+    :param spec: what the command line needs to know of its tasks: image channels and size (the
+        built-in networks' input), the default model and inner step size, whether it is regression.
+    """
+    if not callable(load):
+        raise TypeError(f"register_dataset needs a callable that returns the tasksets, got {load!r}")
+    if not isinstance(spec, DatasetSpec):
+        raise TypeError(f"register_dataset needs a DatasetSpec, got {type(spec).__name__}")
+    check_positive_int("spec.in_channels", spec.in_channels)
+    check_non_negative("spec.image_size", spec.image_size)
+    check_positive("spec.inner_lr", spec.inner_lr)
+    check_positive_int("spec.shots", spec.shots)
+    key = name.lower()
+    if key in BUILT_IN_DATASETS:
+        raise ValueError(f"dataset {key!r} is built in; register your task source under another name")
+    registered = DATASETS.get(key)
+    if registered is not None and defined_as(registered.load) != defined_as(load):
+        raise ValueError(f"dataset {key!r} is already registered ({'.'.join(defined_as(registered.load))}); "
+                         f"register your task source under another name")
+    DATASETS[key] = replace(spec, load=load)
 
 
 def default_data_root(dataset: str) -> str | None:
@@ -71,6 +117,10 @@ def load_tasksets(dataset: str, data_root, ways: int, shots: int, query_shots: i
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
     samples = shots + query_shots
+    if DATASETS[dataset].load is not None:
+        return call_with_named_keywords(
+            DATASETS[dataset].load, data_root=data_root if data_root is not None else default_data_root(dataset),
+            ways=ways, shots=shots, query_shots=query_shots, samples_per_class=samples, seed=seed, download=download)
     if dataset == "sinusoid":
         return SinusoidTasks(points=samples)
     root = data_root if data_root is not None else default_data_root(dataset)
@@ -82,4 +132,4 @@ def load_tasksets(dataset: str, data_root, ways: int, shots: int, query_shots: i
     return benchmark_tasksets(dataset, root, ways=ways, samples_per_class=samples, download=download, **extra)
 
 
-__all__ = ["DATASETS", "DatasetSpec", "default_data_root", "load_tasksets"]
+__all__ = ["BUILT_IN_DATASETS", "DATASETS", "DatasetSpec", "default_data_root", "load_tasksets", "register_dataset"]

@@ -1,0 +1,27 @@
+"""What the registries of users' own code (algorithms, models, datasets) share."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+
+def defined_as(function) -> tuple[str, str]:
+    """Where ``function`` (a class or a callable) is defined: its module and qualified name. The same
+    code defined again (a reloaded module, a notebook cell run twice) is defined as before."""
+    return getattr(function, "__module__", "") or "", getattr(function, "__qualname__", repr(function))
+
+
+def call_with_named_keywords(function: Callable, **given):
+    """``function`` called with those of ``given`` its signature names (all of them if it takes
+    ``**kwargs``), so a user's factory declares only what it uses."""
+    parameters = inspect.signature(function).parameters
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    return function(**{k: v for k, v in given.items() if takes_all or k in parameters})
+
+
+def outside_package(function) -> list[str]:
+    """The module defining ``function``, in a list, when it is not this package's (a plugin's, or
+    ``__main__``); else an empty list."""
+    module = getattr(function, "__module__", None) if function is not None else None
+    return [module] if module and module != "bilevel_maml" and not module.startswith("bilevel_maml.") else []
