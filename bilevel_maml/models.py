@@ -356,6 +356,7 @@ MODELS = ("conv4", "conv4-strided", "resnet12", "mlp")
 #: networks of users' own, by name (:func:`register_model`): selectable like the built-in :data:`MODELS`
 REGISTERED_MODELS: dict[str, Callable[..., nn.Module]] = {}
 
+
 def register_model(name: str, factory: Callable[..., nn.Module]) -> None:
     """Make a network of your own selectable by name: in :func:`build_model` and with ``--model
     NAME`` on the command line, from a module loaded with ``--plugin`` (which the run's config

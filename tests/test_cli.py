@@ -187,7 +187,7 @@ def test_train_refuses_to_overwrite_a_run_and_resume_extends_it(tmp_path, capsys
     (["--device", "cuda:7"], "CUDA is not available here|invalid --device"),
     (["--dataset", "mini-imagenet", "--data-root", "{tmp}"], "mini-imagenet-cache-train.pkl"),
     (["--dataset", "omniglot-small", "--data-root", "{tmp}/absent"], "absent' does not exist. Place images_background_small1.zip"),
-    (["--dataset", "sinusoid", "--model", "conv4"], "sinusoid needs --model mlp"),
+    (["--dataset", "sinusoid", "--model", "conv4"], "--dataset sinusoid has vector inputs: it needs --model mlp"),
     (["--inner-steps", "0", "--dataset", "sinusoid"], "argument --inner-steps: must be an integer >= 1, got '0'"),
 ])
 def test_bad_runs_fail_before_training_with_a_clear_message(tmp_path, argv, message):

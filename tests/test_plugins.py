@@ -263,6 +263,21 @@ def test_dataset_names_are_checked_and_a_loaders_failure_is_one_line(tmp_path, r
         cli.run([*run, "--data-root", "somewhere", "--output", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
 
+    def planes(samples_per_class):  # y = w·x + b on 2 features: a vector input wider than sinusoid's
+        def sample():
+            w, b, x = torch.randn(2), torch.randn(()), torch.randn(samples_per_class, 2)
+            return x, (x @ w + b).unsqueeze(1)
+        return sample
+
+    register_dataset("planes", planes, DatasetSpec(in_channels=2, image_size=0, model="mlp", inner_lr=0.1,
+                                                   regression=True, shots=5))
+    cli.run([*run, "--dataset", "planes", "--width", "8", "--output", str(tmp_path / "planes")])
+    theta = torch.load(tmp_path / "planes" / "checkpoints" / "last.pt", weights_only=False)["engine"]["theta"]
+    assert theta["net.0.weight"].shape == (8, 2) and theta["net.4.weight"].shape == (1, 8)
+    with pytest.raises(cli.BadInput, match=r"^bilevel-maml: --dataset planes has vector inputs: it needs --model mlp "
+                                            r"\(or a network of your own\), got 'conv4'$"):
+        cli.run([*run, "--dataset", "planes", "--model", "conv4", "--output", str(tmp_path / "x")])
+
     points.__module__ = "__main__"  # as if a script registered it and called the CLI itself
     register_dataset("scripted-points", points, spec)
     result = cli.run([*run, "--dataset", "scripted-points", "--output", str(tmp_path / "scripted")])

@@ -19,8 +19,9 @@ from bilevel_maml.validation import check_non_negative, check_positive, check_po
 class DatasetSpec:
     """What the command line needs to know of a dataset.
 
-    :param in_channels: image channels (1 for Omniglot, 3 for the ImageNet-style sets).
-    :param image_size: image side in pixels.
+    :param in_channels: image channels (1 for Omniglot, 3 for the ImageNet-style sets), or the
+        features of a vector input (sinusoid: 1).
+    :param image_size: image side in pixels; 0 for vector inputs.
     :param model: the default backbone.
     :param inner_lr: the default inner step size.
     :param regression: tasks are regression.
