@@ -1,4 +1,5 @@
-"""Variants from other packages: entry points of the group ``bilevel_maml.algorithms`` and ``--plugin MODULE``.
+"""Variants, networks and task sources from other packages: entry points (the group
+``bilevel_maml.algorithms`` and those below) and ``--plugin MODULE``.
 
 A package makes its variant known by itself with an entry point in its metadata, for example in
 its ``pyproject.toml``::
@@ -10,7 +11,16 @@ The entry point's name is the algorithm's name; its object is the pair of classe
 returning the pair, or a module that calls :func:`~bilevel_maml.register_algorithm` when
 imported. Without packaging, ``--plugin my_module`` imports a module that registers its variant;
 the run's ``config.json`` records it, so ``evaluate`` and ``resume`` import it again. Such a module
-may also register a network of its own for ``--model`` (:func:`bilevel_maml.models.register_model`).
+may also register a network of its own for ``--model`` (:func:`bilevel_maml.models.register_model`)
+and a task source for ``--dataset`` (:func:`bilevel_maml.data.register_dataset`); a package declares
+those in the groups ``bilevel_maml.models`` (the factory) and ``bilevel_maml.datasets`` (a
+``(load, spec)`` pair)::
+
+    [project.entry-points."bilevel_maml.models"]
+    my-net = "my_package.nets:build_my_net"
+
+    [project.entry-points."bilevel_maml.datasets"]
+    my-data = "my_package.data:DATASET"     # DATASET = (load, DatasetSpec(...))
 """
 
 from __future__ import annotations
@@ -26,6 +36,9 @@ from bilevel_maml._factories import outside_package
 from bilevel_maml.problems import ALGORITHMS, register_algorithm
 
 ENTRY_POINT_GROUP = "bilevel_maml.algorithms"
+MODEL_ENTRY_POINT_GROUP = "bilevel_maml.models"
+DATASET_ENTRY_POINT_GROUP = "bilevel_maml.datasets"
+ENTRY_POINT_GROUPS = (ENTRY_POINT_GROUP, MODEL_ENTRY_POINT_GROUP, DATASET_ENTRY_POINT_GROUP)
 _loaded_entry_points = False
 
 
@@ -54,23 +67,37 @@ def load_plugin(module: str) -> None:
 
 
 def load_entry_points() -> None:
-    """Register every variant of the ``bilevel_maml.algorithms`` entry-point group (once per process).
-    A broken entry point is skipped with a one-line warning: another package's defect must not stop
-    the built-in algorithms."""
+    """Register every variant, network and task source of the entry-point groups
+    ``bilevel_maml.algorithms``, ``bilevel_maml.models`` and ``bilevel_maml.datasets`` (once per
+    process). A broken entry point is skipped with a one-line warning: another package's defect must
+    not stop the built-in ones."""
     global _loaded_entry_points
     if _loaded_entry_points:
         return
     _loaded_entry_points = True
-    for point in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            found = point.load()
-            if inspect.ismodule(found):
-                continue  # importing it registered its variants
-            pair = found() if callable(found) and not isinstance(found, type) else found
-            register_algorithm(point.name, *pair)
-        except Exception as error:
-            warnings.warn(f"entry point {point.name!r} = {point.value!r} of group {ENTRY_POINT_GROUP!r} was "
-                          f"skipped: {type(error).__name__}: {' '.join(str(error).split())}", stacklevel=2)
+    for group in ENTRY_POINT_GROUPS:
+        for point in entry_points(group=group):
+            try:
+                _register(group, point.name, point.load())
+            except Exception as error:
+                warnings.warn(f"entry point {point.name!r} = {point.value!r} of group {group!r} was skipped: "
+                              f"{type(error).__name__}: {' '.join(str(error).split())}", stacklevel=2)
+
+
+def _register(group: str, name: str, found) -> None:
+    """What an entry point names: a module registers by being imported; otherwise an algorithm's
+    (Upper, Lower) pair (or a callable returning it), a network's factory, or a dataset's (load, spec)."""
+    from bilevel_maml.data.sources import register_dataset
+    from bilevel_maml.models import register_model
+
+    if inspect.ismodule(found):
+        return
+    if group == ENTRY_POINT_GROUP:
+        register_algorithm(name, *(found() if callable(found) and not isinstance(found, type) else found))
+    elif group == MODEL_ENTRY_POINT_GROUP:
+        register_model(name, found)
+    else:
+        register_dataset(name, *found)
 
 
 def unknown_algorithm(name: str) -> str:
@@ -91,4 +118,5 @@ def defining_modules(name: str) -> list[str]:
     return list(dict.fromkeys(module for cls in ALGORITHMS[name] for module in outside_package(cls)))
 
 
-__all__ = ["ENTRY_POINT_GROUP", "load_plugin", "load_entry_points", "unknown_algorithm"]
+__all__ = ["DATASET_ENTRY_POINT_GROUP", "ENTRY_POINT_GROUP", "ENTRY_POINT_GROUPS", "MODEL_ENTRY_POINT_GROUP",
+           "load_plugin", "load_entry_points", "unknown_algorithm"]

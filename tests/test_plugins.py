@@ -235,6 +235,47 @@ def test_a_registered_dataset_is_loaded_by_every_command_and_a_resumed_run_draws
     assert all(torch.equal(resumed["theta"][k], uninterrupted["theta"][k]) for k in uninterrupted["theta"])
 
 
+def test_entry_points_make_a_network_and_a_task_source_known_without_any_flag(tmp_path):
+    """A package that ships only a network and a dataset (no algorithm) declares them in their groups; a broken
+    entry point of one group is skipped with a warning, the others still load."""
+    (tmp_path / "packaged_parts.py").write_text(textwrap.dedent('''
+        import torch
+        from bilevel_maml.data import DatasetSpec, SinusoidTasks
+
+
+        def wide_mlp(ways, in_features, width=None):
+            hidden = 3 * (width or 4)
+            return torch.nn.Sequential(torch.nn.Linear(in_features, hidden), torch.nn.Tanh(),
+                                       torch.nn.Linear(hidden, ways))
+
+
+        def waves(samples_per_class):
+            return SinusoidTasks(points=samples_per_class)
+
+
+        DATASET = (waves, DatasetSpec(in_channels=1, image_size=0, model="wide-mlp", inner_lr=0.05, regression=True,
+                                      shots=4))
+    '''))
+    metadata = tmp_path / "packaged_parts-0.1.dist-info"
+    metadata.mkdir()
+    (metadata / "METADATA").write_text("Metadata-Version: 2.1\nName: packaged-parts\nVersion: 0.1\n")
+    (metadata / "entry_points.txt").write_text(
+        "[bilevel_maml.models]\nwide-mlp = packaged_parts:wide_mlp\n\n"
+        "[bilevel_maml.datasets]\nwaves = packaged_parts:DATASET\nbroken = packaged_parts:NOTHING\n")
+    output = tmp_path / "run"
+    trained = console("train", "--dataset", "waves", "--width", "2", "--iterations", "2", "--test-tasks", "5",
+                      "--wandb", "disabled", "--output", output, path=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    assert "entry point 'broken' = 'packaged_parts:NOTHING' of group 'bilevel_maml.datasets' was skipped" in trained.stderr
+    config = json.loads((output / "config.json").read_text())
+    assert (config["model"], config["shots"], config["inner_lr"], config["plugins"]) == (
+        "wide-mlp", 4, 0.05, ["packaged_parts"])
+    theta = torch.load(output / "checkpoints" / "last.pt", weights_only=False)["engine"]["theta"]
+    assert theta["0.weight"].shape == (6, 1) and theta["2.weight"].shape == (1, 6)
+    evaluated = console("evaluate", "--output", output, "--test-tasks", "5", path=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+
+
 def test_dataset_names_are_checked_and_a_loaders_failure_is_one_line(tmp_path, registries, capsys):
     from bilevel_maml.data import DatasetSpec, SinusoidTasks, register_dataset
 
