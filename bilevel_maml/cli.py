@@ -378,6 +378,9 @@ def _config_file_arguments(path: str, parser: argparse.ArgumentParser) -> list[s
     if not isinstance(values, dict):
         raise BadInput(f"bilevel-maml: --config {path} must map option names to values, got a {type(values).__name__}")
     known = {a.dest: a for a in parser._actions if a.option_strings}
+    plugins = values.get("plugins", [])
+    if isinstance(plugins, str) or isinstance(plugins, list) and all(isinstance(p, str) for p in plugins):
+        load_plugins([plugins] if isinstance(plugins, str) else plugins)  # the file's other values may name theirs
     arguments: list[str] = []
     for key, value in values.items():
         dest = str(key).replace("-", "_")

@@ -180,6 +180,18 @@ def registries():
         registry.update(entries)
 
 
+def test_a_config_file_names_what_its_own_plugin_registers(tmp_path):
+    """The file's plugins are loaded before its values are checked, so its algorithm, model and
+    dataset may be ones they register."""
+    shutil.copy(EXAMPLES / "cavia.py", tmp_path / "cavia.py")
+    (tmp_path / "run.yaml").write_text("plugins: [cavia]\nalgorithm: cavia\nmodel: context-mlp\ndataset: sinusoid\n"
+                                       "iterations: 2\ntest-tasks: 5\nwandb: disabled\n")
+    trained = console("train", "--config", "run.yaml", "--output", tmp_path / "run", path=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["algorithm"], config["model"], config["plugins"]) == ("cavia", "context-mlp", ["cavia"])
+
+
 def test_model_names_are_checked_and_a_factorys_failure_is_one_line(tmp_path, registries, capsys):
     from bilevel_maml.models import register_model
 
