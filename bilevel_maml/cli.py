@@ -541,13 +541,10 @@ def _check_writable_folder(flag: str, folder: Path) -> None:
 
 def _registered_model(config: dict, spec, outputs: int) -> torch.nn.Module:
     """A network of the user's own (register_model), given what the dataset's tasks look like."""
-    if spec.image_size == 0:  # vector inputs of in_channels features
-        shape = dict(in_channels=None, image_size=None, in_features=spec.in_channels)
-    else:
-        shape = dict(in_channels=spec.in_channels, image_size=spec.image_size,
-                     in_features=spec.in_channels * spec.image_size**2)
+    channels, size = (None, None) if spec.vector_inputs else (spec.in_channels, spec.image_size)
     try:
-        return build_model(config["model"], outputs, width=config["width"], **shape)
+        return build_model(config["model"], outputs, in_channels=channels, image_size=size, width=config["width"],
+                           in_features=spec.in_features)
     except Exception as error:  # the factory is the user's code: its failure is one line naming it
         raise BadInput(f"bilevel-maml: --model {config['model']}: {type(error).__name__}: "
                        f"{' '.join(str(error).split())}") from None
@@ -571,20 +568,18 @@ def build_from_config(config: dict, device: torch.device) -> MetaEngine:
                        f"{' '.join(str(error).split())}") from None
     if config["model"] not in known_models():
         raise BadInput(f"bilevel-maml: the run's {unknown_model(config['model'])}")
-    vector_inputs = spec.image_size == 0
-    if vector_inputs and config["model"] in MODELS and config["model"] != "mlp":
+    if spec.vector_inputs and config["model"] in MODELS and config["model"] != "mlp":
         raise BadInput(f"bilevel-maml: --dataset {config['dataset']} has vector inputs: it needs --model mlp (or a "
                        f"network of your own), got {config['model']!r}")
     torch.manual_seed(config["seed"])
     outputs = 1 if spec.regression else config["ways"]
     if config["model"] in REGISTERED_MODELS:
         model = _registered_model(config, spec, outputs)
-    elif vector_inputs:
-        model = build_model("mlp", outputs, width=config["width"], in_features=spec.in_channels)
+    elif spec.vector_inputs:
+        model = build_model("mlp", outputs, width=config["width"], in_features=spec.in_features)
     elif config["model"] == "mlp":
-        flat = spec.in_channels * spec.image_size**2
         model = torch.nn.Sequential(torch.nn.Flatten(), build_model("mlp", outputs, width=config["width"],
-                                                                    in_features=flat))
+                                                                    in_features=spec.in_features))
     else:
         model = build_model(config["model"], outputs, in_channels=spec.in_channels, image_size=spec.image_size,
                             width=config["width"])

@@ -53,7 +53,7 @@ class CAVIALower(MAMLLower):
 def context_mlp(ways, in_features, image_size, width=None):
     """``--model context-mlp``: ContextMLP for vector inputs (sinusoid's points), ``width`` hidden units."""
     if image_size is not None:
-        raise ValueError("context-mlp takes vector inputs (--dataset sinusoid), not images")
+        raise ValueError("context-mlp takes vector inputs (sinusoid's points, say), not images")
     return ContextMLP(in_features, ways, hidden=width or 40)
 
 

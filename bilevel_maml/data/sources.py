@@ -38,6 +38,16 @@ class DatasetSpec:
     shots: int = 1
     load: Callable | None = None
 
+    @property
+    def vector_inputs(self) -> bool:
+        """Whether an input is a vector (of ``in_channels`` features) rather than an image."""
+        return self.image_size == 0
+
+    @property
+    def in_features(self) -> int:
+        """One input's size, flattened."""
+        return self.in_channels if self.vector_inputs else self.in_channels * self.image_size**2
+
 
 #: Defaults follow the MAML paper: α = 0.4 on Omniglot, 0.01 on the ImageNet-style sets.
 DATASETS: dict[str, DatasetSpec] = {
