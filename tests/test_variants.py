@@ -14,7 +14,7 @@ from bilevel_maml.execution import HostReadWatch
 from bilevel_maml.problems import (ANILLower, ANILUpper, BOILLower, BOILUpper, MAMLUpper, MetaSGDLower, MetaSGDUpper,
                                    ReptileLower, ReptileUpper)
 from bilevel_maml.data import SinusoidTasks
-from bilevel_maml.models import Conv4
+from bilevel_maml.models import REGISTERED_MODELS, Conv4
 
 from conftest import RecordingEnv, RecordingSGD, functional, random_classification_source
 
@@ -200,8 +200,10 @@ def test_boil_rejects_a_head_that_names_no_parameters_and_conv4s_body_is_its_fea
 # -- CAVIA: a user's variant that starts the inner loop elsewhere (examples/cavia.py) ------------------
 @pytest.fixture
 def cavia(monkeypatch):
-    """examples/cavia.py imported as a user's module; its registration of "cavia" is undone afterwards."""
+    """examples/cavia.py imported as a user's module; its registrations ("cavia", "context-mlp") are undone
+    afterwards."""
     monkeypatch.setitem(ALGORITHMS, "cavia", None)  # the key is removed again when the test ends
+    monkeypatch.setitem(REGISTERED_MODELS, "context-mlp", None)
     spec = importlib.util.spec_from_file_location("cavia", EXAMPLES / "cavia.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
