@@ -200,15 +200,17 @@ def test_boil_rejects_a_head_that_names_no_parameters_and_conv4s_body_is_its_fea
 # -- CAVIA: a user's variant that starts the inner loop elsewhere (examples/cavia.py) ------------------
 @pytest.fixture
 def cavia(monkeypatch):
-    """examples/cavia.py imported as a user's module; its registrations ("cavia", "context-mlp") are undone
-    afterwards."""
+    """examples/cavia.py imported as a user's module; its registrations (the algorithm "cavia", its
+    networks) are undone afterwards."""
     monkeypatch.setitem(ALGORITHMS, "cavia", None)  # the key is removed again when the test ends
-    monkeypatch.setitem(REGISTERED_MODELS, "context-mlp", None)
+    models = dict(REGISTERED_MODELS)
     spec = importlib.util.spec_from_file_location("cavia", EXAMPLES / "cavia.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert ALGORITHMS["cavia"] == (MAMLUpper, module.CAVIALower)
-    return module
+    yield module
+    REGISTERED_MODELS.clear()
+    REGISTERED_MODELS.update(models)
 
 
 def cavia_reference(model, episodes, steps):
@@ -238,6 +240,32 @@ def test_cavia_adapts_a_context_from_zero_and_gets_the_reference_gradient(cavia,
     got = optimizer.seen_grads[0]
     assert_close(got, cavia_reference(model, episodes, steps), tol=1e-10)
     assert max(g.abs().max().item() for g in got[1:]) > 1e-4  # not trivially zero
+
+
+def test_cavia_through_film_in_a_conv_net_gets_the_same_meta_gradient_vectorized_as_per_task(cavia):
+    """examples/cavia.py's ContextConv4: each task's context scales and shifts the last block's input
+    channels; adapted together, each task still gets its own context (and the gradient it gives)."""
+    generator = torch.Generator().manual_seed(0)
+    patterns = torch.randn(64, 1, 16, 16, generator=generator, dtype=torch.float64)
+
+    def images():
+        labels = torch.randperm(64)[:5].repeat_interleave(2)
+        return patterns[labels] + 0.5 * torch.randn(10, 1, 16, 16, dtype=torch.float64), labels
+
+    grads = []
+    for vectorize in (False, True):
+        torch.manual_seed(0)
+        model = cavia.ContextConv4(5, image_size=16, hidden=4, contexts=6).double()
+        env = RecordingEnv(images, ways=5, shots=1, query_shots=1, seed=7)
+        optimizer = RecordingSGD(model.parameters(), lr=0.0)
+        MetaEngine(MAMLUpper(model, optimizer, meta_batch_size=3), cavia.CAVIALower(model, inner_lr=2.0, inner_steps=2),
+                   env, meta_iterations=1, vectorize=vectorize).run()
+        grads.append(optimizer.seen_grads[0])
+    per_task, vectorized = grads
+    assert_close(vectorized, per_task, tol=1e-10)
+    names = [name for name, _ in model.named_parameters()]
+    assert torch.equal(per_task[names.index("context")], torch.zeros(6))
+    assert per_task[names.index("film.weight")].abs().max() > 1e-6  # the meta-gradient reaches FiLM through the context
 
 
 def test_cavia_keeps_theta_context_at_zero_and_runs_without_host_reads(cavia):
