@@ -453,8 +453,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.command == "train" and args.config:
         train_parser = parser._subparsers._group_actions[0].choices["train"]
-        from_file = _config_file_arguments(args.config, train_parser)
-        load_plugins(_plugins_named(from_file))
+        from_file = _config_file_arguments(args.config, train_parser)  # loads the file's plugins first
         argv = ["train", *from_file, *argv[1:]]
         args = parser.parse_args(argv)  # --algorithm checks the registry as it parses: the file's plugins count
     return args
@@ -558,6 +557,11 @@ def build_from_config(config: dict, device: torch.device) -> MetaEngine:
     if config["dataset"] not in DATASETS:
         raise BadInput(f"bilevel-maml: the run's {unknown_dataset(config['dataset'])}")
     spec = DATASETS[config["dataset"]]
+    if config["model"] not in known_models():
+        raise BadInput(f"bilevel-maml: the run's {unknown_model(config['model'])}")
+    if spec.vector_inputs and config["model"] in MODELS and config["model"] != "mlp":
+        raise BadInput(f"bilevel-maml: --dataset {config['dataset']} has vector inputs: it needs --model mlp (or a "
+                       f"network of your own), got {config['model']!r}")
     try:
         tasksets = load_tasksets(config["dataset"], config["data_root"], config["ways"], config["shots"],
                                  config["query_shots"], seed=config["seed"], download=config["download"])
@@ -566,11 +570,6 @@ def build_from_config(config: dict, device: torch.device) -> MetaEngine:
             raise  # the built-in loaders' own errors are one line already (missing files, say)
         raise BadInput(f"bilevel-maml: --dataset {config['dataset']}: {type(error).__name__}: "
                        f"{' '.join(str(error).split())}") from None
-    if config["model"] not in known_models():
-        raise BadInput(f"bilevel-maml: the run's {unknown_model(config['model'])}")
-    if spec.vector_inputs and config["model"] in MODELS and config["model"] != "mlp":
-        raise BadInput(f"bilevel-maml: --dataset {config['dataset']} has vector inputs: it needs --model mlp (or a "
-                       f"network of your own), got {config['model']!r}")
     torch.manual_seed(config["seed"])
     outputs = 1 if spec.regression else config["ways"]
     if config["model"] in REGISTERED_MODELS:

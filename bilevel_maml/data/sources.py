@@ -128,13 +128,13 @@ def load_tasksets(dataset: str, data_root, ways: int, shots: int, query_shots: i
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
     samples = shots + query_shots
+    root = data_root if data_root is not None else default_data_root(dataset)
     if DATASETS[dataset].load is not None:
-        return call_with_named_keywords(
-            DATASETS[dataset].load, data_root=data_root if data_root is not None else default_data_root(dataset),
-            ways=ways, shots=shots, query_shots=query_shots, samples_per_class=samples, seed=seed, download=download)
+        return call_with_named_keywords(DATASETS[dataset].load, data_root=root, ways=ways, shots=shots,
+                                        query_shots=query_shots, samples_per_class=samples, seed=seed,
+                                        download=download)
     if dataset == "sinusoid":
         return SinusoidTasks(points=samples)
-    root = data_root if data_root is not None else default_data_root(dataset)
     if dataset == "omniglot-small":
         return omniglot_small_tasksets(root, ways=ways, samples_per_class=samples, seed=seed, cache_dir=cache_dir)
     assert dataset in BENCHMARKS
