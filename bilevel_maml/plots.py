@@ -85,7 +85,7 @@ def plot_run(run_folder, path=None, dpi: int = 120) -> dict:
     width = (10 if len(metrics) == 2 else 6) + (5 if curve is not None else 0)
     figure, axes = plt.subplots(1, panels, figsize=(width, 4), squeeze=False)
     for axis, metric in zip(axes[0], metrics):
-        scale = 100.0 if metric == "accuracy" else 1.0
+        scale = _percent_scale(metric)
         steps, values = _series(rows, f"train/{metric}")
         values = [scale * v for v in values]
         window = max(1, len(values) // 25)
@@ -101,7 +101,7 @@ def plot_run(run_folder, path=None, dpi: int = 120) -> dict:
         _label_axes(axis, metric)
     if curve is not None:
         metric = metrics[-1]
-        scale = 100.0 if metric == "accuracy" else 1.0
+        scale = _percent_scale(metric)
         axis = axes[0][-1]
         means = [scale * value for value in curve[metric]]
         halves = [scale * half if half is not None else math.nan for half in curve[f"{metric}_ci95"]]
@@ -119,11 +119,9 @@ def _adaptation_curve(folder: Path) -> tuple[dict | None, str]:
     """The scores after 0, 1, ... inner steps of the run's final test (``train --per-step``), else
     of its latest ``evaluate --per-step``, and the file they came from."""
     for name in ("result.json", "evaluation.json"):
-        file = folder / name
-        if file.is_file():
-            curve = json.loads(file.read_text()).get("per_step")
-            if curve:
-                return curve, name
+        curve = _read_json(folder / name).get("per_step")
+        if curve:
+            return curve, name
     return None, ""
 
 
@@ -172,7 +170,7 @@ def compare_runs(run_folders, path=None, dpi: int = 120) -> dict:
     named = {run.name: run.name for run in runs}  # the legend's entry of each run: its name and last test result
     colours = _run_colours(len(runs))
     for axis, metric in zip(axes[0], metrics):
-        scale = 100.0 if metric == "accuracy" else 1.0
+        scale = _percent_scale(metric)
         for run, colour in zip(runs, colours):
             steps, values = _series(run.rows, f"train/{metric}")
             window = max(1, len(values) // 25)
@@ -239,7 +237,7 @@ def results_table(rows: list[dict], seed_groups: list[dict] = ()) -> str:
     lines = [f"| run | algorithm | dataset | meta-iterations | test {unit} (95% CI) | best validation {unit} |",
              "|---|---|---|---|---|---|"]
     for row in rows:
-        scale = 100.0 if row["metric"] == "accuracy" else 1.0
+        scale = _percent_scale(row["metric"])
         test = "—" if row["test"] is None else _shown(row["metric"], *_scaled(row, "test", scale))
         if row["test"] is not None and row["tested"]:
             test += f" ({row['tested']})"
@@ -248,7 +246,7 @@ def results_table(rows: list[dict], seed_groups: list[dict] = ()) -> str:
         lines.append(f"| {row['run']} | {row['algorithm'] or '?'} | {row['dataset'] or '?'} | {row['iterations']} | "
                      f"{test} | {best} |")
     for group in seed_groups:
-        scale = 100.0 if group["metric"] == "accuracy" else 1.0
+        scale = _percent_scale(group["metric"])
         over = f"std over {len(group['runs'])} seeds"
         test, best = ("—" if group[f"{key}_mean"] is None else
                       f"{_shown(group['metric'], scale * group[f'{key}_mean'], scale * group[f'{key}_std'])} ({over})"
@@ -256,6 +254,11 @@ def results_table(rows: list[dict], seed_groups: list[dict] = ()) -> str:
         lines.append(f"| mean of {', '.join(group['runs'])} (seeds {', '.join(map(str, group['seeds']))}) | "
                      f"{group['algorithm']} | {group['dataset']} | {group['iterations']} | {test} | {best} |")
     return "\n".join(lines)
+
+
+def _percent_scale(metric: str) -> float:
+    """Accuracies are drawn and tabulated in percent; losses as they are."""
+    return 100.0 if metric == "accuracy" else 1.0
 
 
 def _scaled(row: dict, key: str, scale: float) -> tuple[float, float]:
@@ -309,8 +312,12 @@ def _run_names(folders: list[Path]) -> list[str]:
 
 
 def _config(folder: Path) -> dict:
-    config = folder / "config.json"
-    return json.loads(config.read_text()) if config.is_file() else {}
+    return _read_json(folder / "config.json")
+
+
+def _read_json(file: Path) -> dict:
+    """The file's JSON object; empty where the run has no such file (yet)."""
+    return json.loads(file.read_text()) if file.is_file() else {}
 
 
 def _metrics(rows: list[dict]) -> list[str]:
@@ -322,7 +329,7 @@ def _test_point(folder: Path, rows: list[dict], source: str) -> tuple[dict | Non
     it tested, in words for a label."""
     if not any(key.startswith("train/") for row in rows for key in row):
         raise ValueError(f"{source} holds no training metrics yet; plot a run that has run meta-iterations")
-    result = json.loads((folder / "result.json").read_text()) if (folder / "result.json").is_file() else {}
+    result = _read_json(folder / "result.json")
     test = next((row for row in reversed(rows) if "test/loss" in row), None)
     if test is None and result:
         test = {"step": result.get("iteration"), **{f"test/{k}": v for k, v in result.items()}}
