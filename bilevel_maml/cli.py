@@ -34,14 +34,14 @@ from bilevel_maml.allocator import keep_freed_memory
 from bilevel_maml.builder import OPTIMIZERS, SAMPLERS, build_engine
 from bilevel_maml.checkpoint import CHECKPOINT_FILES, Checkpointer, CheckpointWriteError, load_checkpoint, newest_intact
 from bilevel_maml._factories import outside_package
-from bilevel_maml.data.sources import DATASETS, load_tasksets
+from bilevel_maml.data.sources import BUILT_IN_DATASETS, DATASETS, load_tasksets
 from bilevel_maml.engine import MetaEngine, NonFiniteError
 from bilevel_maml.execution import PRECISIONS, check_precision
 from bilevel_maml.history import METRICS_FILE, RUN_PLACEMENT_KEYS, MetricsFile, plain_json
 from bilevel_maml.logging import WandbLogger
 from bilevel_maml.models import MODELS, REGISTERED_MODELS, build_model, known_models
 from bilevel_maml.plugins import defining_modules, load_entry_points, load_plugin, unknown_algorithm
-from bilevel_maml.problems import ALGORITHMS, options_in_use
+from bilevel_maml.problems import ALGORITHMS, BUILT_IN_ALGORITHMS, options_in_use
 from bilevel_maml.problems.base import META_LR_SCHEDULES
 from bilevel_maml.progress import ProgressBar
 from bilevel_maml.runlock import RunFolderInUse, RunLock
@@ -83,16 +83,25 @@ def _number(kind, smallest, description):
     return convert
 
 
-def _registered_name(known: Callable[[], Iterable[str]], unknown: Callable[[str], str], description: str):
-    """An argparse type for a name of a registry that plugins add to (so it is read when parsing,
-    after the plugins are loaded): lower-cased, or refused with ``unknown(name)``."""
-    def convert(text: str) -> str:
-        if text.lower() not in known():
-            raise argparse.ArgumentTypeError(unknown(text))
+class RegisteredName:
+    """An argparse type for a name of a registry that plugins add to: lower-cased when parsed and
+    checked by :func:`parse` once every plugin is loaded, for the plugins are only known after
+    parsing (an abbreviated ``--plug``, a ``--config`` file's ``plugins``)."""
+
+    def __init__(self, known: Callable[[], Iterable[str]], built_in: Iterable[str], unknown: Callable[[str], str],
+                 description: str):
+        self.known, self.built_in, self.unknown, self.__name__ = known, tuple(built_in), unknown, description
+
+    def __call__(self, text: str) -> str:
         return text.lower()
 
-    convert.__name__ = description
-    return convert
+    def problem(self, name: str) -> str | None:
+        """``unknown(name)`` for a name no registry holds, else None."""
+        return None if name.lower() in self.known() else self.unknown(name)
+
+    def registered(self) -> list[str]:
+        """The names plugins and entry points have added so far."""
+        return sorted(set(self.known()) - set(self.built_in))
 
 
 def unknown_dataset(name: str) -> str:
@@ -105,9 +114,9 @@ def unknown_model(name: str) -> str:
             f"bilevel_maml.models.register_model(name, factory) in a module loaded with --plugin MODULE")
 
 
-_algorithm_name = _registered_name(lambda: ALGORITHMS, unknown_algorithm, "an algorithm name")
-_model_name = _registered_name(known_models, unknown_model, "a model name")
-_dataset_name = _registered_name(lambda: DATASETS, unknown_dataset, "a dataset name")
+_algorithm_name = RegisteredName(lambda: ALGORITHMS, BUILT_IN_ALGORITHMS, unknown_algorithm, "an algorithm name")
+_model_name = RegisteredName(known_models, MODELS, unknown_model, "a model name")
+_dataset_name = RegisteredName(lambda: DATASETS, BUILT_IN_DATASETS, unknown_dataset, "a dataset name")
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -151,6 +160,15 @@ def device_name(text: str) -> str:
 device_name.__name__ = "a device"
 
 
+class ImportPlugin(argparse._AppendAction):
+    """``--plugin MODULE``: collected as ``append`` does, and imported as soon as it is parsed, so a
+    later ``--help`` lists what it registers."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        load_plugins([values])
+
+
 class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Every option's default in ``--help``, as argparse's ArgumentDefaultsHelpFormatter does, except
     where it would print 'default: None' for a default that depends on other options (the help
@@ -158,6 +176,8 @@ class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
+        if isinstance(action.type, RegisteredName) and action.type.registered():
+            text += f"; registered now: {', '.join(action.type.registered())}".replace("%", "%%")
         if "default" in text or action.default in (None, False, [], argparse.SUPPRESS):
             return text
         return f"{text} (default: %(default)s)"
@@ -166,7 +186,7 @@ class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
 def _training_options(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--algorithm", type=_algorithm_name, default="maml",
-        help=f"{', '.join(sorted(ALGORITHMS))}, or a variant a --plugin module or a bilevel_maml.algorithms entry "
+        help=f"{', '.join(BUILT_IN_ALGORITHMS)}, or a variant a --plugin module or a bilevel_maml.algorithms entry "
              f"point registers; an unknown name lists the known ones")
     add("--option", dest="algorithm_options", type=_option, nargs="+", action="extend", default=[],
         metavar="NAME=VALUE",
@@ -174,9 +194,10 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
              "for maml++, head=... for anil/boil (true/false/none, numbers and words are understood; an unknown "
              "name is refused with the list; default: the classes' own); the run's config.json lists every "
              "option with the value used")
-    add("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
-        help="import MODULE first (it registers a variant with bilevel_maml.register_algorithm); repeatable; "
-             "recorded in the run's config, so evaluate and resume import it too")
+    add("--plugin", dest="plugins", action=ImportPlugin, default=[], metavar="MODULE",
+        help="import MODULE, which registers variants, networks or task sources (their names may stand anywhere "
+             "on the command line, before it or after, and a --help after it lists them); repeatable; recorded in "
+             "the run's config, so evaluate and resume import it too")
     add("--dataset", type=_dataset_name, default="omniglot-small", metavar="DATASET",
         help="omniglot-small: the official small Omniglot background subsets in a local folder; omniglot, "
              "mini-imagenet, tiered-imagenet, cifarfs, fc100: learn2learn's benchmarks; sinusoid: regression; or "
@@ -283,7 +304,7 @@ def _logging_options(parser: argparse.ArgumentParser, existing_run: bool = False
 def _existing_run_options(parser: argparse.ArgumentParser) -> None:
     """The options of the commands that rebuild a run from its config (evaluate, resume)."""
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: the run's device)")
-    parser.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
+    parser.add_argument("--plugin", dest="plugins", action=ImportPlugin, default=[], metavar="MODULE",
                         help="import MODULE first (besides the plugins the run's config names); repeatable")
 
 
@@ -406,6 +427,8 @@ def _config_file_arguments(path: str, parser: argparse.ArgumentParser) -> list[s
                     action.type(str(item))
                 except argparse.ArgumentTypeError as error:
                     raise BadInput(f"bilevel-maml: {key} = {item!r} in {path}: {error}") from None
+                if isinstance(action.type, RegisteredName) and (problem := action.type.problem(str(item))):
+                    raise BadInput(f"bilevel-maml: {key} = {item!r} in {path}: {problem}")
             if action.choices is not None and item is not None and str(item) not in action.choices:
                 raise BadInput(f"bilevel-maml: {key} = {item!r} in {path}: choose one of "
                                f"{', '.join(map(str, action.choices))}")
@@ -424,17 +447,6 @@ def _config_file_arguments(path: str, parser: argparse.ArgumentParser) -> list[s
     return arguments
 
 
-def _plugins_named(argv: list[str]) -> list[str]:
-    """The --plugin modules of ``argv`` (read before the parser exists: their variants are choices)."""
-    found = []
-    for i, word in enumerate(argv):
-        if word == "--plugin" and i + 1 < len(argv):
-            found.append(argv[i + 1])
-        elif word.startswith("--plugin="):
-            found.append(word.partition("=")[2])
-    return found
-
-
 def load_plugins(modules) -> None:
     load_entry_points()
     for module in modules:
@@ -448,14 +460,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # the benchmark has its own options
         return argparse.Namespace(command="bench", bench_args=argv[1:])
-    load_plugins(_plugins_named(argv))
+    load_entry_points()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # imports each --plugin module as it comes
+    command = parser._subparsers._group_actions[0].choices[args.command]
     if args.command == "train" and args.config:
-        train_parser = parser._subparsers._group_actions[0].choices["train"]
-        from_file = _config_file_arguments(args.config, train_parser)  # loads the file's plugins first
-        argv = ["train", *from_file, *argv[1:]]
-        args = parser.parse_args(argv)  # --algorithm checks the registry as it parses: the file's plugins count
+        from_file = _config_file_arguments(args.config, command)  # loads the file's plugins first
+        args = parser.parse_args(["train", *from_file, *argv[1:]])
+    for action in command._actions:  # now that every plugin that registers a name is loaded
+        name = getattr(args, action.dest, None)
+        if isinstance(action.type, RegisteredName) and name is not None and (problem := action.type.problem(name)):
+            command.error(f"argument {'/'.join(action.option_strings)}: {problem}")
     return args
 
 
@@ -785,12 +800,25 @@ def _resume_the_same_run(args: argparse.Namespace, config: dict, output: Path) -
     if differ:
         raise BadInput(f"bilevel-maml: --resume-if-exists: {output} holds another run: {'; '.join(differ)}; "
                        f"choose another --output")
+    finished = _finished(output, found[1], config["iterations"])
     if distributed.is_main_process():
-        print(f"bilevel-maml: {output} holds this run; continuing it (--resume-if-exists)", flush=True)
+        print(f"bilevel-maml: {output} holds this run; " + (f"it {finished}; nothing to do" if finished else
+                                                            "continuing it (--resume-if-exists)"), flush=True)
+    if finished:
+        return json.loads((output / "result.json").read_text())
     resume = argparse.Namespace(output=str(output), iterations=config["iterations"], device=args.device,
                                 plugins=[], dist_timeout=args.dist_timeout, progress=args.progress,
                                 **{name: getattr(args, name) for name in RUN_LOGGING_DEFAULTS})
     return command_resume(resume, found)
+
+
+def _finished(output: Path, checkpoint: dict, iterations: int) -> str | None:
+    """"is finished (...)" where the checkpoint reached ``iterations`` and the run was tested: nothing
+    is left to do; else None."""
+    reached, result = checkpoint["engine"]["meta_iteration"], output / "result.json"
+    if reached >= iterations and result.is_file():
+        return f"is finished (iteration {reached} of {iterations}; test result in {result})"
+    return None
 
 
 def command_resume(args: argparse.Namespace, found: tuple | None = None) -> dict:
@@ -818,11 +846,11 @@ def command_resume(args: argparse.Namespace, found: tuple | None = None) -> dict
             setattr(args, name, config.get(name, default))
         config[name] = getattr(args, name)
     device = _device(args.device or config["device"])
-    reached, result = checkpoint["engine"]["meta_iteration"], output / "result.json"
-    if reached >= config["iterations"] and result.is_file():  # trained and tested: nothing left to do
-        print(f"bilevel-maml resume: {output} is finished (iteration {reached} of {config['iterations']}; test "
-              f"result in {result}); pass --iterations N with N > {reached} to train further", flush=True)
-        return json.loads(result.read_text())
+    finished = _finished(output, checkpoint, config["iterations"])
+    if finished:
+        print(f"bilevel-maml resume: {output} {finished}; pass --iterations N with N > "
+              f"{checkpoint['engine']['meta_iteration']} to train further", flush=True)
+        return json.loads((output / "result.json").read_text())
     device = _join_process_group(device, args.dist_timeout)
     config["world_size"] = distributed.world()[1]
     engine = build_from_config(config, device)

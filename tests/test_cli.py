@@ -157,7 +157,7 @@ def test_train_resume_if_exists_continues_the_run_as_resume_does(tmp_path, capsy
     files = {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()}
     finished = cli.run([*command, "--iterations", "6"])
     assert finished == json.loads((tmp_path / "run" / "result.json").read_text())
-    assert "is finished (iteration 6 of 6" in capsys.readouterr().out
+    assert f"{tmp_path / 'run'} holds this run; it is finished (iteration 6 of 6" in capsys.readouterr().out
     assert {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()} == files
 
 

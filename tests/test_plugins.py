@@ -192,6 +192,31 @@ def test_a_config_file_names_what_its_own_plugin_registers(tmp_path):
     assert (config["algorithm"], config["model"], config["plugins"]) == ("cavia", "context-mlp", ["cavia"])
 
 
+@pytest.mark.parametrize("plugin", [["--config", "plugin.yaml"], ["--conf", "plugin.yaml"], ["--plug", "cavia"],
+                                    ["--plugin=cavia"]], ids=["config-file", "abbreviated-config", "abbreviated",
+                                                              "equals"])
+def test_names_on_the_command_line_may_come_from_a_plugin_however_it_is_named(tmp_path, plugin):
+    """The command line's --algorithm and --model are checked once every plugin is loaded, whether
+    the plugin comes on the command line in any form argparse takes or from the --config file."""
+    shutil.copy(EXAMPLES / "cavia.py", tmp_path / "cavia.py")
+    (tmp_path / "plugin.yaml").write_text("plugins: [cavia]\n")
+    parsed = subprocess.run(
+        [sys.executable, "-c", "import sys; from bilevel_maml import cli; a = cli.parse(sys.argv[1:]); "
+                               "print(a.algorithm, a.model, a.plugins)",
+         "train", "--algorithm", "CAVIA", "--model", "context-mlp", "--dataset", "sinusoid", *plugin],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert parsed.returncode == 0, parsed.stderr
+    assert parsed.stdout.split() == ["cavia", "context-mlp", "['cavia']"]
+
+
+def test_help_lists_what_the_plugins_before_it_register(tmp_path):
+    shutil.copy(EXAMPLES / "cavia.py", tmp_path / "cavia.py")
+    shown = " ".join(console("train", "--plug", "cavia", "--help", path=tmp_path).stdout.split())
+    assert "an unknown name lists the known ones; registered now: cavia (default: maml)" in shown
+    assert "(default: conv4; mlp for sinusoid); registered now: context-conv4, context-mlp" in shown
+    assert "registered now" not in " ".join(console("train", "--help", path=tmp_path).stdout.split())
+
+
 def test_model_names_are_checked_and_a_factorys_failure_is_one_line(tmp_path, registries, capsys):
     from bilevel_maml.models import register_model
 

@@ -25,6 +25,9 @@ ALGORITHMS: dict[str, tuple[type[MetaLearner], type[TaskLearner]]] = {
     "boil": (BOILUpper, BOILLower),
 }
 
+#: the names of the algorithms this package ships
+BUILT_IN_ALGORITHMS = tuple(sorted(ALGORITHMS))
+
 #: constructor arguments every Upper/Lower takes from the engine builder, not from the user's options
 _BUILDER_ARGUMENTS = {"self", "args", "kwargs", "module", "optimizer", "meta_batch_size", "loss_fn", "scheduler",
                       "gradient_clipping", "meta_lr_schedule", "min_meta_lr", "name", "config", "device", "inner_lr",
