@@ -26,7 +26,7 @@ from pathlib import Path
 from bilevel_maml import ALGORITHMS
 from bilevel_maml.cli import OneLineParser, device_name, non_negative_int, positive_int, run_script
 from bilevel_maml.data.omniglot import find_subsets
-from bilevel_maml.execution import PRECISIONS, CapturedExecution, check_precision
+from bilevel_maml.execution import PRECISIONS, check_precision
 
 HERE = Path(__file__).resolve()
 
@@ -62,7 +62,7 @@ def worker(args) -> None:
         Path(args.worker_json).write_text(json.dumps(dict(
             processes=world_size, threads_per_process=torch.get_num_threads(), device=str(device),
             backend=torch.distributed.get_backend() if world_size > 1 else "none", precision=engine.precision,
-            execution="cuda graph" if isinstance(engine.execution, CapturedExecution) else "eager",
+            execution=engine.execution.name,
             tasks_per_rank=engine.meta_batch_size, vectorized=engine.vectorized,
             seconds_per_iteration=seconds, tasks_per_second=args.meta_batch_size / seconds)))
     distributed.shutdown()

@@ -39,7 +39,7 @@ from bilevel_maml.cli import (OneLineParser, device_name, non_negative_int, posi
 from bilevel_maml.data import omniglot_small_tasksets
 from bilevel_maml.data._learn2learn import import_learn2learn
 from bilevel_maml.env import EpisodicEnv
-from bilevel_maml.execution import PRECISIONS, CapturedExecution, check_precision, precision_scope
+from bilevel_maml.execution import PRECISIONS, check_precision, precision_scope
 from bilevel_maml.models import build_model, use_closed_form_norm_grads
 
 SETTINGS = dict(ways=5, shots=1, query_shots=1, inner_lr=0.4, meta_lr=1e-3, lam=1.0, cg_iterations=5)
@@ -134,8 +134,7 @@ def main(argv=None):
             iterations, seconds = train_ours(engine, budget)
         test_env.load_state_dict(test_start)
         test = engine.evaluate(test_env, args.test_tasks)
-        captured = not learn2learn and isinstance(engine.execution, CapturedExecution)
-        results.append(dict(learner=name, execution="cuda graph" if captured else "eager",
+        results.append(dict(learner=name, execution="eager" if learn2learn else engine.execution.name,
                             meta_iterations=iterations, train_seconds=seconds,
                             tasks_per_second=iterations * args.meta_batch_size / seconds,
                             accuracy=test["accuracy"], accuracy_ci95=test["accuracy_ci95"], tasks=test["tasks"]))

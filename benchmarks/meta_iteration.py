@@ -197,7 +197,7 @@ def end_to_end_rows(data_root, device, meta_batch, steps, iterations, model):
             sync(device)
             seconds = (time.perf_counter() - started) / iterations
             row = dict(setup=name, inner_steps=k, seconds=seconds, tasks_per_second=meta_batch / seconds,
-                       execution=getattr(engine.execution, "name", "eager") if name.startswith("ours") else "eager",
+                       execution=engine.execution.name if name.startswith("ours") else "eager",
                        precision=PRECISION["value"])
             rows.append(row)
             print(f"  steps {k:2d}  {name:34s} {seconds:8.4f} s/it {row['tasks_per_second']:9.1f} tasks/s", flush=True)
