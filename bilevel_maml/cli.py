@@ -330,7 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = command("evaluate", "accuracy ± 95% CI of a checkpoint on test tasks",
                        "Load a run's best.pt (else last.pt, or --checkpoint FILE), report the mean ± 95% CI over "
-                       "--test-tasks test tasks and write evaluation.json (or --result FILE).")
+                       "--test-tasks test tasks and write evaluation.json (or --result FILE). The tasks are the "
+                       "run's unless --dataset, --shots or --query-shots say otherwise: another dataset of the same "
+                       "inputs (cross-domain), more or fewer examples per class (written to "
+                       "evaluation-<dataset>-<ways>w<shots>s-<query shots>q.json).")
     evaluate.add_argument("--output", metavar="FOLDER", help="run folder (uses checkpoints/best.pt, else last.pt)")
     evaluate.add_argument("--checkpoint", metavar="FILE", help="checkpoint file (instead of --output)")
     evaluate.add_argument("--test-tasks", type=positive_int, default=600, help="test tasks to score")
@@ -340,7 +343,20 @@ def build_parser() -> argparse.ArgumentParser:
                           help="also report the mean ± 95%% CI after 0, 1, ..., --eval-inner-steps inner steps "
                                "(per_step in the JSON file)")
     evaluate.add_argument("--result", metavar="FILE",
-                          help="JSON file to write (default: <run folder>/evaluation.json)")
+                          help="JSON file to write (default: <run folder>/evaluation.json, or the name above for "
+                               "other tasks than the run's)")
+    evaluate.add_argument("--dataset", type=_dataset_name, metavar="DATASET",
+                          help="test split of another dataset whose inputs the run's network takes (the same image "
+                               "channels and size; classification or regression as the run) (default: the run's)")
+    evaluate.add_argument("--data-root", metavar="FOLDER",
+                          help="folder holding --dataset's files (default: the run's for its own dataset, else "
+                               "--dataset's default)")
+    evaluate.add_argument("--download", action="store_true",
+                          help="let learn2learn download missing benchmark files (needs internet)")
+    evaluate.add_argument("--shots", type=positive_int,
+                          help="support examples per class of each test task (default: the run's)")
+    evaluate.add_argument("--query-shots", type=positive_int,
+                          help="query examples per class of each test task (default: the run's)")
     _existing_run_options(evaluate)
 
     resume = command("resume", "continue an interrupted or finished run",
@@ -874,22 +890,65 @@ def command_evaluate(args: argparse.Namespace) -> dict:
     if distributed.launched_distributed():
         raise BadInput("bilevel-maml evaluate runs in one process; start it without torchrun")
     checkpoint = load_checkpoint(path)
-    config = checkpoint["config"]
+    run = checkpoint["config"]
+    config = _evaluation_tasks(args, run)
     engine = build_from_config(config, _device(args.device or config["device"]))
     engine.load_parameters(checkpoint["engine"])
     engine.meta_iteration = checkpoint["engine"]["meta_iteration"]
     if args.eval_inner_steps is not None:
         engine.eval_inner_steps = args.eval_inner_steps
     result = engine.test(args.test_tasks, per_step=args.per_step)
+    tasks = {key: config[key] for key in EVALUATION_TASKS}
     result.update(checkpoint=str(path), iteration=engine.meta_iteration, eval_inner_steps=engine.eval_inner_steps,
-                  config=config)
-    target = Path(args.result) if args.result else path.parent.parent / "evaluation.json"
+                  **tasks, config=run)
+    own_tasks = tasks == {key: run[key] for key in EVALUATION_TASKS}
+    name = "evaluation.json" if own_tasks else f"evaluation-{config['dataset']}-{_setting(config)}.json"
+    target = Path(args.result) if args.result else path.parent.parent / name
     atomic_save_json(target, result)
-    print(f"{config['algorithm']} {config['dataset']} {_task_kind(config)}, "
+    trained_on = "" if own_tasks else f" (trained on {run['dataset']} {_task_kind(run)})"
+    print(f"{config['algorithm']} {config['dataset']} {_task_kind(config)}{trained_on}, "
           f"θ from {path} (iteration {engine.meta_iteration}): {_format(result)} "
           f"(95% CI over {result['tasks']} test tasks{_evaluation_steps(engine)}); written to {target}")
     _print_per_step(result)
     return result
+
+
+#: what a task of ``evaluate`` is made of, the run's unless its flags say otherwise
+EVALUATION_TASKS = ("dataset", "ways", "shots", "query_shots")
+
+
+def _evaluation_tasks(args: argparse.Namespace, run: dict) -> dict:
+    """The run's config with the test tasks ``evaluate`` was asked for; another dataset is refused
+    in one line, before any data is read, where the run's network cannot take its inputs."""
+    config = dict(run)
+    if args.dataset is not None and args.dataset != run["dataset"]:
+        load_plugins(run.get("plugins", []))
+        if run["dataset"] not in DATASETS:
+            raise BadInput(f"bilevel-maml: the run's {unknown_dataset(run['dataset'])}")
+        asked, trained = DATASETS[args.dataset], DATASETS[run["dataset"]]
+        if _inputs(asked) != _inputs(trained):
+            raise BadInput(f"bilevel-maml evaluate: --dataset {args.dataset} is {_inputs(asked)}; the run's network "
+                           f"was trained on {_inputs(trained)} ({run['dataset']}): evaluate on a dataset of that kind")
+        config.update(dataset=args.dataset, data_root=args.data_root)  # None: that dataset's own default
+    elif args.data_root is not None:
+        config["data_root"] = args.data_root
+    config["shots"] = args.shots or config["shots"]
+    config["query_shots"] = args.query_shots or config["query_shots"]
+    config["download"] = args.download or config["download"]
+    return config
+
+
+def _inputs(spec) -> str:
+    """A dataset's tasks and inputs in words: what decides whether a network trained on another takes them."""
+    kind = "regression" if spec.regression else "classification"
+    if spec.vector_inputs:
+        return f"{kind} of vectors of {spec.in_channels} feature{'s' if spec.in_channels != 1 else ''}"
+    return f"{kind} of {spec.in_channels}×{spec.image_size}×{spec.image_size} images"
+
+
+def _setting(config: dict) -> str:
+    ways = "" if DATASETS[config["dataset"]].regression else f"{config['ways']}w"
+    return f"{ways}{config['shots']}s-{config['query_shots']}q"
 
 
 def command_plot(args: argparse.Namespace) -> dict:

@@ -116,6 +116,10 @@ CASES = [
      ["config.json", "damaged or not a checkpoint (not a file torch.save writes"]),  # not "could run code"
     (["evaluate", "--checkpoint", "{tmp}/absent.pt"], {}, ["absent.pt", "no checkpoint"]),
     (["evaluate"], {}, ["--output RUN_FOLDER or --checkpoint FILE"]),
+    (["evaluate", "--output", "{run}", "--dataset", "omniglot-small"], {},
+     ["--dataset omniglot-small is classification of 1×28×28 images", "trained on regression", "(sinusoid)"]),
+    (["evaluate", "--output", "{run}", "--dataset", "omniglott"], {}, ["--dataset", "unknown dataset 'omniglott'"]),
+    (["evaluate", "--output", "{run}", "--shots", "0"], {}, ["--shots", "'0'", "integer >= 1"]),
     (["bench", "--device", "tpu"], {}, ["bench", "--device", "'tpu'", "cpu, cuda or cuda:N"]),
     (["bench", "--steps", "1", "0"], {}, ["bench", "--steps", "'0'", "integer >= 1"]),
     (["bench", "--repeats", "0"], {}, ["bench", "--repeats", "'0'", "integer >= 1"]),

@@ -363,3 +363,59 @@ def test_dataset_names_are_checked_and_a_loaders_failure_is_one_line(tmp_path, r
     assert (config["shots"], config["inner_lr"], config["model"], config["plugins"]) == (5, 0.1, "mlp", [])
     assert "dataset 'scripted-points' is defined in the running script (__main__)" in capsys.readouterr().err
     assert result["tasks"] == 5 and "loss" in result
+
+
+def test_evaluate_scores_a_run_on_other_tasks_of_the_inputs_its_network_takes(tmp_path, registries, capsys):
+    """evaluate --dataset / --shots / --query-shots: the run's θ on the test split of another task
+    source of the same inputs (cross-domain), or with other shots. A copy of the run's own source
+    under another name scores exactly what the run's own tasks score (same θ, same test stream);
+    blank images of that shape score exactly chance on every task (there is nothing to tell the
+    classes apart); other shots reach the loader; a source of other inputs is refused before it is read."""
+    from bilevel_maml.data import DatasetSpec, register_dataset
+
+    asked = []
+
+    def glyphs(ways, samples_per_class):
+        asked.append(samples_per_class)
+
+        def sample():
+            labels = torch.arange(ways).repeat_interleave(samples_per_class)
+            prototypes = torch.randn(ways, 1, 8, 8)
+            return prototypes[labels] + 0.3 * torch.randn(len(labels), 1, 8, 8), labels
+        return sample
+
+    def blank(ways, samples_per_class):
+        return lambda: (torch.zeros(ways * samples_per_class, 1, 8, 8),
+                        torch.arange(ways).repeat_interleave(samples_per_class))
+
+    def colour(**given):
+        raise AssertionError("a source the run's network cannot take was read")
+
+    small = DatasetSpec(in_channels=1, image_size=8, model="mlp", inner_lr=0.4)
+    for name, load in (("glyphs", glyphs), ("glyphs-copy", glyphs), ("blank", blank)):
+        register_dataset(name, load, small)
+    register_dataset("colour", colour, DatasetSpec(in_channels=3, image_size=8, model="mlp", inner_lr=0.4))
+    run = tmp_path / "run"
+    cli.run(["train", "--dataset", "glyphs", "--width", "16", "--iterations", "20", "--meta-batch-size", "4",
+             "--valid-every", "10", "--valid-tasks", "5", "--test-tasks", "5", "--wandb", "disabled", "--no-progress",
+             "--output", str(run)])
+    evaluate = ["evaluate", "--output", str(run), "--test-tasks", "30"]
+    own = cli.run(evaluate)
+    copy = cli.run([*evaluate, "--dataset", "glyphs-copy"])
+    assert (copy["accuracy"], copy["loss"]) == (own["accuracy"], own["loss"]) and own["accuracy_ci95"] > 0
+    assert (copy["dataset"], own["dataset"], copy["config"]["dataset"]) == ("glyphs-copy", "glyphs", "glyphs")
+    assert json.loads((run / "evaluation-glyphs-copy-5w1s-1q.json").read_text())["loss"] == copy["loss"]
+    assert json.loads((run / "evaluation.json").read_text())["loss"] == own["loss"]
+    assert "maml glyphs-copy 5-way 1-shot (trained on glyphs 5-way 1-shot)" in capsys.readouterr().out
+
+    nothing = cli.run([*evaluate, "--dataset", "blank"])
+    assert (nothing["accuracy"], nothing["accuracy_ci95"]) == (pytest.approx(0.2, abs=1e-7), 0.0)  # float32
+
+    more = cli.run([*evaluate, "--shots", "3", "--query-shots", "2"])
+    assert asked[-1] == 5 and (more["shots"], more["query_shots"], more["dataset"]) == (3, 2, "glyphs")
+    assert (run / "evaluation-glyphs-5w3s-2q.json").is_file()
+
+    with pytest.raises(cli.BadInput, match=r"^bilevel-maml evaluate: --dataset colour is classification of 3×8×8 "
+                                            r"images; the run's network was trained on classification of 1×8×8 "
+                                            r"images \(glyphs\): evaluate on a dataset of that kind$"):
+        cli.run([*evaluate, "--dataset", "colour"])
