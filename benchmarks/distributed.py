@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 from bilevel_maml import ALGORITHMS
-from bilevel_maml.cli import OneLineParser, device_name, non_negative_int, positive_int, run_script
+from bilevel_maml.arguments import OneLineParser, device_name, non_negative_int, positive_int
+from bilevel_maml.cli import run_script
 from bilevel_maml.data.omniglot import find_subsets
 from bilevel_maml.execution import PRECISIONS, check_precision
 

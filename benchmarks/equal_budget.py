@@ -34,8 +34,8 @@ from harness import BENCHMARK_MODELS, sync  # noqa: E402
 
 from bilevel_maml import build_engine
 from bilevel_maml.allocator import keep_freed_memory
-from bilevel_maml.cli import (OneLineParser, device_name, non_negative_int, positive_float, positive_int,
-                              run_script)
+from bilevel_maml.arguments import OneLineParser, device_name, non_negative_int, positive_float, positive_int
+from bilevel_maml.cli import run_script
 from bilevel_maml.data import omniglot_small_tasksets
 from bilevel_maml.data._learn2learn import import_learn2learn
 from bilevel_maml.env import EpisodicEnv

@@ -21,7 +21,8 @@ import torch
 
 from bilevel_maml import ALGORITHMS, build_engine
 from bilevel_maml.allocator import keep_freed_memory
-from bilevel_maml.cli import OneLineParser, device_name, non_negative_int, positive_float, positive_int, run_script
+from bilevel_maml.arguments import OneLineParser, device_name, non_negative_int, positive_float, positive_int
+from bilevel_maml.cli import run_script
 from bilevel_maml.data import omniglot_small_tasksets
 from bilevel_maml.execution import PRECISIONS, check_precision
 from bilevel_maml.models import build_model

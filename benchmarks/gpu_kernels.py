@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import network, omniglot_tasks  # noqa: E402
 from implementations import PRECISION, ours  # noqa: E402
 
-from bilevel_maml.cli import OneLineParser, device_name, positive_int, run_script  # noqa: E402
+from bilevel_maml.arguments import OneLineParser, device_name, positive_int
+from bilevel_maml.cli import run_script  # noqa: E402
 from bilevel_maml.data.omniglot import find_subsets  # noqa: E402
 from bilevel_maml.execution import PRECISIONS, precision_scope  # noqa: E402
 from bilevel_maml.models import use_closed_form_norm_grads, use_grouped_conv_grads  # noqa: E402

@@ -39,7 +39,8 @@ from implementations import (BASELINE, CUDA_ONLY, IMPLEMENTATIONS, INNER_LR, MET
 
 from bilevel_maml import build_engine  # noqa: E402
 from bilevel_maml.allocator import keep_freed_memory  # noqa: E402
-from bilevel_maml.cli import DefaultsHelpFormatter, OneLineParser, device_name, positive_int, run_script  # noqa: E402
+from bilevel_maml.arguments import DefaultsHelpFormatter, OneLineParser, device_name, positive_int
+from bilevel_maml.cli import run_script  # noqa: E402
 from bilevel_maml.data.omniglot import find_subsets  # noqa: E402
 from bilevel_maml.execution import PRECISIONS, CapturedExecution, check_precision, precision_scope  # noqa: E402
 

@@ -25,7 +25,8 @@ import torch  # noqa: E402
 
 from harness import timed  # noqa: E402
 
-from bilevel_maml.cli import OneLineParser, positive_int, run_script  # noqa: E402
+from bilevel_maml.arguments import OneLineParser, positive_int
+from bilevel_maml.cli import run_script  # noqa: E402
 
 CPU = torch.device("cpu")
 

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from bilevel_maml import build_engine, cli
+from bilevel_maml import build_engine, cli, runs
 from bilevel_maml.checkpoint import Checkpointer, atomic_save, load_checkpoint
 from bilevel_maml.data import SinusoidTasks
 from bilevel_maml.engine import NonFiniteError
@@ -109,7 +109,7 @@ def test_non_finite_loss_stops_naming_the_iteration_and_keeps_the_last_good_chec
 
 def test_the_cli_reports_the_stop_and_the_checkpoint_kept(tmp_path, monkeypatch):
     clean = SinusoidTasks(points=20)
-    monkeypatch.setattr(cli, "load_tasksets", lambda *a, **k: {"train": nan_after(1 + 2 + 10), "validation": clean,
+    monkeypatch.setattr(runs, "load_tasksets", lambda *a, **k: {"train": nan_after(1 + 2 + 10), "validation": clean,
                                                                "test": clean})
     with pytest.raises(SystemExit) as stop:
         cli.run(["train", "--dataset", "sinusoid", "--meta-batch-size", "2", "--iterations", "10",

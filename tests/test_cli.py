@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bilevel_maml import cli
+from bilevel_maml import arguments, cli, runs
 from bilevel_maml.checkpoint import atomic_save, load_checkpoint
 from bilevel_maml.history import METRICS_FILE, read_metrics
 
@@ -40,13 +40,13 @@ def test_every_training_flag_reaches_the_run(tmp_path, omniglot_root):
     assert result["tasks"] == 4 and 0 <= result["accuracy"] <= 1
 
     # ...and each one took effect in the engine it describes.
-    engine = cli.build_from_config(config, torch.device("cpu"))
+    engine = runs.build_from_config(config, torch.device("cpu"))
     lower, upper, env = engine.task_learner, engine.meta_learner, engine.env
     assert type(lower).__name__ == "IMAMLLower" and lower.lam == 2.0 and upper.cg_iterations == 2
     assert (lower.inner_lr, lower.inner_steps, engine.eval_inner_steps, upper.meta_batch_size) == (0.2, 2, 4, 2)
-    assert not engine.vectorized and cli.build_from_config({**config, "vectorize": True}, torch.device("cpu")).vectorized
+    assert not engine.vectorized and runs.build_from_config({**config, "vectorize": True}, torch.device("cpu")).vectorized
     assert (env.ways, env.shots, env.query_shots, env.seed) == (3, 2, 3, 15)
-    assert not env.on_device and cli.build_from_config({**config, "sampler": "device"}, torch.device("cpu")).env.on_device
+    assert not env.on_device and runs.build_from_config({**config, "sampler": "device"}, torch.device("cpu")).env.on_device
     assert engine.precision == "fp32" and engine.execution.name == "eager"
     assert isinstance(upper.optimizer, torch.optim.Adafactor) and upper.optimizer.defaults["lr"] == 0.005
     assert upper.gradient_clipping == 5.5 and upper.meta_lr_schedule == "cosine" and upper.min_meta_lr == 1e-4
@@ -238,7 +238,7 @@ def test_a_device_sampled_run_resumes_to_exactly_the_same_theta(tmp_path, omnigl
     cli.run(omniglot_run(tmp_path / "straight", omniglot_root, "--iterations", "6"))
     cli.run(omniglot_run(tmp_path / "stopped", omniglot_root, "--iterations", "3"))
     config = json.loads((tmp_path / "stopped" / "config.json").read_text())
-    assert config["sampler"] == "auto" and cli.build_from_config(config, torch.device("cpu")).env.on_device
+    assert config["sampler"] == "auto" and runs.build_from_config(config, torch.device("cpu")).env.on_device
     cli.run(["resume", "--output", str(tmp_path / "stopped"), "--iterations", "6", "--wandb", "disabled"])
     straight, resumed = (load_checkpoint(tmp_path / run / "checkpoints" / "last.pt")["engine"]
                          for run in ("straight", "stopped"))
@@ -258,7 +258,7 @@ def test_a_run_resumes_drawing_from_the_stream_it_was_drawing_from(tmp_path):
     checkpoint = load_checkpoint(last)
     checkpoint["config"]["sampler"] = "auto"  # what such a run's configuration said
     atomic_save(checkpoint, last)
-    assert cli.build_from_config(checkpoint["config"], torch.device("cpu")).env.on_device  # auto today
+    assert runs.build_from_config(checkpoint["config"], torch.device("cpu")).env.on_device  # auto today
     cli.run(["resume", "--output", str(tmp_path / "older"), "--iterations", "6", "--wandb", "disabled"])
     straight, resumed = (load_checkpoint(tmp_path / run / "checkpoints" / "last.pt")["engine"]
                          for run in ("straight", "older"))
@@ -280,7 +280,7 @@ def test_cuda_only_options_on_the_cpu_are_refused_in_one_line(tmp_path, flags, m
 
 
 def test_every_option_is_described_and_shows_its_default_in_help():
-    parser = cli.build_parser()
+    parser = arguments.build_parser()
     commands = parser._subparsers._group_actions[0].choices
     assert set(commands) == {"train", "evaluate", "resume", "plot", "bench"}
     for name, command in commands.items():
@@ -319,9 +319,9 @@ def test_a_device_must_exist_on_this_machine(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert cli.device_name("cuda:0") == "cuda:0" and cli.device_name("cpu") == "cpu"
+    assert arguments.device_name("cuda:0") == "cuda:0" and arguments.device_name("cpu") == "cpu"
     with pytest.raises(argparse.ArgumentTypeError, match=r"'cuda:7' requested but this machine has 1 CUDA device"):
-        cli.device_name("cuda:7")
+        arguments.device_name("cuda:7")
     with pytest.raises(cli.BadInput, match=r"invalid --device: must be cpu, cuda or cuda:N, got 'gpu'"):
         cli.run(["train", "--dataset", "sinusoid", "--device", "gpu", "--wandb", "disabled"])
 

@@ -160,7 +160,7 @@ def test_the_cli_page_is_generated_from_the_parsers(site):
     sys.path.insert(0, str(REPO / "benchmarks"))
     import meta_iteration
 
-    from bilevel_maml.cli import build_parser
+    from bilevel_maml.arguments import build_parser
 
     text = (site / "cli.html").read_text()
     parser = build_parser()
