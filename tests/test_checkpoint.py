@@ -1,7 +1,6 @@
 """Checkpoints: exact resume after SIGKILL, atomic writes, non-finite stops."""
 
 import math
-import os
 import signal
 import subprocess
 import sys

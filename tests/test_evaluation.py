@@ -1,7 +1,5 @@
 """Evaluation adapts tasks in vmapped batches and scores exactly what the per-task path scores."""
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
