@@ -467,9 +467,11 @@ def _evaluation_tasks(args: argparse.Namespace, run: dict) -> dict:
     in one line, before any data is read, where the run's network cannot take its inputs."""
     config = dict(run)
     if args.dataset is not None and args.dataset != run["dataset"]:
-        load_plugins(run.get("plugins", []))
+        load_plugins(run.get("plugins", []))  # the dataset asked for may be registered by one of them
         if run["dataset"] not in DATASETS:
             raise BadInput(f"bilevel-maml: the run's {unknown_dataset(run['dataset'])}")
+        if args.dataset not in DATASETS:
+            raise BadInput(f"bilevel-maml evaluate: --dataset: {unknown_dataset(args.dataset)}")
         asked, trained = DATASETS[args.dataset], DATASETS[run["dataset"]]
         if _inputs(asked) != _inputs(trained):
             raise BadInput(f"bilevel-maml evaluate: --dataset {args.dataset} is {_inputs(asked)}; the run's network "

@@ -419,3 +419,27 @@ def test_evaluate_scores_a_run_on_other_tasks_of_the_inputs_its_network_takes(tm
                                             r"images; the run's network was trained on classification of 1×8×8 "
                                             r"images \(glyphs\): evaluate on a dataset of that kind$"):
         cli.run([*evaluate, "--dataset", "colour"])
+
+
+def test_evaluate_finds_another_dataset_of_the_runs_own_plugin(tmp_path):
+    """The name after evaluate --dataset may be registered by a plugin the run's config names (loaded
+    after parsing), with no --plugin on evaluate's command line."""
+    (tmp_path / "two_sources.py").write_text(textwrap.dedent('''
+        from bilevel_maml.data import DatasetSpec, SinusoidTasks, register_dataset
+
+        def near(samples_per_class):
+            return SinusoidTasks(points=samples_per_class)
+
+        def far(samples_per_class):
+            return SinusoidTasks(points=samples_per_class, amplitude=(4.0, 5.0))
+
+        register_dataset("near", near, DatasetSpec(1, 0, "mlp", 0.1, regression=True, shots=5))
+        register_dataset("far", far, DatasetSpec(1, 0, "mlp", 0.1, regression=True, shots=5))
+    '''))
+    trained = console("train", "--plugin", "two_sources", "--dataset", "near", "--width", "8", "--iterations", "2",
+                      "--valid-tasks", "3", "--test-tasks", "3", "--wandb", "disabled", "--output", "run", path=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    evaluated = console("evaluate", "--output", "run", "--test-tasks", "5", "--dataset", "far", path=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "far 5-shot regression (trained on near 5-shot regression)" in evaluated.stdout
+    assert json.loads((tmp_path / "run" / "evaluation-far-5s-5q.json").read_text())["dataset"] == "far"
