@@ -346,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="support examples per class of each test task (default: the run's)")
     evaluate.add_argument("--query-shots", type=positive_int,
                           help="query examples per class of each test task (default: the run's)")
+    evaluate.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                          help="show a progress bar over the test tasks (default: only when stderr is a terminal)")
     _existing_run_options(evaluate)
 
     resume = command("resume", "continue an interrupted or finished run",

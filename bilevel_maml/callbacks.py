@@ -38,6 +38,15 @@ class Callback:
             now holds it).
         """
 
+    def on_tasks_scored(self, engine, split: str, scored: int, total: int) -> None:
+        """Called during an evaluation each time a batch of tasks has been adapted and scored.
+
+        :param engine: the :class:`~bilevel_maml.engine.MetaEngine`.
+        :param split: ``"validation"``, ``"test"``, or ``"evaluation"`` for another env.
+        :param scored: tasks scored so far.
+        :param total: tasks the evaluation scores.
+        """
+
     def on_test_end(self, engine, stats: dict) -> None:
         """Called after :meth:`~bilevel_maml.engine.MetaEngine.test`.
 

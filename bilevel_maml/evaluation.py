@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -76,7 +77,7 @@ def score_tasks(task_learner, loss_fn, support, query, stacked: bool, steps: int
 
 
 def evaluate(engine, env, num_tasks: int, per_task: bool = False, inner_steps: int | None = None,
-             per_step: bool = False) -> dict:
+             per_step: bool = False, on_scored: Callable[[int], None] | None = None) -> dict:
     """Mean and 95% confidence half-width over ``num_tasks`` tasks of ``env`` of the query loss
     and, for classification, the accuracy, with θ adapted by ``engine``'s task learner. With
     ``per_task``, ``report["per_task"]`` also lists each task's values, in the order drawn (two
@@ -92,6 +93,8 @@ def evaluate(engine, env, num_tasks: int, per_task: bool = False, inner_steps: i
     :param inner_steps: inner steps per task (default: the task learner's; more than it trained
         with repeat its last step's hooks, see :meth:`~bilevel_maml.problems.base.TaskLearner.adapt`).
     :param per_step: also score the query after every inner step.
+    :param on_scored: called with the number of tasks scored so far after each batch of them (a
+        progress bar's update; the scores themselves are read once, at the end).
     """
     check_positive_int("num_tasks", num_tasks)
     steps = engine.task_learner.inner_steps if inner_steps is None else check_positive_int("inner_steps", inner_steps)
@@ -108,11 +111,13 @@ def evaluate(engine, env, num_tasks: int, per_task: bool = False, inner_steps: i
                     for _ in range(count):
                         support, query = env.sample_task()
                         scores.append(score(support, query, stacked=False))
-                    continue
-                (xs, ys), (xq, yq) = env.sample_tasks(count)
-                for lo in range(0, count, per_call):
-                    part = lo if per_call == 1 else slice(lo, min(count, lo + per_call))
-                    scores.append(score((xs[part], ys[part]), (xq[part], yq[part]), stacked=per_call > 1))
+                else:
+                    (xs, ys), (xq, yq) = env.sample_tasks(count)
+                    for lo in range(0, count, per_call):
+                        part = lo if per_call == 1 else slice(lo, min(count, lo + per_call))
+                        scores.append(score((xs[part], ys[part]), (xq[part], yq[part]), stacked=per_call > 1))
+                if on_scored is not None:
+                    on_scored(start + count)
     finally:
         engine.train()
     columns = {key: torch.cat([s[key] for s in scores]).to(torch.float64) for key in scores[0]}

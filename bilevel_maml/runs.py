@@ -438,6 +438,7 @@ def command_evaluate(args: argparse.Namespace) -> dict:
     run = checkpoint["config"]
     config = _evaluation_tasks(args, run)
     engine = build_from_config(config, _device(args.device or config["device"]))
+    engine.callbacks.append(ProgressBar(args.progress))
     engine.load_parameters(checkpoint["engine"])
     engine.meta_iteration = checkpoint["engine"]["meta_iteration"]
     if args.eval_inner_steps is not None:
