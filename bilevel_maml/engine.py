@@ -381,7 +381,7 @@ class MetaEngine(Engine):
         # size schedule, say), also for a checkpoint just loaded or θ before any training.
         for problem in (self.meta_learner, self.task_learner):
             problem.on_meta_iteration_start(max(self.theta_iteration, 1), self.meta_iterations)
-        split = {id(self.valid_env): "validation", id(self.test_env): "test"}.get(id(env), "evaluation")
+        split = "validation" if env is self.valid_env else "test" if env is self.test_env else "evaluation"
         return evaluation.evaluate(self, env, num_tasks, per_task,
                                    self.eval_inner_steps if inner_steps is None else inner_steps, per_step,
                                    on_scored=lambda scored: self._call("on_tasks_scored", split, scored, num_tasks))
