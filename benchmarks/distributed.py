@@ -66,7 +66,7 @@ def worker(args) -> None:
             execution=engine.execution.name,
             tasks_per_rank=engine.meta_batch_size, vectorized=engine.vectorized,
             seconds_per_iteration=seconds, tasks_per_second=args.meta_batch_size / seconds)))
-    distributed.shutdown()
+    distributed.shutdown(wait_for_the_others=True)
 
 
 def free_port() -> int:

@@ -43,7 +43,9 @@ def run(argv: list[str] | None = None) -> dict:
     command = {"train": command_train, "evaluate": command_evaluate, "resume": command_resume,
                "plot": command_plot, "bench": lambda args: _bench(args.bench_args)}[args.command]
     try:
-        return command(args)
+        result = command(args)
+        distributed.shutdown(wait_for_the_others=True)
+        return result
     except BAD_INPUT_ERRORS as error:
         raise BadInput(f"bilevel-maml {args.command}: {error}") from None
     except (CheckpointWriteError, distributed.RankFailure) as error:

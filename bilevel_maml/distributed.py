@@ -51,8 +51,16 @@ def init_from_environment(device: torch.device, timeout_seconds: float = DEFAULT
     return device
 
 
-def shutdown() -> None:
+def shutdown(wait_for_the_others: bool = False) -> None:
+    """Leave the process group (if one was joined).
+
+    :param wait_for_the_others: first wait until every rank has got here, as on a normal end: a rank
+        that closes its connections while another still reads its last message makes gloo abort
+        that one ("Connection closed by peer", SIGABRT).
+    """
     if dist.is_available() and dist.is_initialized():
+        if wait_for_the_others:
+            barrier("waiting for the other ranks to finish")
         dist.destroy_process_group()
 
 

@@ -64,5 +64,4 @@ for run in args.runs:
                   "buffers": [b.detach().clone() for b in model.buffers()]}
 
 torch.save(saved, os.path.join(args.out, f"rank{rank}.pt"))
-distributed.barrier()
-distributed.shutdown()
+distributed.shutdown(wait_for_the_others=True)
