@@ -322,10 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "--test-tasks test tasks and write evaluation.json (or --result FILE). The tasks are the "
                        "run's unless --dataset, --shots or --query-shots say otherwise: another dataset of the same "
                        "inputs (cross-domain), more or fewer examples per class (written to "
-                       "evaluation-<dataset>-<ways>w<shots>s-<query shots>q.json).")
+                       "evaluation-<dataset>-<ways>w<shots>s-<query shots>q.json). --split validation scores the "
+                       "validation split instead (evaluation-validation*.json), for choosing among checkpoints or "
+                       "settings without looking at the test split.")
     evaluate.add_argument("--output", metavar="FOLDER", help="run folder (uses checkpoints/best.pt, else last.pt)")
     evaluate.add_argument("--checkpoint", metavar="FILE", help="checkpoint file (instead of --output)")
-    evaluate.add_argument("--test-tasks", type=positive_int, default=600, help="test tasks to score")
+    evaluate.add_argument("--test-tasks", type=positive_int, default=600, help="tasks to score (of --split)")
+    evaluate.add_argument("--split", choices=("test", "validation"), default="test",
+                          help="which split's tasks: test (the report), or validation (to choose a checkpoint or a "
+                               "setting by)")
     evaluate.add_argument("--eval-inner-steps", type=positive_int,
                           help="inner steps of each test task (default: the run's)")
     evaluate.add_argument("--per-step", action="store_true",

@@ -443,18 +443,22 @@ def command_evaluate(args: argparse.Namespace) -> dict:
     engine.meta_iteration = checkpoint["engine"]["meta_iteration"]
     if args.eval_inner_steps is not None:
         engine.eval_inner_steps = args.eval_inner_steps
-    result = engine.test(args.test_tasks, per_step=args.per_step)
+    if args.split == "test":
+        result = engine.test(args.test_tasks, per_step=args.per_step)
+    else:
+        result = engine.evaluate(engine.valid_env, args.test_tasks, per_step=args.per_step)
     tasks = {key: config[key] for key in EVALUATION_TASKS}
     result.update(checkpoint=str(path), iteration=engine.meta_iteration, eval_inner_steps=engine.eval_inner_steps,
-                  **tasks, config=run)
+                  split=args.split, **tasks, config=run)
     own_tasks = tasks == {key: run[key] for key in EVALUATION_TASKS}
-    name = "evaluation.json" if own_tasks else f"evaluation-{config['dataset']}-{_setting(config)}.json"
+    name = "-".join(["evaluation", *(["validation"] if args.split == "validation" else []),
+                     *([] if own_tasks else [config["dataset"], _setting(config)])]) + ".json"
     target = Path(args.result) if args.result else path.parent.parent / name
     atomic_save_json(target, result)
     trained_on = "" if own_tasks else f" (trained on {run['dataset']} {_task_kind(run)})"
     print(f"{config['algorithm']} {config['dataset']} {_task_kind(config)}{trained_on}, "
           f"θ from {path} (iteration {engine.meta_iteration}): {_format(result)} "
-          f"(95% CI over {result['tasks']} test tasks{_evaluation_steps(engine)}); written to {target}")
+          f"(95% CI over {result['tasks']} {args.split} tasks{_evaluation_steps(engine)}); written to {target}")
     _print_per_step(result)
     return result
 

@@ -82,6 +82,26 @@ def sinusoid_run(output, *extra):
             "--wandb", "disabled", *extra]
 
 
+def test_evaluate_on_the_validation_split_scores_the_tasks_training_validated_on(tmp_path, capsys):
+    """--split validation draws the validation stream from its start: with θ of the run's only
+    validation (best.pt, iteration 4), the same number of tasks scores exactly what training logged
+    there; the test split scores other tasks, and the test's evaluation.json is not written."""
+    cli.run(["train", "--dataset", "sinusoid", "--iterations", "4", "--meta-batch-size", "2", "--valid-every", "4",
+             "--valid-tasks", "7", "--test-tasks", "5", "--wandb", "disabled", "--no-progress",
+             "--output", str(tmp_path / "run")])
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    validated = next(row for row in logged if "validation/loss" in row)
+    evaluate = ["evaluate", "--output", str(tmp_path / "run"), "--test-tasks", "7"]
+    on_validation = cli.run([*evaluate, "--split", "validation"])
+    assert (on_validation["loss"], on_validation["loss_ci95"]) == (validated["validation/loss"],
+                                                                   validated["validation/loss_ci95"])
+    assert on_validation["split"] == "validation" and on_validation["iteration"] == validated["step"] == 4
+    assert "(95% CI over 7 validation tasks)" in capsys.readouterr().out
+    assert (tmp_path / "run" / "evaluation-validation.json").is_file()
+    assert not (tmp_path / "run" / "evaluation.json").exists()
+    assert cli.run(evaluate)["loss"] != on_validation["loss"]
+
+
 def test_evaluate_reports_mean_and_ci_and_writes_json(tmp_path, capsys):
     cli.run(sinusoid_run(tmp_path / "run"))
     assert cli.parse(["evaluate", "--output", "x"]).test_tasks == 600
