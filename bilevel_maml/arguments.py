@@ -332,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="which split's tasks: test (the report), or validation (to choose a checkpoint or a "
                                "setting by)")
     evaluate.add_argument("--eval-inner-steps", type=positive_int,
-                          help="inner steps of each test task (default: the run's)")
+                          help="inner steps of each task (default: the run's)")
     evaluate.add_argument("--per-step", action="store_true",
                           help="also report the mean ± 95%% CI after 0, 1, ..., --eval-inner-steps inner steps "
                                "(per_step in the JSON file)")
@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="JSON file to write (default: <run folder>/evaluation.json, or the name above for "
                                "other tasks than the run's)")
     evaluate.add_argument("--dataset", type=str.lower, metavar="DATASET",  # checked once the run's plugins are in
-                          help="test split of another dataset whose inputs the run's network takes (the same image "
+                          help="another dataset whose inputs the run's network takes (the same image "
                                "channels and size; classification or regression as the run) (default: the run's)")
     evaluate.add_argument("--data-root", metavar="FOLDER",
                           help="folder holding --dataset's files (default: the run's for its own dataset, else "
@@ -348,11 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--download", action="store_true",
                           help="let learn2learn download missing benchmark files (needs internet)")
     evaluate.add_argument("--shots", type=positive_int,
-                          help="support examples per class of each test task (default: the run's)")
+                          help="support examples per class of each task (default: the run's)")
     evaluate.add_argument("--query-shots", type=positive_int,
-                          help="query examples per class of each test task (default: the run's)")
+                          help="query examples per class of each task (default: the run's)")
     evaluate.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                          help="show a progress bar over the test tasks (default: only when stderr is a terminal)")
+                          help="show a progress bar over the tasks (default: only when stderr is a terminal)")
     _existing_run_options(evaluate)
 
     resume = command("resume", "continue an interrupted or finished run",
