@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 
 def defined_as(function) -> tuple[str, str]:
@@ -25,3 +25,26 @@ def outside_package(function) -> list[str]:
     ``__main__``); else an empty list."""
     module = getattr(function, "__module__", None) if function is not None else None
     return [module] if module and module != "bilevel_maml" and not module.startswith("bilevel_maml.") else []
+
+
+def refuse_taken_name(kind: str, name: str, built_in: Iterable[str], held, code, yours: str) -> None:
+    """Raise ValueError where ``name`` may not be registered for ``code``: it is built in, or it is
+    registered (``held``) with code defined elsewhere. The same code defined again (a reloaded
+    module, a notebook cell run twice) may replace itself; anything else would quietly make runs of
+    an existing name run other code.
+
+    :param kind: ``"algorithm"``, ``"model"`` or ``"dataset"``, for the message.
+    :param held: what the registry holds under ``name`` (None: nothing); a tuple for several pieces
+        of code (an algorithm's classes).
+    :param code: what is being registered, in the same form as ``held``.
+    :param yours: how the message names what is registered ("your network").
+    """
+    if name in built_in:
+        raise ValueError(f"{kind} {name!r} is built in; register {yours} under another name")
+    if held is not None and _where(held) != _where(code):
+        raise ValueError(f"{kind} {name!r} is already registered ({_where(held)}); register {yours} under another name")
+
+
+def _where(code) -> str:
+    pieces = code if isinstance(code, tuple) else (code,)
+    return " and ".join(".".join(defined_as(piece)) for piece in pieces)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bilevel_maml._factories import call_with_named_keywords, defined_as
+from bilevel_maml._factories import call_with_named_keywords, refuse_taken_name
 from bilevel_maml.batch_norm import batch_norm
 from bilevel_maml.grouped_conv import grouped_conv2d
 from bilevel_maml.relu_and_max_pool import max_pool2d, relu
@@ -374,12 +374,7 @@ def register_model(name: str, factory: Callable[..., nn.Module]) -> None:
     if not callable(factory):
         raise TypeError(f"register_model needs a callable that returns an nn.Module, got {factory!r}")
     key = name.lower()
-    if key in MODELS:
-        raise ValueError(f"model {key!r} is built in; register your network under another name")
-    registered = REGISTERED_MODELS.get(key)
-    if registered is not None and defined_as(registered) != defined_as(factory):
-        raise ValueError(f"model {key!r} is already registered ({'.'.join(defined_as(registered))}); register "
-                         f"your network under another name")
+    refuse_taken_name("model", key, MODELS, REGISTERED_MODELS.get(key), factory, "your network")
     REGISTERED_MODELS[key] = factory
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bilevel_maml._factories import call_with_named_keywords, defined_as
+from bilevel_maml._factories import call_with_named_keywords, refuse_taken_name
 from bilevel_maml.data.benchmarks import BENCHMARKS, benchmark_tasksets
 from bilevel_maml.data.omniglot import omniglot_small_tasksets
 from bilevel_maml.data.sinusoid import SinusoidTasks
@@ -92,12 +92,8 @@ def register_dataset(name: str, load: Callable, spec: DatasetSpec) -> None:
     check_positive("spec.inner_lr", spec.inner_lr)
     check_positive_int("spec.shots", spec.shots)
     key = name.lower()
-    if key in BUILT_IN_DATASETS:
-        raise ValueError(f"dataset {key!r} is built in; register your task source under another name")
-    registered = DATASETS.get(key)
-    if registered is not None and defined_as(registered.load) != defined_as(load):
-        raise ValueError(f"dataset {key!r} is already registered ({'.'.join(defined_as(registered.load))}); "
-                         f"register your task source under another name")
+    held = DATASETS[key].load if key in DATASETS else None
+    refuse_taken_name("dataset", key, BUILT_IN_DATASETS, held, load, "your task source")
     DATASETS[key] = replace(spec, load=load)
 
 

@@ -2,7 +2,7 @@
 
 import inspect
 
-from bilevel_maml._factories import defined_as
+from bilevel_maml._factories import refuse_taken_name
 from bilevel_maml.problems.anil import ANILLower, ANILUpper
 from bilevel_maml.problems.base import MetaLearner, TaskLearner, current_inner_step
 from bilevel_maml.problems.boil import BOILLower, BOILUpper
@@ -47,13 +47,8 @@ def register_algorithm(name: str, upper: type[MetaLearner], lower: type[TaskLear
             and isinstance(lower, type) and issubclass(lower, TaskLearner)):
         raise TypeError(f"register_algorithm needs a MetaLearner subclass and a TaskLearner subclass, got "
                         f"{upper!r} and {lower!r}")
-    registered = ALGORITHMS.get(name.lower())
-    if registered is not None and list(map(defined_as, registered)) != [defined_as(upper), defined_as(lower)]:
-        # a redefinition of the same classes (a module reloaded, a notebook cell run again) may replace them;
-        # anything else would quietly make runs of an existing name run other code
-        held = " and ".join(".".join(defined_as(cls)) for cls in registered)
-        raise ValueError(f"algorithm {name.lower()!r} is already registered ({held}); register the variant under "
-                         f"another name")
+    # the built-in algorithms are in ALGORITHMS: taking one's name is refused as registered
+    refuse_taken_name("algorithm", name.lower(), (), ALGORITHMS.get(name.lower()), (upper, lower), "the variant")
     ALGORITHMS[name.lower()] = (upper, lower)
 
 
