@@ -125,14 +125,19 @@ def _registered_model(config: dict, spec, outputs: int) -> torch.nn.Module:
                        f"{' '.join(str(error).split())}") from None
 
 
+def _runs_dataset(config: dict):
+    """The spec of the run's dataset (its plugins loaded), or one line saying it is unknown."""
+    if config["dataset"] not in DATASETS:
+        raise BadInput(f"bilevel-maml: the run's {unknown_dataset(config['dataset'])}")
+    return DATASETS[config["dataset"]]
+
+
 def build_from_config(config: dict, device: torch.device) -> MetaEngine:
     """The engine a run's configuration describes (same path for train, evaluate and resume)."""
     load_plugins(config.get("plugins", []))
     if config["algorithm"] not in ALGORITHMS:
         raise BadInput(f"bilevel-maml: the run's {unknown_algorithm(config['algorithm'])}")
-    if config["dataset"] not in DATASETS:
-        raise BadInput(f"bilevel-maml: the run's {unknown_dataset(config['dataset'])}")
-    spec = DATASETS[config["dataset"]]
+    spec = _runs_dataset(config)
     if config["model"] not in known_models():
         raise BadInput(f"bilevel-maml: the run's {unknown_model(config['model'])}")
     if spec.vector_inputs and config["model"] in MODELS and config["model"] != "mlp":
@@ -473,11 +478,10 @@ def _evaluation_tasks(args: argparse.Namespace, run: dict) -> dict:
     config = dict(run)
     if args.dataset is not None and args.dataset != run["dataset"]:
         load_plugins(run.get("plugins", []))  # the dataset asked for may be registered by one of them
-        if run["dataset"] not in DATASETS:
-            raise BadInput(f"bilevel-maml: the run's {unknown_dataset(run['dataset'])}")
+        trained = _runs_dataset(run)
         if args.dataset not in DATASETS:
             raise BadInput(f"bilevel-maml evaluate: --dataset: {unknown_dataset(args.dataset)}")
-        asked, trained = DATASETS[args.dataset], DATASETS[run["dataset"]]
+        asked = DATASETS[args.dataset]
         if _inputs(asked) != _inputs(trained):
             raise BadInput(f"bilevel-maml evaluate: --dataset {args.dataset} is {_inputs(asked)}; the run's network "
                            f"was trained on {_inputs(trained)} ({run['dataset']}): evaluate on a dataset of that kind")
