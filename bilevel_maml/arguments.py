@@ -353,6 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="query examples per class of each task (default: the run's)")
     evaluate.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                           help="show a progress bar over the tasks (default: only when stderr is a terminal)")
+    evaluate.add_argument("--wandb", choices=WandbLogger.MODES,
+                          help="W&B mode for the scores, which go to the summary of the run's W&B run as "
+                               "<file name>/accuracy and so on (evaluation/accuracy, "
+                               "evaluation-validation/accuracy, ...) (default: the run's; disabled: JSON only)")
     _existing_run_options(evaluate)
 
     resume = command("resume", "continue an interrupted or finished run",

@@ -410,10 +410,7 @@ class MetaEngine(Engine):
         if self.test_env is None:
             raise ValueError("this engine has no test_env; pass test_env= to report test accuracy")
         stats = self.evaluate(self.test_env, num_tasks, per_step=per_step)
-        logged = {f"test/{k}": v for k, v in stats.items() if k != "per_step"}
-        for name, values in stats.get("per_step", {}).items():  # scalars, so each point is in the W&B summary
-            logged.update({f"test/{name}_after_{steps}_steps": value for steps, value in enumerate(values)})
-        self.logger.log(logged, step=self.meta_iteration)
+        self.logger.log(evaluation.scalar_scores(stats, "test"), step=self.meta_iteration)
         self._call("on_test_end", stats)
         return stats
 

@@ -135,4 +135,17 @@ def evaluate(engine, env, num_tasks: int, per_task: bool = False, inner_steps: i
     return report
 
 
-__all__ = ["evaluate", "mean_and_ci95"]
+def scalar_scores(report: dict, tag: str) -> dict:
+    """An evaluation's report as ``tag/name`` scalars for W&B: the per-step lists become one value
+    per number of steps (``tag/accuracy_after_2_steps``), so each point shows in the run's summary.
+
+    :param report: what :func:`evaluate` returned (``per_task`` is left out).
+    :param tag: the prefix: ``test``, or ``evaluation`` and the like for ``bilevel-maml evaluate``.
+    """
+    scalars = {f"{tag}/{key}": value for key, value in report.items() if key not in ("per_step", "per_task")}
+    for name, values in report.get("per_step", {}).items():
+        scalars.update({f"{tag}/{name}_after_{steps}_steps": value for steps, value in enumerate(values)})
+    return scalars
+
+
+__all__ = ["evaluate", "mean_and_ci95", "scalar_scores"]

@@ -53,7 +53,7 @@ class WandbLogger(LoggerBase):
             self.run = wandb.init(project=project, name=name, group=group, tags=list(tags or []) or None,
                                   config=config, mode=mode, dir=dir, settings=wandb.Settings(silent=True), **resume)
         except Exception as error:  # wandb must never be the reason a training run dies
-            warnings.warn(f"wandb could not start ({error}); training continues without W&B logging")
+            warnings.warn(f"wandb could not start ({error}); going on without W&B logging")
 
     @property
     def run_dir(self) -> str | None:
@@ -78,6 +78,16 @@ class WandbLogger(LoggerBase):
         if self.run is not None and self._pending:
             self.run.log(self._pending, step=self._pending_step)
         self._pending = {}
+
+    def summarize(self, stats: dict) -> None:
+        """Put ``stats`` in the run's summary, outside its history: a score computed after training
+        (``bilevel-maml evaluate``), which belongs to no meta-iteration.
+
+        :param stats: names (e.g. ``evaluation/accuracy``) and values (numbers, strings).
+        """
+        if self.run is not None and stats:
+            self.flush()
+            self.run.summary.update({key: _scalar(value) for key, value in stats.items()})
 
     def log_artifact(self, path, name: str, type: str = "model", metadata: dict | None = None):
         """Attach a file (e.g. the best checkpoint) to the run as a versioned artifact.
@@ -147,12 +157,13 @@ def _records(path):
 def read_offline_run(run_dir) -> dict:
     """Read an offline wandb run back: ``{"run", "config", "history", "summary", "artifacts", "parts"}``.
 
-    A resumed training run continues its W&B run (same id), which offline wandb writes as one
-    more ``offline-run-<time>-<id>`` folder beside the first; every such folder of ``run_dir``'s id
-    is read, in the order written, and merged as ``wandb sync`` merges them: ``history`` is one
-    dict per logged step (with ``_step``), in step order, a step logged again (the iterations
-    redone after a kill) replacing the earlier row; ``summary`` holds the last value of every key,
-    as W&B shows it; ``parts`` lists the folders read. Useful on machines that never sync.
+    A resumed training run, or ``bilevel-maml evaluate``, continues its W&B run (same id), which
+    offline wandb writes as one more ``offline-run-<time>-<id>`` folder beside the first; every such
+    folder of ``run_dir``'s id is read, in the order written, and merged as ``wandb sync`` merges
+    them: ``history`` is one dict per logged step (with ``_step``), in step order, a step logged
+    again (the iterations redone after a kill) replacing the earlier row; ``config`` and ``summary``
+    hold the last value of every key, as W&B shows them; ``parts`` lists the folders read. Useful
+    on machines that never sync.
 
     :param run_dir: one ``wandb/offline-run-*`` folder of the run.
     """
@@ -160,37 +171,44 @@ def read_offline_run(run_dir) -> dict:
     from pathlib import Path
 
     run_dir = Path(run_dir)
-    run_id = run_dir.name.rsplit("-", 1)[-1]
-    parts = sorted(p for p in run_dir.parent.glob(f"offline-run-*-{run_id}") if p.is_dir()) or [run_dir]
+    run_id = _run_file(run_dir).stem[len("run-"):]
+    # offline-run-<start, to the second>-<id>, with "-1", "-2", ... where a part started in the second of another
+    parts = sorted((p for p in run_dir.parent.glob(f"offline-run-*-{run_id}*") if (p / f"run-{run_id}.wandb").is_file()),
+                   key=lambda p: (p.name.split("-")[2], int(p.name.split(run_id)[-1][1:] or 0))) or [run_dir]
     read = [_read_one_offline_run(part) for part in parts]
     rows: dict = {}
     for part in read:
         for row in part["history"]:
             rows[row.get("_step", len(rows))] = row
-    merged = {"run": read[-1]["run"], "config": read[-1]["config"], "summary": {}, "artifacts": [],
+    merged = {"run": read[-1]["run"], "config": {}, "summary": {}, "artifacts": [],
               "history": [rows[step] for step in sorted(rows)], "parts": [os.fspath(p) for p in parts]}
     for part in read:
+        merged["config"].update(part["config"])
         merged["summary"].update(part["summary"])
         merged["artifacts"] += part["artifacts"]
     return merged
 
 
+def _run_file(run_dir):
+    from pathlib import Path
+
+    files = sorted(Path(run_dir).glob("run-*.wandb"))
+    if not files:
+        raise FileNotFoundError(f"no run-*.wandb file in {str(run_dir)!r}; is it a wandb run folder?")
+    return files[0]
+
+
 def _read_one_offline_run(run_dir) -> dict:
-    import glob
     import json
-    import os
 
     from wandb.proto import wandb_internal_pb2
 
-    files = glob.glob(os.path.join(run_dir, "run-*.wandb"))
-    if not files:
-        raise FileNotFoundError(f"no run-*.wandb file in {run_dir!r}; is it a wandb run folder?")
     config, history, summary, artifacts, identity = {}, [], {}, [], {}
 
     def key_of(item):
         return item.key or "/".join(item.nested_key)
 
-    for payload in _records(files[0]):
+    for payload in _records(_run_file(run_dir)):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(payload)
         kind = record.WhichOneof("record_type")

@@ -23,6 +23,7 @@ from bilevel_maml.builder import build_engine
 from bilevel_maml.checkpoint import CHECKPOINT_FILES, Checkpointer, load_checkpoint, newest_intact
 from bilevel_maml.data.sources import DATASETS, load_tasksets
 from bilevel_maml.engine import MetaEngine, NonFiniteError
+from bilevel_maml.evaluation import scalar_scores
 from bilevel_maml.execution import check_precision
 from bilevel_maml.history import METRICS_FILE, RUN_PLACEMENT_KEYS, MetricsFile, plain_json
 from bilevel_maml.logging import WandbLogger
@@ -457,15 +458,32 @@ def command_evaluate(args: argparse.Namespace) -> dict:
                   split=args.split, **tasks, config=run)
     own_tasks = tasks == {key: run[key] for key in EVALUATION_TASKS}
     name = "-".join(["evaluation", *(["validation"] if args.split == "validation" else []),
-                     *([] if own_tasks else [config["dataset"], _setting(config)])]) + ".json"
-    target = Path(args.result) if args.result else path.parent.parent / name
+                     *([] if own_tasks else [config["dataset"], _setting(config)])])
+    target = Path(args.result) if args.result else path.parent.parent / f"{name}.json"
     atomic_save_json(target, result)
     trained_on = "" if own_tasks else f" (trained on {run['dataset']} {_task_kind(run)})"
     print(f"{config['algorithm']} {config['dataset']} {_task_kind(config)}{trained_on}, "
           f"θ from {path} (iteration {engine.meta_iteration}): {_format(result)} "
           f"(95% CI over {result['tasks']} {args.split} tasks{_evaluation_steps(engine)}); written to {target}")
     _print_per_step(result)
+    wandb_mode = args.wandb or run.get("wandb", "disabled")
+    if wandb_mode != "disabled":
+        _summarize_in_the_runs_wandb(result, name, run, wandb_mode, path.parent.parent)
     return result
+
+
+def _summarize_in_the_runs_wandb(result: dict, tag: str, run: dict, mode: str, folder: Path) -> None:
+    """Put an evaluation's scores in the summary of the W&B run that training logged to (the same
+    id, project and folder), as ``<tag>/accuracy`` and so on: W&B's way to add a score after a run."""
+    scores = {key: value for key, value in result.items() if key != "config"}
+    logger = WandbLogger(project=run.get("wandb_project", RUN_LOGGING_DEFAULTS["wandb_project"]),
+                         name=run.get("run_name") or Path(run["output"]).name, group=run.get("group"),
+                         tags=run.get("tags"), config=run, mode=mode, dir=str(folder), id=run.get("wandb_id"))
+    logger.summarize(scalar_scores(scores, tag))
+    run_dir = logger.run_dir
+    logger.finish()
+    if run_dir:
+        print(f"W&B {mode} run: {run_dir} (summary: {tag}/...)", flush=True)
 
 
 #: what a task of ``evaluate`` is made of, the run's unless its flags say otherwise

@@ -2,6 +2,9 @@
 
 import glob
 import json
+import time
+from datetime import datetime
+from pathlib import Path
 
 import pytest
 
@@ -49,11 +52,11 @@ def test_training_continues_with_a_warning_when_wandb_cannot_start(monkeypatch, 
         raise RuntimeError("no network")
 
     monkeypatch.setattr(wandb, "init", refuse)
-    with pytest.warns(UserWarning, match="wandb could not start \\(no network\\); training continues"):
+    with pytest.warns(UserWarning, match="wandb could not start \\(no network\\); going on without W&B"):
         logger = WandbLogger(mode="online")
     logger.log({"loss": 1.0}, step=1)
     logger.finish()
-    with pytest.warns(UserWarning, match="training continues without W&B"):
+    with pytest.warns(UserWarning, match="going on without W&B"):
         result = cli.run(["train", "--dataset", "sinusoid", "--iterations", "2", "--meta-batch-size", "2",
                            "--test-tasks", "5", "--output", str(tmp_path / "run"), "--wandb", "online"])
     assert result["tasks"] == 5
@@ -74,3 +77,54 @@ def test_the_run_folder_is_complete_as_soon_as_finish_returns(tmp_path):
         logger.finish()
         run = read_offline_run(run_dir)
         assert run["run"]["name"] == f"run{i}" and [r["train/loss"] for r in run["history"]] == [1.0, 2.0, 3.0]
+
+
+def test_evaluate_puts_its_scores_in_the_summary_of_the_runs_wandb_run(tmp_path):
+    """W&B's way to add a score after a run: the same run (id, project, folder) continued, the
+    scores in its summary under the name of evaluate's JSON file; training's history is left as is."""
+    output = tmp_path / "run"
+    cli.run(["train", "--dataset", "sinusoid", "--iterations", "4", "--meta-batch-size", "2", "--valid-every", "2",
+             "--valid-tasks", "3", "--test-tasks", "5", "--output", str(output), "--wandb-project", "bm-eval",
+             "--run-name", "short", "--no-progress"])
+    (trained,) = glob.glob(str(output / "wandb" / "offline-run-*"))
+    before = read_offline_run(trained)
+    own = cli.run(["evaluate", "--output", str(output), "--test-tasks", "7", "--eval-inner-steps", "2", "--per-step"])
+    other = cli.run(["evaluate", "--output", str(output), "--test-tasks", "6", "--split", "validation", "--shots", "3"])
+    cli.run(["evaluate", "--output", str(output), "--test-tasks", "4", "--wandb", "disabled",
+             "--result", str(tmp_path / "unlogged.json")])
+
+    run = read_offline_run(trained)
+    assert len(run["parts"]) == 3 and run["history"] == before["history"]
+    assert run["config"] == before["config"] and run["run"] == before["run"]  # project bm-eval, name short
+    summary = run["summary"]
+    assert {key: summary[key] for key in before["summary"] if not key.startswith("_")} == \
+        {key: value for key, value in before["summary"].items() if not key.startswith("_")}
+    for key in ("loss", "loss_ci95", "tasks", "iteration", "eval_inner_steps", "split", "shots"):
+        assert summary[f"evaluation/{key}"] == own[key]
+        assert summary[f"evaluation-validation-sinusoid-3s-10q/{key}"] == other[key]
+    assert [summary[f"evaluation/loss_after_{steps}_steps"] for steps in (0, 1, 2)] == own["per_step"]["loss"]
+    assert summary["evaluation/tasks"] == 7 and summary["evaluation-validation-sinusoid-3s-10q/shots"] == 3
+
+
+def test_a_part_started_in_the_second_of_another_is_read_as_a_part_of_the_run(tmp_path):
+    """Offline wandb names a part's folder by its start to the second and the run id, and one that
+    starts in the second of another part gets "-1" appended: still a part of the run."""
+    first = WandbLogger(project="p", name="n", config={"algorithm": "maml"}, dir=str(tmp_path), id="samesec1")
+    first.log({"loss": 1.0}, tag="train", step=1)
+    first_dir = Path(first.run_dir)
+    first.finish()
+    # as if it had started this second (its start is a second or more ago by now), early in it
+    time.sleep(1 - time.time() % 1)
+    first_dir = first_dir.rename(first_dir.with_name(f"offline-run-{datetime.now():%Y%m%d_%H%M%S}-samesec1"))
+    second = WandbLogger(project="p", name="n", dir=str(tmp_path), id="samesec1")
+    second.summarize({"evaluation/accuracy": 0.75})
+    second_dir = Path(second.run_dir)
+    second.finish()
+    if second_dir.name.split("-")[2] != first_dir.name.split("-")[2]:
+        pytest.skip("the clock reached the next second between the two starts")
+    assert second_dir.name == f"{first_dir.name}-1"
+    for run_dir in (first_dir, second_dir):
+        run = read_offline_run(run_dir)
+        assert run["parts"] == [str(first_dir), str(second_dir)]
+        assert [row["train/loss"] for row in run["history"]] == [1.0]
+        assert run["summary"]["evaluation/accuracy"] == 0.75 and run["config"] == {"algorithm": "maml"}
