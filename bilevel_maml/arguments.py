@@ -472,11 +472,24 @@ def load_plugins(modules) -> None:
             raise BadInput(f"bilevel-maml: --plugin: {error}") from None
 
 
+def _plugins_named(argv: list[str]) -> list[str]:
+    """The modules of ``--plugin`` options in ``argv``, in the spellings argparse takes (``--plugin M``,
+    ``--plugin=M``, abbreviated to ``--plug``)."""
+    modules = []
+    for at, word in enumerate(argv):
+        flag, equals, value = word.partition("=")
+        if len(flag) > 3 and "--plugin".startswith(flag):
+            modules.append(value if equals else argv[at + 1] if at + 1 < len(argv) else "")
+    return [module for module in modules if module and not module.startswith("-")]
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # the benchmark has its own options
         return argparse.Namespace(command="bench", bench_args=argv[1:])
     load_entry_points()
+    if "-h" in argv or "--help" in argv:  # argparse prints help the moment it reads the flag
+        load_plugins(_plugins_named(argv))  # so that it lists what those after the flag register too
     parser = build_parser()
     args = parser.parse_args(argv)  # imports each --plugin module as it comes
     command = parser._subparsers._group_actions[0].choices[args.command]

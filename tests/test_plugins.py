@@ -209,11 +209,13 @@ def test_names_on_the_command_line_may_come_from_a_plugin_however_it_is_named(tm
     assert parsed.stdout.split() == ["cavia", "context-mlp", "['cavia']"]
 
 
-def test_help_lists_what_the_plugins_before_it_register(tmp_path):
+def test_help_lists_what_the_plugins_register(tmp_path):
+    """Before or after --help (argparse prints help the moment it reads the flag)."""
     shutil.copy(EXAMPLES / "cavia.py", tmp_path / "cavia.py")
-    shown = " ".join(console("train", "--plug", "cavia", "--help", path=tmp_path).stdout.split())
-    assert "an unknown name lists the known ones; registered now: cavia (default: maml)" in shown
-    assert "(default: conv4; mlp for sinusoid); registered now: context-conv4, context-mlp" in shown
+    for argv in (["--plug", "cavia", "--help"], ["--help", "--plugin", "cavia"], ["-h", "--plugin=cavia"]):
+        shown = " ".join(console("train", *argv, path=tmp_path).stdout.split())
+        assert "an unknown name lists the known ones; registered now: cavia (default: maml)" in shown, argv
+        assert "(default: conv4; mlp for sinusoid); registered now: context-conv4, context-mlp" in shown, argv
     assert "registered now" not in " ".join(console("train", "--help", path=tmp_path).stdout.split())
 
 
