@@ -59,6 +59,28 @@ def test_build_engine_accepts_an_optimizer_factory_and_a_scheduler():
     assert engine.meta_learner.optimizer.param_groups[0]["momentum"] == 0.9
 
 
+
+def test_a_run_with_an_lr_scheduler_resumed_from_its_state_ends_as_if_never_stopped():
+    """The scheduler's state travels in the engine's state (checkpoints): resumed after 3 of 6
+    iterations, the rates and θ are those of the run that never stopped."""
+    def engine(iterations):
+        torch.manual_seed(0)
+        return build_engine("maml", nn.Linear(6, 5).double(), random_classification_source(5, 4, 6), ways=5,
+                            shots=1, meta_iterations=iterations, meta_batch_size=2, meta_lr=0.1,
+                            scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5))
+
+    straight = engine(6)
+    straight.run()
+    stopped = engine(3)
+    stopped.run()
+    resumed = engine(6)
+    resumed.load_state_dict(copy.deepcopy(stopped.state_dict()))
+    history = resumed.run()
+    assert [h["lr"] for h in history] == [h["lr"] for h in straight.history] == [0.1, 0.1, 0.05, 0.05, 0.025, 0.025]
+    for got, want in zip(resumed.meta_learner.module.parameters(), straight.meta_learner.module.parameters()):
+        assert torch.equal(got, want)
+    assert resumed.meta_learner.lr_scheduler.state_dict() == straight.meta_learner.lr_scheduler.state_dict()
+
 def test_gradient_clipping_scales_the_whole_meta_gradient_to_the_norm():
     """θ's gradient and Meta-SGD's step sizes' are scaled together, by max_norm / their joint norm."""
     def seen_gradient(clipping):

@@ -128,3 +128,25 @@ def test_a_part_started_in_the_second_of_another_is_read_as_a_part_of_the_run(tm
         assert run["parts"] == [str(first_dir), str(second_dir)]
         assert [row["train/loss"] for row in run["history"]] == [1.0]
         assert run["summary"]["evaluation/accuracy"] == 0.75 and run["config"] == {"algorithm": "maml"}
+
+
+def test_an_engine_built_in_python_logs_to_the_wandb_logger_it_is_given(tmp_path):
+    """build_engine(..., logger=WandbLogger(...)): what the CLI does, from Python."""
+    import torch
+    from torch import nn
+
+    from bilevel_maml import build_engine
+    from conftest import random_classification_source
+
+    torch.manual_seed(0)
+    logger = WandbLogger(project="api", name="from-python", config={"algorithm": "maml"}, dir=str(tmp_path))
+    engine = build_engine("maml", nn.Linear(6, 5).double(), random_classification_source(5, 4, 6), ways=5, shots=1,
+                          meta_iterations=4, meta_batch_size=2, valid_step=2, valid_tasks=3, logger=logger)
+    engine.run()
+    result = engine.test(num_tasks=5)
+    run_dir = logger.run_dir
+    logger.finish()
+    run = read_offline_run(run_dir)
+    assert [row["train/loss"] for row in run["history"]] == [stats["loss"] for stats in engine.history]
+    assert [row["_step"] for row in run["history"] if "validation/accuracy" in row] == [2, 4]
+    assert run["summary"]["test/accuracy"] == result["accuracy"] and run["run"]["name"] == "from-python"
