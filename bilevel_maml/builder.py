@@ -95,6 +95,8 @@ def device_sources(sources: dict, sampler: str, ways: int, shots: int, query_sho
             warnings.warn(f"the {split} split is sampled task by task on the CPU through learn2learn: {reason}",
                           stacklevel=3)
             converted[split] = source
+        except ValueError as error:  # too few classes or examples for the tasks asked for
+            raise ValueError(f"the {split} split: {error}") from None
     return converted
 
 
@@ -280,8 +282,11 @@ def build_engine(
         )
         for i, split in enumerate(SPLITS)
     }
-    for env in envs.values():
-        env.check()
+    for split, env in envs.items():
+        try:
+            env.check()
+        except ValueError as error:
+            raise ValueError(f"the {split} split: {error}") from None
 
     if dtype is not None:
         model = model.to(dtype)

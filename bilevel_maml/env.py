@@ -282,10 +282,8 @@ class EpisodicEnv(Env):
         per_class = getattr(dataset, "labels_to_indices", None)
         if not self.regression and per_class:
             if self.ways > len(per_class):
-                raise ValueError(
-                    f"ways={self.ways} is larger than the {len(per_class)} classes available in "
-                    f"this split; choose ways <= {len(per_class)}"
-                )
+                raise ValueError(f"ways={self.ways} is more than its {len(per_class)} classes; "
+                                 f"choose ways <= {len(per_class)}")
             fewest = min(len(indices) for indices in per_class.values())
             if self.shots + self.query_shots > fewest:
                 raise ValueError(

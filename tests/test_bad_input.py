@@ -34,8 +34,9 @@ def test_a_valid_configuration_builds():
 @pytest.mark.parametrize(
     "overrides, error, message",
     [
-        (dict(ways=7), ValueError, r"ways=7 is larger than the 6 classes available"),
-        (dict(shots=3, query_shots=2), ValueError, r"shots \+ query_shots = 3 \+ 2 = 5 is more than the 4 examples"),
+        (dict(ways=7), ValueError, r"the train split: ways=7 is more than its 6 classes; choose ways <= 6"),
+        (dict(shots=3, query_shots=2), ValueError, r"the train split: shots \+ query_shots = 3 \+ 2 = 5 is more than "
+                                                   r"the 4 examples"),
         (dict(inner_steps=0), ValueError, r"inner_steps must be an integer >= 1, got 0"),
         (dict(inner_steps=1.5), TypeError, r"inner_steps must be an integer >= 1, got 1.5"),
         (dict(eval_inner_steps=0), ValueError, r"eval_inner_steps must be an integer >= 1, got 0"),
@@ -58,6 +59,22 @@ def test_a_valid_configuration_builds():
 def test_bad_arguments_are_rejected_with_a_clear_message(overrides, error, message):
     with pytest.raises(error, match=message):
         build(**overrides)
+
+
+@pytest.mark.parametrize("sampler", ["learn2learn", "device"])
+def test_a_split_with_too_few_classes_or_examples_is_named(sampler):
+    """Omniglot-small's validation split has 108 classes where training has 436: which split is short."""
+    def tasksets(ways, per_class):
+        def split(classes, examples):
+            characters = [torch.rand(examples, 1, 8, 8) for _ in range(classes)]
+            return task_dataset(CharacterImages(characters), ways=ways, samples_per_class=per_class)
+        return {"train": split(6, 4), "validation": split(4, 3), "test": split(6, 4)}
+
+    with pytest.raises(ValueError, match=r"^the validation split: ways=5 is more than its 4 classes; choose ways <= 4$"):
+        build(tasksets=tasksets(5, 2), sampler=sampler)
+    with pytest.raises(ValueError, match=r"^the validation split: shots \+ query_shots = 2 \+ 2 = 4 is more than the "
+                                         r"3 examples of the smallest class; choose shots \+ query_shots <= 3$"):
+        build(tasksets=tasksets(4, 4), sampler=sampler, ways=4, shots=2, query_shots=2)
 
 
 def test_problem_classes_check_their_own_arguments():

@@ -108,8 +108,8 @@ class DeviceTaskSampler(DeviceTaskSource):
         if not self.rotations:
             raise ValueError("rotations must name at least one quarter turn, e.g. (0,)")
         if len(class_members) < ways:
-            raise ValueError(f"ways={ways} is larger than the {len(class_members)} classes available in this "
-                             f"split; choose ways <= {len(class_members)}")
+            raise ValueError(f"ways={ways} is more than its {len(class_members)} classes; "
+                             f"choose ways <= {len(class_members)}")
         counts = [len(m) for m in class_members]
         per_class = shots + query_shots
         if min(counts) < per_class:
