@@ -61,12 +61,15 @@ def test_every_training_flag_reaches_the_run(tmp_path, omniglot_root):
 
 
 def test_config_file_yaml_and_toml_with_flags_overriding(tmp_path):
-    (tmp_path / "run.yaml").write_text("dataset: sinusoid\nmeta-batch-size: 3\niterations: 9\nmodel: mlp\ntags: [a, b]\n")
+    (tmp_path / "run.yaml").write_text("dataset: sinusoid\nmeta-batch-size: 3\niterations: 9\nmodel: mlp\ntags: [a, b]\n"
+                                       "per-step: true\n")
     (tmp_path / "run.toml").write_text('dataset = "sinusoid"\nmeta_batch_size = 3\niterations = 9\nprogress = false\n')
     for name in ("run.yaml", "run.toml"):
         args = cli.parse(["train", "--config", str(tmp_path / name), "--iterations", "2"])
         assert (args.dataset, args.meta_batch_size, args.iterations) == ("sinusoid", 3, 2)
-    assert cli.parse(["train", "--config", str(tmp_path / "run.yaml")]).tags == ["a", "b"]
+    from_yaml = cli.parse(["train", "--config", str(tmp_path / "run.yaml")])
+    assert from_yaml.tags == ["a", "b"] and from_yaml.per_step is True  # an on/off flag
+    assert cli.parse(["train", "--config", str(tmp_path / "run.toml")]).per_step is False
     assert cli.parse(["train", "--config", str(tmp_path / "run.toml")]).progress is False
     (tmp_path / "bad.yaml").write_text("waays: 5\n")
     with pytest.raises(SystemExit, match="unknown option 'waays' in .*bad.yaml; allowed: .*ways"):
