@@ -150,3 +150,26 @@ def test_an_engine_built_in_python_logs_to_the_wandb_logger_it_is_given(tmp_path
     assert [row["train/loss"] for row in run["history"]] == [stats["loss"] for stats in engine.history]
     assert [row["_step"] for row in run["history"] if "validation/accuracy" in row] == [2, 4]
     assert run["summary"]["test/accuracy"] == result["accuracy"] and run["run"]["name"] == "from-python"
+
+
+def test_a_run_file_of_many_blocks_is_read_back_exactly(tmp_path):
+    """wandb's run file is framed in 32 KiB blocks; a record longer than a block is split into a first,
+    middle and last chunk. A long run's file is many blocks (a short test's, one)."""
+    import random
+
+    random.seed(0)
+    logger = WandbLogger(project="long", name="long", dir=str(tmp_path))
+    logged = []
+    for step in range(1, 301):
+        row = {f"metric_{i}": random.random() for i in range(20)}
+        if step % 100 == 0:
+            row["note"] = "x" * 70_000  # a record over two blocks long
+        logged.append({f"train/{key}": value for key, value in row.items()})
+        logger.log(row, tag="train", step=step)
+    run_dir = logger.run_dir
+    logger.finish()
+    (run_file,) = glob.glob(f"{run_dir}/run-*.wandb")
+    assert Path(run_file).stat().st_size > 8 * 32768
+    history = read_offline_run(run_dir)["history"]
+    assert [{key: row[key] for key in want} for row, want in zip(history, logged)] == logged
+    assert len(history) == 300
