@@ -106,6 +106,19 @@ def test_plot_command_draws_a_trained_run(tmp_path, capsys):
     assert png_size(tmp_path / "out" / "c.png") == (240, 160)  # regression: one 6 × 4 inch panel
 
 
+
+def test_a_run_without_metrics_jsonl_is_drawn_from_its_offline_wandb_run(tmp_path):
+    """A folder from before metrics.jsonl (or one copied without it) is drawn from its W&B run, which
+    evaluate continued: the same lines as from metrics.jsonl."""
+    run = tmp_path / "run"
+    assert cli.main([*SINUSOID[:-3], "--no-progress", "--output", str(run)]) == 0  # --wandb offline
+    assert cli.main(["evaluate", "--output", str(run), "--test-tasks", "3"]) == 0  # one more part of the W&B run
+    from_metrics = plot_run(run, tmp_path / "a.png")
+    (run / "metrics.jsonl").unlink()
+    from_wandb = plot_run(run, tmp_path / "b.png")
+    assert "/wandb/offline-run-" in from_wandb["source"]
+    assert from_wandb["series"] == from_metrics["series"] and len(from_metrics["series"]) >= 3
+
 def test_plot_command_bad_input_is_one_line(tmp_path, capsys):
     assert cli.main(["plot", "--output", str(tmp_path / "nowhere")]) == 2
     assert "is not a run folder" in capsys.readouterr().err
