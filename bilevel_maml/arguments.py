@@ -193,7 +193,8 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
              "a task source a --plugin module registers with bilevel_maml.data.register_dataset")
     add("--data-root", metavar="FOLDER",
         help="folder holding the dataset's files (default: ../shared/data/omniglot-small for omniglot-small, "
-             "~/data for the others, $BILEVEL_MAML_DATA/<dataset> when that variable is set)")
+             "~/data for the others, $BILEVEL_MAML_DATA/<dataset> when that variable is set, or the variable "
+             "itself where its last folder is named as the dataset)")
     add("--download", action="store_true", help="let learn2learn download missing benchmark files (needs internet)")
     add("--ways", type=positive_int, default=5, help="classes per task")
     add("--shots", type=positive_int, help="support examples per class (default: 1; 10 points for sinusoid)")

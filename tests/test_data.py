@@ -8,6 +8,7 @@ import torch
 
 from bilevel_maml.data import omniglot
 from bilevel_maml.data.benchmarks import BENCHMARKS, REQUIRED_FILES, benchmark_tasksets
+from bilevel_maml.data.sources import default_data_root
 from bilevel_maml.env import EpisodicEnv
 
 
@@ -68,6 +69,18 @@ def test_omniglot_tasks_through_learn2learn_transforms(omniglot_root, omniglot_c
     (xs, ys), (xq, yq) = env.batch["support"], env.batch["query"]
     assert xs.shape == (5, 1, 28, 28) and xq.shape == (10, 1, 28, 28)
     assert sorted(ys.tolist()) == list(range(5))
+
+
+def test_bilevel_maml_data_names_the_folder_of_the_datasets_or_one_datasets_own(monkeypatch, tmp_path):
+    assert default_data_root("omniglot-small") == "../shared/data/omniglot-small"
+    monkeypatch.setenv("BILEVEL_MAML_DATA", str(tmp_path))
+    assert default_data_root("omniglot-small") == str(tmp_path / "omniglot-small")
+    assert default_data_root("mini-imagenet") == str(tmp_path / "mini-imagenet")
+    assert default_data_root("sinusoid") is None  # drawn, not read
+    # as the GPU machine's setup exports it: the Omniglot subsets' own folder
+    monkeypatch.setenv("BILEVEL_MAML_DATA", str(tmp_path / "omniglot-small"))
+    assert default_data_root("omniglot-small") == str(tmp_path / "omniglot-small")
+    assert default_data_root("mini-imagenet") == str(tmp_path / "omniglot-small" / "mini-imagenet")
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)

@@ -98,12 +98,15 @@ def register_dataset(name: str, load: Callable, spec: DatasetSpec) -> None:
 
 
 def default_data_root(dataset: str) -> str | None:
-    """``$BILEVEL_MAML_DATA/<dataset>`` when that variable is set, else the dataset's default.
+    """``$BILEVEL_MAML_DATA/<dataset>`` when that variable is set (or the variable itself where it
+    names the dataset's own folder, ``.../omniglot-small``), else the dataset's default.
 
     :param dataset: a name of :data:`DATASETS`.
     """
-    if os.environ.get("BILEVEL_MAML_DATA") and DATASETS[dataset].default_root:
-        return str(Path(os.environ["BILEVEL_MAML_DATA"]) / dataset)
+    root = os.environ.get("BILEVEL_MAML_DATA")
+    if root and DATASETS[dataset].default_root:
+        # a machine set up for one dataset may point the variable at that dataset's folder itself
+        return root if Path(root).name == dataset else str(Path(root) / dataset)
     return DATASETS[dataset].default_root
 
 
