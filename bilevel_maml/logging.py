@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from pathlib import Path
 
 from betty.logging.logger_base import LoggerBase
 
@@ -167,14 +168,15 @@ def read_offline_run(run_dir) -> dict:
 
     :param run_dir: one ``wandb/offline-run-*`` folder of the run.
     """
-    import os
-    from pathlib import Path
-
     run_dir = Path(run_dir)
     run_id = _run_file(run_dir).stem[len("run-"):]
-    # offline-run-<start, to the second>-<id>, with "-1", "-2", ... where a part started in the second of another
+
+    def written(part: Path) -> tuple[str, int]:
+        # offline-run-<start, to the second>-<id>, and -1, -2, ... after it where a part started in another's second
+        return part.name.split("-")[2], int(part.name.split(run_id)[-1][1:] or 0)
+
     parts = sorted((p for p in run_dir.parent.glob(f"offline-run-*-{run_id}*") if (p / f"run-{run_id}.wandb").is_file()),
-                   key=lambda p: (p.name.split("-")[2], int(p.name.split(run_id)[-1][1:] or 0))) or [run_dir]
+                   key=written) or [run_dir]
     read = [_read_one_offline_run(part) for part in parts]
     rows: dict = {}
     for part in read:
@@ -189,9 +191,7 @@ def read_offline_run(run_dir) -> dict:
     return merged
 
 
-def _run_file(run_dir):
-    from pathlib import Path
-
+def _run_file(run_dir) -> Path:
     files = sorted(Path(run_dir).glob("run-*.wandb"))
     if not files:
         raise FileNotFoundError(f"no run-*.wandb file in {str(run_dir)!r}; is it a wandb run folder?")
