@@ -257,7 +257,8 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
              "as previous.pt); best.pt at every validation improvement")
     add("--output", metavar="FOLDER",
         help="run folder; train refuses one that already holds a run "
-             "(default: runs/<algorithm>-<dataset>-<ways>w<shots>s-seed<seed>)")
+             "(default: runs/<algorithm>-<dataset>-<ways>w<shots>s-seed<seed>, and -<W&B run id> under a W&B "
+             "sweep agent)")
     add("--resume-if-exists", action="store_true",
         help="if --output already holds this run (the same settings; --iterations may be larger), continue it as "
              "`resume` would, so a requeued cluster job can run the same command again")

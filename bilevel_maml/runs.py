@@ -97,6 +97,8 @@ def _run_config(args: argparse.Namespace) -> dict:
     if config["output"] is None:
         c = config
         config["output"] = f"runs/{c['algorithm']}-{c['dataset']}-{c['ways']}w{c['shots']}s-seed{c['seed']}"
+        if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):  # a W&B sweep agent's run
+            config["output"] += f"-{os.environ['WANDB_RUN_ID']}"  # each of the sweep's runs a folder of its own
     _check_writable_folder("--output", Path(config["output"]))
     if config["data_root"] is not None and Path(config["data_root"]).exists() and not Path(config["data_root"]).is_dir():
         raise BadInput(f"bilevel-maml: --data-root {config['data_root']!r} is a file; pass the folder holding "
@@ -232,6 +234,11 @@ def _train(engine: MetaEngine, config: dict, output: Path, args: argparse.Namesp
                              tags=args.tags, config=config, mode=args.wandb, dir=str(output),
                              id=config.get("wandb_id"))
         engine.logger = logger
+        if logger.run is not None and logger.run.id != config.get("wandb_id"):
+            # a W&B sweep agent's run keeps the agent's id (wandb ignores ours): resume and evaluate continue it
+            config["wandb_id"] = logger.run.id  # the checkpoints' config is this dict
+            logger.run.config.update({"wandb_id": logger.run.id}, allow_val_change=True)
+            atomic_save_json(output / "config.json", config)
     if main:
         ranks = f" on {engine.world_size} processes" if engine.world_size > 1 else ""
         print(f"{config['algorithm']} on {config['dataset']}: {_task_kind(config)}, "

@@ -173,3 +173,25 @@ def test_a_run_file_of_many_blocks_is_read_back_exactly(tmp_path):
     history = read_offline_run(run_dir)["history"]
     assert [{key: row[key] for key in want} for row, want in zip(history, logged)] == logged
     assert len(history) == 300
+
+
+def test_a_run_under_a_wandb_sweep_agent_records_the_agents_run_id(tmp_path, monkeypatch):
+    """A sweep agent starts each run with its own id (WANDB_RUN_ID), and wandb ignores the id we pass;
+    the run folder records the agent's, so resume and evaluate continue the sweep's run, and the
+    default folder is named with it, so the sweep's runs do not all claim one folder."""
+    monkeypatch.setenv("WANDB_SWEEP_ID", "sweep123")
+    monkeypatch.setenv("WANDB_RUN_ID", "agentrun1")
+    monkeypatch.chdir(tmp_path)
+    # the agent passes the sweep's values (--inner-lr=0.2), not --output: each run gets a folder of its own
+    cli.run(["train", "--dataset", "sinusoid", "--iterations", "2", "--meta-batch-size", "2", "--test-tasks", "3",
+             "--checkpoint-every", "1", "--no-progress", "--inner-lr=0.2"])
+    output = tmp_path / "runs" / "maml-sinusoid-5w10s-seed0-agentrun1"
+    monkeypatch.delenv("WANDB_SWEEP_ID")
+    monkeypatch.delenv("WANDB_RUN_ID")
+    assert json.loads((output / "config.json").read_text())["wandb_id"] == "agentrun1"
+    assert load_checkpoint(output / "checkpoints" / "last.pt")["config"]["wandb_id"] == "agentrun1"
+    evaluated = cli.run(["evaluate", "--output", str(output), "--test-tasks", "4"])
+    parts = sorted(glob.glob(str(output / "wandb" / "offline-run-*")))
+    assert len(parts) == 2 and all("-agentrun1" in part for part in parts)  # training's, evaluate's (maybe "-1")
+    run = read_offline_run(parts[0])
+    assert run["summary"]["evaluation/loss"] == evaluated["loss"] and run["config"]["wandb_id"] == "agentrun1"
