@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from bilevel_maml import IMAMLLower, MAMLLower, MAMLUpper, build_engine
+from bilevel_maml import IMAMLLower, MAMLLower, MAMLUpper, MetaEngine, build_engine
 from bilevel_maml.data import CharacterImages, DataNotFoundError, omniglot_small_tasksets, task_dataset
+from bilevel_maml.env import EpisodicEnv
 from bilevel_maml.models import MLP
 
 
@@ -75,6 +76,24 @@ def test_a_split_with_too_few_classes_or_examples_is_named(sampler):
     with pytest.raises(ValueError, match=r"^the validation split: shots \+ query_shots = 2 \+ 2 = 4 is more than the "
                                          r"3 examples of the smallest class; choose shots \+ query_shots <= 3$"):
         build(tasksets=tasksets(4, 4), sampler=sampler, ways=4, shots=2, query_shots=2)
+
+
+def test_problems_given_in_the_wrong_places_are_named():
+    model = torch.nn.Linear(4, 5)
+    upper, lower = MAMLUpper(model, torch.optim.SGD(model.parameters(), lr=0.1)), MAMLLower(model, inner_lr=0.1)
+    env = EpisodicEnv(lambda: (torch.rand(10, 4), torch.arange(5).repeat(2)), ways=5, shots=1)
+    with pytest.raises(TypeError, match=r"^upper must be a MetaLearner, got MAMLLower$"):
+        MetaEngine(lower, upper, env)
+    with pytest.raises(TypeError, match=r"^lower must be a TaskLearner, got Linear$"):
+        MetaEngine(upper, model, env)
+
+    class ScaledContext(MAMLLower):  # a variant whose meta-parameter is computed, not a parameter
+        def meta_parameters(self):
+            return (torch.ones(3, requires_grad=True) * 2,)
+
+    with pytest.raises(TypeError, match=r"^ScaledContext\.meta_parameters\(\) must return leaf tensors that "
+                                        r"require grad \(nn\.Parameter\), got Tensor$"):
+        MetaEngine(upper, ScaledContext(model, inner_lr=0.1), env)
 
 
 def test_problem_classes_check_their_own_arguments():
