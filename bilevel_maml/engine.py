@@ -318,13 +318,13 @@ class MetaEngine(Engine):
 
         :param state: a :meth:`state_dict` (a checkpoint's ``"engine"`` entry).
         """
-        self.meta_learner.module.load_state_dict(state["theta"])
-        self.theta_iteration = state["meta_iteration"]
         saved = state.get("task_learner_meta_parameters", [])
         extra = list(self.task_learner.meta_parameters())
-        if len(saved) != len(extra):
+        if len(saved) != len(extra):  # refused before anything is loaded
             raise ValueError(f"the checkpoint holds {len(saved)} task-learner meta-parameters, "
                              f"{type(self.task_learner).__name__} has {len(extra)}: was it saved by another algorithm?")
+        self.meta_learner.module.load_state_dict(state["theta"])
+        self.theta_iteration = state["meta_iteration"]
         with torch.no_grad():
             for tensor, value in zip(extra, saved):
                 tensor.copy_(value)

@@ -96,6 +96,22 @@ def test_problems_given_in_the_wrong_places_are_named():
         MetaEngine(upper, ScaledContext(model, inner_lr=0.1), env)
 
 
+def test_a_state_of_another_algorithm_is_refused_before_anything_is_loaded():
+    def engine(algorithm):
+        torch.manual_seed(0)
+        built = build(algorithm=algorithm)
+        built.run()
+        return built
+
+    maml, meta_sgd = engine("maml"), engine("metasgd")
+    before = {name: value.clone() for name, value in meta_sgd.meta_learner.module.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^the checkpoint holds 0 task-learner meta-parameters, MetaSGDLower has 6: "
+                                         r"was it saved by another algorithm\?$"):
+        meta_sgd.load_state_dict(maml.state_dict())
+    after = meta_sgd.meta_learner.module.state_dict()
+    assert all(torch.equal(after[name], value) for name, value in before.items())  # θ as it was
+
+
 def test_problem_classes_check_their_own_arguments():
     model = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match="inner_lr must be a positive finite number, got -0.1"):
