@@ -199,7 +199,10 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
     add("--ways", type=positive_int, default=5, help="classes per task")
     add("--shots", type=positive_int, help="support examples per class (default: 1; 10 points for sinusoid)")
     add("--query-shots", type=positive_int, help="query examples per class (default: --shots)")
-    add("--inner-steps", type=positive_int, default=1, help="SGD steps of the inner loop")
+    add("--inner-steps", type=positive_int, default=1,
+        help="SGD steps of the inner loop (fomaml, imaml and reptile want several, and smaller ones: on 5-way 1-shot "
+             "Omniglot, 200 meta-iterations of 1 step of 0.4 reached 37.6%%, 28.0%% and 32.6%%; 5 steps of "
+             "--inner-lr 0.1 reached 78.2%% with fomaml and 76.3%% with imaml and --lam 0.5)")
     add("--eval-inner-steps", type=positive_int,
         help="inner steps of each validation and test task (default: --inner-steps; MAML tests mini-ImageNet with "
              "10 after training with 5); steps past those trained repeat the last one's per-step values")
