@@ -290,10 +290,7 @@ def _train(engine: MetaEngine, config: dict, output: Path, args: argparse.Namesp
     if logger is not None:
         if checkpointer.best is not None:
             logger.log_artifact(checkpointer.best, name=f"{run_name}-best", metadata=engine.best_valid)
-        run_dir = logger.run_dir
-        logger.finish()
-        if run_dir:
-            print(f"W&B {args.wandb} run: {run_dir}", flush=True)
+        _finish_and_name(logger, args.wandb)
     return result
 
 
@@ -487,10 +484,15 @@ def _summarize_in_the_runs_wandb(result: dict, tag: str, run: dict, mode: str, f
                          name=run.get("run_name") or Path(run["output"]).name, group=run.get("group"),
                          tags=run.get("tags"), config=run, mode=mode, dir=str(folder), id=run.get("wandb_id"))
     logger.summarize(scalar_scores(scores, tag))
+    _finish_and_name(logger, mode, f" (summary: {tag}/...)")
+
+
+def _finish_and_name(logger: WandbLogger, mode: str, what: str = "") -> None:
+    """Close the W&B run and say where its folder is."""
     run_dir = logger.run_dir
     logger.finish()
     if run_dir:
-        print(f"W&B {mode} run: {run_dir} (summary: {tag}/...)", flush=True)
+        print(f"W&B {mode} run: {run_dir}{what}", flush=True)
 
 
 #: what a task of ``evaluate`` is made of, the run's unless its flags say otherwise
