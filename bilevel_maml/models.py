@@ -371,6 +371,9 @@ def register_model(name: str, factory: Callable[..., nn.Module]) -> None:
         images) and ``width`` (``--width``; None when not given). Inputs reach the model as the
         dataset gives them: ``(N, 1)`` points, ``(N, C, H, W)`` images.
     """
+    if isinstance(factory, nn.Module):  # callable too, but a run builds its network anew (evaluate, resume)
+        raise TypeError(f"register_model needs a function that builds the network, got a {type(factory).__name__} "
+                        f"already built; pass e.g. lambda ways, **given: {type(factory).__name__}(...)")
     if not callable(factory):
         raise TypeError(f"register_model needs a callable that returns an nn.Module, got {factory!r}")
     key = name.lower()

@@ -180,6 +180,24 @@ def registries():
         registry.update(entries)
 
 
+
+def test_registering_the_wrong_kind_of_thing_is_named(registries):
+    """The mistakes a plugin author makes first: a network already built for a factory, the two
+    problem classes swapped, the loader and the spec swapped."""
+    from bilevel_maml import MAMLLower, MAMLUpper
+    from bilevel_maml.data.sources import DATASETS, register_dataset
+    from bilevel_maml.models import register_model
+    from bilevel_maml.problems import register_algorithm
+
+    with pytest.raises(TypeError, match=r"^register_model needs a function that builds the network, got a Linear "
+                                        r"already built; pass e\.g\. lambda ways, \*\*given: Linear\(\.\.\.\)$"):
+        register_model("built", torch.nn.Linear(1, 5))
+    with pytest.raises(TypeError, match=r"^register_algorithm needs a MetaLearner subclass and a TaskLearner "
+                                        r"subclass, got <class .*MAMLLower'> and <class .*MAMLUpper'>$"):
+        register_algorithm("swapped", MAMLLower, MAMLUpper)
+    with pytest.raises(TypeError, match=r"^register_dataset needs a callable that returns the tasksets, got DatasetSpec"):
+        register_dataset("swapped", DATASETS["sinusoid"], lambda **given: None)
+
 def test_a_config_file_names_what_its_own_plugin_registers(tmp_path):
     """The file's plugins are loaded before its values are checked, so its algorithm, model and
     dataset may be ones they register."""
