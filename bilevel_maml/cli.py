@@ -4,8 +4,10 @@ ends as one line and exit status 2, here. :func:`run_script` gives the examples 
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,6 +56,28 @@ def run(argv: list[str] | None = None) -> dict:
         distributed.shutdown()
 
 
+@contextlib.contextmanager
+def one_line_warnings(prog: str):
+    """Within it, the library's own warnings print as one line each, ``PROG: warning: ...``, as its
+    errors do; others (torch's, say) keep Python's format, which names the line that warned.
+
+    :param prog: the name the line starts with.
+    """
+    package = str(Path(__file__).resolve().parent)
+    python_format = warnings.formatwarning
+
+    def format(message, category, filename, lineno, line=None):
+        if str(Path(filename).resolve()).startswith(package):
+            return f"{prog}: warning: {message}\n"
+        return python_format(message, category, filename, lineno, line)
+
+    warnings.formatwarning = format
+    try:
+        yield
+    finally:
+        warnings.formatwarning = python_format
+
+
 def run_script(main: Callable[[], object], prog: str | None = None) -> None:
     """Run a script's ``main()`` the way the ``bilevel-maml`` command runs its commands: bad input
     (the ``ValueError``, ``TypeError`` or ``FileNotFoundError`` the library raises, with its
@@ -66,7 +90,8 @@ def run_script(main: Callable[[], object], prog: str | None = None) -> None:
     """
     prog = prog or Path(sys.argv[0]).name
     try:
-        main()
+        with one_line_warnings(prog):
+            main()
     except BadInput as error:  # already one line, naming its program (a OneLineParser's)
         print(error.code, file=sys.stderr)
         raise SystemExit(2) from None
@@ -85,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     """
     keep_freed_memory()  # this process is ours: reuse freed activations instead of page-faulting them in
     try:
-        run(argv)
+        with one_line_warnings("bilevel-maml"):
+            run(argv)
     except BadInput as error:
         print(error.code, file=sys.stderr)
         return 2
@@ -100,4 +126,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["BAD_INPUT_ERRORS", "BadInput", "main", "run", "run_script"]
+__all__ = ["BAD_INPUT_ERRORS", "BadInput", "main", "one_line_warnings", "run", "run_script"]

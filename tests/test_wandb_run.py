@@ -3,6 +3,7 @@
 import glob
 import json
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -195,3 +196,31 @@ def test_a_run_under_a_wandb_sweep_agent_records_the_agents_run_id(tmp_path, mon
     assert len(parts) == 2 and all("-agentrun1" in part for part in parts)  # training's, evaluate's (maybe "-1")
     run = read_offline_run(parts[0])
     assert run["summary"]["evaluation/loss"] == evaluated["loss"] and run["config"]["wandb_id"] == "agentrun1"
+
+
+def test_the_command_prints_the_librarys_warnings_as_one_line(tmp_path):
+    """As its errors: `bilevel-maml: warning: ...`, not Python's file:line and source line; a warning
+    from elsewhere (torch's) keeps Python's format, which says where it came from."""
+    import subprocess
+    import sys
+
+    import bilevel_maml
+
+    cli.run(["train", "--dataset", "sinusoid", "--iterations", "1", "--meta-batch-size", "2", "--test-tasks", "3",
+             "--output", str(tmp_path / "run"), "--wandb", "disabled", "--no-progress"])
+    wandb_refuses = ("import sys, wandb\nfrom bilevel_maml import cli\n"
+                     "def refuse(*args, **kwargs):\n    raise RuntimeError('no network')\n"
+                     "wandb.init = refuse\nsys.exit(cli.main(sys.argv[1:]))")
+    done = subprocess.run([sys.executable, "-c", wandb_refuses, "evaluate", "--output", str(tmp_path / "run"),
+                           "--test-tasks", "3", "--wandb", "online"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [
+        "bilevel-maml: warning: wandb could not start (no network); going on without W&B logging"]
+
+    with cli.one_line_warnings("prog"):
+        ours = warnings.formatwarning("a note", UserWarning, f"{Path(bilevel_maml.__file__).parent}/builder.py", 9)
+        theirs = warnings.formatwarning("a note", UserWarning, "/elsewhere/torch/module.py", 9)
+    assert ours == "prog: warning: a note\n"
+    assert theirs.startswith("/elsewhere/torch/module.py:9: UserWarning: a note")
+    assert warnings.formatwarning("a note", UserWarning, f"{Path(bilevel_maml.__file__).parent}/builder.py", 9) \
+        .startswith(f"{Path(bilevel_maml.__file__).parent}/builder.py:9: UserWarning")  # Python's again after it
