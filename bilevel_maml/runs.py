@@ -230,9 +230,7 @@ def _train(engine: MetaEngine, config: dict, output: Path, args: argparse.Namesp
     logger = None
     run_name = args.run_name or output.name
     if args.wandb != "disabled" and main:
-        logger = WandbLogger(project=args.wandb_project, name=run_name, group=args.group,
-                             tags=args.tags, config=config, mode=args.wandb, dir=str(output),
-                             id=config.get("wandb_id"))
+        logger = _runs_wandb(config, args.wandb, output, run_name)
         engine.logger = logger
         if logger.run is not None and logger.run.id != config.get("wandb_id"):
             # a W&B sweep agent's run keeps the agent's id (wandb ignores ours): resume and evaluate continue it
@@ -480,11 +478,17 @@ def _summarize_in_the_runs_wandb(result: dict, tag: str, run: dict, mode: str, f
     """Put an evaluation's scores in the summary of the W&B run that training logged to (the same
     id, project and folder), as ``<tag>/accuracy`` and so on: W&B's way to add a score after a run."""
     scores = {key: value for key, value in result.items() if key != "config"}
-    logger = WandbLogger(project=run.get("wandb_project", RUN_LOGGING_DEFAULTS["wandb_project"]),
-                         name=run.get("run_name") or Path(run["output"]).name, group=run.get("group"),
-                         tags=run.get("tags"), config=run, mode=mode, dir=str(folder), id=run.get("wandb_id"))
+    logger = _runs_wandb(run, mode, folder, run.get("run_name") or Path(run["output"]).name)
     logger.summarize(scalar_scores(scores, tag))
     _finish_and_name(logger, mode, f" (summary: {tag}/...)")
+
+
+def _runs_wandb(config: dict, mode: str, folder: Path, name: str) -> WandbLogger:
+    """The run's W&B run, started or continued, under ``folder``: its id, project, group and tags from
+    its config (train and resume put their W&B flags there), so every command reaches the same run."""
+    return WandbLogger(project=config.get("wandb_project", RUN_LOGGING_DEFAULTS["wandb_project"]), name=name,
+                       group=config.get("group"), tags=config.get("tags"), config=config, mode=mode, dir=str(folder),
+                       id=config.get("wandb_id"))
 
 
 def _finish_and_name(logger: WandbLogger, mode: str, what: str = "") -> None:
