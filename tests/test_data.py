@@ -69,6 +69,7 @@ def test_omniglot_tasks_through_learn2learn_transforms(omniglot_root, omniglot_c
     (xs, ys), (xq, yq) = env.batch["support"], env.batch["query"]
     assert xs.shape == (5, 1, 28, 28) and xq.shape == (10, 1, 28, 28)
     assert sorted(ys.tolist()) == list(range(5))
+    assert sorted(yq.tolist()) == sorted(list(range(5)) * 2)
 
 
 def test_bilevel_maml_data_names_the_folder_of_the_datasets_or_one_datasets_own(monkeypatch, tmp_path):

@@ -37,7 +37,7 @@ from torch import nn
 from bilevel_maml import distributed
 from bilevel_maml.problems.base import META_LR_SCHEDULES, current_inner_step, vmap_over_tasks, with_step
 from bilevel_maml.problems.maml import MAMLLower, MAMLUpper
-from bilevel_maml.validation import check_choice, check_positive
+from bilevel_maml.validation import check_choice
 
 _STATISTICS: contextvars.ContextVar[list | None] = contextvars.ContextVar("bn_statistics", default=None)
 
