@@ -21,7 +21,7 @@ from bilevel_maml.arguments import (DTYPES, RUN_LOGGING_DEFAULTS, BadInput, devi
                                     unknown_dataset, unknown_model)
 from bilevel_maml.builder import build_engine
 from bilevel_maml.checkpoint import CHECKPOINT_FILES, Checkpointer, load_checkpoint, newest_intact
-from bilevel_maml.data.sources import DATASETS, load_tasksets
+from bilevel_maml.data.sources import DATASETS, inner_loop_defaults, load_tasksets
 from bilevel_maml.engine import MetaEngine, NonFiniteError
 from bilevel_maml.evaluation import scalar_scores
 from bilevel_maml.execution import check_precision
@@ -85,8 +85,9 @@ def _run_config(args: argparse.Namespace) -> dict:
         config["algorithm_options"].pop(name, None)
     config["shots"] = config["shots"] or spec.shots
     config["query_shots"] = config["query_shots"] or config["shots"]
+    for name, value in inner_loop_defaults(config["dataset"], config["algorithm"]).items():
+        config[name] = config[name] if config[name] is not None else value
     config["eval_inner_steps"] = config["eval_inner_steps"] or config["inner_steps"]
-    config["inner_lr"] = config["inner_lr"] if config["inner_lr"] is not None else spec.inner_lr
     try:
         config["precision"] = check_precision(config["precision"], config["device"], DTYPES[config["dtype"]])
     except ValueError as error:

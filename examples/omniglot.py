@@ -14,6 +14,7 @@ import torch
 from bilevel_maml import ALGORITHMS, build_engine
 from bilevel_maml.cli import run_script
 from bilevel_maml.data import omniglot_small_tasksets
+from bilevel_maml.data.sources import inner_loop_defaults
 from bilevel_maml.models import Conv4
 
 
@@ -31,8 +32,8 @@ def main():
     parser.add_argument("--algorithm", default="maml", choices=sorted(ALGORITHMS))
     parser.add_argument("--ways", type=int, default=5)
     parser.add_argument("--shots", type=int, default=1)
-    parser.add_argument("--inner-steps", type=int, default=1)
-    parser.add_argument("--inner-lr", type=float, default=0.4)
+    parser.add_argument("--inner-steps", type=int, help="default: the algorithm's on Omniglot (MAML's: 1)")
+    parser.add_argument("--inner-lr", type=float, help="default: the algorithm's on Omniglot (MAML's: 0.4)")
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--meta-batch-size", type=int, default=8)
     parser.add_argument("--valid-every", type=int, default=50)
@@ -40,17 +41,21 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
+    # FOMAML, iMAML and Reptile want several smaller inner steps than MAML's one of 0.4 (and iMAML a smaller λ)
+    loop = inner_loop_defaults("omniglot-small", args.algorithm)
+    inner_steps = loop["inner_steps"] if args.inner_steps is None else args.inner_steps
+    inner_lr = loop["inner_lr"] if args.inner_lr is None else args.inner_lr
     torch.manual_seed(args.seed)
     tasksets = omniglot_small_tasksets(args.data_root, ways=args.ways, samples_per_class=2 * args.shots)
     engine = build_engine(
         args.algorithm, Conv4(args.ways), tasksets,
-        ways=args.ways, shots=args.shots, inner_steps=args.inner_steps, inner_lr=args.inner_lr,
+        ways=args.ways, shots=args.shots, inner_steps=inner_steps, inner_lr=inner_lr, lam=loop["lam"],
         meta_lr=1e-3, meta_batch_size=args.meta_batch_size, meta_iterations=args.iterations,
         valid_step=args.valid_every, valid_tasks=100, seed=args.seed,
     )
     engine.callbacks.append(PrintValidation())
     print(f"{args.algorithm}: {args.iterations} meta-iterations of {args.meta_batch_size} "
-          f"{args.ways}-way {args.shots}-shot Omniglot tasks")
+          f"{args.ways}-way {args.shots}-shot Omniglot tasks, {inner_steps} inner step{'s' * (inner_steps > 1)} of {inner_lr}")
     engine.run()
     result = engine.test(args.test_tasks)
     print(f"held-out {args.ways}-way {args.shots}-shot accuracy: {100 * result['accuracy']:.1f}% "

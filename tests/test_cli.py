@@ -362,3 +362,23 @@ def test_a_cosine_meta_lr_schedule_is_continued_over_the_new_total_by_resume(tmp
     # four iterations over a total of 4, then the fifth and sixth over the new total of 6 (not the
     # old schedule's last value, 0, for the fifth)
     assert rates == pytest.approx([cosine(i, 4) for i in (1, 2, 3, 4)] + [cosine(5, 6), cosine(6, 6)], rel=1e-9)
+
+
+@pytest.mark.parametrize("argv, loop", [
+    (["--algorithm", "maml"], (1, 0.4, 1.0)),
+    (["--algorithm", "anil"], (1, 0.4, 1.0)),
+    (["--algorithm", "fomaml"], (5, 0.1, 1.0)),
+    (["--algorithm", "imaml"], (5, 0.1, 0.5)),
+    (["--algorithm", "Reptile", "--dataset", "omniglot"], (5, 0.1, 1.0)),
+    (["--algorithm", "maml++"], (5, 0.1, 1.0)),
+    (["--algorithm", "metasgd"], (1, 0.4, 1.0)),
+    (["--algorithm", "imaml", "--inner-steps", "2", "--lam", "2"], (2, 0.1, 2.0)),  # a flag wins over its part alone
+    (["--algorithm", "fomaml", "--inner-lr", "0.3"], (5, 0.3, 1.0)),
+    (["--algorithm", "fomaml", "--dataset", "sinusoid"], (1, 0.1, 1.0)),  # no loop of its own there: MAML's
+    (["--algorithm", "fomaml", "--dataset", "mini-imagenet"], (1, 0.01, 1.0)),
+])
+def test_algorithms_that_want_other_inner_loops_get_theirs_where_no_flag_sets_it(tmp_path, argv, loop):
+    args = arguments.build_parser().parse_args(["train", *argv, "--output", str(tmp_path / "run")])
+    config = runs._run_config(args)
+    assert (config["inner_steps"], config["inner_lr"], config["lam"]) == loop
+    assert config["eval_inner_steps"] == loop[0]

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -14,9 +16,11 @@ def run(script, *args):
     return done.stdout
 
 
-def test_omniglot_example(omniglot_root):
+@pytest.mark.parametrize("algorithm, loop", [("maml", "1 inner step of 0.4"), ("fomaml", "5 inner steps of 0.1")])
+def test_omniglot_example(omniglot_root, algorithm, loop):
     out = run("omniglot.py", "--data-root", str(omniglot_root), "--iterations", "4", "--valid-every", "2",
-              "--meta-batch-size", "2", "--test-tasks", "10")
+              "--meta-batch-size", "2", "--test-tasks", "10", "--algorithm", algorithm)
+    assert f"Omniglot tasks, {loop}" in out  # the algorithm's own inner loop on Omniglot
     assert out.count("validation accuracy") == 2
     assert "held-out 5-way 1-shot accuracy:" in out and "(95% CI over 10 tasks of unseen characters)" in out
 

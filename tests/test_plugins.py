@@ -333,6 +333,40 @@ def test_entry_points_make_a_network_and_a_task_source_known_without_any_flag(tm
     assert evaluated.returncode == 0, evaluated.stderr
 
 
+def test_a_registered_datasets_inner_loops_are_the_command_lines_defaults_and_checked(tmp_path, registries):
+    from bilevel_maml import arguments, runs
+    from bilevel_maml.data import DatasetSpec, SinusoidTasks, register_dataset
+
+    def waves(samples_per_class):
+        return SinusoidTasks(points=samples_per_class)
+
+    loops = {"maml": {"inner_steps": 3}, "iMAML": {"inner_steps": 4, "inner_lr": 0.02, "lam": 2.0}}  # names: any case
+    register_dataset("waves", waves, DatasetSpec(1, 0, "mlp", 0.05, regression=True, inner_loops=loops))
+
+    def loop(*flags):
+        args = arguments.build_parser().parse_args(["train", "--dataset", "waves", *flags, "--output", str(tmp_path)])
+        config = runs._run_config(args)
+        return config["inner_steps"], config["inner_lr"], config["lam"], config["eval_inner_steps"]
+
+    assert loop() == (3, 0.05, 1.0, 3)  # the spec's inner_lr where its loop names none
+    assert loop("--algorithm", "imaml") == (4, 0.02, 2.0, 4)
+    assert loop("--algorithm", "imaml", "--inner-lr", "0.5", "--eval-inner-steps", "9") == (4, 0.5, 2.0, 9)
+    assert loop("--algorithm", "fomaml") == (1, 0.05, 1.0, 1)  # the spec has no loop of its own for it
+
+    bad = [({"maml": {"steps": 3}}, ValueError, r"^spec.inner_loops\['maml'\] has 'steps'; allowed: inner_steps, "
+                                                r"inner_lr, lam$"),
+           ({"maml": {"inner_steps": 2.5}}, TypeError, r"^spec.inner_loops\['maml'\]\['inner_steps'\] must be an "
+                                                      r"integer >= 1, got 2.5"),
+           ({"maml": {"inner_lr": 0}}, ValueError, r"^spec.inner_loops\['maml'\]\['inner_lr'\] must be a positive"),
+           ({"maml": 3}, TypeError, r"^spec.inner_loops\['maml'\] must map inner_steps, inner_lr, lam to values, got 3$"),
+           ({1: {}}, TypeError, r"^spec.inner_loops\[1\]: the keys are algorithm names \(strings\)$"),
+           ([("maml", {})], TypeError, r"^spec.inner_loops must map algorithm names to settings, got list$")]
+    for inner_loops, error, message in bad:
+        with pytest.raises(error, match=message):
+            register_dataset("other", waves, DatasetSpec(1, 0, "mlp", 0.1, regression=True, inner_loops=inner_loops))
+    assert "other" not in runs.DATASETS
+
+
 def test_dataset_names_are_checked_and_a_loaders_failure_is_one_line(tmp_path, registries, capsys):
     from bilevel_maml.data import DatasetSpec, SinusoidTasks, register_dataset
 

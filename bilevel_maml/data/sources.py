@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bilevel_maml._factories import call_with_named_keywords, refuse_taken_name
@@ -28,6 +28,10 @@ class DatasetSpec:
     :param default_root: the default ``--data-root``.
     :param shots: the default support examples per class (per task for regression).
     :param load: a registered dataset's loader (see :func:`register_dataset`); None for the built-in ones.
+    :param inner_loops: the command line's inner loop for algorithms that want another one than
+        MAML's single step of ``inner_lr``, by algorithm name, e.g. ``{"fomaml": {"inner_steps": 5,
+        "inner_lr": 0.1}}`` (keys: ``inner_steps``, ``inner_lr`` and iMAML's ``lam``); flags given on
+        the command line win.
     """
     in_channels: int
     image_size: int
@@ -37,6 +41,7 @@ class DatasetSpec:
     default_root: str | None = None
     shots: int = 1
     load: Callable | None = None
+    inner_loops: Mapping[str, Mapping[str, float]] = field(default_factory=dict, hash=False)
 
     @property
     def vector_inputs(self) -> bool:
@@ -49,10 +54,24 @@ class DatasetSpec:
         return self.in_channels if self.vector_inputs else self.in_channels * self.image_size**2
 
 
+#: On Omniglot (5-way 1-shot omniglot-small, the CLI's other defaults, 200 meta-iterations, 600 test
+#: tasks) MAML's one step of 0.4 left FOMAML at 37.6%, iMAML at 28.0%, Reptile at 32.6% and MAML++
+#: at 67.4%, and these loops reached 88.0%, 73.3%, 72.9% and 91.2% (MAML: 82.5%): FOMAML's gradient
+#: ignores how θ moves φ, iMAML's assumes its proximal problem nearly solved, Reptile's signal
+#: needs several steps, and MAML++'s per-step losses and step sizes are made for several (its
+#: paper's 5).
+OMNIGLOT_INNER_LOOPS = {
+    "fomaml": {"inner_steps": 5, "inner_lr": 0.1},
+    "imaml": {"inner_steps": 5, "inner_lr": 0.1, "lam": 0.5},
+    "reptile": {"inner_steps": 5, "inner_lr": 0.1},
+    "maml++": {"inner_steps": 5, "inner_lr": 0.1},
+}
+
 #: Defaults follow the MAML paper: α = 0.4 on Omniglot, 0.01 on the ImageNet-style sets.
 DATASETS: dict[str, DatasetSpec] = {
-    "omniglot-small": DatasetSpec(1, 28, "conv4", 0.4, default_root="../shared/data/omniglot-small"),
-    "omniglot": DatasetSpec(1, 28, "conv4", 0.4, default_root="~/data"),
+    "omniglot-small": DatasetSpec(1, 28, "conv4", 0.4, default_root="../shared/data/omniglot-small",
+                                  inner_loops=OMNIGLOT_INNER_LOOPS),
+    "omniglot": DatasetSpec(1, 28, "conv4", 0.4, default_root="~/data", inner_loops=OMNIGLOT_INNER_LOOPS),
     "mini-imagenet": DatasetSpec(3, 84, "conv4", 0.01, default_root="~/data"),
     "tiered-imagenet": DatasetSpec(3, 84, "conv4", 0.01, default_root="~/data"),
     "cifarfs": DatasetSpec(3, 32, "conv4", 0.01, default_root="~/data"),
@@ -91,10 +110,43 @@ def register_dataset(name: str, load: Callable, spec: DatasetSpec) -> None:
     check_non_negative("spec.image_size", spec.image_size)
     check_positive("spec.inner_lr", spec.inner_lr)
     check_positive_int("spec.shots", spec.shots)
+    check_inner_loops(spec.inner_loops)
     key = name.lower()
     held = DATASETS[key].load if key in DATASETS else None
     refuse_taken_name("dataset", key, BUILT_IN_DATASETS, held, load, "your task source")
-    DATASETS[key] = replace(spec, load=load)
+    DATASETS[key] = replace(spec, load=load, inner_loops={a.lower(): dict(s) for a, s in spec.inner_loops.items()})
+
+
+INNER_LOOP_KEYS = ("inner_steps", "inner_lr", "lam")
+
+
+def check_inner_loops(inner_loops) -> None:
+    """Refuse a ``DatasetSpec.inner_loops`` that the command line could not use, naming the bad entry."""
+    if not isinstance(inner_loops, Mapping):
+        raise TypeError(f"spec.inner_loops must map algorithm names to settings, got {type(inner_loops).__name__}")
+    for algorithm, settings in inner_loops.items():
+        where = f"spec.inner_loops[{algorithm!r}]"
+        if not isinstance(algorithm, str):
+            raise TypeError(f"{where}: the keys are algorithm names (strings)")
+        if not isinstance(settings, Mapping):
+            raise TypeError(f"{where} must map {', '.join(INNER_LOOP_KEYS)} to values, got {settings!r}")
+        unknown = sorted(set(settings) - set(INNER_LOOP_KEYS))
+        if unknown:
+            raise ValueError(f"{where} has {', '.join(map(repr, unknown))}; allowed: {', '.join(INNER_LOOP_KEYS)}")
+        for key, value in settings.items():
+            (check_positive_int if key == "inner_steps" else check_positive)(f"{where}[{key!r}]", value)
+
+
+def inner_loop_defaults(dataset: str, algorithm: str) -> dict:
+    """The command line's inner loop for ``algorithm`` on ``dataset`` where no flag sets it:
+    ``{"inner_steps", "inner_lr", "lam"}``, the spec's entry for the algorithm over MAML's one step
+    of the spec's ``inner_lr`` (and iMAML's λ = 1).
+
+    :param dataset: a name of :data:`DATASETS`.
+    :param algorithm: an algorithm's name.
+    """
+    spec = DATASETS[dataset]
+    return {"inner_steps": 1, "inner_lr": spec.inner_lr, "lam": 1.0, **spec.inner_loops.get(algorithm.lower(), {})}
 
 
 def default_data_root(dataset: str) -> str | None:
