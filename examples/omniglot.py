@@ -41,7 +41,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    # FOMAML, iMAML and Reptile want several smaller inner steps than MAML's one of 0.4 (and iMAML a smaller λ)
+    # FOMAML, iMAML, Reptile and MAML++ want several smaller inner steps than MAML's one of 0.4 (iMAML a smaller λ)
     loop = inner_loop_defaults("omniglot-small", args.algorithm)
     inner_steps = loop["inner_steps"] if args.inner_steps is None else args.inner_steps
     inner_lr = loop["inner_lr"] if args.inner_lr is None else args.inner_lr
