@@ -39,14 +39,16 @@ SPLITS = ("train", "validation", "test")
 SAMPLERS = ("auto", "device", "learn2learn")
 
 
-def _split_sources(tasksets) -> dict:
+def split_sources(tasksets) -> dict:
     """Accept learn2learn's ``BenchmarkTasksets`` (or any object with train/validation/test),
-    a mapping with those keys, or one task source/callable used for every split."""
+    a mapping with those keys, or one task source/callable used for every split. A mapping's
+    order is kept: its splits are converted and checked in that order (so the first refused is
+    the one an error names)."""
     if isinstance(tasksets, Mapping):
         missing = [s for s in SPLITS if s not in tasksets]
         if missing:
             raise ValueError(f"tasksets mapping lacks {missing}; it needs keys {list(SPLITS)}")
-        return {s: tasksets[s] for s in SPLITS}
+        return {s: tasksets[s] for s in tasksets if s in SPLITS}
     if all(hasattr(tasksets, s) for s in SPLITS):
         return {s: getattr(tasksets, s) for s in SPLITS}
     if callable(tasksets) or callable(getattr(tasksets, "sample", None)):
@@ -271,7 +273,7 @@ def build_engine(
         schedule["min_meta_lr"] = check_non_negative("min_meta_lr", min_meta_lr)
     sampler = check_choice("sampler", sampler, SAMPLERS)
     device = check_device("device", device)
-    sources = _split_sources(tasksets)
+    sources = split_sources(tasksets)
     sources = device_sources(sources, sampler, ways, shots, shots if query_shots is None else query_shots, device)
 
     envs = {
@@ -282,9 +284,9 @@ def build_engine(
         )
         for i, split in enumerate(SPLITS)
     }
-    for split, env in envs.items():
+    for split in sources:
         try:
-            env.check()
+            envs[split].check()
         except ValueError as error:
             raise ValueError(f"the {split} split: {error}") from None
 

@@ -63,11 +63,11 @@ def one_line_warnings(prog: str):
 
     :param prog: the name the line starts with.
     """
-    package = str(Path(__file__).resolve().parent)
+    package = Path(__file__).resolve().parent
     python_format = warnings.formatwarning
 
     def format(message, category, filename, lineno, line=None):
-        if str(Path(filename).resolve()).startswith(package):
+        if Path(filename).resolve().is_relative_to(package):
             return f"{prog}: warning: {message}\n"
         return python_format(message, category, filename, lineno, line)
 

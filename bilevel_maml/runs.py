@@ -19,7 +19,7 @@ from bilevel_maml import distributed
 from bilevel_maml._factories import outside_package
 from bilevel_maml.arguments import (DTYPES, RUN_LOGGING_DEFAULTS, BadInput, device_name, load_plugins,
                                     unknown_dataset, unknown_model)
-from bilevel_maml.builder import build_engine
+from bilevel_maml.builder import SPLITS, build_engine, split_sources
 from bilevel_maml.checkpoint import CHECKPOINT_FILES, Checkpointer, load_checkpoint, newest_intact
 from bilevel_maml.data.sources import DATASETS, inner_loop_defaults, load_tasksets
 from bilevel_maml.engine import MetaEngine, NonFiniteError
@@ -136,8 +136,12 @@ def _runs_dataset(config: dict):
     return DATASETS[config["dataset"]]
 
 
-def build_from_config(config: dict, device: torch.device) -> MetaEngine:
-    """The engine a run's configuration describes (same path for train, evaluate and resume)."""
+def build_from_config(config: dict, device: torch.device, only_split: str | None = None) -> MetaEngine:
+    """The engine a run's configuration describes (same path for train, evaluate and resume).
+
+    :param only_split: draw every split's tasks from this one (``evaluate`` on other tasks than the
+        run's scores one split, and must not be refused for what the others lack).
+    """
     load_plugins(config.get("plugins", []))
     if config["algorithm"] not in ALGORITHMS:
         raise BadInput(f"bilevel-maml: the run's {unknown_algorithm(config['algorithm'])}")
@@ -155,6 +159,9 @@ def build_from_config(config: dict, device: torch.device) -> MetaEngine:
             raise  # the built-in loaders' own errors are one line already (missing files, say)
         raise BadInput(f"bilevel-maml: --dataset {config['dataset']}: {type(error).__name__}: "
                        f"{' '.join(str(error).split())}") from None
+    if only_split is not None:
+        scored = split_sources(tasksets)[only_split]
+        tasksets = {only_split: scored, **{split: scored for split in SPLITS if split != only_split}}
     torch.manual_seed(config["seed"])
     outputs = 1 if spec.regression else config["ways"]
     if config["model"] in REGISTERED_MODELS:
@@ -446,7 +453,10 @@ def command_evaluate(args: argparse.Namespace) -> dict:
     checkpoint = load_checkpoint(path)
     run = checkpoint["config"]
     config = _evaluation_tasks(args, run)
-    engine = build_from_config(config, _device(args.device or config["device"]))
+    own_tasks = all(config[key] == run[key] for key in EVALUATION_TASKS)
+    # the run's own tasks are built as training built them (the same draws, so the same scores)
+    engine = build_from_config(config, _device(args.device or config["device"]),
+                               only_split=None if own_tasks else args.split)
     engine.callbacks.append(ProgressBar(args.progress))
     engine.load_parameters(checkpoint["engine"])
     engine.meta_iteration = checkpoint["engine"]["meta_iteration"]
@@ -459,7 +469,6 @@ def command_evaluate(args: argparse.Namespace) -> dict:
     tasks = {key: config[key] for key in EVALUATION_TASKS}
     result.update(checkpoint=str(path), iteration=engine.meta_iteration, eval_inner_steps=engine.eval_inner_steps,
                   split=args.split, **tasks, config=run)
-    own_tasks = tasks == {key: run[key] for key in EVALUATION_TASKS}
     name = "-".join(["evaluation", *(["validation"] if args.split == "validation" else []),
                      *([] if own_tasks else [config["dataset"], _setting(config)])])
     target = Path(args.result) if args.result else path.parent.parent / f"{name}.json"

@@ -475,6 +475,35 @@ def test_evaluate_scores_a_run_on_other_tasks_of_the_inputs_its_network_takes(tm
         cli.run([*evaluate, "--dataset", "colour"])
 
 
+def test_evaluate_on_other_shots_asks_only_the_split_it_scores(tmp_path, registries):
+    """A dataset whose training classes hold 3 examples and whose held-out classes hold 8: evaluate
+    --shots 5 scores the split asked for (the test split's blank images: exactly chance), where the
+    training split could not have given such tasks; too many shots are refused naming the scored split."""
+    from bilevel_maml.data import CharacterImages, DatasetSpec, register_dataset, task_dataset
+
+    def uneven(ways, samples_per_class):
+        def split(examples, fill):
+            return task_dataset(CharacterImages([fill(examples, 1, 8, 8) for _ in range(6)]), ways=ways,
+                                samples_per_class=samples_per_class)
+        return {"train": split(3, torch.rand), "validation": split(8, torch.rand), "test": split(8, torch.zeros)}
+
+    register_dataset("uneven", uneven, DatasetSpec(in_channels=1, image_size=8, model="mlp", inner_lr=0.4))
+    run = tmp_path / "run"
+    cli.run(["train", "--dataset", "uneven", "--width", "8", "--iterations", "2", "--meta-batch-size", "2",
+             "--valid-tasks", "2", "--test-tasks", "2", "--wandb", "disabled", "--no-progress", "--output", str(run)])
+    evaluate = ["evaluate", "--output", str(run), "--test-tasks", "20", "--shots", "5"]
+    test = cli.run(evaluate)
+    assert (test["split"], test["shots"], test["tasks"]) == ("test", 5, 20)
+    assert (test["accuracy"], test["accuracy_ci95"]) == (pytest.approx(0.2, abs=1e-7), 0.0)
+    validation = cli.run([*evaluate, "--split", "validation"])
+    assert (validation["split"], validation["shots"]) == ("validation", 5) and validation["accuracy_ci95"] > 0
+    for split in ("test", "validation"):
+        with pytest.raises(cli.BadInput, match=rf"^bilevel-maml evaluate: the {split} split: shots \+ query_shots = "
+                                                rf"8 \+ 1 = 9 is more than the 8 examples of the smallest class; "
+                                                rf"choose shots \+ query_shots <= 8$"):
+            cli.run(["evaluate", "--output", str(run), "--shots", "8", "--split", split])
+
+
 def test_evaluate_finds_another_dataset_of_the_runs_own_plugin(tmp_path):
     """The name after evaluate --dataset may be registered by a plugin the run's config names (loaded
     after parsing), with no --plugin on evaluate's command line."""

@@ -220,7 +220,10 @@ def test_the_command_prints_the_librarys_warnings_as_one_line(tmp_path):
     with cli.one_line_warnings("prog"):
         ours = warnings.formatwarning("a note", UserWarning, f"{Path(bilevel_maml.__file__).parent}/builder.py", 9)
         theirs = warnings.formatwarning("a note", UserWarning, "/elsewhere/torch/module.py", 9)
+        beside = f"{Path(bilevel_maml.__file__).parent}_extras/module.py"  # a sibling folder, not ours
+        neighbours = warnings.formatwarning("a note", UserWarning, beside, 9)
     assert ours == "prog: warning: a note\n"
     assert theirs.startswith("/elsewhere/torch/module.py:9: UserWarning: a note")
+    assert neighbours.startswith(f"{beside}:9: UserWarning: a note")
     assert warnings.formatwarning("a note", UserWarning, f"{Path(bilevel_maml.__file__).parent}/builder.py", 9) \
         .startswith(f"{Path(bilevel_maml.__file__).parent}/builder.py:9: UserWarning")  # Python's again after it
