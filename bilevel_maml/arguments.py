@@ -184,9 +184,10 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
              "name is refused with the list; default: the classes' own); the run's config.json lists every "
              "option with the value used")
     add("--plugin", dest="plugins", action=ImportPlugin, default=[], metavar="MODULE",
-        help="import MODULE, which registers variants, networks or task sources (their names may stand anywhere "
-             "on the command line, before it or after, and a --help after it lists them); repeatable; recorded in "
-             "the run's config, so evaluate and resume import it too")
+        help="import MODULE (installed, on PYTHONPATH, or MODULE.py in the current folder), which registers "
+             "variants, networks or task sources (their names may stand anywhere on the command line, before it or "
+             "after, and a --help after it lists them); repeatable; recorded in the run's config, so evaluate and "
+             "resume import it too")
     add("--dataset", type=_dataset_name, default="omniglot-small", metavar="DATASET",
         help="omniglot-small: the official small Omniglot background subsets in a local folder; omniglot, "
              "mini-imagenet, tiered-imagenet, cifarfs, fc100: learn2learn's benchmarks; sinusoid: regression; or "
@@ -471,13 +472,17 @@ def _config_file_arguments(path: str, parser: argparse.ArgumentParser) -> list[s
     return arguments
 
 
-def load_plugins(modules) -> None:
+def load_plugins(modules, whose: str = "--plugin") -> None:
+    """Import each of ``modules`` (after the entry points), or one line naming the first that fails.
+
+    :param whose: where the names came from, for that line (``"the run's --plugin"``: its config).
+    """
     load_entry_points()
     for module in modules:
         try:
             load_plugin(module)
         except ValueError as error:
-            raise BadInput(f"bilevel-maml: --plugin: {error}") from None
+            raise BadInput(f"bilevel-maml: {whose}: {error}") from None
 
 
 def _plugins_named(argv: list[str]) -> list[str]:

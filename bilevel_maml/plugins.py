@@ -9,7 +9,8 @@ its ``pyproject.toml``::
 
 The entry point's name is the algorithm's name; its object is the pair of classes, a callable
 returning the pair, or a module that calls :func:`~bilevel_maml.register_algorithm` when
-imported. Without packaging, ``--plugin my_module`` imports a module that registers its variant;
+imported. Without packaging, ``--plugin my_module`` imports a module that registers its variant
+(installed, on ``PYTHONPATH``, or ``my_module.py`` in the folder the command runs in);
 the run's ``config.json`` records it, so ``evaluate`` and ``resume`` import it again. Such a module
 may also register a network of its own for ``--model`` (:func:`bilevel_maml.models.register_model`)
 and a task source for ``--dataset`` (:func:`bilevel_maml.data.register_dataset`); a package declares
@@ -28,6 +29,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import os
+import sys
 import traceback
 import warnings
 from importlib.metadata import entry_points
@@ -45,17 +48,15 @@ _loaded_entry_points = False
 def load_plugin(module: str) -> None:
     """Import ``module`` (which registers its variants), or raise ValueError saying why it could not be.
 
-    :param module: a dotted module name, importable from ``sys.path``.
+    :param module: a dotted module name, importable from ``sys.path`` or from the current folder.
     """
     try:
-        importlib.import_module(module)
+        _import_here_too(module)
     except Exception as error:  # a plugin's own bug must read as one line, not a traceback
         detail = f"{type(error).__name__}: {' '.join(str(error).split()) or type(error).__name__}"
-        missing = isinstance(error, ModuleNotFoundError) and error.name is not None and \
-            (module == error.name or module.startswith(error.name + "."))
-        if missing:
+        if _is_missing(module, error):
             raise ValueError(f"plugin module {module!r} could not be imported ({detail}); it must be importable "
-                             f"from this Python (installed, or on PYTHONPATH)") from None
+                             f"from this Python (installed, on PYTHONPATH, or a file in the current folder)") from None
         # the plugin's own line that led to the error, not where in the library or Python it was raised
         try:
             source = importlib.util.find_spec(module).origin
@@ -64,6 +65,29 @@ def load_plugin(module: str) -> None:
         frames = [frame for frame in traceback.extract_tb(error.__traceback__) if frame.filename == source]
         raised_at = f" at {source}:{frames[-1].lineno}" if frames else ""
         raise ValueError(f"plugin module {module!r} failed while it was imported{raised_at} ({detail})") from None
+
+
+def _import_here_too(module: str) -> None:
+    """Import ``module``, looking in the current folder after ``sys.path``: ``python -m bilevel_maml``
+    finds ``my_variant.py`` in the folder it runs in (Python puts that folder on its path), and so must
+    the ``bilevel-maml`` script, whose path starts at the script's own folder. After, not before: a
+    file of the current folder named as an installed module does not replace that module."""
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        here = os.getcwd()
+        if not _is_missing(module, error) or here in sys.path:
+            raise
+        sys.path.append(here)
+        importlib.invalidate_caches()
+        importlib.import_module(module)
+
+
+def _is_missing(module: str, error: Exception) -> bool:
+    """Whether ``error`` says ``module`` itself (or a package above it) is nowhere to be found, not
+    something the module imports."""
+    return isinstance(error, ModuleNotFoundError) and error.name is not None and \
+        (module == error.name or module.startswith(error.name + "."))
 
 
 def load_entry_points() -> None:

@@ -142,7 +142,7 @@ def build_from_config(config: dict, device: torch.device, only_split: str | None
     :param only_split: draw every split's tasks from this one (``evaluate`` on other tasks than the
         run's scores one split, and must not be refused for what the others lack).
     """
-    load_plugins(config.get("plugins", []))
+    load_plugins(config.get("plugins", []), whose="the run's --plugin")
     if config["algorithm"] not in ALGORITHMS:
         raise BadInput(f"bilevel-maml: the run's {unknown_algorithm(config['algorithm'])}")
     spec = _runs_dataset(config)
@@ -518,7 +518,7 @@ def _evaluation_tasks(args: argparse.Namespace, run: dict) -> dict:
     in one line, before any data is read, where the run's network cannot take its inputs."""
     config = dict(run)
     if args.dataset is not None and args.dataset != run["dataset"]:
-        load_plugins(run.get("plugins", []))  # the dataset asked for may be registered by one of them
+        load_plugins(run.get("plugins", []), whose="the run's --plugin")  # the dataset asked for may be registered by one of them
         trained = _runs_dataset(run)
         if args.dataset not in DATASETS:
             raise BadInput(f"bilevel-maml evaluate: --dataset: {unknown_dataset(args.dataset)}")

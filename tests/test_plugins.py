@@ -141,8 +141,40 @@ def test_a_run_whose_variant_is_gone_says_so_in_one_line(tmp_path):
     evaluated = console("evaluate", "--output", output, path=tmp_path)
     assert evaluated.returncode == 2
     assert evaluated.stderr.strip().splitlines() == [
-        "bilevel-maml: --plugin: plugin module 'short_lived' could not be imported (ModuleNotFoundError: No module "
-        "named 'short_lived'); it must be importable from this Python (installed, or on PYTHONPATH)"]
+        "bilevel-maml: the run's --plugin: plugin module 'short_lived' could not be imported (ModuleNotFoundError: "
+        "No module named 'short_lived'); it must be importable from this Python (installed, on PYTHONPATH, or a file "
+        "in the current folder)"]
+
+
+def test_the_command_finds_a_plugin_in_the_folder_it_runs_in(tmp_path):
+    """`bilevel-maml train --plugin beside` with beside.py in the current folder and no PYTHONPATH, as
+    `python -m bilevel_maml` finds it; evaluate there finds it again, and elsewhere names the run's
+    plugin. The folder is looked in last: its wave.py does not replace the standard library's."""
+    (tmp_path / "beside.py").write_text(VARIANT + textwrap.dedent('''
+        import wave  # the standard library's, not the file beside this one
+
+        from bilevel_maml import register_algorithm
+
+        assert hasattr(wave, "open")
+        register_algorithm("beside", HalfStepUpper, HalfStepLower)
+    '''))
+    (tmp_path / "wave.py").write_text("raise AssertionError('the current folder replaced an installed module')\n")
+    (tmp_path / "elsewhere").mkdir()
+    environment = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "WANDB_SILENT": "true"}
+
+    def command(*arguments, cwd):
+        return subprocess.run([str(VENV_BIN / "bilevel-maml"), *map(str, arguments)], capture_output=True, text=True,
+                              timeout=300, env=environment, cwd=cwd)
+
+    trained = command(*sinusoid_run("run", "--algorithm", "beside", "--plugin", "beside"), cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    evaluated = command("evaluate", "--output", "run", "--test-tasks", "3", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "beside sinusoid 10-shot regression" in evaluated.stdout
+    elsewhere = command("evaluate", "--output", tmp_path / "run", cwd=tmp_path / "elsewhere")
+    assert elsewhere.returncode == 2
+    assert elsewhere.stderr.strip().startswith("bilevel-maml: the run's --plugin: plugin module 'beside' could not "
+                                               "be imported")
 
 
 def test_a_config_file_sets_algorithm_options_as_a_table(tmp_path):
