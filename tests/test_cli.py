@@ -223,6 +223,32 @@ def test_bad_runs_fail_before_training_with_a_clear_message(tmp_path, argv, mess
     assert not (tmp_path / "run").exists()
 
 
+def test_the_readmes_mini_imagenet_setting_runs_on_mini_imagenets_files(tmp_path, capsys):
+    """MAML's paper setting as the README spells it (32 filters, 5 inner steps and 10 at test, 15
+    queries per class, 4 tasks) trains and tests on files laid out as learn2learn's mini-ImageNet
+    pickles (random 84×84 images: the path, not the accuracy)."""
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "validation", "test"):
+        data = {"image_data": rng.integers(0, 256, size=(6 * 16, 84, 84, 3), dtype=np.uint8),
+                "class_dict": {f"{split}{c}": list(range(16 * c, 16 * c + 16)) for c in range(6)}}
+        with open(tmp_path / f"mini-imagenet-cache-{split}.pkl", "wb") as handle:
+            pickle.dump(data, handle)
+    result = cli.run(["train", "--dataset", "mini-imagenet", "--data-root", str(tmp_path), "--width", "32",
+                      "--inner-steps", "5", "--eval-inner-steps", "10", "--query-shots", "15", "--meta-batch-size", "4",
+                      "--iterations", "1", "--valid-tasks", "1", "--test-tasks", "2", "--wandb", "disabled",
+                      "--no-progress", "--output", str(tmp_path / "run")])
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert {key: config[key] for key in ("inner_steps", "eval_inner_steps", "inner_lr", "query_shots", "width")} == \
+        {"inner_steps": 5, "eval_inner_steps": 10, "inner_lr": 0.01, "query_shots": 15, "width": 32}
+    theta = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["engine"]["theta"]
+    assert [tuple(t.shape) for t in theta.values() if t.dim() == 4][0] == (32, 3, 3, 3)
+    assert result["tasks"] == 2 and "adapted with 10 inner steps" in capsys.readouterr().out
+
+
 def test_download_flag_hands_missing_benchmarks_to_learn2learn(tmp_path, monkeypatch):
     """With --download the real learn2learn get_tasksets path runs (here intercepted: no network)."""
     import learn2learn
