@@ -88,3 +88,17 @@ def random_classification_source(ways, per_class, features, dtype=torch.float64,
         return inputs, labels
 
     return sample
+
+
+def write_mini_imagenet_pickles(folder, classes, per_class, seed=0):
+    """Files laid out as learn2learn's mini-ImageNet pickles, one per split, of random 84×84 images."""
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    for split in ("train", "validation", "test"):
+        data = {"image_data": rng.integers(0, 256, size=(classes * per_class, 84, 84, 3), dtype=np.uint8),
+                "class_dict": {f"{split}{c}": list(range(per_class * c, per_class * (c + 1))) for c in range(classes)}}
+        with open(Path(folder) / f"mini-imagenet-cache-{split}.pkl", "wb") as handle:
+            pickle.dump(data, handle)

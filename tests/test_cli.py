@@ -13,6 +13,7 @@ import torch
 from bilevel_maml import arguments, cli, runs
 from bilevel_maml.checkpoint import atomic_save, load_checkpoint
 from bilevel_maml.history import METRICS_FILE, read_metrics
+from conftest import write_mini_imagenet_pickles
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -227,16 +228,7 @@ def test_the_readmes_mini_imagenet_setting_runs_on_mini_imagenets_files(tmp_path
     """MAML's paper setting as the README spells it (32 filters, 5 inner steps and 10 at test, 15
     queries per class, 4 tasks) trains and tests on files laid out as learn2learn's mini-ImageNet
     pickles (random 84×84 images: the path, not the accuracy)."""
-    import pickle
-
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    for split in ("train", "validation", "test"):
-        data = {"image_data": rng.integers(0, 256, size=(6 * 16, 84, 84, 3), dtype=np.uint8),
-                "class_dict": {f"{split}{c}": list(range(16 * c, 16 * c + 16)) for c in range(6)}}
-        with open(tmp_path / f"mini-imagenet-cache-{split}.pkl", "wb") as handle:
-            pickle.dump(data, handle)
+    write_mini_imagenet_pickles(tmp_path, classes=6, per_class=16)
     result = cli.run(["train", "--dataset", "mini-imagenet", "--data-root", str(tmp_path), "--width", "32",
                       "--inner-steps", "5", "--eval-inner-steps", "10", "--query-shots", "15", "--meta-batch-size", "4",
                       "--iterations", "1", "--valid-tasks", "1", "--test-tasks", "2", "--wandb", "disabled",

@@ -1,8 +1,5 @@
 """Data pipeline: Omniglot splits and cache, benchmark file checks, the real get_tasksets path."""
 
-import pickle
-
-import numpy as np
 import pytest
 import torch
 
@@ -10,6 +7,7 @@ from bilevel_maml.data import omniglot
 from bilevel_maml.data.benchmarks import BENCHMARKS, REQUIRED_FILES, benchmark_tasksets
 from bilevel_maml.data.sources import default_data_root
 from bilevel_maml.env import EpisodicEnv
+from conftest import write_mini_imagenet_pickles
 
 
 @pytest.fixture(scope="module")
@@ -96,12 +94,7 @@ def test_missing_benchmark_files_are_listed_with_where_to_place_them(name, tmp_p
 
 
 def test_present_mini_imagenet_files_go_through_learn2learn_get_tasksets(tmp_path):
-    rng = np.random.default_rng(0)
-    for split in ("train", "validation", "test"):
-        data = {"image_data": rng.integers(0, 255, size=(6 * 4, 84, 84, 3), dtype=np.uint8),
-                "class_dict": {f"{split}{c}": list(range(4 * c, 4 * c + 4)) for c in range(6)}}
-        with open(tmp_path / f"mini-imagenet-cache-{split}.pkl", "wb") as handle:
-            pickle.dump(data, handle)
+    write_mini_imagenet_pickles(tmp_path, classes=6, per_class=4)
     tasksets = benchmark_tasksets("mini-imagenet", tmp_path, ways=5, samples_per_class=2,
                                   data_augmentation="normalize")
     inputs, labels = tasksets.train.sample()
