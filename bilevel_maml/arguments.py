@@ -217,7 +217,7 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
              "--iterations (a resume with more --iterations re-spans it over the new total); maml++ anneals its own "
              "cosine unless --option cosine_lr=false")
     add("--min-meta-lr", type=non_negative_float, metavar="RATE",
-        help="where the cosine ends (default: 0; maml++: 1e-5)")
+        help="where the cosine ends, at most --meta-lr (default: 0; maml++: 1e-5, or --meta-lr where that is lower)")
     add("--meta-batch-size", type=positive_int, default=8,
         help="tasks per meta-update; under torchrun the global count, split evenly over the ranks")
     add("--iterations", type=positive_int, default=200, help="meta-iterations (outer updates)")

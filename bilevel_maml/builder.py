@@ -243,8 +243,10 @@ def build_engine(
     upper_options, lower_options = split_options(name, dict(algorithm_options or {}))
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not regression:
-        check_positive_int("ways", ways)
+    if not regression and check_positive_int("ways", ways) == 1:
+        # one class: every answer is right, the loss is 0 and nothing is learned
+        raise ValueError("ways=1: a task of one class is solved before any learning (every answer is its "
+                         "class, the loss 0); choose ways >= 2")
     check_positive_int("shots", shots)
     if query_shots is not None:
         check_positive_int("query_shots", query_shots)

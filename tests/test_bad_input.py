@@ -32,12 +32,24 @@ def test_a_valid_configuration_builds():
     assert engine.meta_batch_size == 2
 
 
+def test_maml_plus_plus_ends_its_cosine_at_a_rate_that_starts_below_its_default_end():
+    """MAML++ anneals toward 1e-5 by default; a run whose outer rate starts below that stays at it."""
+    assert build(algorithm="maml++", meta_lr=1e-6).meta_learner.min_meta_lr == 1e-6
+    assert build(algorithm="maml++", meta_lr=1e-3).meta_learner.min_meta_lr == 1e-5
+
+
 @pytest.mark.parametrize(
     "overrides, error, message",
     [
         (dict(ways=7), ValueError, r"the train split: ways=7 is more than its 6 classes; choose ways <= 6"),
         (dict(shots=3, query_shots=2), ValueError, r"the train split: shots \+ query_shots = 3 \+ 2 = 5 is more than "
                                                    r"the 4 examples"),
+        (dict(ways=1), ValueError, r"^ways=1: a task of one class is solved before any learning \(every answer is its "
+                                   r"class, the loss 0\); choose ways >= 2$"),
+        (dict(meta_lr=1e-3, meta_lr_schedule="cosine", min_meta_lr=0.01), ValueError,
+         r"^min_meta_lr=0.01 is above the outer learning rate 0.001 the cosine schedule starts from, and it anneals "
+         r"down to min_meta_lr; choose min_meta_lr <= 0.001$"),
+        (dict(algorithm="maml++", meta_lr=1e-3, min_meta_lr=0.002), ValueError, r"^min_meta_lr=0.002 is above"),
         (dict(inner_steps=0), ValueError, r"inner_steps must be an integer >= 1, got 0"),
         (dict(inner_steps=1.5), TypeError, r"inner_steps must be an integer >= 1, got 1.5"),
         (dict(eval_inner_steps=0), ValueError, r"eval_inner_steps must be an integer >= 1, got 0"),

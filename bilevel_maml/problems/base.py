@@ -611,6 +611,11 @@ class MetaLearner(_NoRollBack, Problem):
             if meta_lr_schedule == "constant":
                 raise ValueError(f"min_meta_lr={min_meta_lr!r} is where a cosine schedule ends, and "
                                  f"meta_lr_schedule is 'constant'; pass meta_lr_schedule='cosine' too")
+            start = min(float(group["lr"]) for group in optimizer.param_groups)
+            if min_meta_lr > start:
+                raise ValueError(f"min_meta_lr={min_meta_lr!r} is above the outer learning rate {start:g} the cosine "
+                                 f"schedule starts from, and it anneals down to min_meta_lr; choose "
+                                 f"min_meta_lr <= {start:g}")
         # The scheduler is stepped once per meta-update here, not by Betty once per task.
         super().__init__(name=name, config=config, module=module, optimizer=optimizer, device=device)
         self.lr_scheduler = scheduler

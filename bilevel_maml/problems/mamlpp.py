@@ -282,7 +282,7 @@ class MAMLPlusPlusUpper(MAMLUpper):
     :param multi_step_loss: weight the query losses of every inner step (else the last step's only).
     :param multi_step_loss_iterations: meta-iterations over which the weights anneal toward the last step (None: the first tenth of the run).
     :param cosine_lr: cosine-anneal the outer learning rate over the run (``meta_lr_schedule="cosine"``).
-    :param min_meta_lr: where the cosine ends (None: 1e-5).
+    :param min_meta_lr: where the cosine ends (None: 1e-5, or the outer rate where that is lower).
     :param meta_lr_schedule: ``"constant"`` or ``"cosine"`` (None: as ``cosine_lr`` says), as for
         every :class:`~bilevel_maml.problems.base.MetaLearner`.
     :param kwargs: passed to :class:`~bilevel_maml.problems.maml.MAMLUpper` (``meta_batch_size``, ``loss_fn``, ...).
@@ -296,8 +296,10 @@ class MAMLPlusPlusUpper(MAMLUpper):
         meta_lr_schedule = check_choice("meta_lr_schedule", meta_lr_schedule, META_LR_SCHEDULES)
         if meta_lr_schedule == "cosine" and not cosine_lr:
             raise ValueError("MAML++'s cosine_lr=False and meta_lr_schedule='cosine' disagree; pass one of them")
-        if meta_lr_schedule == "cosine" and min_meta_lr is None:
-            min_meta_lr = 1e-5
+        if meta_lr_schedule == "cosine" and min_meta_lr is None:  # the paper's, unless the run starts below it
+            optimizer = kwargs.get("optimizer", args[1] if len(args) > 1 else None)
+            rates = [float(group["lr"]) for group in getattr(optimizer, "param_groups", ())]
+            min_meta_lr = min([1e-5, *rates])
         if meta_lr_schedule == "cosine" and kwargs.get("scheduler") is not None:
             raise ValueError("MAML++'s cosine_lr and a scheduler both set the outer learning rate; pass "
                              "cosine_lr=False to use the scheduler")
