@@ -21,7 +21,7 @@ from bilevel_maml.arguments import (DTYPES, RUN_LOGGING_DEFAULTS, BadInput, devi
                                     unknown_dataset, unknown_model)
 from bilevel_maml.builder import SPLITS, build_engine, split_sources
 from bilevel_maml.checkpoint import CHECKPOINT_FILES, Checkpointer, load_checkpoint, newest_intact
-from bilevel_maml.data.sources import DATASETS, inner_loop_defaults, load_tasksets
+from bilevel_maml.data.sources import DATASETS, default_data_root, inner_loop_defaults, load_tasksets
 from bilevel_maml.engine import MetaEngine, NonFiniteError
 from bilevel_maml.evaluation import scalar_scores
 from bilevel_maml.execution import check_precision
@@ -104,7 +104,20 @@ def _run_config(args: argparse.Namespace) -> dict:
     if config["data_root"] is not None and Path(config["data_root"]).exists() and not Path(config["data_root"]).is_dir():
         raise BadInput(f"bilevel-maml: --data-root {config['data_root']!r} is a file; pass the folder holding "
                        f"the dataset's files")
+    config["data_root"] = _data_folder(config)
     return config
+
+
+def _data_folder(config: dict) -> str | None:
+    """The run's data folder as an absolute path (the dataset's default where none was given), so that
+    ``evaluate`` and ``resume`` find it from any folder. A registered loader's root is kept as given
+    unless it is a path that exists: the loader may read it as something else."""
+    root = config["data_root"] if config["data_root"] is not None else default_data_root(config["dataset"])
+    if root is None:
+        return None
+    folder = Path(root).expanduser()
+    spec = DATASETS.get(config["dataset"])
+    return str(folder.resolve()) if folder.exists() or (spec is not None and spec.load is None) else root
 
 
 def _check_writable_folder(flag: str, folder: Path) -> None:
@@ -369,6 +382,7 @@ def _resume_the_same_run(args: argparse.Namespace, config: dict, output: Path) -
     resumed = found[1]["config"]  # its total as resume last set it
     # the settings as train wrote them (a checkpoint's config holds what resume resolved, sampler="auto" say)
     stored = json.loads((output / "config.json").read_text()) if (output / "config.json").is_file() else resumed
+    stored = {**stored, "data_root": _data_folder(stored)}  # a run of before data folders were recorded whole
     differ = [f"{name} (the run's {stored[name]!r}, this command's {config[name]!r})" for name in config
               if name not in NOT_THE_RUNS_SETTINGS and name in stored and stored[name] != config[name]]
     if config["iterations"] < resumed["iterations"]:

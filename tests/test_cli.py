@@ -241,6 +241,33 @@ def test_the_readmes_mini_imagenet_setting_runs_on_mini_imagenets_files(tmp_path
     assert result["tasks"] == 2 and "adapted with 10 inner steps" in capsys.readouterr().out
 
 
+def test_a_runs_data_folder_is_recorded_whole_so_evaluate_finds_it_from_anywhere(tmp_path, omniglot_root,
+                                                                                  monkeypatch, capsys):
+    """--data-root given relative to the folder train ran in is recorded as an absolute path (so is
+    the dataset's default where none is given), so evaluate from another folder finds the data; a run
+    that recorded the relative path is still the same run for train --resume-if-exists."""
+    monkeypatch.chdir(omniglot_root.parent)
+    run = ["train", "--data-root", "omniglot-small", "--iterations", "1", "--meta-batch-size", "2", "--valid-tasks",
+           "2", "--test-tasks", "3", "--wandb", "disabled", "--no-progress", "--output", str(tmp_path / "run")]
+    trained = cli.run(run)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["data_root"] == str(omniglot_root.resolve())
+    monkeypatch.chdir(tmp_path)
+    evaluated = cli.run(["evaluate", "--output", "run", "--test-tasks", "3", "--no-progress"])
+    assert (evaluated["accuracy"], evaluated["loss"]) == (trained["accuracy"], trained["loss"])
+
+    monkeypatch.setattr(runs, "default_data_root", lambda dataset: "omniglot-small")
+    monkeypatch.chdir(omniglot_root.parent)
+    cli.run(["train", "--iterations", "1", "--meta-batch-size", "2", "--valid-tasks", "2", "--test-tasks", "3",
+             "--wandb", "disabled", "--no-progress", "--output", str(tmp_path / "default")])
+    assert json.loads((tmp_path / "default" / "config.json").read_text())["data_root"] == str(omniglot_root.resolve())
+
+    (tmp_path / "run" / "config.json").write_text(json.dumps({**config, "data_root": "omniglot-small"}))
+    capsys.readouterr()
+    cli.run([*run, "--resume-if-exists"])
+    assert "holds this run; it is finished" in capsys.readouterr().out
+
+
 def test_download_flag_hands_missing_benchmarks_to_learn2learn(tmp_path, monkeypatch):
     """With --download the real learn2learn get_tasksets path runs (here intercepted: no network)."""
     import learn2learn
