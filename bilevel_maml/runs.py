@@ -408,7 +408,8 @@ def _finished(output: Path, checkpoint: dict, iterations: int) -> str | None:
     is left to do; else None."""
     reached, result = checkpoint["engine"]["meta_iteration"], output / "result.json"
     if reached >= iterations and result.is_file():
-        return f"is finished (iteration {reached} of {iterations}; test result in {result})"
+        of = f" of {iterations}" if reached == iterations else f", more than the {iterations} asked for"
+        return f"is finished (iteration {reached}{of}; test result in {result})"
     return None
 
 

@@ -204,6 +204,8 @@ def test_train_refuses_to_overwrite_a_run_and_resume_extends_it(tmp_path, capsys
     result = cli.run(["resume", "--output", str(tmp_path / "run"), "--wandb", "offline", "--no-progress"])
     assert f"{tmp_path / 'run'} is finished (iteration 8 of 8" in capsys.readouterr().out
     assert result["iteration"] == json.loads((tmp_path / "run" / "result.json").read_text())["iteration"]
+    cli.run(["resume", "--output", str(tmp_path / "run"), "--iterations", "5", "--wandb", "offline", "--no-progress"])
+    assert f"{tmp_path / 'run'} is finished (iteration 8, more than the 5 asked for;" in capsys.readouterr().out
     assert {p: p.read_bytes() for p in sorted((tmp_path / "run").rglob("*")) if p.is_file()} == files
 
 
