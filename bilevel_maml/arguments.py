@@ -201,10 +201,10 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
     add("--shots", type=positive_int, help="support examples per class (default: 1; 10 points for sinusoid)")
     add("--query-shots", type=positive_int, help="query examples per class (default: --shots)")
     add("--inner-steps", type=positive_int,
-        help="SGD steps of the inner loop (default: 1, MAML's on Omniglot; its paper took 5 on mini-ImageNet; on Omniglot 5 for fomaml, imaml, reptile and maml++, "
-             "which want several smaller steps: 5-way 1-shot, 200 meta-iterations, MAML's 1 step of 0.4 reached "
-             "37.6%%, 28.0%%, 32.6%% and 67.4%% with them, their own defaults 88.0%%, 73.3%%, 72.9%% and 91.2%%; a "
-             "registered dataset's DatasetSpec.inner_loops sets its own)")
+        help="SGD steps of the inner loop (default: 1, MAML's on Omniglot; its paper took 5 on mini-ImageNet; on "
+             "Omniglot 5 for fomaml, imaml, reptile and maml++, which want several smaller steps: 5-way 1-shot, 200 "
+             "meta-iterations, MAML's 1 step of 0.4 reached 37.6%%, 28.0%%, 32.6%% and 67.4%% with them, their own "
+             "defaults 88.0%%, 73.3%%, 72.9%% and 91.2%%; a registered dataset's DatasetSpec.inner_loops sets its own)")
     add("--eval-inner-steps", type=positive_int,
         help="inner steps of each validation and test task (default: --inner-steps; MAML tests mini-ImageNet with "
              "10 after training with 5); steps past those trained repeat the last one's per-step values")

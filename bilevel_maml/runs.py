@@ -112,11 +112,13 @@ def _data_folder(config: dict) -> str | None:
     """The run's data folder as an absolute path (the dataset's default where none was given), so that
     ``evaluate`` and ``resume`` find it from any folder. A registered loader's root is kept as given
     unless it is a path that exists: the loader may read it as something else."""
-    root = config["data_root"] if config["data_root"] is not None else default_data_root(config["dataset"])
+    spec = DATASETS.get(config["dataset"])  # None: a stored run's dataset whose plugin this command lacks
+    root = config["data_root"]
+    if root is None and spec is not None:
+        root = default_data_root(config["dataset"])
     if root is None:
         return None
     folder = Path(root).expanduser()
-    spec = DATASETS.get(config["dataset"])
     return str(folder.resolve()) if folder.exists() or (spec is not None and spec.load is None) else root
 
 
@@ -533,7 +535,8 @@ def _evaluation_tasks(args: argparse.Namespace, run: dict) -> dict:
     in one line, before any data is read, where the run's network cannot take its inputs."""
     config = dict(run)
     if args.dataset is not None and args.dataset != run["dataset"]:
-        load_plugins(run.get("plugins", []), whose="the run's --plugin")  # the dataset asked for may be registered by one of them
+        # the dataset asked for may be registered by one of them
+        load_plugins(run.get("plugins", []), whose="the run's --plugin")
         trained = _runs_dataset(run)
         if args.dataset not in DATASETS:
             raise BadInput(f"bilevel-maml evaluate: --dataset: {unknown_dataset(args.dataset)}")

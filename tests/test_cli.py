@@ -258,16 +258,20 @@ def test_a_runs_data_folder_is_recorded_whole_so_evaluate_finds_it_from_anywhere
     evaluated = cli.run(["evaluate", "--output", "run", "--test-tasks", "3", "--no-progress"])
     assert (evaluated["accuracy"], evaluated["loss"]) == (trained["accuracy"], trained["loss"])
 
-    monkeypatch.setattr(runs, "default_data_root", lambda dataset: "omniglot-small")
     monkeypatch.chdir(omniglot_root.parent)
-    cli.run(["train", "--iterations", "1", "--meta-batch-size", "2", "--valid-tasks", "2", "--test-tasks", "3",
-             "--wandb", "disabled", "--no-progress", "--output", str(tmp_path / "default")])
-    assert json.loads((tmp_path / "default" / "config.json").read_text())["data_root"] == str(omniglot_root.resolve())
-
     (tmp_path / "run" / "config.json").write_text(json.dumps({**config, "data_root": "omniglot-small"}))
     capsys.readouterr()
     cli.run([*run, "--resume-if-exists"])
     assert "holds this run; it is finished" in capsys.readouterr().out
+    (tmp_path / "run" / "config.json").write_text(json.dumps({**config, "dataset": "gone", "data_root": None}))
+    with pytest.raises(cli.BadInput, match=r"holds another run: dataset \(the run's 'gone', this command's "
+                                            r"'omniglot-small'\)"):
+        cli.run([*run, "--resume-if-exists"])  # a dataset no plugin of this command registers
+
+    monkeypatch.setattr(runs, "default_data_root", lambda dataset: "omniglot-small")
+    cli.run(["train", "--iterations", "1", "--meta-batch-size", "2", "--valid-tasks", "2", "--test-tasks", "3",
+             "--wandb", "disabled", "--no-progress", "--output", str(tmp_path / "default")])
+    assert json.loads((tmp_path / "default" / "config.json").read_text())["data_root"] == str(omniglot_root.resolve())
 
 
 def test_download_flag_hands_missing_benchmarks_to_learn2learn(tmp_path, monkeypatch):
