@@ -560,6 +560,10 @@ class MetaLearner(_NoRollBack, Problem):
     :mod:`bilevel_maml.hypergradient`; each algorithm overrides it with its own.
     """
 
+    #: where a cosine schedule ends when no ``min_meta_lr`` is given (MAML++: its paper's 1e-5),
+    #: or the rate the run starts from where that is lower
+    default_min_meta_lr = 0.0
+
     def __init__(
         self,
         module: torch.nn.Module,
@@ -585,7 +589,7 @@ class MetaLearner(_NoRollBack, Problem):
             (:func:`cosine_learning_rate`). Set in closed form from the iteration before each one
             (:meth:`set_meta_learning_rate`), so a resumed run continues it and one extended to more
             iterations re-spans it over the new total.
-        :param min_meta_lr: where the cosine ends (None: 0).
+        :param min_meta_lr: where the cosine ends (None: :attr:`default_min_meta_lr`, 0 here).
         :param name: the problem's name in Betty's dependency graph.
         :param config: a Betty ``Config`` used as given instead of one built from the arguments above.
         :param device: where the problem's tensors live (the engine sets it).
@@ -611,8 +615,11 @@ class MetaLearner(_NoRollBack, Problem):
             if meta_lr_schedule == "constant":
                 raise ValueError(f"min_meta_lr={min_meta_lr!r} is where a cosine schedule ends, and "
                                  f"meta_lr_schedule is 'constant'; pass meta_lr_schedule='cosine' too")
+        if meta_lr_schedule == "cosine":
             start = min(float(group["lr"]) for group in optimizer.param_groups)
-            if min_meta_lr > start:
+            if min_meta_lr is None:
+                min_meta_lr = min(self.default_min_meta_lr, start)
+            elif min_meta_lr > start:
                 raise ValueError(f"min_meta_lr={min_meta_lr!r} is above the outer learning rate {start:g} the cosine "
                                  f"schedule starts from, and it anneals down to min_meta_lr; choose "
                                  f"min_meta_lr <= {start:g}")

@@ -288,6 +288,8 @@ class MAMLPlusPlusUpper(MAMLUpper):
     :param kwargs: passed to :class:`~bilevel_maml.problems.maml.MAMLUpper` (``meta_batch_size``, ``loss_fn``, ...).
     """
 
+    default_min_meta_lr = 1e-5  # the paper's
+
     def __init__(self, *args, multi_step_loss: bool = True, multi_step_loss_iterations: int | None = None,
                  cosine_lr: bool = True, min_meta_lr: float | None = None, meta_lr_schedule: str | None = None,
                  **kwargs):
@@ -296,10 +298,6 @@ class MAMLPlusPlusUpper(MAMLUpper):
         meta_lr_schedule = check_choice("meta_lr_schedule", meta_lr_schedule, META_LR_SCHEDULES)
         if meta_lr_schedule == "cosine" and not cosine_lr:
             raise ValueError("MAML++'s cosine_lr=False and meta_lr_schedule='cosine' disagree; pass one of them")
-        if meta_lr_schedule == "cosine" and min_meta_lr is None:  # the paper's, unless the run starts below it
-            optimizer = kwargs.get("optimizer", args[1] if len(args) > 1 else None)
-            rates = [float(group["lr"]) for group in getattr(optimizer, "param_groups", ())]
-            min_meta_lr = min([1e-5, *rates])
         if meta_lr_schedule == "cosine" and kwargs.get("scheduler") is not None:
             raise ValueError("MAML++'s cosine_lr and a scheduler both set the outer learning rate; pass "
                              "cosine_lr=False to use the scheduler")
