@@ -5,6 +5,7 @@ import torch
 from torch.func import functional_call, vmap
 
 from bilevel_maml.env import EpisodicEnv
+from bilevel_maml.execution import HostReadWatch
 
 REPO = Path(__file__).resolve().parents[1]
 OMNIGLOT_SMALL = REPO.parent / "shared" / "data" / "omniglot-small"
@@ -102,3 +103,16 @@ def write_mini_imagenet_pickles(folder, classes, per_class, seed=0):
                 "class_dict": {f"{split}{c}": list(range(per_class * c, per_class * (c + 1))) for c in range(classes)}}
         with open(Path(folder) / f"mini-imagenet-cache-{split}.pkl", "wb") as handle:
             pickle.dump(data, handle)
+
+
+def first_host_read_in_capturable_region(built, warm_up=True):
+    """With the non-finite check left on the device, the first host read (one line) while ``built``
+    runs a meta-iteration's tasks, after an eager meta-iteration to warm up; None if there is none."""
+    built.train()
+    if warm_up:
+        built.meta_step()
+    built.meta_learner.check_on_device = True
+    watch = HostReadWatch()
+    with watch:
+        built.execution.run_tasks()
+    return watch.first

@@ -55,3 +55,11 @@ def test_cavia_example_compares_with_maml_and_adapts_only_the_context():
     out = run("cavia.py", "--iterations", "3", "--meta-batch-size", "2", "--contexts", "3")
     assert "CAVIA post-adaptation MSE" in out and "(600 test tasks; 3 of 1884 parameters adapted per task)" in out
     assert "MAML  post-adaptation MSE" in out and "1761 of 1761 parameters adapted per task" in out
+
+
+def test_protomaml_example_compares_with_maml_before_and_after_the_inner_step(omniglot_root):
+    out = run("protomaml.py", "--data-root", str(omniglot_root), "--iterations", "2", "--meta-batch-size", "2",
+              "--width", "8", "--test-tasks", "20")
+    for label in ("Proto-MAML", "MAML      "):
+        assert f"{label} held-out 5-way 1-shot accuracy" in out
+    assert out.count("(20 test tasks; before the inner step") == 2

@@ -22,7 +22,7 @@ from bilevel_maml.execution import (CapturedExecution, HostReadWatch, advance_co
                                     python_state, restore_python_state)
 from bilevel_maml.models import Conv4
 
-from conftest import random_classification_source
+from conftest import first_host_read_in_capturable_region, random_classification_source
 
 CLASSES, PER_CLASS = 12, 4
 
@@ -93,19 +93,6 @@ def test_an_eager_meta_iteration_reads_the_host_once(algorithm, vectorize):
         stats = built.meta_step()
     assert watch.reads == ["tolist"], watch.reads
     assert {"loss", "accuracy", "lr"} <= set(stats) <= {"loss", "accuracy", "final_step_loss", "lr"} and math.isfinite(stats["loss"])
-
-
-def first_host_read_in_capturable_region(built, warm_up=True):
-    """With the non-finite check left on the device, the first host read (one line) while ``built``
-    runs a meta-iteration's tasks, after an eager meta-iteration to warm up; None if there is none."""
-    built.train()
-    if warm_up:
-        built.meta_step()
-    built.meta_learner.check_on_device = True
-    watch = HostReadWatch()
-    with watch:
-        built.execution.run_tasks()
-    return watch.first
 
 
 @pytest.mark.parametrize("vectorize", [False, True], ids=["per-task", "vectorized"])

@@ -1,22 +1,27 @@
-"""Meta-SGD, ANIL, Reptile, BOIL and a user's CAVIA (examples/cavia.py), each one short subclass on the public
-hooks, against references computed here (MAML++: test_mamlpp.py)."""
+"""Meta-SGD, ANIL, Reptile, BOIL and users' CAVIA and Proto-MAML (examples/cavia.py, examples/protomaml.py), each
+one short subclass on the public hooks, against references computed here (MAML++: test_mamlpp.py)."""
 
 import importlib.util
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from bilevel_maml import ALGORITHMS, MetaEngine, build_engine
-from bilevel_maml.execution import HostReadWatch
 from bilevel_maml.problems import (ANILLower, ANILUpper, BOILLower, BOILUpper, MAMLUpper, MetaSGDLower, MetaSGDUpper,
                                    ReptileLower, ReptileUpper)
 from bilevel_maml.data import SinusoidTasks
+from bilevel_maml.data.device_sampler import DeviceTaskSampler
+from bilevel_maml.env import EpisodicEnv
 from bilevel_maml.models import REGISTERED_MODELS, Conv4
 
-from conftest import RecordingEnv, RecordingSGD, functional, random_classification_source
+from conftest import (RecordingEnv, RecordingSGD, first_host_read_in_capturable_region, functional,
+                      random_classification_source)
 
 INNER_LR = 0.3
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -276,12 +281,133 @@ def test_cavia_keeps_theta_context_at_zero_and_runs_without_host_reads(cavia):
     assert type(engine.task_learner) is cavia.CAVIALower
     engine.run()
     assert torch.equal(model.context, torch.zeros(2))
-    engine.train()
-    engine.meta_learner.check_on_device = True
-    with HostReadWatch() as watch:
-        engine.execution.run_tasks()
-    engine.meta_learner.end_iteration()
-    assert watch.first is None
+    assert first_host_read_in_capturable_region(engine, warm_up=False) is None
+
+
+# -- Proto-MAML: a user's variant that starts from the support set (examples/protomaml.py) -----------
+@pytest.fixture
+def protomaml(monkeypatch):
+    """examples/protomaml.py imported as a user's module; its algorithm "protomaml" is unregistered afterwards."""
+    monkeypatch.setitem(ALGORITHMS, "protomaml", None)
+    spec = importlib.util.spec_from_file_location("protomaml", EXAMPLES / "protomaml.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert ALGORITHMS["protomaml"] == (MAMLUpper, module.ProtoMAMLLower)
+    return module
+
+
+def prototypes_of(model, params, inputs, labels):
+    body = nn.Sequential(*model[:-1])
+    features = functional_call(body, dict(zip([n for n, _ in body.named_parameters()], params[:-2])), (inputs,))
+    return torch.stack([features[labels == k].mean(0) for k in range(5)]), features
+
+
+def protomaml_reference(model, episodes, steps):
+    """d/dθ of the mean query loss after k SGD steps of every weight from the body of θ and the head
+    (2c, −‖c‖²) of each task's support prototypes c, written out here; θ's own head takes no part."""
+    forward = functional(model)
+    theta = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    total = 0.0
+    for (xs, ys), (xq, yq) in episodes:
+        prototypes, _ = prototypes_of(model, theta, xs, ys)
+        # the body's φ a node of its own: its inner gradient is the partial derivative, not also through the head
+        phi = [*(t.clone() for t in theta[:-2]), 2 * prototypes, -(prototypes ** 2).sum(1)]
+        for _ in range(steps):
+            grads = torch.autograd.grad(F.cross_entropy(forward(phi, xs), ys), phi, create_graph=True)
+            phi = [p - INNER_LR * g for p, g in zip(phi, grads)]
+        total = total + F.cross_entropy(forward(phi, xq), yq) / len(episodes)
+    return torch.autograd.grad(total, theta[:-2]) + (torch.zeros_like(theta[-2]), torch.zeros_like(theta[-1]))
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("vectorize", [False, True], ids=["per-task", "vectorized"])
+def test_protomaml_starts_its_head_from_support_prototypes_and_gets_the_reference_gradient(protomaml, vectorize, steps):
+    model = tanh_mlp()
+    optimizer, lower, episodes = run(MAMLUpper, protomaml.ProtoMAMLLower, model, steps, vectorize=vectorize)
+    got = optimizer.seen_grads[0]
+    assert_close(got, protomaml_reference(model, episodes, steps), tol=1e-10)
+    assert got[0].abs().max() > 1e-4  # the body's gradient, through the prototypes and the steps
+
+
+@pytest.mark.parametrize("tasks", [None, 3], ids=["one task", "stacked"])
+def test_protomaml_adapted_for_zero_steps_is_the_prototypical_network(protomaml, tasks):
+    """Evaluation starts from the same hook: before any inner step, each query's scores are
+    −‖x − c‖² + ‖x‖² for its class prototypes c (the nearest prototype wins)."""
+    model = tanh_mlp()
+    engine = MetaEngine(MAMLUpper(model, torch.optim.SGD(model.parameters(), lr=0.0), meta_batch_size=1),
+                        protomaml.ProtoMAMLLower(model, inner_lr=INNER_LR),
+                        RecordingEnv(random_classification_source(5, 2, 6), ways=5, shots=1, query_shots=1))
+    source = random_classification_source(5, 2, 6, seed=3)
+    tasks_drawn = [source()[0] for _ in range(tasks or 1)]  # two examples of each of 5 classes
+    support, query, labels = [x[0::2] for x in tasks_drawn], [x[1::2] for x in tasks_drawn], torch.arange(5)
+    batch = (torch.stack(support), labels.expand(tasks, 5)) if tasks else (support[0], labels)
+    starts = []
+    engine.task_learner.adapt(batch, steps=1, tasks=tasks, after_step=lambda k, phi: starts.append(phi) if k == 0 else None)
+    theta = list(model.parameters())
+    for task, (xs, xq) in enumerate(zip(support, query)):
+        scores = functional(model)([p[task] for p in starts[0]] if tasks else starts[0], xq)
+        prototypes, _ = prototypes_of(model, theta, xs, labels)
+        _, features = prototypes_of(model, theta, xq, labels)
+        distances = torch.cdist(features, prototypes)
+        assert torch.allclose(scores, -distances ** 2 + features.pow(2).sum(1, keepdim=True), atol=1e-10, rtol=0)
+        assert torch.equal(scores.argmax(1), distances.argmin(1))
+
+
+def test_a_start_of_the_wrong_shape_is_named_and_protomaml_refuses_what_it_cannot_start(protomaml):
+    class DropsTheBias(protomaml.ProtoMAMLLower):
+        def start_for_task(self, params, batch):
+            return super().start_for_task(params, batch)[:-1]
+
+    for vectorize in (False, True):
+        with pytest.raises(ValueError, match=r"^DropsTheBias\.start_for_task\(\) returned 3 tensors of shapes .*; it "
+                                             r"must return one per parameter, of its shape: 0\.weight \(16, 6\), "
+                                             r"0\.bias \(16,\), 2\.weight \(5, 16\), 2\.bias \(5,\)$"):
+            run(MAMLUpper, DropsTheBias, tanh_mlp(), 1, vectorize=vectorize)
+    with pytest.raises(ValueError, match=r"^Proto-MAML sets a linear output layer from prototypes; Sequential's last "
+                                         r"layer '1' is a Conv1d \(with a bias needed\)$"):
+        protomaml.ProtoMAMLLower(nn.Sequential(nn.Flatten(), nn.Conv1d(1, 5, 3)), inner_lr=0.1)
+    with pytest.raises(ValueError, match=r"^Proto-MAML classifies: its tasks' labels must be class indices"):
+        build_engine("protomaml", nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 1)),
+                     SinusoidTasks(points=10), regression=True, shots=5, meta_iterations=1).run()
+
+
+def test_protomaml_runs_without_host_reads(protomaml):
+    """What a CUDA graph capture needs of the hook (tasks drawn on the device, as the built-in datasets are)."""
+    torch.manual_seed(0)
+    model = Conv4(5, hidden=4, image_size=16)
+    labels = torch.arange(12).repeat_interleave(4)
+    sampler = DeviceTaskSampler(torch.randn(48, 1, 16, 16) + labels.view(-1, 1, 1, 1) / 4,
+                                [range(c * 4, c * 4 + 4) for c in range(12)], ways=5, shots=1, query_shots=2)
+    engine = MetaEngine(MAMLUpper(model, torch.optim.SGD(model.parameters(), lr=0.1), meta_batch_size=4),
+                        protomaml.ProtoMAMLLower(model, inner_lr=0.1, inner_steps=2),
+                        EpisodicEnv(sampler, ways=5, shots=1, query_shots=2, seed=3), meta_iterations=1)
+    assert engine.vectorized
+    assert first_host_read_in_capturable_region(engine) is None
+
+
+@pytest.fixture
+def protomaml_plugin(tmp_path, monkeypatch):
+    """examples/protomaml.py in the folder the command runs in, as a user's plugin; imported once, forgotten after."""
+    shutil.copy(EXAMPLES / "protomaml.py", tmp_path / "protomaml.py")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setitem(ALGORITHMS, "protomaml", None)
+    yield
+    sys.modules.pop("protomaml", None)
+
+
+def test_protomaml_from_the_cli_classifies_by_prototypes_before_its_first_inner_step(protomaml_plugin, omniglot_root):
+    """`evaluate` adapts held-out tasks from the same start as training: before the inner step the
+    learner is already the prototypical network of the support set, far above chance (MAML's θ head is not)."""
+    from bilevel_maml import cli
+
+    cli.run(["train", "--plugin", "protomaml", "--algorithm", "protomaml", "--data-root", str(omniglot_root),
+             "--width", "8", "--iterations", "2", "--meta-batch-size", "2", "--valid-tasks", "5", "--test-tasks", "5",
+             "--wandb", "disabled", "--output", "proto"])
+    report = cli.run(["evaluate", "--output", "proto", "--per-step", "--test-tasks", "200"])
+    accuracy = report["per_step"]["accuracy"]
+    assert len(accuracy) == 2 and accuracy[-1] == pytest.approx(report["accuracy"])
+    assert accuracy[0] > 0.2 + 0.08  # 5 ways: chance is 0.2 (± 0.025 over 1,000 queries); measured 0.331
 
 
 # -- through the builder, vectorized, checkpointed ------------------------------------------------

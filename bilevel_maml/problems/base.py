@@ -9,6 +9,8 @@ calls the Upper, which accumulates ``meta_batch_size`` tasks before one optimize
 A new algorithm is a subclass that overrides a few of these hooks:
 
 * ``TaskLearner.start_params()``: where φ starts (θ itself when the meta-gradient flows through it);
+* ``TaskLearner.start_for_task(params, batch)``: a start that depends on the task's support set
+  (ProtoMAML's head from class prototypes);
 * ``TaskLearner.adapts(name)``: which parameters the inner loop adapts (all by default);
 * ``TaskLearner.inner_loss(params, batch, step)``: the support objective (regularisers go here);
 * ``TaskLearner.inner_update(params, grads, step)``: one inner step, SGD by default;
@@ -339,6 +341,19 @@ class TaskLearner(_NoRollBack, Problem):
         """φ at the start of an inner loop: a graph-free view of θ (no copy)."""
         return tuple(p.detach().requires_grad_() for p in self.meta_learner.initialization())
 
+    def start_for_task(self, params, batch) -> tuple[torch.Tensor, ...]:
+        """φ at the start of one task's inner loop, from :meth:`start_params` and the batch the
+        inner loop trains on (:meth:`get_batch`: the task's support set). Default: ``params``
+        unchanged (and then it is not called). The inner loop treats the returned weights as
+        independent (each inner gradient is a partial derivative), while a meta-gradient that flows
+        through ``params`` also flows through what this computes from them (ProtoMAML's prototypes).
+
+        :param params: :meth:`start_params`, a tuple in ``module.named_parameters()`` order.
+        :param batch: ``(inputs, targets)`` of one task (vmapped over the stacked tasks when vectorized).
+        :returns: φ to start from, one tensor per parameter, each of its parameter's shape.
+        """
+        return params
+
     def adapts(self, name: str) -> bool:
         """Whether the inner loop adapts the parameter ``name`` (as in ``module.named_parameters()``).
         A parameter it does not adapt keeps its starting value and gets no inner gradient; one with
@@ -437,6 +452,33 @@ class TaskLearner(_NoRollBack, Problem):
             return vmap_over_tasks(hook)(params, batch).sum()
         return hook(params, batch)
 
+    @property
+    def starts_per_task(self) -> bool:
+        """Whether :meth:`start_for_task` is overridden (the default is skipped, its batch not read)."""
+        return type(self).start_for_task is not TaskLearner.start_for_task
+
+    def starting_point(self, start, batch) -> tuple[torch.Tensor, ...]:
+        """:meth:`start_for_task` of ``start`` for one task, or for every stacked task when vectorized
+        (φ then gets its leading task axis).
+
+        :param start: :meth:`start_params`.
+        :param batch: the batch the inner loop trains on (stacked over tasks when vectorized).
+        """
+        if not self.starts_per_task:
+            return tuple(p.expand(self.tasks_in_batch, *p.shape) for p in start) if self.tasks_in_batch else start
+        starts = vmap_over_tasks(self.start_for_task, in_dims=(None, 0)) if self.tasks_in_batch else self.start_for_task
+        params = tuple(starts(start, batch))
+        expected = [p.shape if not self.tasks_in_batch else (self.tasks_in_batch, *p.shape) for p in start]
+        if len(params) != len(start) or any(p.shape != shape for p, shape in zip(params, expected)):
+            got = ", ".join(str(tuple(p.shape)) for p in params)
+            wanted = ", ".join(f"{name} {tuple(p.shape)}" for name, p in zip(self.param_names, start))
+            raise ValueError(f"{type(self).__name__}.start_for_task() returned {len(params)} tensors of shapes "
+                             f"{got}; it must return one per parameter, of its shape: {wanted}")
+        # Each φ gets a graph node of its own, so that an inner gradient is the partial derivative for
+        # that weight: a weight returned as given (θ itself) would otherwise also collect the gradient
+        # of the weights the hook computed from it (ProtoMAML's head, through the prototypes).
+        return tuple(p.view_as(p) for p in params)
+
     def apply_update(self, params, grads, step: int = 0) -> tuple[torch.Tensor, ...]:
         """:meth:`inner_update` for one task, or for every stacked task when vectorized.
 
@@ -463,10 +505,7 @@ class TaskLearner(_NoRollBack, Problem):
 
     # -- Betty hooks ---------------------------------------------------------------------------
     def on_inner_loop_start(self):
-        start = self.start_params()
-        if self.tasks_in_batch:
-            start = tuple(p.expand(self.tasks_in_batch, *p.shape) for p in start)
-        self.params = start
+        self.params = self.starting_point(self.start_params(), self.get_batch() if self.starts_per_task else None)
         self.inner_step = 0
         self.trajectory = []
 
@@ -533,9 +572,7 @@ class TaskLearner(_NoRollBack, Problem):
         steps = self.inner_steps if steps is None else check_positive_int("steps", steps)
         saved_step = self.inner_step
         with torch.enable_grad(), self.tasks_at_once(tasks):
-            params = tuple(p.detach().requires_grad_() for p in self.start_params())
-            if tasks:
-                params = tuple(p.expand(tasks, *p.shape) for p in params)
+            params = self.starting_point(tuple(p.detach().requires_grad_() for p in self.start_params()), batch)
             try:
                 if after_step is not None:
                     after_step(0, params)
