@@ -59,6 +59,27 @@ def build(model, lower_cls, upper_cls=MAMLUpper, steps=3, vectorize=False, lr=0.
     return MetaEngine(upper, lower, env, meta_iterations=1, vectorize=vectorize, valid_env=None), optimizer, env
 
 
+class StartRunningLower(MAMLLower):
+    """A start_for_task that runs the model (as Proto-MAML's embedding does)."""
+
+    def start_for_task(self, params, batch):
+        self.forward(batch[0], params)
+        return params
+
+
+@pytest.mark.parametrize("vectorize", [False, True], ids=["per-task", "vectorized"])
+def test_a_start_for_task_runs_the_model_for_step_zero_in_every_inner_loop(vectorize):
+    model = StepSeeingNet().double()
+    engine, _, env = build(model, StartRunningLower, vectorize=vectorize)
+    model.seen.clear()
+    engine.run()
+    loops = 1 if vectorize else 2
+    assert model.seen == [0, 0, 1, 2, 2] * loops  # the start, three support forwards, the query
+    model.seen.clear()
+    engine.evaluate(env, num_tasks=2)  # after training left the learner at its last step
+    assert model.seen == [0, 0, 1, 2, 2] * loops
+
+
 @pytest.mark.parametrize("vectorize", [False, True], ids=["per-task", "vectorized"])
 def test_every_hook_and_the_model_see_the_inner_step_in_training_and_evaluation(vectorize):
     model = StepSeeingNet().double()

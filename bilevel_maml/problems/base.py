@@ -505,9 +505,9 @@ class TaskLearner(_NoRollBack, Problem):
 
     # -- Betty hooks ---------------------------------------------------------------------------
     def on_inner_loop_start(self):
-        self.params = self.starting_point(self.start_params(), self.get_batch() if self.starts_per_task else None)
-        self.inner_step = 0
+        self.inner_step = 0  # before the start: a start_for_task that runs the model runs it for step 0
         self.trajectory = []
+        self.params = self.starting_point(self.start_params(), self.get_batch() if self.starts_per_task else None)
 
     def get_batch(self):
         return self.env.batch["support"]
@@ -572,8 +572,9 @@ class TaskLearner(_NoRollBack, Problem):
         steps = self.inner_steps if steps is None else check_positive_int("steps", steps)
         saved_step = self.inner_step
         with torch.enable_grad(), self.tasks_at_once(tasks):
-            params = self.starting_point(tuple(p.detach().requires_grad_() for p in self.start_params()), batch)
             try:
+                self.inner_step = 0
+                params = self.starting_point(tuple(p.detach().requires_grad_() for p in self.start_params()), batch)
                 if after_step is not None:
                     after_step(0, params)
                 for taken in range(steps):
