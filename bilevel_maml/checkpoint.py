@@ -107,6 +107,18 @@ def _written_by_torch_save(path: Path) -> bool:
     return head == b"PK" or head[:1] == b"\x80"
 
 
+def _what_it_holds(loaded) -> str:
+    if isinstance(loaded, dict) and isinstance(loaded.get("format"), int):
+        return f"it is of format {loaded['format']} (another version of bilevel_maml wrote it)"
+    if isinstance(loaded, dict) and loaded and all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        names = [str(name) for name in loaded]
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        return (f"it holds a state dict of {len(names)} tensors ({shown}) without the run's config; "
+                f"a checkpoint is what bilevel-maml train writes in RUN/checkpoints/")
+    return f"it holds a {type(loaded).__name__}" + (f" with keys {', '.join(map(str, list(loaded)[:5]))}"
+                                                     if isinstance(loaded, dict) and loaded else "")
+
+
 def load_checkpoint(path) -> dict:
     """Load and check a checkpoint written by :func:`save_checkpoint`; raises
     :class:`CheckpointError` (one line naming the file and what is wrong) for anything else.
@@ -130,7 +142,8 @@ def load_checkpoint(path) -> dict:
         raise CheckpointError(f"{path} is damaged or not a checkpoint "
                               f"({type(error).__name__}: {_first_line(error)})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} is not a bilevel_maml checkpoint of format {FORMAT_VERSION}")
+        raise CheckpointError(f"{path} is not a bilevel_maml checkpoint of format {FORMAT_VERSION}: "
+                              f"{_what_it_holds(checkpoint)}")
     engine = checkpoint.get("engine")
     if not isinstance(engine, dict) or not {"meta_iteration", "theta", "optimizer"} <= engine.keys():
         raise CheckpointError(f"{path} lacks the engine state a bilevel_maml checkpoint holds")

@@ -33,6 +33,12 @@ def zip_of(files: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
+def saved(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
 # (command line with {run}, {new}, {tmp} placeholders, files to create, what the one line must say)
 CASES = [
     (["train", "--width", "-3"], {}, ["--width", "'-3'", "integer >= 1"]),
@@ -115,6 +121,14 @@ CASES = [
     (["evaluate", "--checkpoint", "{tmp}/config.json"], {"config.json": b'{"algorithm": "maml"}'},
      ["config.json", "damaged or not a checkpoint (not a file torch.save writes"]),  # not "could run code"
     (["evaluate", "--checkpoint", "{tmp}/absent.pt"], {}, ["absent.pt", "no checkpoint"]),
+    (["evaluate", "--checkpoint", "{tmp}/weights.pt"], {"weights.pt": saved(torch.nn.Linear(3, 2).state_dict())},
+     ["weights.pt is not a bilevel_maml checkpoint of format 1", "a state dict of 2 tensors (weight, bias)",
+      "what bilevel-maml train writes in RUN/checkpoints/"]),
+    (["evaluate", "--checkpoint", "{tmp}/newer.pt"], {"newer.pt": saved({"format": 2, "engine": {}})},
+     ["newer.pt is not a bilevel_maml checkpoint of format 1", "it is of format 2"]),
+    (["evaluate", "--checkpoint", "{tmp}/listed.pt"], {"listed.pt": saved([1, 2])}, ["listed.pt", "it holds a list"]),
+    (["evaluate", "--checkpoint", "{tmp}/bare.pt"], {"bare.pt": saved({"format": 1})},
+     ["bare.pt lacks the engine state a bilevel_maml checkpoint holds"]),
     (["evaluate"], {}, ["--output RUN_FOLDER or --checkpoint FILE"]),
     (["evaluate", "--output", "{run}", "--dataset", "omniglot-small"], {},
      ["--dataset omniglot-small is classification of 1×28×28 images", "trained on regression", "(sinusoid)"]),
