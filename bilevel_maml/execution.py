@@ -24,9 +24,9 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.func import vmap
 from torch.overrides import TorchFunctionMode
 
-from bilevel_maml.problems.base import vmap_over_tasks
 from bilevel_maml.validation import check_positive_int
 
 # -- tasks per vmapped call -------------------------------------------------------------------------
@@ -82,7 +82,7 @@ def probe_vmap(task_learner, meta_learner, inputs) -> tuple[str | None, int | No
     hooks = [m.register_forward_hook(record) for m in meta_learner.module.modules()]
     try:
         with torch.no_grad():
-            vmap_over_tasks(task_learner.forward)(inputs, params)
+            vmap(task_learner.forward, randomness="different")(inputs, params)  # torch's own error, for the warning
     except Exception as error:  # any failure means: not vectorizable, use the per-task path
         return f"{type(error).__name__}: {str(error).strip().splitlines()[0]}", None
     finally:

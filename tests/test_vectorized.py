@@ -1,7 +1,9 @@
 """The vectorized path (whole meta-batch under torch.func.vmap) gives the per-task meta-gradient."""
 
 import copy
+import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from torch import nn
 from bilevel_maml import ALGORITHMS, MetaEngine
 from bilevel_maml.env import EpisodicEnv
 from bilevel_maml.models import Conv4
-from bilevel_maml.problems.base import vmap_over_tasks
+from bilevel_maml.problems.base import NotVectorizableError, vmap_over_tasks
 
 from conftest import RecordingSGD, random_classification_source
 
@@ -111,6 +113,43 @@ def test_a_model_with_dropout_is_vectorized_and_each_task_draws_its_own_mask():
     dropped = outputs == 0
     assert not torch.equal(dropped[0], dropped[1])
     assert 0.4 < dropped.float().mean() < 0.6
+
+
+class NormClippedLower(ALGORITHMS["maml"][1]):
+    """A hook that reads a tensor on the host, which vmap cannot batch."""
+
+    def inner_update(self, params, grads):
+        scale = min(1.0, 1.0 / float(sum(g.detach().pow(2).sum() for g in grads)))  # the line named
+        return tuple(p - self.inner_lr * scale * g for p, g in zip(params, grads))
+
+
+class BranchingLower(ALGORITHMS["maml"][1]):
+    def inner_loss(self, params, batch):
+        loss = super().inner_loss(params, batch)
+        return loss * 2 if loss > 1 else loss  # the line named
+
+
+@pytest.mark.parametrize("lower_cls, where, what, code", [
+    (NormClippedLower, "NormClippedLower.inner_update", "calling .item() on a Tensor", "scale = min("),
+    (BranchingLower, "BranchingLower.inner_loss", "attempting to use a Tensor in some data-dependent control flow",
+     "loss * 2 if"),
+])
+def test_a_hook_vmap_cannot_batch_is_named_in_one_line_with_the_remedy(lower_cls, where, what, code):
+    def engine(vectorize):
+        model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 5))
+        upper = ALGORITHMS["maml"][0](model, torch.optim.SGD(model.parameters(), lr=0.1), meta_batch_size=4)
+        env = EpisodicEnv(random_classification_source(5, 2, 6, dtype=torch.float32), ways=5, shots=1)
+        return MetaEngine(upper, lower_cls(model, inner_lr=0.1), env, meta_iterations=2, vectorize=vectorize)
+
+    line = next(n for n, text in enumerate(Path(__file__).read_text().splitlines(), 1) if code in text)
+    with pytest.raises(NotVectorizableError) as raised:
+        engine(vectorize=True).run()
+    assert str(raised.value) == (
+        f"{where} (test_vectorized.py:{line}) cannot run on stacked tasks (vmap: It looks like you're {what}); "
+        f"compute with tensor operations only, or adapt tasks one at a time (--no-vectorize; "
+        f"build_engine(..., vectorize=False))")
+    history = engine(vectorize=False).run()  # the remedy: one task at a time, where a hook may read the host
+    assert len(history) == 2 and all(math.isfinite(h["loss"]) for h in history)
 
 
 def test_chunk_size_must_divide_the_meta_batch():

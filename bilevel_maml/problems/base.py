@@ -40,7 +40,10 @@ import contextvars
 import functools
 import inspect
 import math
+import os
+import traceback
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -253,10 +256,47 @@ def cosine_learning_rate(initial: float, minimum: float, iteration: int, iterati
     return minimum + 0.5 * (initial - minimum) * (1 + math.cos(math.pi * (iteration - 1) / max(iterations, 1)))
 
 
+class NotVectorizableError(ValueError):
+    """A hook (or the model) did what ``vmap`` cannot do over stacked tasks: read a tensor's value on
+    the host (``.item()``, ``float(t)``, ``if t:``) or an operation without a batching rule."""
+
+
+_TORCH_FOLDER = str(Path(torch.__file__).resolve().parent)
+
+
+def _innermost_outside_torch(error: BaseException) -> str:
+    """``Owner.function (file.py:line)`` of the innermost traceback frame outside PyTorch: the line of
+    the hook or model that did it."""
+    where = "an operation"
+    for frame, line in traceback.walk_tb(error.__traceback__):
+        path = str(Path(frame.f_code.co_filename).resolve())
+        if not (path == _TORCH_FOLDER or path.startswith(_TORCH_FOLDER + os.sep)):
+            owner = frame.f_locals.get("self")
+            function = f"{type(owner).__name__}.{frame.f_code.co_name}" if owner is not None else frame.f_code.co_name
+            where = f"{function} ({Path(path).name}:{line})"
+    return where
+
+
 def vmap_over_tasks(fn: Callable, in_dims=0) -> Callable:
     """``torch.func.vmap`` of ``fn`` over stacked tasks. A random op in the model (dropout) draws for
-    each task on its own, as on the per-task path; vmap's default would refuse it."""
-    return vmap(fn, in_dims=in_dims, randomness="different")
+    each task on its own, as on the per-task path; vmap's default would refuse it. What vmap
+    cannot batch raises :class:`NotVectorizableError`, one line naming the hook's line and the remedy."""
+    mapped = vmap(fn, in_dims=in_dims, randomness="different")
+
+    @functools.wraps(fn)
+    def over_tasks(*args):
+        try:
+            return mapped(*args)
+        except RuntimeError as error:
+            message = str(error).strip()
+            if not (message.startswith("vmap:") or "Batching rule not implemented" in message):
+                raise
+            raise NotVectorizableError(
+                f"{_innermost_outside_torch(error)} cannot run on stacked tasks ({message.split('. ')[0]}); "
+                f"compute with tensor operations only, or adapt tasks one at a time (--no-vectorize; "
+                f"build_engine(..., vectorize=False))") from error
+
+    return over_tasks
 
 
 class TaskLearner(_NoRollBack, Problem):
