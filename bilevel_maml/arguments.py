@@ -472,15 +472,16 @@ def _config_file_arguments(path: str, parser: argparse.ArgumentParser) -> list[s
     return arguments
 
 
-def load_plugins(modules, whose: str = "--plugin") -> None:
+def load_plugins(modules, whose: str = "--plugin", found_in: dict | None = None) -> None:
     """Import each of ``modules`` (after the entry points), or one line naming the first that fails.
 
     :param whose: where the names came from, for that line (``"the run's --plugin"``: its config).
+    :param found_in: the folder each module was imported from when the run was made, looked in last.
     """
     load_entry_points()
     for module in modules:
         try:
-            load_plugin(module)
+            load_plugin(module, (found_in or {}).get(module))
         except ValueError as error:
             raise BadInput(f"bilevel-maml: {whose}: {error}") from None
 

@@ -16,6 +16,7 @@ METRICS_FILE = "metrics.jsonl"
 #: keys of a run's config.json that say where and how it ran (its folder, device, W&B, progress,
 #: processes), not what it computed: two runs that differ only in these are the same run
 RUN_PLACEMENT_KEYS = frozenset({"output", "device", "progress", "dist_timeout", "world_size", "plugins",
+                                "plugin_folders",
                                 "resume_if_exists", "wandb_id", "wandb", "wandb_project", "run_name", "group", "tags"})
 
 

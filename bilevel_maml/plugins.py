@@ -11,7 +11,8 @@ The entry point's name is the algorithm's name; its object is the pair of classe
 returning the pair, or a module that calls :func:`~bilevel_maml.register_algorithm` when
 imported. Without packaging, ``--plugin my_module`` imports a module that registers its variant
 (installed, on ``PYTHONPATH``, or ``my_module.py`` in the folder the command runs in);
-the run's ``config.json`` records it, so ``evaluate`` and ``resume`` import it again. Such a module
+the run's ``config.json`` records it and the folder it was found in, so ``evaluate`` and ``resume``
+import it again, from any folder. Such a module
 may also register a network of its own for ``--model`` (:func:`bilevel_maml.models.register_model`)
 and a task source for ``--dataset`` (:func:`bilevel_maml.data.register_dataset`); a package declares
 those in the groups ``bilevel_maml.models`` (the factory) and ``bilevel_maml.datasets`` (a
@@ -34,6 +35,7 @@ import sys
 import traceback
 import warnings
 from importlib.metadata import entry_points
+from pathlib import Path
 
 from bilevel_maml._factories import outside_package
 from bilevel_maml.problems import ALGORITHMS, register_algorithm
@@ -45,18 +47,21 @@ ENTRY_POINT_GROUPS = (ENTRY_POINT_GROUP, MODEL_ENTRY_POINT_GROUP, DATASET_ENTRY_
 _loaded_entry_points = False
 
 
-def load_plugin(module: str) -> None:
+def load_plugin(module: str, found_in: str | None = None) -> None:
     """Import ``module`` (which registers its variants), or raise ValueError saying why it could not be.
 
     :param module: a dotted module name, importable from ``sys.path`` or from the current folder.
+    :param found_in: a folder to look in last (a run's: where its plugin was imported from).
     """
     try:
-        _import_here_too(module)
+        _import_here_too(module, found_in)
     except Exception as error:  # a plugin's own bug must read as one line, not a traceback
         detail = f"{type(error).__name__}: {' '.join(str(error).split()) or type(error).__name__}"
         if _is_missing(module, error):
+            there = f", or be in {found_in}, where the run found it" if found_in else ""
             raise ValueError(f"plugin module {module!r} could not be imported ({detail}); it must be importable "
-                             f"from this Python (installed, on PYTHONPATH, or a file in the current folder)") from None
+                             f"from this Python (installed, on PYTHONPATH, or a file in the current folder){there}") \
+                from None
         # the plugin's own line that led to the error, not where in the library or Python it was raised
         try:
             source = importlib.util.find_spec(module).origin
@@ -67,20 +72,44 @@ def load_plugin(module: str) -> None:
         raise ValueError(f"plugin module {module!r} failed while it was imported{raised_at} ({detail})") from None
 
 
-def _import_here_too(module: str) -> None:
+def _import_here_too(module: str, found_in: str | None = None) -> None:
     """Import ``module``, looking in the current folder after ``sys.path``: ``python -m bilevel_maml``
     finds ``my_variant.py`` in the folder it runs in (Python puts that folder on its path), and so must
     the ``bilevel-maml`` script, whose path starts at the script's own folder. After, not before: a
-    file of the current folder named as an installed module does not replace that module."""
+    file of the current folder named as an installed module does not replace that module. Then in
+    ``found_in``, where a run's plugin was, so that its run folder works from any folder."""
     try:
         importlib.import_module(module)
+        return
     except ModuleNotFoundError as error:
-        here = os.getcwd()
-        if not _is_missing(module, error) or here in sys.path:
+        if not _is_missing(module, error):
             raise
-        sys.path.append(here)
+        missing = error
+    for folder in (os.getcwd(), found_in):
+        if folder is None or folder in sys.path or not os.path.isdir(folder):
+            continue
+        sys.path.append(folder)
         importlib.invalidate_caches()
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+            return
+        except ModuleNotFoundError as error:
+            sys.path.remove(folder)
+            if not _is_missing(module, error):
+                raise
+    raise missing
+
+
+def import_folder(module: str) -> str | None:
+    """The folder on ``sys.path`` the imported ``module`` was found in (None for one without a file).
+
+    :param module: a dotted module name, already imported.
+    """
+    file = getattr(sys.modules.get(module), "__file__", None)
+    if file is None:
+        return None
+    path = Path(file).resolve()
+    return str(path.parents[module.count(".") + (path.name == "__init__.py")])
 
 
 def _is_missing(module: str, error: Exception) -> bool:

@@ -28,7 +28,7 @@ from bilevel_maml.execution import check_precision
 from bilevel_maml.history import METRICS_FILE, RUN_PLACEMENT_KEYS, MetricsFile, plain_json
 from bilevel_maml.logging import WandbLogger
 from bilevel_maml.models import MODELS, REGISTERED_MODELS, build_model, known_models
-from bilevel_maml.plugins import defining_modules, unknown_algorithm
+from bilevel_maml.plugins import defining_modules, import_folder, unknown_algorithm
 from bilevel_maml.problems import ALGORITHMS, options_in_use
 from bilevel_maml.progress import ProgressBar
 from bilevel_maml.runlock import RunFolderInUse, RunLock
@@ -71,6 +71,8 @@ def _run_config(args: argparse.Namespace) -> dict:
               f"{'are' if several else 'is'} defined in the running script (__main__), which `bilevel-maml evaluate` "
               f"and `resume` cannot import; define {'them' if several else 'it'} in a module and pass --plugin MODULE",
               file=sys.stderr, flush=True)
+    # where each was found, so that evaluate and resume find a plugin file from any folder
+    config["plugin_folders"] = {m: folder for m in config["plugins"] if (folder := import_folder(m)) is not None}
     try:  # every option of the algorithm, with the value this run uses (None: the class's own default rule)
         config["algorithm_options"] = options_in_use(config["algorithm"], dict(config["algorithm_options"]))
     except ValueError as error:
@@ -151,13 +153,18 @@ def _runs_dataset(config: dict):
     return DATASETS[config["dataset"]]
 
 
+def _load_runs_plugins(config: dict) -> None:
+    """The run's plugins, looked for also where the run imported them from (any folder works)."""
+    load_plugins(config.get("plugins", []), whose="the run's --plugin", found_in=config.get("plugin_folders"))
+
+
 def build_from_config(config: dict, device: torch.device, only_split: str | None = None) -> MetaEngine:
     """The engine a run's configuration describes (same path for train, evaluate and resume).
 
     :param only_split: draw every split's tasks from this one (``evaluate`` on other tasks than the
         run's scores one split, and must not be refused for what the others lack).
     """
-    load_plugins(config.get("plugins", []), whose="the run's --plugin")
+    _load_runs_plugins(config)
     if config["algorithm"] not in ALGORITHMS:
         raise BadInput(f"bilevel-maml: the run's {unknown_algorithm(config['algorithm'])}")
     spec = _runs_dataset(config)
@@ -536,7 +543,7 @@ def _evaluation_tasks(args: argparse.Namespace, run: dict) -> dict:
     config = dict(run)
     if args.dataset is not None and args.dataset != run["dataset"]:
         # the dataset asked for may be registered by one of them
-        load_plugins(run.get("plugins", []), whose="the run's --plugin")
+        _load_runs_plugins(run)
         trained = _runs_dataset(run)
         if args.dataset not in DATASETS:
             raise BadInput(f"bilevel-maml evaluate: --dataset: {unknown_dataset(args.dataset)}")

@@ -143,13 +143,14 @@ def test_a_run_whose_variant_is_gone_says_so_in_one_line(tmp_path):
     assert evaluated.stderr.strip().splitlines() == [
         "bilevel-maml: the run's --plugin: plugin module 'short_lived' could not be imported (ModuleNotFoundError: "
         "No module named 'short_lived'); it must be importable from this Python (installed, on PYTHONPATH, or a file "
-        "in the current folder)"]
+        f"in the current folder), or be in {tmp_path}, where the run found it"]
 
 
 def test_the_command_finds_a_plugin_in_the_folder_it_runs_in(tmp_path):
     """`bilevel-maml train --plugin beside` with beside.py in the current folder and no PYTHONPATH, as
-    `python -m bilevel_maml` finds it; evaluate there finds it again, and elsewhere names the run's
-    plugin. The folder is looked in last: its wave.py does not replace the standard library's."""
+    `python -m bilevel_maml` finds it; evaluate there finds it again, and so does evaluate from another
+    folder, in the folder the run recorded; once the file is gone, one line names the run's plugin and
+    that folder. The folder is looked in last: its wave.py does not replace the standard library's."""
     (tmp_path / "beside.py").write_text(VARIANT + textwrap.dedent('''
         import wave  # the standard library's, not the file beside this one
 
@@ -171,10 +172,17 @@ def test_the_command_finds_a_plugin_in_the_folder_it_runs_in(tmp_path):
     evaluated = command("evaluate", "--output", "run", "--test-tasks", "3", cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr
     assert "beside sinusoid 10-shot regression" in evaluated.stdout
-    elsewhere = command("evaluate", "--output", tmp_path / "run", cwd=tmp_path / "elsewhere")
-    assert elsewhere.returncode == 2
-    assert elsewhere.stderr.strip().startswith("bilevel-maml: the run's --plugin: plugin module 'beside' could not "
-                                               "be imported")
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["plugin_folders"] == {"beside": str(tmp_path)}
+    elsewhere = command("evaluate", "--output", tmp_path / "run", "--test-tasks", "3", cwd=tmp_path / "elsewhere")
+    assert elsewhere.returncode == 0, elsewhere.stderr  # from the folder the run recorded it was imported from
+    assert "beside sinusoid 10-shot regression" in elsewhere.stdout
+    (tmp_path / "beside.py").rename(tmp_path / "moved.py")
+    gone = command("evaluate", "--output", tmp_path / "run", cwd=tmp_path / "elsewhere")
+    assert gone.returncode == 2
+    assert gone.stderr.strip() == (
+        "bilevel-maml: the run's --plugin: plugin module 'beside' could not be imported (ModuleNotFoundError: No "
+        "module named 'beside'); it must be importable from this Python (installed, on PYTHONPATH, or a file in the "
+        f"current folder), or be in {tmp_path}, where the run found it")
 
 
 def test_a_config_file_sets_algorithm_options_as_a_table(tmp_path):
