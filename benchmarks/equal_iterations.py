@@ -1,5 +1,8 @@
 """Held-out accuracy after the same number of meta-iterations: one algorithm against another (MAML++ vs MAML, say).
 
+An algorithm of your own is compared the same way: ``--plugin examples.protomaml --algorithms maml protomaml``
+(from the repository's root).
+
 Same data (the real Omniglot small subsets: meta-train on small1's characters, test on small2's characters
 absent from small1), same model (conv4), same hyperparameters, same precision, same seed and the same 600 test
 tasks for every algorithm; each algorithm's own options at their defaults. Reports the mean accuracy with its 95%
@@ -21,15 +24,24 @@ import torch
 
 from bilevel_maml import ALGORITHMS, build_engine
 from bilevel_maml.allocator import keep_freed_memory
-from bilevel_maml.arguments import OneLineParser, device_name, non_negative_int, positive_float, positive_int
+from bilevel_maml.arguments import (OneLineParser, device_name, non_negative_int, plugins_named, positive_float,
+                                    positive_int)
 from bilevel_maml.cli import run_script
 from bilevel_maml.data import omniglot_small_tasksets
 from bilevel_maml.execution import PRECISIONS, check_precision
 from bilevel_maml.models import build_model
+from bilevel_maml.plugins import load_entry_points, load_plugin
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    load_entry_points()
+    for module in plugins_named(argv):  # first: the algorithms they register are choices of --algorithms
+        load_plugin(module)
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first, a module that registers an algorithm of your own "
+                             "(examples.protomaml, say); repeatable")
     parser.add_argument("--algorithms", nargs="+", choices=sorted(ALGORITHMS), default=["maml", "maml++"])
     parser.add_argument("--data-root", default="../shared/data/omniglot-small")
     parser.add_argument("--iterations", type=positive_int, default=300, help="meta-iterations of every algorithm")

@@ -486,7 +486,7 @@ def load_plugins(modules, whose: str = "--plugin", found_in: dict | None = None)
             raise BadInput(f"bilevel-maml: {whose}: {error}") from None
 
 
-def _plugins_named(argv: list[str]) -> list[str]:
+def plugins_named(argv: list[str]) -> list[str]:
     """The modules of ``--plugin`` options in ``argv``, in the spellings argparse takes (``--plugin M``,
     ``--plugin=M``, abbreviated to ``--plug``)."""
     modules = []
@@ -503,7 +503,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         return argparse.Namespace(command="bench", bench_args=argv[1:])
     load_entry_points()
     if "-h" in argv or "--help" in argv:  # argparse prints help the moment it reads the flag
-        load_plugins(_plugins_named(argv))  # so that it lists what those after the flag register too
+        load_plugins(plugins_named(argv))  # so that it lists what those after the flag register too
     parser = build_parser()
     args = parser.parse_args(argv)  # imports each --plugin module as it comes
     command = parser._subparsers._group_actions[0].choices[args.command]

@@ -21,7 +21,7 @@ def run_benchmark(script: str, data_root, out, *args: str) -> tuple[subprocess.C
     """``benchmarks/<script>`` run with ``--data-root data_root --json out`` and ``args``: the finished
     process (its exit status checked) and the JSON report it wrote."""
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--data-root", str(data_root), *args,
-                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+                           "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stderr[-8000:]  # a rank's own error sits above torchrun's summary
     return done, json.loads(Path(out).read_text())
 
@@ -164,10 +164,10 @@ def test_equal_iterations_benchmark_trains_each_algorithm_as_long_and_states_its
     out = tmp_path / "iterations.json"
     done, report = run_benchmark(
         "equal_iterations.py", omniglot_root, out,
-        "--algorithms", "maml", "maml++", "--iterations", "2", "--meta-batch-size", "2", "--width", "8",
-        "--test-tasks", "10", "--device", "cpu")
+        "--plugin", "examples.protomaml", "--algorithms", "maml", "maml++", "protomaml", "--iterations", "2",
+        "--meta-batch-size", "2", "--width", "8", "--test-tasks", "10", "--device", "cpu")
     assert report["settings"]["precision"] == "fp32" and report["settings"]["iterations"] == 2
-    assert [r["algorithm"] for r in report["rows"]] == ["maml", "maml++"]
+    assert [r["algorithm"] for r in report["rows"]] == ["maml", "maml++", "protomaml"]  # a user's variant too
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["training_seconds"] > 0 for r in report["rows"])
     tables = rendered(out)
     assert "device cpu, precision fp32, 10 test tasks" in tables and "| maml++ | " in tables
@@ -369,6 +369,8 @@ def test_gpu_kernels_counts_ops_on_the_cpu_and_sees_what_a_derivative_change_rem
     ("equal_budget.py", ["--device", "cpu", "--precision", "tf32"], ["equal_budget.py", "'tf32'", "on cpu use fp32"]),
     ("equal_iterations.py", ["--meta-lr", "-1"], ["equal_iterations.py", "--meta-lr", "'-1'", "positive finite"]),
     ("equal_iterations.py", ["--device", "cpu", "--precision", "bf16"], ["equal_iterations.py", "'bf16'", "on cpu use fp32"]),
+    ("equal_iterations.py", ["--plugin", "no_such_variants"],
+     ["equal_iterations.py: plugin module 'no_such_variants' could not be imported"]),
     ("distributed.py", ["--processes", "2", "0"], ["distributed.py", "--processes", "'0'", "integer >= 1"]),
     ("distributed.py", ["--device", "cpu", "--precision", "bf16"], ["distributed.py", "'bf16'", "on cpu use fp32"]),
     ("render_tables.py", [str(REPO / "README.md")], ["render_tables.py", "README.md is not JSON"]),
