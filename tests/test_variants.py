@@ -359,7 +359,8 @@ def test_a_start_of_the_wrong_shape_is_named_and_protomaml_refuses_what_it_canno
             return super().start_for_task(params, batch)[:-1]
 
     for vectorize in (False, True):
-        with pytest.raises(ValueError, match=r"^DropsTheBias\.start_for_task\(\) returned 3 tensors of shapes .*; it "
+        with pytest.raises(ValueError, match=r"^DropsTheBias\.start_for_task\(\) returned 3 tensors of shapes "
+                                             r"\(16, 6\), \(16,\), \(5, 16\); it "
                                              r"must return one per parameter, of its shape: 0\.weight \(16, 6\), "
                                              r"0\.bias \(16,\), 2\.weight \(5, 16\), 2\.bias \(5,\)$"):
             run(MAMLUpper, DropsTheBias, tanh_mlp(), 1, vectorize=vectorize)

@@ -510,7 +510,7 @@ class TaskLearner(_NoRollBack, Problem):
         params = tuple(starts(start, batch))
         expected = [p.shape if not self.tasks_in_batch else (self.tasks_in_batch, *p.shape) for p in start]
         if len(params) != len(start) or any(p.shape != shape for p, shape in zip(params, expected)):
-            got = ", ".join(str(tuple(p.shape)) for p in params)
+            got = ", ".join(str(tuple(p.shape[1:] if self.tasks_in_batch else p.shape)) for p in params)
             wanted = ", ".join(f"{name} {tuple(p.shape)}" for name, p in zip(self.param_names, start))
             raise ValueError(f"{type(self).__name__}.start_for_task() returned {len(params)} tensors of shapes "
                              f"{got}; it must return one per parameter, of its shape: {wanted}")
