@@ -27,7 +27,7 @@ import torch
 from torch.func import vmap
 from torch.overrides import TorchFunctionMode
 
-from bilevel_maml.validation import check_positive_int
+from bilevel_maml.validation import check_positive_int, code_site
 
 # -- tasks per vmapped call -------------------------------------------------------------------------
 #: On CPU, the largest activation of one vmapped call should stay within about this many bytes.
@@ -236,9 +236,7 @@ class HostReadWatch(TorchFunctionMode):
         while frame is not None:
             path = str(Path(frame.f_code.co_filename).resolve())
             if not any(path == own or path.startswith(own + os.sep) for own in _OWN_FILES | _WARNINGS_FILES):
-                owner = frame.f_locals.get("self")
-                where = f"{type(owner).__name__}.{frame.f_code.co_name}" if owner is not None else frame.f_code.co_name
-                return f"{where} ({Path(path).name}:{frame.f_lineno})"
+                return code_site(frame, frame.f_lineno)
             frame = frame.f_back
         return "an operation"
 

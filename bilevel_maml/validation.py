@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from numbers import Integral, Real
+from pathlib import Path
 
 import torch
 
@@ -59,3 +60,14 @@ def check_device(name: str, value) -> torch.device:
     if problem is not None:
         raise ValueError(f"{name} {problem}")
     return torch.device(value)
+
+
+def code_site(frame, line: int) -> str:
+    """``Owner.function (file.py:line)``: where in a user's hook or model a frame is, for a one-line message.
+
+    :param frame: a Python frame.
+    :param line: the line in it.
+    """
+    owner = frame.f_locals.get("self")
+    function = f"{type(owner).__name__}.{frame.f_code.co_name}" if owner is not None else frame.f_code.co_name
+    return f"{function} ({Path(frame.f_code.co_filename).resolve().name}:{line})"

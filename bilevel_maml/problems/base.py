@@ -54,7 +54,8 @@ from torch.func import functional_call, vmap
 
 from bilevel_maml.distributed import average_gradients
 from bilevel_maml.hypergradient import get_grads, gradients_or_zeros, placed, zeros_for_unused
-from bilevel_maml.validation import check_choice, check_non_negative, check_positive, check_positive_int
+from bilevel_maml.validation import (check_choice, check_non_negative, check_positive, check_positive_int,
+                                     code_site)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -271,9 +272,7 @@ def _innermost_outside_torch(error: BaseException) -> str:
     for frame, line in traceback.walk_tb(error.__traceback__):
         path = str(Path(frame.f_code.co_filename).resolve())
         if not (path == _TORCH_FOLDER or path.startswith(_TORCH_FOLDER + os.sep)):
-            owner = frame.f_locals.get("self")
-            function = f"{type(owner).__name__}.{frame.f_code.co_name}" if owner is not None else frame.f_code.co_name
-            where = f"{function} ({Path(path).name}:{line})"
+            where = code_site(frame, line)
     return where
 
 
