@@ -1,19 +1,21 @@
 """Proto-MAML (Triantafillou et al., 2020) written as a variant of your own: every inner loop starts
 its output layer from the task's class prototypes (the mean embedding of each class's support
 examples), as a prototypical network would classify, and MAML adapts from there. The meta-gradient
-flows through the prototypes into the network's body. Compared here with MAML on the Omniglot
-subsets at the same budget (the same training and test tasks, one inner step of 0.4):
+flows through the prototypes into the network's body. Its first-order form, fo-Proto-MAML (Meta-Dataset's
+baseline), is one more class. Both are compared here with MAML on the Omniglot subsets at the same
+budget (the same training and test tasks, one inner step of 0.4):
 
     python examples/protomaml.py --data-root ../shared/data/omniglot-small --iterations 300
 
-Imported, the file registers the algorithm ``"protomaml"``, so the command line trains, evaluates,
-resumes and plots Proto-MAML runs too (from the repository's root):
+Imported, the file registers the algorithms ``"protomaml"`` and ``"fo-protomaml"``, so the command
+line trains, evaluates, resumes and plots their runs too (from the repository's root):
 
     python -m bilevel_maml train --plugin examples.protomaml --algorithm protomaml --output runs/protomaml
     python -m bilevel_maml evaluate --output runs/protomaml --per-step
 """
 
 import argparse
+import time
 
 import torch
 from torch import nn
@@ -61,7 +63,20 @@ class ProtoMAMLLower(MAMLLower):
         return tuple(start[name] for name in self.param_names)
 
 
+class FirstOrderProtoMAMLLower(ProtoMAMLLower):
+    """fo-Proto-MAML, Meta-Dataset's baseline: the inner steps are first order (their gradients are
+    constants, so dφ_K/dφ_0 is the identity), but the meta-gradient still flows through the
+    prototypes into the network's body, since the updates stay in the graph."""
+
+    second_order = False
+
+    @property
+    def keep_update_graph(self):
+        return True
+
+
 register_algorithm("protomaml", MAMLUpper, ProtoMAMLLower)
+register_algorithm("fo-protomaml", MAMLUpper, FirstOrderProtoMAMLLower)
 
 
 def main():
@@ -78,18 +93,20 @@ def main():
     args = parser.parse_args()
 
     tasksets = omniglot_small_tasksets(args.data_root, ways=args.ways, samples_per_class=2 * args.shots)
-    for label, algorithm in (("Proto-MAML", "protomaml"), ("MAML", "maml")):
+    for label, algorithm in (("Proto-MAML", "protomaml"), ("fo-Proto-MAML", "fo-protomaml"), ("MAML", "maml")):
         torch.manual_seed(args.seed)
         engine = build_engine(algorithm, Conv4(args.ways, hidden=args.width), tasksets, ways=args.ways,
                               shots=args.shots, inner_lr=args.inner_lr, meta_batch_size=args.meta_batch_size,
                               meta_iterations=args.iterations, valid_step=max(1, args.iterations // 5),
                               valid_tasks=100, seed=args.seed)
+        started = time.perf_counter()
         engine.run()
+        seconds = time.perf_counter() - started
         result = engine.test(num_tasks=args.test_tasks, per_step=True)
         means, widths = result["per_step"]["accuracy"], result["per_step"]["accuracy_ci95"]
-        print(f"{label:10s} held-out {args.ways}-way {args.shots}-shot accuracy {100 * result['accuracy']:.2f}% "
+        print(f"{label:13s} held-out {args.ways}-way {args.shots}-shot accuracy {100 * result['accuracy']:.2f}% "
               f"± {100 * result['accuracy_ci95']:.2f}% ({result['tasks']} test tasks; before the inner step "
-              f"{100 * means[0]:.2f}% ± {100 * widths[0]:.2f}%)", flush=True)
+              f"{100 * means[0]:.2f}% ± {100 * widths[0]:.2f}%; trained in {seconds:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

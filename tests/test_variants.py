@@ -287,12 +287,14 @@ def test_cavia_keeps_theta_context_at_zero_and_runs_without_host_reads(cavia):
 # -- Proto-MAML: a user's variant that starts from the support set (examples/protomaml.py) -----------
 @pytest.fixture
 def protomaml(monkeypatch):
-    """examples/protomaml.py imported as a user's module; its algorithm "protomaml" is unregistered afterwards."""
+    """examples/protomaml.py imported as a user's module; its algorithms are unregistered afterwards."""
     monkeypatch.setitem(ALGORITHMS, "protomaml", None)
+    monkeypatch.setitem(ALGORITHMS, "fo-protomaml", None)
     spec = importlib.util.spec_from_file_location("protomaml", EXAMPLES / "protomaml.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert ALGORITHMS["protomaml"] == (MAMLUpper, module.ProtoMAMLLower)
+    assert ALGORITHMS["fo-protomaml"] == (MAMLUpper, module.FirstOrderProtoMAMLLower)
     return module
 
 
@@ -319,13 +321,45 @@ def protomaml_reference(model, episodes, steps):
     return torch.autograd.grad(total, theta[:-2]) + (torch.zeros_like(theta[-2]), torch.zeros_like(theta[-1]))
 
 
+def fo_protomaml_reference(model, episodes, steps):
+    """fo-Proto-MAML's meta-gradient as Triantafillou et al. define it, written out here: φ_K from k SGD
+    steps taken as constants (first order), ∇_φK L_query given to θ's body as FOMAML would, plus its
+    head part carried back through the prototypes (the vector-Jacobian product of (2c, −‖c‖²) with the
+    body); θ's own head receives zero."""
+    forward = functional(model)
+    theta = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    body = theta[:-2]
+    total = [torch.zeros_like(t) for t in theta]
+    for (xs, ys), (xq, yq) in episodes:
+        prototypes, _ = prototypes_of(model, theta, xs, ys)
+        head = (2 * prototypes, -(prototypes ** 2).sum(1))
+        phi = [t.detach() for t in (*body, *head)]
+        for _ in range(steps):
+            phi = [p.requires_grad_() for p in phi]
+            grads = torch.autograd.grad(F.cross_entropy(forward(phi, xs), ys), phi)
+            phi = [(p - INNER_LR * g).detach() for p, g in zip(phi, grads)]
+        phi = [p.requires_grad_() for p in phi]
+        at_phi = torch.autograd.grad(F.cross_entropy(forward(phi, xq), yq) / len(episodes), phi)
+        through_prototypes = torch.autograd.grad(head, body, grad_outputs=at_phi[-2:])
+        for i, (direct, carried) in enumerate(zip(at_phi[:-2], through_prototypes)):
+            total[i] += direct + carried
+    return tuple(total)
+
+
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("vectorize", [False, True], ids=["per-task", "vectorized"])
-def test_protomaml_starts_its_head_from_support_prototypes_and_gets_the_reference_gradient(protomaml, vectorize, steps):
+@pytest.mark.parametrize("lower", ["ProtoMAMLLower", "FirstOrderProtoMAMLLower"])
+def test_protomaml_in_either_order_starts_its_head_from_support_prototypes_and_gets_the_reference_gradient(
+        protomaml, lower, vectorize, steps):
     model = tanh_mlp()
-    optimizer, lower, episodes = run(MAMLUpper, protomaml.ProtoMAMLLower, model, steps, vectorize=vectorize)
+    optimizer, _, episodes = run(MAMLUpper, getattr(protomaml, lower), model, steps, vectorize=vectorize)
     got = optimizer.seen_grads[0]
-    assert_close(got, protomaml_reference(model, episodes, steps), tol=1e-10)
+    second_order = protomaml_reference(model, episodes, steps)
+    if lower == "ProtoMAMLLower":
+        assert_close(got, second_order, tol=1e-10)
+    else:
+        assert_close(got, fo_protomaml_reference(model, episodes, steps), tol=1e-10)
+        assert max((a - b).abs().max() for a, b in zip(got, second_order)) > 1e-4  # not Proto-MAML's gradient
     assert got[0].abs().max() > 1e-4  # the body's gradient, through the prototypes and the steps
 
 
@@ -372,7 +406,8 @@ def test_a_start_of_the_wrong_shape_is_named_and_protomaml_refuses_what_it_canno
                      SinusoidTasks(points=10), regression=True, shots=5, meta_iterations=1).run()
 
 
-def test_protomaml_runs_without_host_reads(protomaml):
+@pytest.mark.parametrize("lower", ["ProtoMAMLLower", "FirstOrderProtoMAMLLower"])
+def test_protomaml_runs_without_host_reads(protomaml, lower):
     """What a CUDA graph capture needs of the hook (tasks drawn on the device, as the built-in datasets are)."""
     torch.manual_seed(0)
     model = Conv4(5, hidden=4, image_size=16)
@@ -380,7 +415,7 @@ def test_protomaml_runs_without_host_reads(protomaml):
     sampler = DeviceTaskSampler(torch.randn(48, 1, 16, 16) + labels.view(-1, 1, 1, 1) / 4,
                                 [range(c * 4, c * 4 + 4) for c in range(12)], ways=5, shots=1, query_shots=2)
     engine = MetaEngine(MAMLUpper(model, torch.optim.SGD(model.parameters(), lr=0.1), meta_batch_size=4),
-                        protomaml.ProtoMAMLLower(model, inner_lr=0.1, inner_steps=2),
+                        getattr(protomaml, lower)(model, inner_lr=0.1, inner_steps=2),
                         EpisodicEnv(sampler, ways=5, shots=1, query_shots=2, seed=3), meta_iterations=1)
     assert engine.vectorized
     assert first_host_read_in_capturable_region(engine) is None
@@ -393,6 +428,7 @@ def protomaml_plugin(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.setitem(ALGORITHMS, "protomaml", None)
+    monkeypatch.setitem(ALGORITHMS, "fo-protomaml", None)
     yield
     sys.modules.pop("protomaml", None)
 
