@@ -25,6 +25,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Long training runs and scripts run end to end (torchrun, benchmarks, examples): CI runs them too.
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 

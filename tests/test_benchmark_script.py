@@ -123,6 +123,7 @@ def test_the_torch_func_sketch_gets_batchnorm_second_order_terms_wrong(monkeypat
     assert max((a - b).abs().max().item() for a, b in zip(textbook, sketch)) > 1e-3
 
 
+@pytest.mark.slow
 def test_benchmark_runs_finn_et_al_strided_network(tmp_path, omniglot_root):
     """--model conv4-strided times learn2learn's OmniglotCNN architecture: same rows, its own FLOPs
     (stride-2 convolutions compute a quarter of the positions of the max-pool network's)."""
@@ -141,6 +142,7 @@ def test_benchmark_runs_finn_et_al_strided_network(tmp_path, omniglot_root):
     assert 0 < strided < pooled / 2
 
 
+@pytest.mark.slow
 def test_equal_budget_benchmark_trains_each_learner_for_the_budget_and_scores_it(tmp_path, omniglot_root):
     out = tmp_path / "budget.json"
     done, report = run_benchmark(
@@ -160,6 +162,7 @@ def test_equal_budget_benchmark_trains_each_learner_for_the_budget_and_scores_it
     assert "device cpu, precision fp32" in tables and "| ours maml | eager | " in tables
 
 
+@pytest.mark.slow
 def test_equal_iterations_benchmark_trains_each_algorithm_as_long_and_states_its_settings(tmp_path, omniglot_root):
     out = tmp_path / "iterations.json"
     done, report = run_benchmark(
@@ -173,6 +176,7 @@ def test_equal_iterations_benchmark_trains_each_algorithm_as_long_and_states_its
     assert "device cpu, precision fp32, 10 test tasks" in tables and "| maml++ | " in tables
 
 
+@pytest.mark.slow
 def test_distributed_benchmark_states_precision_and_execution_of_each_row(tmp_path, omniglot_root):
     """Two gloo processes only (torchrun's start-up is most of the time; tests/test_distributed.py covers 1 vs 2)."""
     out = tmp_path / "scaling.json"
@@ -187,6 +191,7 @@ def test_distributed_benchmark_states_precision_and_execution_of_each_row(tmp_pa
     assert "device cpu, precision fp32;" in tables and "| 2 | 1 | gloo | 1 | eager | " in tables
 
 
+@pytest.mark.slow
 def test_end_to_end_evaluation_and_sampling_sections(tmp_path, omniglot_root):
     out = tmp_path / "sections.json"
     done, report = run_benchmark(
@@ -271,6 +276,7 @@ def test_the_benchmark_times_jax_after_checking_it(tmp_path, omniglot_root):
     assert rows["jax maml (jit + vmap)"]["seconds"] > 0 and rows["jax maml (jit + vmap)"]["peak_mb"] is None
 
 
+@pytest.mark.slow
 def test_the_xla_grouped_convolution_comparison_checks_both_compute_the_same_before_timing():
     """benchmarks/xla_cpu_grouped_conv.py (why the JAX row is slow on a CPU) times a computation only
     after XLA's and PyTorch's grouped convolution and filter gradient agree; without JAX, one line."""
@@ -342,6 +348,7 @@ def test_the_gpu_session_script_keeps_within_its_budget_and_always_prints_its_su
     assert skipped.startswith("skipped: the session's 33 s ran out") and "skipped:" in done.stdout, done.stdout
 
 
+@pytest.mark.slow
 def test_gpu_kernels_counts_ops_on_the_cpu_and_sees_what_a_derivative_change_removes(omniglot_root, monkeypatch,
                                                                                      capsys):
     """``gpu_kernels.py --ops`` needs no GPU: it counts the ops one meta-iteration dispatches, and with

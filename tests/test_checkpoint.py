@@ -29,6 +29,7 @@ def final_state(output):
     return load_checkpoint(output / "checkpoints" / "last.pt")["engine"]
 
 
+@pytest.mark.slow
 def test_a_run_killed_midway_and_resumed_ends_with_exactly_the_same_theta(tmp_path):
     subprocess.run(float64_run(tmp_path / "straight"), check=True, capture_output=True, timeout=300)
 

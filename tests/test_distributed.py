@@ -128,6 +128,7 @@ def rank_processes(out, misbehave, timeout):
     return procs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("misbehave", ["die", "hang"])
 def test_a_rank_that_dies_or_hangs_makes_the_other_exit_with_a_clear_error(tmp_path, misbehave):
     survivor, culprit = rank_processes(tmp_path, misbehave, timeout=8.0)
@@ -176,6 +177,7 @@ def straight_cli_run(tmp_path_factory):
     return output, done
 
 
+@pytest.mark.slow
 def test_the_cli_under_torchrun_trains_checkpoints_and_resumes_exactly(tmp_path, straight_cli_run):
     straight_output, straight = straight_cli_run
     assert "4 tasks on 2 processes" in straight.stdout and straight.stdout.count("held-out test") == 1
@@ -211,6 +213,7 @@ def test_a_meta_batch_that_does_not_split_over_the_ranks_is_refused(tmp_path):
     assert "meta_batch_size=3 must be divisible by the number of processes (2)" in done.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_under_torchrun_stops_every_rank_after_one_iteration_and_resume_is_exact(tmp_path, straight_cli_run):
     """Ctrl-C in a terminal reaches torchrun (its process group; torchrun starts each worker in a session of
     its own) and torchrun forwards it to both workers: they stop after the same iteration and say how to resume."""

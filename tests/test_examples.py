@@ -17,6 +17,7 @@ def run(script, *args):
     return done.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm, loop", [("maml", "1 inner step of 0.4"), ("fomaml", "5 inner steps of 0.1")])
 def test_omniglot_example(omniglot_root, algorithm, loop):
     out = run("omniglot.py", "--data-root", str(omniglot_root), "--iterations", "4", "--valid-every", "2",
@@ -39,6 +40,7 @@ def test_mini_imagenet_example_says_which_files_are_missing(tmp_path):
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
+@pytest.mark.slow
 def test_imaml_with_betty_walkthrough_example(omniglot_root):
     out = run("imaml_with_betty.py", "--data-root", str(omniglot_root), "--iterations", "4", "--inner-steps", "2",
               "--meta-batch-size", "2", "--test-tasks", "10")

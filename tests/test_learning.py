@@ -56,6 +56,7 @@ def test_maml_omniglot_5way_1shot_is_far_above_chance_on_held_out_characters(omn
     assert engine.best_valid["accuracy"] >= 0.45
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm, overrides", [
     # measured (seed 0, 300 test tasks, 2-core CPU, 2026-12-06): held-out accuracy after MAML's 100 meta-iterations
     ("fomaml", dict(inner_steps=3, inner_lr=0.2)),              # 69.6% ± 2.0%, 13 s (1 step of 0.4: 31.7%)
