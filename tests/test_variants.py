@@ -285,11 +285,16 @@ def test_cavia_keeps_theta_context_at_zero_and_runs_without_host_reads(cavia):
 
 
 # -- Proto-MAML: a user's variant that starts from the support set (examples/protomaml.py) -----------
+def forget_protomaml_algorithms_afterwards(monkeypatch):
+    """The algorithms examples/protomaml.py registers are unregistered when the test ends."""
+    for name in ("protomaml", "fo-protomaml"):
+        monkeypatch.setitem(ALGORITHMS, name, None)
+
+
 @pytest.fixture
 def protomaml(monkeypatch):
     """examples/protomaml.py imported as a user's module; its algorithms are unregistered afterwards."""
-    monkeypatch.setitem(ALGORITHMS, "protomaml", None)
-    monkeypatch.setitem(ALGORITHMS, "fo-protomaml", None)
+    forget_protomaml_algorithms_afterwards(monkeypatch)
     spec = importlib.util.spec_from_file_location("protomaml", EXAMPLES / "protomaml.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -427,8 +432,7 @@ def protomaml_plugin(tmp_path, monkeypatch):
     shutil.copy(EXAMPLES / "protomaml.py", tmp_path / "protomaml.py")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", list(sys.path))
-    monkeypatch.setitem(ALGORITHMS, "protomaml", None)
-    monkeypatch.setitem(ALGORITHMS, "fo-protomaml", None)
+    forget_protomaml_algorithms_afterwards(monkeypatch)
     yield
     sys.modules.pop("protomaml", None)
 
