@@ -20,7 +20,7 @@ from bilevel_maml._factories import outside_package
 from bilevel_maml.arguments import (DTYPES, RUN_LOGGING_DEFAULTS, BadInput, device_name, load_plugins,
                                     unknown_dataset, unknown_model)
 from bilevel_maml.builder import SPLITS, build_engine, split_sources
-from bilevel_maml.checkpoint import CHECKPOINT_FILES, Checkpointer, load_checkpoint, newest_intact
+from bilevel_maml.checkpoint import CHECKPOINT_FILES, CheckpointError, Checkpointer, load_checkpoint, newest_intact
 from bilevel_maml.data.sources import DATASETS, default_data_root, inner_loop_defaults, load_tasksets
 from bilevel_maml.engine import MetaEngine, NonFiniteError
 from bilevel_maml.evaluation import scalar_scores
@@ -474,7 +474,7 @@ def command_evaluate(args: argparse.Namespace) -> dict:
         raise BadInput("bilevel-maml evaluate: pass --output RUN_FOLDER or --checkpoint FILE")
     if distributed.launched_distributed():
         raise BadInput("bilevel-maml evaluate runs in one process; start it without torchrun")
-    checkpoint = load_checkpoint(path)
+    checkpoint = _load_checkpoint_to_evaluate(path, chosen=bool(args.checkpoint))
     run = checkpoint["config"]
     config = _evaluation_tasks(args, run)
     own_tasks = all(config[key] == run[key] for key in EVALUATION_TASKS)
@@ -506,6 +506,18 @@ def command_evaluate(args: argparse.Namespace) -> dict:
     if wandb_mode != "disabled":
         _summarize_in_the_runs_wandb(result, name, run, wandb_mode, path.parent.parent)
     return result
+
+
+def _load_checkpoint_to_evaluate(path: Path, chosen: bool) -> dict:
+    """A damaged ``best.pt`` is an error, not a silent switch to ``last.pt``: the two are different θs,
+    and a score must say which it is; the error names the command that evaluates the other."""
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as error:
+        last = path.parent / "last.pt"
+        if chosen or path.name != "best.pt" or not last.is_file():
+            raise
+        raise CheckpointError(f"{error}; to score the last θ instead: --checkpoint {last}") from None
 
 
 def _summarize_in_the_runs_wandb(result: dict, tag: str, run: dict, mode: str, folder: Path) -> None:

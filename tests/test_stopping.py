@@ -163,6 +163,25 @@ def test_evaluate_names_a_truncated_checkpoint_in_one_line(tmp_path, straight):
     assert f"{damaged} is damaged or not a checkpoint" in done.stderr
 
 
+def test_evaluate_of_a_run_with_a_damaged_best_names_last_instead_of_switching_to_it(tmp_path, straight):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for name in ("config.json", "checkpoints/best.pt", "checkpoints/last.pt"):
+        (run / name).write_bytes((straight / name).read_bytes())
+    best, last = run / "checkpoints" / "best.pt", run / "checkpoints" / "last.pt"
+    best.write_bytes(best.read_bytes()[:1000])
+    done = cli(["evaluate", "--output", str(run), "--test-tasks", "5"])
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"{best} is damaged or not a checkpoint" in done.stderr
+    assert done.stderr.strip().endswith(f"to score the last θ instead: --checkpoint {last}")
+    assert not (run / "evaluation.json").exists()
+    remedy = cli(["evaluate", "--checkpoint", str(last), "--test-tasks", "5", "--wandb", "disabled"])
+    assert remedy.returncode == 0, remedy.stderr[-2000:]
+    scored = json.loads((run / "evaluation.json").read_text())
+    assert scored["checkpoint"] == str(last) and scored["iteration"] == ITERATIONS
+
+
 class RunsCode:
     def __init__(self, marker):
         self.marker = str(marker)
