@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import os
 import warnings
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch
 from torch.func import vmap
 from torch.overrides import TorchFunctionMode
 
-from bilevel_maml.validation import check_positive_int, code_site
+from bilevel_maml.validation import TORCH_FOLDER, check_positive_int, code_site, frame_in
 
 # -- tasks per vmapped call -------------------------------------------------------------------------
 #: On CPU, the largest activation of one vmapped call should stay within about this many bytes.
@@ -213,7 +212,7 @@ def precision_scope(precision: str, device, capturing: bool = False):
 HOST_READS = frozenset({"item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__",
                         "__complex__", "__format__", "nonzero", "unique", "unique_consecutive",
                         "masked_select", "argwhere"})
-_OWN_FILES = {str(Path(__file__).resolve()), str(Path(torch.__file__).resolve().parent)}
+_NOT_THE_CALLER = (Path(__file__).resolve(), TORCH_FOLDER, Path(warnings.__file__).resolve())
 
 
 class HostReadWatch(TorchFunctionMode):
@@ -234,14 +233,10 @@ class HostReadWatch(TorchFunctionMode):
     def _caller() -> str:
         frame = inspect.currentframe()
         while frame is not None:
-            path = str(Path(frame.f_code.co_filename).resolve())
-            if not any(path == own or path.startswith(own + os.sep) for own in _OWN_FILES | _WARNINGS_FILES):
+            if not frame_in(frame, _NOT_THE_CALLER):
                 return code_site(frame, frame.f_lineno)
             frame = frame.f_back
         return "an operation"
-
-
-_WARNINGS_FILES = {str(Path(warnings.__file__).resolve())}
 
 
 class SyncWatch:

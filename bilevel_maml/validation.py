@@ -62,6 +62,16 @@ def check_device(name: str, value) -> torch.device:
     return torch.device(value)
 
 
+#: PyTorch's own files: a one-line message names the frame outside them, the user's line.
+TORCH_FOLDER = Path(torch.__file__).resolve().parent
+
+
+def frame_in(frame, places) -> bool:
+    """Whether ``frame``'s code is one of the files or inside one of the folders ``places`` (resolved paths)."""
+    path = Path(frame.f_code.co_filename).resolve()
+    return any(path == place or place in path.parents for place in places)
+
+
 def code_site(frame, line: int) -> str:
     """``Owner.function (file.py:line)``: where in a user's hook or model a frame is, for a one-line message.
 
@@ -70,4 +80,4 @@ def code_site(frame, line: int) -> str:
     """
     owner = frame.f_locals.get("self")
     function = f"{type(owner).__name__}.{frame.f_code.co_name}" if owner is not None else frame.f_code.co_name
-    return f"{function} ({Path(frame.f_code.co_filename).resolve().name}:{line})"
+    return f"{function} ({Path(frame.f_code.co_filename).name}:{line})"

@@ -40,10 +40,8 @@ import contextvars
 import functools
 import inspect
 import math
-import os
 import traceback
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -54,8 +52,8 @@ from torch.func import functional_call, vmap
 
 from bilevel_maml.distributed import average_gradients
 from bilevel_maml.hypergradient import get_grads, gradients_or_zeros, placed, zeros_for_unused
-from bilevel_maml.validation import (check_choice, check_non_negative, check_positive, check_positive_int,
-                                     code_site)
+from bilevel_maml.validation import (TORCH_FOLDER, check_choice, check_non_negative, check_positive,
+                                     check_positive_int, code_site, frame_in)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -262,16 +260,12 @@ class NotVectorizableError(ValueError):
     the host (``.item()``, ``float(t)``, ``if t:``) or an operation without a batching rule."""
 
 
-_TORCH_FOLDER = str(Path(torch.__file__).resolve().parent)
-
-
 def _innermost_outside_torch(error: BaseException) -> str:
     """``Owner.function (file.py:line)`` of the innermost traceback frame outside PyTorch: the line of
     the hook or model that did it."""
     where = "an operation"
     for frame, line in traceback.walk_tb(error.__traceback__):
-        path = str(Path(frame.f_code.co_filename).resolve())
-        if not (path == _TORCH_FOLDER or path.startswith(_TORCH_FOLDER + os.sep)):
+        if not frame_in(frame, (TORCH_FOLDER,)):
             where = code_site(frame, line)
     return where
 
