@@ -197,7 +197,7 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
              "~/data for the others, $BILEVEL_MAML_DATA/<dataset> when that variable is set, or the variable "
              "itself where its last folder is named as the dataset)")
     add("--download", action="store_true", help="let learn2learn download missing benchmark files (needs internet)")
-    add("--ways", type=positive_int, default=5, help="classes per task")
+    add("--ways", type=positive_int, help="classes per task (default: 5; regression tasks have none)")
     add("--shots", type=positive_int, help="support examples per class (default: 1; 10 points for sinusoid)")
     add("--query-shots", type=positive_int, help="query examples per class (default: --shots)")
     add("--inner-steps", type=positive_int,

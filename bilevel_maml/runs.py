@@ -85,6 +85,10 @@ def _run_config(args: argparse.Namespace) -> dict:
                        f"run's rate is constant; add --meta-lr-schedule cosine")
     for name in ("lam", "cg_iterations"):  # iMAML's, set by their own flags
         config["algorithm_options"].pop(name, None)
+    if spec.regression and config["ways"] is not None:
+        raise BadInput(f"bilevel-maml: --ways {config['ways']}: {config['dataset']} tasks are regression, which "
+                       f"has no classes; drop --ways (--shots sets the points per task)")
+    config["ways"] = config["ways"] or 5  # regression runs keep the default in their config, as before
     config["shots"] = config["shots"] or spec.shots
     config["query_shots"] = config["query_shots"] or config["shots"]
     for name, value in inner_loop_defaults(config["dataset"], config["algorithm"]).items():

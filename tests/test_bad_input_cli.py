@@ -44,6 +44,7 @@ CASES = [
     (["train", "--width", "-3"], {}, ["--width", "'-3'", "integer >= 1"]),
     (["train", "--width", "wide"], {}, ["--width", "'wide'", "integer >= 1"]),
     (["train", "--ways", "0"], {}, ["--ways", "'0'", "integer >= 1"]),
+    (["train", "--dataset", "sinusoid", "--ways", "3"], {}, ["--ways 3", "sinusoid", "regression", "drop --ways"]),
     (["train", "--query-shots", "0"], {}, ["--query-shots", "'0'", "integer >= 1"]),
     (["train", "--inner-steps", "1.5"], {}, ["--inner-steps", "'1.5'", "integer >= 1"]),
     (["train", "--eval-inner-steps", "0"], {}, ["--eval-inner-steps", "'0'", "integer >= 1"]),
