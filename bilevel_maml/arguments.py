@@ -235,7 +235,7 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
         help="iMAML proximal strength λ (default: 1.0; 0.5 on Omniglot, where iMAML wants its proximal inner problem "
              "nearly solved: 5 inner steps of --inner-lr 0.1 with λ = 0.5 reached 73.3%% where --inner-lr 0.4 and "
              "λ = 1.0 reached 37.0%%)")
-    add("--cg-iterations", type=positive_int, default=5, help="iMAML conjugate-gradient iterations")
+    add("--cg-iterations", type=positive_int, help="iMAML conjugate-gradient iterations (default: 5)")
     add("--vectorize", action=argparse.BooleanOptionalAction, default=True,
         help="adapt the meta-batch at once with torch.func.vmap, or task by task (same meta-gradient); "
              "evaluation follows")

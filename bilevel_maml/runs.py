@@ -29,7 +29,7 @@ from bilevel_maml.history import METRICS_FILE, RUN_PLACEMENT_KEYS, MetricsFile, 
 from bilevel_maml.logging import WandbLogger
 from bilevel_maml.models import MODELS, REGISTERED_MODELS, build_model, known_models
 from bilevel_maml.plugins import defining_modules, import_folder, unknown_algorithm
-from bilevel_maml.problems import ALGORITHMS, options_in_use
+from bilevel_maml.problems import ALGORITHMS, IMAMLLower, IMAMLUpper, options_in_use
 from bilevel_maml.progress import ProgressBar
 from bilevel_maml.runlock import RunFolderInUse, RunLock
 from bilevel_maml.stopping import GracefulStop, StoppedAtOnce, exit_status
@@ -85,6 +85,8 @@ def _run_config(args: argparse.Namespace) -> dict:
                        f"run's rate is constant; add --meta-lr-schedule cosine")
     for name in ("lam", "cg_iterations"):  # iMAML's, set by their own flags
         config["algorithm_options"].pop(name, None)
+    _refuse_flags_the_algorithm_ignores(config)
+    config["cg_iterations"] = config["cg_iterations"] or 5
     if spec.regression and config["ways"] is not None:
         raise BadInput(f"bilevel-maml: --ways {config['ways']}: {config['dataset']} tasks are regression, which "
                        f"has no classes; drop --ways (--shots sets the points per task)")
@@ -112,6 +114,19 @@ def _run_config(args: argparse.Namespace) -> dict:
                        f"the dataset's files")
     config["data_root"] = _data_folder(config)
     return config
+
+
+def _refuse_flags_the_algorithm_ignores(config: dict) -> None:
+    """iMAML's flags given to an algorithm without its classes would be recorded and do nothing."""
+    upper_cls, lower_cls = ALGORITHMS[config["algorithm"]]
+    imaml_flags = {"lam": ("iMAML's proximal strength λ", issubclass(lower_cls, IMAMLLower)),
+                   "cg_iterations": ("iMAML's conjugate-gradient iterations", issubclass(upper_cls, IMAMLUpper))}
+    ignored = [f"--{name.replace('_', '-')} {config[name]} ({meaning})"
+               for name, (meaning, used) in imaml_flags.items() if config[name] is not None and not used]
+    if ignored:
+        them = "them" if len(ignored) > 1 else "it"
+        raise BadInput(f"bilevel-maml: {' and '.join(ignored)}: {config['algorithm']} does not use {them}; "
+                       f"drop {them} or choose --algorithm imaml")
 
 
 def _data_folder(config: dict) -> str | None:

@@ -13,6 +13,7 @@ import torch
 from bilevel_maml import arguments, cli, runs
 from bilevel_maml.checkpoint import atomic_save, load_checkpoint
 from bilevel_maml.history import METRICS_FILE, read_metrics
+from bilevel_maml.problems import ALGORITHMS, IMAMLLower, IMAMLUpper, MAMLLower, MAMLUpper
 from conftest import write_mini_imagenet_pickles
 
 VENV_BIN = Path(sys.executable).parent
@@ -433,3 +434,32 @@ def test_algorithms_that_want_other_inner_loops_get_theirs_where_no_flag_sets_it
     config = runs._run_config(args)
     assert (config["inner_steps"], config["inner_lr"], config["lam"]) == loop
     assert config["eval_inner_steps"] == loop[0]
+
+
+class ProximalLower(IMAMLLower):
+    """A user's variant on iMAML's classes: iMAML's flags are its flags."""
+
+
+class ProximalUpper(IMAMLUpper):
+    pass
+
+
+@pytest.mark.parametrize("classes, takes_them", [((ProximalUpper, ProximalLower), True),
+                                                 ((MAMLUpper, ProximalLower), "lam"),
+                                                 ((ProximalUpper, MAMLLower), "cg_iterations"),
+                                                 ((MAMLUpper, MAMLLower), False)])
+def test_imaml_flags_go_to_the_classes_that_take_them_and_are_refused_elsewhere(tmp_path, monkeypatch, classes,
+                                                                                 takes_them):
+    monkeypatch.setitem(ALGORITHMS, "proximal", classes)
+    args = arguments.build_parser().parse_args(["train", "--algorithm", "proximal", "--lam", "2", "--cg-iterations",
+                                                "3", "--output", str(tmp_path / "run")])
+    if takes_them is True:
+        config = runs._run_config(args)
+        assert (config["lam"], config["cg_iterations"]) == (2.0, 3)
+        return
+    with pytest.raises(arguments.BadInput) as refused:
+        runs._run_config(args)
+    named = {"lam": "--lam 2.0", "cg_iterations": "--cg-iterations 3"}
+    for name, flag in named.items():
+        assert (flag in str(refused.value)) == (name != takes_them), name
+    assert "proximal does not use" in str(refused.value)
