@@ -15,9 +15,13 @@ def defined_as(function) -> tuple[str, str]:
 def call_with_named_keywords(function: Callable, **given):
     """``function`` called with those of ``given`` its signature names (all of them if it takes
     ``**kwargs``), so a user's factory declares only what it uses."""
+    return function(**{k: v for k, v in given.items() if takes_keyword(function, k)})
+
+
+def takes_keyword(function: Callable, name: str) -> bool:
+    """Whether :func:`call_with_named_keywords` would pass ``name`` to ``function``."""
     parameters = inspect.signature(function).parameters
-    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    return function(**{k: v for k, v in given.items() if takes_all or k in parameters})
+    return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
 def outside_package(function) -> list[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from bilevel_maml import distributed
-from bilevel_maml._factories import outside_package
+from bilevel_maml._factories import outside_package, takes_keyword
 from bilevel_maml.arguments import (DTYPES, RUN_LOGGING_DEFAULTS, BadInput, device_name, load_plugins,
                                     unknown_dataset, unknown_model)
 from bilevel_maml.builder import SPLITS, build_engine, split_sources
@@ -86,6 +86,8 @@ def _run_config(args: argparse.Namespace) -> dict:
     for name in ("lam", "cg_iterations"):  # iMAML's, set by their own flags
         config["algorithm_options"].pop(name, None)
     _refuse_flags_the_algorithm_ignores(config)
+    if config["download"]:
+        _refuse_download_that_does_nothing(config["dataset"], "bilevel-maml")
     config["cg_iterations"] = config["cg_iterations"] or 5
     if spec.regression and config["ways"] is not None:
         raise BadInput(f"bilevel-maml: --ways {config['ways']}: {config['dataset']} tasks are regression, which "
@@ -127,6 +129,22 @@ def _refuse_flags_the_algorithm_ignores(config: dict) -> None:
         them = "them" if len(ignored) > 1 else "it"
         raise BadInput(f"bilevel-maml: {' and '.join(ignored)}: {config['algorithm']} does not use {them}; "
                        f"drop {them} or choose --algorithm imaml")
+
+
+def _refuse_download_that_does_nothing(dataset: str, command: str) -> None:
+    spec = DATASETS[dataset]
+    if spec.load is not None:
+        if takes_keyword(spec.load, "download"):
+            return
+        why = f"the loader registered for it ({spec.load.__module__}.{spec.load.__qualname__}) takes no download"
+    elif dataset == "sinusoid":
+        why = "its tasks are drawn, not read from files"
+    elif dataset == "omniglot-small":
+        why = ("it is read from the two zip files of github.com/brendenlake/omniglot (folder python/) in --data-root; "
+               "--dataset omniglot is the full set, which learn2learn downloads")
+    else:
+        return
+    raise BadInput(f"{command}: --download with --dataset {dataset}: {why}; drop --download")
 
 
 def _data_folder(config: dict) -> str | None:
@@ -587,6 +605,8 @@ def _evaluation_tasks(args: argparse.Namespace, run: dict) -> dict:
         config["data_root"] = args.data_root
     config["shots"] = args.shots or config["shots"]
     config["query_shots"] = args.query_shots or config["query_shots"]
+    if args.download:
+        _refuse_download_that_does_nothing(config["dataset"], "bilevel-maml evaluate")
     config["download"] = args.download or config["download"]
     return config
 

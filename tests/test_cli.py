@@ -5,6 +5,7 @@ import math
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 
 from bilevel_maml import arguments, cli, runs
 from bilevel_maml.checkpoint import atomic_save, load_checkpoint
+from bilevel_maml.data.sources import DATASETS
 from bilevel_maml.history import METRICS_FILE, read_metrics
 from bilevel_maml.problems import ALGORITHMS, IMAMLLower, IMAMLUpper, MAMLLower, MAMLUpper
 from conftest import write_mini_imagenet_pickles
@@ -463,3 +465,25 @@ def test_imaml_flags_go_to_the_classes_that_take_them_and_are_refused_elsewhere(
     for name, flag in named.items():
         assert (flag in str(refused.value)) == (name != takes_them), name
     assert "proximal does not use" in str(refused.value)
+
+
+def tasks_from_files(data_root, ways, shots):
+    raise AssertionError("not loaded: the flags are checked first")
+
+
+def tasks_fetched_when_asked(data_root, download):
+    raise AssertionError("not loaded: the flags are checked first")
+
+
+@pytest.mark.parametrize("loader, refused", [(tasks_from_files, True), (tasks_fetched_when_asked, False),
+                                             (lambda **given: None, False)])
+def test_download_is_refused_for_a_registered_loader_that_takes_no_download(tmp_path, monkeypatch, loader, refused):
+    monkeypatch.setitem(DATASETS, "own", replace(DATASETS["sinusoid"], load=loader))
+    args = arguments.build_parser().parse_args(["train", "--dataset", "own", "--download", "--output",
+                                                str(tmp_path / "run")])
+    if not refused:
+        assert runs._run_config(args)["download"] is True
+        return
+    with pytest.raises(arguments.BadInput, match=r"--download with --dataset own: the loader registered for it "
+                                                 r"\(test_cli.tasks_from_files\) takes no download; drop --download"):
+        runs._run_config(args)

@@ -96,7 +96,8 @@ def register_dataset(name: str, load: Callable, spec: DatasetSpec) -> None:
         attributes, or one source for all three). It is called with those of these keywords its
         signature names (all of them if it takes ``**kwargs``): ``data_root`` (``--data-root``, else
         ``spec.default_root``), ``ways``, ``shots``, ``query_shots``, ``samples_per_class``
-        (``shots + query_shots``: what one task needs of each class), ``seed`` and ``download``.
+        (``shots + query_shots``: what one task needs of each class), ``seed`` and ``download``
+        (without a ``download`` parameter, ``--download`` is refused rather than ignored).
         A source that draws from the global random streams (torch, ``random``, NumPy) draws from the
         env's own seeded stream, which checkpoints hold: ``resume`` then continues it exactly.
     :param spec: what the command line needs to know of its tasks: image channels and size (the
