@@ -85,14 +85,9 @@ def _run_config(args: argparse.Namespace) -> dict:
                        f"run's rate is constant; add --meta-lr-schedule cosine")
     for name in ("lam", "cg_iterations"):  # iMAML's, set by their own flags
         config["algorithm_options"].pop(name, None)
-    _refuse_flags_the_algorithm_ignores(config)
-    if config["download"]:
-        _refuse_download_that_does_nothing(config["dataset"], "bilevel-maml")
-    config["cg_iterations"] = config["cg_iterations"] or 5
-    if spec.regression and config["ways"] is not None:
-        raise BadInput(f"bilevel-maml: --ways {config['ways']}: {config['dataset']} tasks are regression, which "
-                       f"has no classes; drop --ways (--shots sets the points per task)")
+    _refuse_flags_the_run_would_ignore(config)
     config["ways"] = config["ways"] or 5  # regression runs keep the default in their config, as before
+    config["cg_iterations"] = config["cg_iterations"] or 5
     config["shots"] = config["shots"] or spec.shots
     config["query_shots"] = config["query_shots"] or config["shots"]
     for name, value in inner_loop_defaults(config["dataset"], config["algorithm"]).items():
@@ -118,8 +113,14 @@ def _run_config(args: argparse.Namespace) -> dict:
     return config
 
 
-def _refuse_flags_the_algorithm_ignores(config: dict) -> None:
-    """iMAML's flags given to an algorithm without its classes would be recorded and do nothing."""
+def _refuse_flags_the_run_would_ignore(config: dict) -> None:
+    """A flag the run would record and not use: iMAML's with an algorithm without its classes,
+    ``--ways`` with regression tasks, ``--download`` where nothing downloads."""
+    if DATASETS[config["dataset"]].regression and config["ways"] is not None:
+        raise BadInput(f"bilevel-maml: --ways {config['ways']}: {config['dataset']} tasks are regression, which "
+                       f"has no classes; drop --ways (--shots sets the points per task)")
+    if config["download"]:
+        _refuse_download_that_does_nothing(config["dataset"], "bilevel-maml")
     upper_cls, lower_cls = ALGORITHMS[config["algorithm"]]
     imaml_flags = {"lam": ("iMAML's proximal strength λ", issubclass(lower_cls, IMAMLLower)),
                    "cg_iterations": ("iMAML's conjugate-gradient iterations", issubclass(upper_cls, IMAMLUpper))}
@@ -547,7 +548,7 @@ def command_evaluate(args: argparse.Namespace) -> dict:
 
 def _load_checkpoint_to_evaluate(path: Path, chosen: bool) -> dict:
     """A damaged ``best.pt`` is an error, not a silent switch to ``last.pt``: the two are different θs,
-    and a score must say which it is; the error names the command that evaluates the other."""
+    and a score must say which it is; the error names the flag that scores the other."""
     try:
         return load_checkpoint(path)
     except CheckpointError as error:
