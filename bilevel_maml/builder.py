@@ -231,6 +231,7 @@ def build_engine(
     :param algorithm_options: keyword arguments of the algorithm's own Upper/Lower classes
         (MAML++'s ``multi_step_loss=False``, ANIL's ``head="classifier"``, ...); each goes to the
         class whose constructor takes it; a name neither takes is an error listing those they do.
+        iMAML's ``lam`` and ``cg_iterations`` are this function's own arguments, not options.
     :param verbose: let Betty log its own INFO messages.
     :returns: the :class:`MetaEngine`, at meta-iteration 0.
     :raises ValueError: for an unknown algorithm, option or sampler, or a value out of range

@@ -73,23 +73,16 @@ def _run_config(args: argparse.Namespace) -> dict:
               file=sys.stderr, flush=True)
     # where each was found, so that evaluate and resume find a plugin file from any folder
     config["plugin_folders"] = {m: folder for m in config["plugins"] if (folder := import_folder(m)) is not None}
-    given = dict(config["algorithm_options"])
     try:  # every option of the algorithm, with the value this run uses (None: the class's own default rule)
-        config["algorithm_options"] = options_in_use(config["algorithm"], given)
+        config["algorithm_options"] = options_in_use(config["algorithm"], dict(config["algorithm_options"]))
     except ValueError as error:
         raise BadInput(f"bilevel-maml: --option: {error}") from None
-    for name in ("lam", "cg_iterations"):  # iMAML's own flags set them; the flag's value would win unseen
-        if name in given:
-            flag = f"--{name.replace('_', '-')}"
-            raise BadInput(f"bilevel-maml: --option {name}={given[name]}: {flag} sets it; pass {flag} {given[name]}")
     own_cosine = config["algorithm_options"].get("cosine_lr")  # MAML++'s, on by default
     if config["meta_lr_schedule"] == "cosine" and own_cosine is False:
         raise BadInput("bilevel-maml: --meta-lr-schedule cosine and --option cosine_lr=false disagree; drop one")
     if config["min_meta_lr"] is not None and config["meta_lr_schedule"] != "cosine" and own_cosine is not True:
         raise BadInput(f"bilevel-maml: --min-meta-lr {config['min_meta_lr']} is where a cosine schedule ends, and this "
                        f"run's rate is constant; add --meta-lr-schedule cosine")
-    for name in ("lam", "cg_iterations"):  # iMAML's, set by their own flags
-        config["algorithm_options"].pop(name, None)
     _refuse_flags_the_run_would_ignore(config)
     config["ways"] = config["ways"] or 5  # regression runs keep the default in their config, as before
     config["cg_iterations"] = config["cg_iterations"] or 5

@@ -467,6 +467,26 @@ def test_imaml_flags_go_to_the_classes_that_take_them_and_are_refused_elsewhere(
     assert "proximal does not use" in str(refused.value)
 
 
+class LowerWithItsOwnLam(MAMLLower):
+    """Not iMAML's: its lam is an option like any other."""
+
+    def __init__(self, *args, lam: float = 3.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lam = lam
+
+
+def test_imamls_settings_are_arguments_of_the_builder_not_options(monkeypatch):
+    from bilevel_maml.problems import options_in_use, split_options
+    monkeypatch.setitem(ALGORITHMS, "proximal", (ProximalUpper, ProximalLower))
+    monkeypatch.setitem(ALGORITHMS, "own-lam", (MAMLUpper, LowerWithItsOwnLam))
+    assert options_in_use("imaml", {}) == options_in_use("proximal", {}) == {"cg_tolerance": 0.0}
+    for name, flag in (("lam", "--lam"), ("cg_iterations", "--cg-iterations")):
+        with pytest.raises(ValueError, match=rf"^proximal's {name} is not an option: {flag} sets it "
+                                             rf"\(build_engine\({name}=...\) in Python\)$"):
+            split_options("proximal", {name: 2})
+    assert split_options("own-lam", {"lam": 0.5}) == ({}, {"lam": 0.5})
+
+
 def tasks_from_files(data_root, ways, shots):
     raise AssertionError("not loaded: the flags are checked first")
 

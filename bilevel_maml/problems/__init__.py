@@ -52,6 +52,15 @@ def register_algorithm(name: str, upper: type[MetaLearner], lower: type[TaskLear
     ALGORITHMS[name.lower()] = (upper, lower)
 
 
+#: iMAML's settings, which build_engine sets from its own arguments (and the CLI from its flags)
+#: for the classes built on iMAML's: option name -> (the class that takes it, the flag)
+_IMAML_SETTINGS = {"lam": (IMAMLLower, "--lam"), "cg_iterations": (IMAMLUpper, "--cg-iterations")}
+
+
+def _set_by_the_builder(cls: type) -> set[str]:
+    return _BUILDER_ARGUMENTS | {name for name, (owner, _) in _IMAML_SETTINGS.items() if issubclass(cls, owner)}
+
+
 def option_defaults(upper: type, lower: type) -> dict[str, dict]:
     """The options a variant's classes take (keyword arguments of their constructors beyond what
     every Upper/Lower takes), with their defaults: ``{"upper": {...}, "lower": {...}}``.
@@ -62,7 +71,7 @@ def option_defaults(upper: type, lower: type) -> dict[str, dict]:
     found = {}
     for side, cls in (("upper", upper), ("lower", lower)):
         parameters = inspect.signature(cls.__init__).parameters.values()
-        found[side] = {p.name: p.default for p in parameters if p.name not in _BUILDER_ARGUMENTS
+        found[side] = {p.name: p.default for p in parameters if p.name not in _set_by_the_builder(cls)
                        and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
     return found
 
@@ -82,6 +91,9 @@ def split_options(name: str, options: dict) -> tuple[dict, dict]:
             upper_options[key] = value
         elif key in defaults["lower"]:
             lower_options[key] = value
+        elif key in _IMAML_SETTINGS and any(key in _set_by_the_builder(cls) for cls in (upper, lower)):
+            raise ValueError(f"{name}'s {key} is not an option: {_IMAML_SETTINGS[key][1]} sets it "
+                             f"(build_engine({key}=...) in Python)")
         else:
             known = sorted({**defaults["upper"], **defaults["lower"]})
             raise ValueError(f"{name} has no option {key!r}; its options: {', '.join(known) or 'none'}")
