@@ -15,7 +15,8 @@ from bilevel_maml import arguments, cli, runs
 from bilevel_maml.checkpoint import atomic_save, load_checkpoint
 from bilevel_maml.data.sources import DATASETS
 from bilevel_maml.history import METRICS_FILE, read_metrics
-from bilevel_maml.problems import ALGORITHMS, IMAMLLower, IMAMLUpper, MAMLLower, MAMLUpper
+from bilevel_maml.problems import (ALGORITHMS, IMAMLLower, IMAMLUpper, MAMLLower, MAMLUpper, options_in_use,
+                                   split_options)
 from conftest import write_mini_imagenet_pickles
 
 VENV_BIN = Path(sys.executable).parent
@@ -476,7 +477,6 @@ class LowerWithItsOwnLam(MAMLLower):
 
 
 def test_imamls_settings_are_arguments_of_the_builder_not_options(monkeypatch):
-    from bilevel_maml.problems import options_in_use, split_options
     monkeypatch.setitem(ALGORITHMS, "proximal", (ProximalUpper, ProximalLower))
     monkeypatch.setitem(ALGORITHMS, "own-lam", (MAMLUpper, LowerWithItsOwnLam))
     assert options_in_use("imaml", {}) == options_in_use("proximal", {}) == {"cg_tolerance": 0.0}
