@@ -29,7 +29,7 @@ from bilevel_maml.history import METRICS_FILE, RUN_PLACEMENT_KEYS, MetricsFile, 
 from bilevel_maml.logging import WandbLogger
 from bilevel_maml.models import MODELS, REGISTERED_MODELS, build_model, known_models
 from bilevel_maml.plugins import defining_modules, import_folder, unknown_algorithm
-from bilevel_maml.problems import ALGORITHMS, IMAMLLower, IMAMLUpper, options_in_use
+from bilevel_maml.problems import ALGORITHMS, imaml_settings_of, options_in_use
 from bilevel_maml.progress import ProgressBar
 from bilevel_maml.runlock import RunFolderInUse, RunLock
 from bilevel_maml.stopping import GracefulStop, StoppedAtOnce, exit_status
@@ -119,11 +119,10 @@ def _refuse_flags_the_run_would_ignore(config: dict) -> None:
                        f"has no classes; drop --ways (--shots sets the points per task)")
     if config["download"]:
         _refuse_download_that_does_nothing(config["dataset"], "bilevel-maml")
-    upper_cls, lower_cls = ALGORITHMS[config["algorithm"]]
-    imaml_flags = {"lam": ("iMAML's proximal strength λ", issubclass(lower_cls, IMAMLLower)),
-                   "cg_iterations": ("iMAML's conjugate-gradient iterations", issubclass(upper_cls, IMAMLUpper))}
+    taken = imaml_settings_of(*ALGORITHMS[config["algorithm"]])
+    meanings = {"lam": "iMAML's proximal strength λ", "cg_iterations": "iMAML's conjugate-gradient iterations"}
     ignored = [f"--{name.replace('_', '-')} {config[name]} ({meaning})"
-               for name, (meaning, used) in imaml_flags.items() if config[name] is not None and not used]
+               for name, meaning in meanings.items() if config[name] is not None and name not in taken]
     if ignored:
         them = "them" if len(ignored) > 1 else "it"
         raise BadInput(f"bilevel-maml: {' and '.join(ignored)}: {config['algorithm']} does not use {them}; "

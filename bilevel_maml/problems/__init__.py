@@ -53,12 +53,18 @@ def register_algorithm(name: str, upper: type[MetaLearner], lower: type[TaskLear
 
 
 #: iMAML's settings, which build_engine sets from its own arguments (and the CLI from its flags)
-#: for the classes built on iMAML's: option name -> (the class that takes it, the flag)
-_IMAML_SETTINGS = {"lam": (IMAMLLower, "--lam"), "cg_iterations": (IMAMLUpper, "--cg-iterations")}
+#: for the classes built on iMAML's: name -> the class that takes it
+_IMAML_SETTINGS = {"lam": IMAMLLower, "cg_iterations": IMAMLUpper}
+
+
+def imaml_settings_of(upper: type, lower: type) -> set[str]:
+    """Which of iMAML's settings (``lam``, ``cg_iterations``) a variant's classes take: those of
+    them built on iMAML's classes take them as iMAML does, from the builder, not as options."""
+    return {name for name, owner in _IMAML_SETTINGS.items() if issubclass(upper, owner) or issubclass(lower, owner)}
 
 
 def _set_by_the_builder(cls: type) -> set[str]:
-    return _BUILDER_ARGUMENTS | {name for name, (owner, _) in _IMAML_SETTINGS.items() if issubclass(cls, owner)}
+    return _BUILDER_ARGUMENTS | imaml_settings_of(cls, cls)
 
 
 def option_defaults(upper: type, lower: type) -> dict[str, dict]:
@@ -91,8 +97,8 @@ def split_options(name: str, options: dict) -> tuple[dict, dict]:
             upper_options[key] = value
         elif key in defaults["lower"]:
             lower_options[key] = value
-        elif key in _IMAML_SETTINGS and any(key in _set_by_the_builder(cls) for cls in (upper, lower)):
-            raise ValueError(f"{name}'s {key} is not an option: {_IMAML_SETTINGS[key][1]} sets it "
+        elif key in imaml_settings_of(upper, lower):
+            raise ValueError(f"{name}'s {key} is not an option: --{key.replace('_', '-')} sets it "
                              f"(build_engine({key}=...) in Python)")
         else:
             known = sorted({**defaults["upper"], **defaults["lower"]})
@@ -126,6 +132,7 @@ __all__ = [
     "ReptileLower",
     "ReptileUpper",
     "current_inner_step",
+    "imaml_settings_of",
     "option_defaults",
     "options_in_use",
     "split_options",
