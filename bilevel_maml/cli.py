@@ -17,6 +17,7 @@ from bilevel_maml.arguments import BadInput, parse
 from bilevel_maml.checkpoint import CheckpointWriteError
 from bilevel_maml.runs import command_evaluate, command_plot, command_resume, command_train
 from bilevel_maml.stopping import exit_status
+from bilevel_maml.validation import users_line
 
 #: what the library raises for bad input, with a message naming the value and what is allowed
 BAD_INPUT_ERRORS = (ValueError, TypeError, FileNotFoundError)
@@ -49,11 +50,21 @@ def run(argv: list[str] | None = None) -> dict:
         distributed.shutdown(wait_for_the_others=True)
         return result
     except BAD_INPUT_ERRORS as error:
-        raise BadInput(f"bilevel-maml {args.command}: {error}") from None
+        raise BadInput(f"bilevel-maml {args.command}: {one_line(error)}") from None
     except (CheckpointWriteError, distributed.RankFailure) as error:
         raise SystemExit(f"bilevel-maml {args.command}: {error}") from None
     finally:
         distributed.shutdown()
+
+
+def one_line(error: Exception) -> str:
+    """The message of a bad-input error, followed, where a user's own code led to it without this
+    library raising it (a hook adding a dict to a tensor), by the error's type and that code's line.
+
+    :param error: one of :data:`BAD_INPUT_ERRORS`.
+    """
+    where = users_line(error)
+    return str(error) if where is None else f"{error} ({type(error).__name__} at {where})"
 
 
 @contextlib.contextmanager
@@ -96,7 +107,7 @@ def run_script(main: Callable[[], object], prog: str | None = None) -> None:
         print(error.code, file=sys.stderr)
         raise SystemExit(2) from None
     except BAD_INPUT_ERRORS as error:
-        print(f"{prog}: {error}", file=sys.stderr)
+        print(f"{prog}: {one_line(error)}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         raise SystemExit(exit_status(signal.SIGINT)) from None
@@ -126,4 +137,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["BAD_INPUT_ERRORS", "BadInput", "main", "one_line_warnings", "run", "run_script"]
+__all__ = ["BAD_INPUT_ERRORS", "BadInput", "main", "one_line", "one_line_warnings", "run", "run_script"]

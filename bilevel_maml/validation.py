@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sysconfig
+import traceback
 from numbers import Integral, Real
 from pathlib import Path
 
@@ -81,3 +83,26 @@ def code_site(frame, line: int) -> str:
     owner = frame.f_locals.get("self")
     function = f"{type(owner).__name__}.{frame.f_code.co_name}" if owner is not None else frame.f_code.co_name
     return f"{function} ({Path(frame.f_code.co_filename).name}:{line})"
+
+
+#: this package's own files
+PACKAGE_FOLDER = Path(__file__).resolve().parent
+#: where no user's code lives: this package, Python's standard library and the installed packages
+_NOT_USERS_CODE = (PACKAGE_FOLDER, *{Path(sysconfig.get_paths()[name]).resolve()
+                                     for name in ("stdlib", "platstdlib", "purelib", "platlib")})
+
+
+def users_line(error: BaseException) -> str | None:
+    """``Owner.function (file.py:line)`` of the innermost frame of a user's own code (a variant's
+    hook, a model, a script) on ``error``'s way, when something other than this package raised it:
+    a slip in a hook that Python or PyTorch reports (``dict + Tensor``) names the hook's line. None
+    when this package raised it (its message names the bad value already) or no user's code took part.
+
+    :param error: an exception that has been raised.
+    """
+    frames = list(traceback.walk_tb(error.__traceback__))
+    if not frames or frame_in(frames[-1][0], (PACKAGE_FOLDER,)):
+        return None
+    users = [(frame, line) for frame, line in frames
+             if not frame.f_code.co_filename.startswith("<frozen") and not frame_in(frame, _NOT_USERS_CODE)]
+    return code_site(*users[-1]) if users else None

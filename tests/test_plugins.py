@@ -1,6 +1,7 @@
 """Third-party variants reach the CLI: a --plugin module and an entry point, each trained, evaluated and
 resumed through the console script in fresh processes that know nothing of them beforehand."""
 
+import inspect
 import json
 import os
 import shutil
@@ -144,6 +145,37 @@ def test_a_run_whose_variant_is_gone_says_so_in_one_line(tmp_path):
         "bilevel-maml: the run's --plugin: plugin module 'short_lived' could not be imported (ModuleNotFoundError: "
         "No module named 'short_lived'); it must be importable from this Python (installed, on PYTHONPATH, or a file "
         f"in the current folder), or be in {tmp_path}, where the run found it"]
+
+
+def test_a_slip_in_a_variants_own_code_is_one_line_naming_its_line(tmp_path, monkeypatch, capsys):
+    """A TypeError that Python or PyTorch raises in a variant's own hook (adding to the dict that
+    ``training_step`` returns, as if it were the loss) stays one line, and names the hook's line, which
+    the message alone does not. What the library raises itself is left as it is: its message names the
+    bad value (the run_script case below, and every message these tests anchor with ``$``)."""
+    from bilevel_maml import ALGORITHMS, MAMLLower, MAMLUpper
+    from bilevel_maml.validation import check_positive
+
+    class PenaltyUpper(MAMLUpper):
+        def training_step(self, batch):
+            return super().training_step(batch) + 0.0
+
+    line = inspect.getsourcelines(PenaltyUpper.training_step)[1] + 1
+    monkeypatch.setitem(ALGORITHMS, "penalty", (PenaltyUpper, MAMLLower))
+    with pytest.raises(cli.BadInput, match=rf"^bilevel-maml train: unsupported operand type\(s\) for \+: 'dict' and "
+                                            rf"'float' \(TypeError at PenaltyUpper\.training_step "
+                                            rf"\(test_plugins\.py:{line}\)\)$"):
+        cli.run(sinusoid_run(tmp_path / "run", "--algorithm", "penalty"))
+
+    def script():
+        return {"rates": 0.1} * 2
+
+    for main, expected in [(script, "unsupported operand type(s) for *: 'dict' and 'int' (TypeError at script "
+                                    f"(test_plugins.py:{inspect.getsourcelines(script)[1] + 1}))"),
+                           (lambda: check_positive("inner_lr", -1.0),
+                            "inner_lr must be a positive finite number, got -1.0")]:
+        with pytest.raises(SystemExit) as stop:
+            cli.run_script(main, prog="script.py")
+        assert stop.value.code == 2 and capsys.readouterr().err == f"script.py: {expected}\n"
 
 
 def test_the_command_finds_a_plugin_in_the_folder_it_runs_in(tmp_path):

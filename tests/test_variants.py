@@ -202,6 +202,58 @@ def test_boil_rejects_a_head_that_names_no_parameters_and_conv4s_body_is_its_fea
     assert all(n.startswith("features.") for n in lower.param_names if lower.adapts(n))
 
 
+# -- a term added to the meta-objective: the Upper's training_step -------------------------------------
+DECAY = 0.05
+
+
+class PenaltyUpper(MAMLUpper):
+    """MAML whose meta-objective adds DECAY·‖θ‖² to the query loss, logged as a statistic of its own."""
+
+    def training_step(self, batch):
+        out = super().training_step(batch)
+        penalty = DECAY * sum((p ** 2).sum() for p in self.module.parameters())
+        return {**out, "loss": out["loss"] + penalty, "penalty": penalty.detach()}
+
+
+class TensorPenaltyUpper(MAMLUpper):
+    """The same objective returned as a plain tensor, without statistics."""
+
+    def training_step(self, batch):
+        return super().training_step(batch)["loss"] + DECAY * sum((p ** 2).sum() for p in self.module.parameters())
+
+
+@pytest.mark.parametrize("vectorize", [False, True], ids=["per-task", "vectorized"])
+@pytest.mark.parametrize("upper_cls", [PenaltyUpper, TensorPenaltyUpper], ids=["dict", "tensor"])
+def test_a_term_added_in_the_uppers_training_step_reaches_the_meta_gradient(upper_cls, vectorize):
+    """What the hook table says of ``MetaLearner.training_step``: its ``loss`` (or a plain tensor)
+    is what θ's meta-gradient differentiates, and its other entries are logged. The penalty's own
+    gradient, 2·DECAY·θ per task, is added to MAML's on the same tasks."""
+    from bilevel_maml.problems import MAMLLower
+
+    maml_optimizer, _, episodes = run(MAMLUpper, MAMLLower, tanh_mlp(), steps=2, vectorize=vectorize)
+    model = tanh_mlp()
+    optimizer, _, penalised_episodes = run(upper_cls, MAMLLower, model, steps=2, vectorize=vectorize)
+    assert all(torch.equal(a, b) for task, other in zip(episodes, penalised_episodes)
+               for a, b in zip(task[0] + task[1], other[0] + other[1]))
+    expected = [g + 2 * DECAY * p for g, p in zip(maml_optimizer.seen_grads[0], model.parameters())]
+    assert_close(optimizer.seen_grads[0], expected)
+
+
+def test_a_statistic_of_the_uppers_training_step_is_logged_with_the_others():
+    from bilevel_maml.problems import MAMLLower
+
+    model = tanh_mlp()
+    env = EpisodicEnv(random_classification_source(5, 2, 6), ways=5, shots=1, query_shots=1, seed=7)
+    upper = PenaltyUpper(model, torch.optim.SGD(model.parameters(), lr=0.0), meta_batch_size=2)
+    engine = MetaEngine(upper, MAMLLower(model, inner_lr=INNER_LR, inner_steps=1), env, meta_iterations=1)
+    engine.train()
+    stats = engine.meta_step()
+    with torch.no_grad():
+        penalty = DECAY * sum((p ** 2).sum() for p in model.parameters()).item()
+    assert set(stats) == {"loss", "accuracy", "penalty", "lr"}
+    assert stats["penalty"] == pytest.approx(penalty, rel=1e-12) and stats["loss"] > penalty
+
+
 # -- CAVIA: a user's variant that starts the inner loop elsewhere (examples/cavia.py) ------------------
 @pytest.fixture
 def cavia(monkeypatch):

@@ -800,6 +800,10 @@ class MetaLearner(_NoRollBack, Problem):
         """Betty's hook: the query loss and statistics of the adapted task learner.
 
         :param batch: the query set (:meth:`get_batch`).
+        :returns: a dict: ``loss``, what θ's meta-gradient differentiates, and 0-d statistics
+            (``accuracy`` for classification), each averaged over the meta-batch and logged as
+            ``train/<name>``. An override adds to it: ``{**out, "loss": out["loss"] + penalty,
+            "penalty": penalty.detach()}`` (a plain tensor is taken as the loss).
         """
         outputs, labels, loss = self.score_query(batch)
         return {**task_metrics(outputs, labels, loss), "loss": loss}
