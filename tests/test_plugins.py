@@ -1,5 +1,7 @@
 """Third-party variants reach the CLI: a --plugin module and an entry point, each trained, evaluated and
-resumed through the console script in fresh processes that know nothing of them beforehand."""
+resumed through the console script in fresh processes that know nothing of them beforehand. Each such
+process takes ~5 s, most of it importing torch: the default suite keeps one run of each kind (a --plugin
+module, an entry point, a name a plugin gives on the command line) and `make test-slow` the others."""
 
 import inspect
 import json
@@ -129,6 +131,7 @@ def test_a_variant_cannot_take_the_name_of_another(tmp_path, monkeypatch):
     assert ALGORITHMS["maml"] == (MAMLUpper, MAMLLower)
 
 
+@pytest.mark.slow
 def test_a_run_whose_variant_is_gone_says_so_in_one_line(tmp_path):
     (tmp_path / "short_lived.py").write_text(VARIANT + textwrap.dedent('''
         from bilevel_maml import register_algorithm
@@ -178,6 +181,7 @@ def test_a_slip_in_a_variants_own_code_is_one_line_naming_its_line(tmp_path, mon
         assert stop.value.code == 2 and capsys.readouterr().err == f"script.py: {expected}\n"
 
 
+@pytest.mark.slow
 def test_the_command_finds_a_plugin_in_the_folder_it_runs_in(tmp_path):
     """`bilevel-maml train --plugin beside` with beside.py in the current folder and no PYTHONPATH, as
     `python -m bilevel_maml` finds it; evaluate there finds it again, and so does evaluate from another
@@ -228,6 +232,7 @@ def test_a_config_file_sets_algorithm_options_as_a_table(tmp_path):
 
 
 # -- networks of users' own: register_model ---------------------------------------------------------
+@pytest.mark.slow
 def test_a_registered_model_is_built_by_train_evaluate_and_resume(tmp_path):
     """examples/cavia.py registers its algorithm and its network (context-mlp); the run's config records the
     module, and every command in a new process builds the network again."""
@@ -282,9 +287,11 @@ def test_a_config_file_names_what_its_own_plugin_registers(tmp_path):
     assert (config["algorithm"], config["model"], config["plugins"]) == ("cavia", "context-mlp", ["cavia"])
 
 
-@pytest.mark.parametrize("plugin", [["--config", "plugin.yaml"], ["--conf", "plugin.yaml"], ["--plug", "cavia"],
-                                    ["--plugin=cavia"]], ids=["config-file", "abbreviated-config", "abbreviated",
-                                                              "equals"])
+@pytest.mark.parametrize("plugin", [
+    pytest.param(["--config", "plugin.yaml"], id="config-file"),
+    pytest.param(["--conf", "plugin.yaml"], id="abbreviated-config", marks=pytest.mark.slow),
+    pytest.param(["--plug", "cavia"], id="abbreviated", marks=pytest.mark.slow),
+    pytest.param(["--plugin=cavia"], id="equals", marks=pytest.mark.slow)])
 def test_names_on_the_command_line_may_come_from_a_plugin_however_it_is_named(tmp_path, plugin):
     """The command line's --algorithm and --model are checked once every plugin is loaded, whether
     the plugin comes on the command line in any form argparse takes or from the --config file."""
@@ -299,6 +306,7 @@ def test_names_on_the_command_line_may_come_from_a_plugin_however_it_is_named(tm
     assert parsed.stdout.split() == ["cavia", "context-mlp", "['cavia']"]
 
 
+@pytest.mark.slow
 def test_help_lists_what_the_plugins_register(tmp_path):
     """Before or after --help (argparse prints help the moment it reads the flag)."""
     shutil.copy(EXAMPLES / "cavia.py", tmp_path / "cavia.py")
@@ -345,6 +353,7 @@ def test_model_names_are_checked_and_a_factorys_failure_is_one_line(tmp_path, re
 
 
 # -- task sources of users' own: register_dataset ---------------------------------------------------
+@pytest.mark.slow
 def test_a_registered_dataset_is_loaded_by_every_command_and_a_resumed_run_draws_the_same_tasks(tmp_path):
     """examples/bring_your_own.py registers its texture tasks (--dataset textures); they draw from the
     global random stream, which each split's env seeds and checkpoints: 4 iterations resumed to 6 reach
@@ -364,6 +373,7 @@ def test_a_registered_dataset_is_loaded_by_every_command_and_a_resumed_run_draws
     assert all(torch.equal(resumed["theta"][k], uninterrupted["theta"][k]) for k in uninterrupted["theta"])
 
 
+@pytest.mark.slow
 def test_entry_points_make_a_network_and_a_task_source_known_without_any_flag(tmp_path):
     """A package that ships only a network and a dataset (no algorithm) declares them in their groups; a broken
     entry point of one group is skipped with a warning, the others still load."""
@@ -576,6 +586,7 @@ def test_evaluate_on_other_shots_asks_only_the_split_it_scores(tmp_path, registr
             cli.run(["evaluate", "--output", str(run), "--shots", "8", "--split", split])
 
 
+@pytest.mark.slow
 def test_evaluate_finds_another_dataset_of_the_runs_own_plugin(tmp_path):
     """The name after evaluate --dataset may be registered by a plugin the run's config names (loaded
     after parsing), with no --plugin on evaluate's command line."""
