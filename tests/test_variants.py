@@ -254,6 +254,74 @@ def test_a_statistic_of_the_uppers_training_step_is_logged_with_the_others():
     assert stats["penalty"] == pytest.approx(penalty, rel=1e-12) and stats["loss"] > penalty
 
 
+# -- a meta-gradient of the variant's own: MetaLearner.meta_gradient --------------------------------
+BETA = 0.25
+
+
+class MixedUpper(MAMLUpper):
+    """β · MAML's meta-gradient + (1 − β) · FOMAML's, from one backward pass through the inner loop."""
+
+    def meta_gradient(self, query_loss):
+        theta, phi = self.trainable_parameters(), self.task_learner.params
+        grads = torch.autograd.grad(query_loss, [*theta, *phi])
+        second, first = grads[:len(theta)], self.reduce_over_tasks(grads[len(theta):])
+        return tuple(BETA * s + (1 - BETA) * f for s, f in zip(second, first))
+
+
+class UnreducedMixedUpper(MAMLUpper):
+    """The same, with the φ-gradients left with their task axis (the slip the check names)."""
+
+    def meta_gradient(self, query_loss):
+        theta, phi = self.trainable_parameters(), self.task_learner.params
+        grads = torch.autograd.grad(query_loss, [*theta, *phi])
+        return tuple(BETA * s + (1 - BETA) * f for s, f in zip(grads[:len(theta)], grads[len(theta):]))
+
+
+@pytest.mark.parametrize("vectorize", [False, True], ids=["per-task", "vectorized"])
+def test_a_meta_gradient_of_the_variants_own_is_what_theta_receives(vectorize):
+    """The recipe of the hook table: gradients with respect to φ, summed over the task axis by
+    ``reduce_over_tasks``, mixed with MAML's; θ receives β·MAML + (1 − β)·FOMAML on the same tasks
+    (both adapted one task at a time, where nothing has a task axis to reduce)."""
+    from bilevel_maml.problems import FOMAMLLower, FOMAMLUpper, MAMLLower
+
+    maml, _, episodes = run(MAMLUpper, MAMLLower, tanh_mlp(), steps=2)
+    fomaml, _, _ = run(FOMAMLUpper, FOMAMLLower, tanh_mlp(), steps=2)
+    mixed, _, mixed_episodes = run(MixedUpper, MAMLLower, tanh_mlp(), steps=2, vectorize=vectorize)
+    assert all(torch.equal(a, b) for task, other in zip(episodes, mixed_episodes)
+               for a, b in zip(task[0] + task[1], other[0] + other[1]))
+    expected = [BETA * s + (1 - BETA) * f for s, f in zip(maml.seen_grads[0], fomaml.seen_grads[0])]
+    assert_close(mixed.seen_grads[0], expected)
+    assert max((e - s).abs().max().item() for e, s in zip(expected, maml.seen_grads[0])) > 1e-4  # not MAML's
+
+
+def test_a_meta_gradient_of_the_wrong_shape_or_count_is_named_before_theta_changes():
+    from bilevel_maml.problems import MAMLLower
+
+    class TooFewUpper(MetaSGDUpper):  # θ's gradients, forgetting Meta-SGD's step sizes
+        def meta_gradient(self, query_loss):
+            return super().meta_gradient(query_loss)[:len(self.initialization())]
+
+    class PartialUpper(MAMLUpper):  # None: no gradient, so the outer step leaves that tensor
+        def meta_gradient(self, query_loss):
+            return (None, *super().meta_gradient(query_loss)[1:])
+
+    model = tanh_mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"^UnreducedMixedUpper\.meta_gradient returned a gradient of shape \(2, 16, 6\) "
+                                         r"for '0\.weight' of shape \(16, 6\); differentiated with respect to φ, "
+                                         r"gradients carry a task axis when tasks are adapted together: sum it with "
+                                         r"self\.reduce_over_tasks\(\.\.\.\), as FOMAMLUpper does$"):
+        run(UnreducedMixedUpper, MAMLLower, model, steps=1, lr=0.1, vectorize=True)
+    with pytest.raises(ValueError, match=r"^TooFewUpper\.meta_gradient returned 4 gradients for 8 meta-learned tensors; "
+                                         r"return one per entry of trainable_parameters\(\) \(θ's, then the task "
+                                         r"learner's meta_parameters\(\)\), None where there is none$"):
+        run(TooFewUpper, MetaSGDLower, model, steps=1, lr=0.1)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+    run(PartialUpper, MAMLLower, model, steps=1, lr=0.1)
+    changed = [not torch.equal(a, b) for a, b in zip(model.parameters(), before)]
+    assert changed == [False, True, True, True]
+
+
 # -- CAVIA: a user's variant that starts the inner loop elsewhere (examples/cavia.py) ------------------
 @pytest.fixture
 def cavia(monkeypatch):

@@ -821,16 +821,43 @@ class MetaLearner(_NoRollBack, Problem):
         return loss / self.gas, stats
 
     def backward(self, loss, params, paths, create_graph=False, retain_graph=True, allow_unused=True):
-        grads = self.meta_gradient(loss)
+        grads = self._checked_meta_gradient(self.meta_gradient(loss), params)
         # a frozen parameter gets no gradient, so the outer optimizer leaves it as it is
-        self.set_grads(params, [g.detach() if p.requires_grad else None for p, g in zip(params, grads)])
+        self.set_grads(params, [g.detach() if p.requires_grad and g is not None else None
+                                for p, g in zip(params, grads)])
+
+    def _checked_meta_gradient(self, grads, params) -> tuple:
+        # A variant's meta_gradient that differentiates with respect to φ returns, on the vectorized
+        # path, gradients with a task axis; assigned to θ they would fail deep inside PyTorch.
+        grads = tuple(grads)
+        if len(grads) != len(params):
+            raise ValueError(f"{type(self).__name__}.meta_gradient returned {len(grads)} gradients for "
+                             f"{len(params)} meta-learned tensors; return one per entry of trainable_parameters() "
+                             f"(θ's, then the task learner's meta_parameters()), None where there is none")
+        names = {id(p): name for name, p in self._named_trainable_parameters()}
+        for i, (p, g) in enumerate(zip(params, grads)):
+            if g is not None and g.shape != p.shape:
+                name = names.get(id(p), f"meta-learned tensor {i}")
+                stacked = self.tasks_in_batch and g.dim() == p.dim() + 1 and g.shape[1:] == p.shape
+                remedy = ("; differentiated with respect to φ, gradients carry a task axis when tasks are adapted "
+                          "together: sum it with self.reduce_over_tasks(...), as FOMAMLUpper does") if stacked else ""
+                raise ValueError(f"{type(self).__name__}.meta_gradient returned a gradient of shape "
+                                 f"{tuple(g.shape)} for {name!r} of shape {tuple(p.shape)}{remedy}")
+        return grads
+
+    def _named_trainable_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        """:meth:`trainable_parameters` with the names messages give them."""
+        return [*self.module.named_parameters(),
+                *((f"task learner's meta-parameter {i}", p) for i, p in enumerate(self._task_learner_meta_parameters()))]
 
     def meta_gradient(self, query_loss: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The gradient given to θ for one task (or stacked tasks): the direct gradient plus Betty's
         best-response paths; each algorithm overrides it.
 
         :param query_loss: the query loss of the adapted learner.
-        :returns: one tensor per parameter of θ.
+        :returns: one tensor per entry of :meth:`trainable_parameters`, shaped like it (None: no
+            gradient, the outer step leaves that tensor); a gradient taken with respect to the
+            task learner's φ has a task axis on the vectorized path, which :meth:`reduce_over_tasks` sums.
         """
         theta = self.trainable_parameters()
         grads = gradients_or_zeros(query_loss, theta, retain_graph=True)
@@ -846,10 +873,7 @@ class MetaLearner(_NoRollBack, Problem):
         :param kwargs: ignored (Betty's signature).
         """
         average_gradients(self.trainable_parameters())  # across torch.distributed ranks; no-op otherwise
-        named = [(name, p) for name, p in [
-            *self.module.named_parameters(),
-            *((f"task learner's meta-parameter {i}", p) for i, p in enumerate(self._task_learner_meta_parameters()))]
-            if p.grad is not None]
+        named = [(name, p) for name, p in self._named_trainable_parameters() if p.grad is not None]
         stats = {key: torch.stack([s[key] for s in self._step_stats]).mean() for key in self._step_stats[0]}
         self._step_stats = []
         # A sum of |g| is finite exactly when every entry is (short of overflowing float's range),
