@@ -69,6 +69,10 @@ def _number(kind, smallest, description):
         return value
 
     convert.__name__ = description  # argparse names the type in some messages
+    convert.__doc__ = f"""An argparse type: the flag's text as {description}, or argparse's one-line error.
+
+    :param text: the flag's value as typed.
+    """
     return convert
 
 
@@ -139,7 +143,10 @@ non_negative_float = _number(float, 0.0, "a finite number >= 0")
 
 
 def device_name(text: str) -> str:
-    """An argparse type: a device this machine has (``cpu``, ``cuda``, ``cuda:N``)."""
+    """An argparse type: a device this machine has (``cpu``, ``cuda``, ``cuda:N``).
+
+    :param text: the flag's value as typed.
+    """
     problem = device_problem(text)
     if problem is not None:
         raise argparse.ArgumentTypeError(problem)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from bilevel_maml import build_engine
+from bilevel_maml.arguments import OneLineParser, positive_int
 from bilevel_maml.cli import run_script
 from bilevel_maml.data import DatasetSpec, register_dataset
 from bilevel_maml.models import ResNet12
@@ -56,12 +57,12 @@ register_dataset("textures", texture_tasksets, DatasetSpec(in_channels=3, image_
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ways", type=int, default=5)
-    parser.add_argument("--shots", type=int, default=1)
-    parser.add_argument("--iterations", type=int, default=100)
-    parser.add_argument("--meta-batch-size", type=int, default=4)
-    parser.add_argument("--test-tasks", type=int, default=200)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ways", type=positive_int, default=5)
+    parser.add_argument("--shots", type=positive_int, default=1)
+    parser.add_argument("--iterations", type=positive_int, default=100)
+    parser.add_argument("--meta-batch-size", type=positive_int, default=4)
+    parser.add_argument("--test-tasks", type=positive_int, default=200)
     args = parser.parse_args()
     torch.manual_seed(0)
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from bilevel_maml import build_engine, register_algorithm
+from bilevel_maml.arguments import OneLineParser, positive_float, positive_int
 from bilevel_maml.cli import run_script
 from bilevel_maml.data import SinusoidTasks
 from bilevel_maml.models import MLP, Conv4, register_model
@@ -94,12 +95,13 @@ register_model("context-conv4", context_conv4)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--iterations", type=int, default=2000)
-    parser.add_argument("--meta-batch-size", type=int, default=25)
-    parser.add_argument("--contexts", type=int, default=4, help="context parameters (default: 4)")
-    parser.add_argument("--context-lr", type=float, default=1.0, help="CAVIA's inner step size (default: 1.0)")
-    parser.add_argument("--maml-inner-lr", type=float, default=0.01, help="MAML's inner step size (default: 0.01)")
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iterations", type=positive_int, default=2000)
+    parser.add_argument("--meta-batch-size", type=positive_int, default=25)
+    parser.add_argument("--contexts", type=positive_int, default=4, help="context parameters (default: 4)")
+    parser.add_argument("--context-lr", type=positive_float, default=1.0, help="CAVIA's inner step size (default: 1.0)")
+    parser.add_argument("--maml-inner-lr", type=positive_float, default=0.01,
+                        help="MAML's inner step size (default: 0.01)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 

@@ -13,6 +13,7 @@ import argparse
 import torch
 
 from bilevel_maml import EpisodicEnv, IMAMLLower, IMAMLUpper, MetaEngine
+from bilevel_maml.arguments import OneLineParser, positive_float, positive_int
 from bilevel_maml.cli import run_script
 from bilevel_maml.data import omniglot_small_tasksets
 from bilevel_maml.models import Conv4
@@ -28,15 +29,15 @@ class PrintValidation:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default="../shared/data/omniglot-small")
-    parser.add_argument("--ways", type=int, default=5)
-    parser.add_argument("--shots", type=int, default=1)
-    parser.add_argument("--inner-steps", type=int, default=5)
-    parser.add_argument("--lam", type=float, default=1.0, help="proximal strength λ")
-    parser.add_argument("--meta-batch-size", type=int, default=8)
-    parser.add_argument("--iterations", type=int, default=300)
-    parser.add_argument("--test-tasks", type=int, default=600)
+    parser.add_argument("--ways", type=positive_int, default=5)
+    parser.add_argument("--shots", type=positive_int, default=1)
+    parser.add_argument("--inner-steps", type=positive_int, default=5)
+    parser.add_argument("--lam", type=positive_float, default=1.0, help="proximal strength λ")
+    parser.add_argument("--meta-batch-size", type=positive_int, default=8)
+    parser.add_argument("--iterations", type=positive_int, default=300)
+    parser.add_argument("--test-tasks", type=positive_int, default=600)
     args = parser.parse_args()
     torch.manual_seed(0)
 

@@ -12,25 +12,26 @@ import argparse
 import torch
 
 from bilevel_maml import ALGORITHMS, build_engine
+from bilevel_maml.arguments import OneLineParser, device_name, positive_int
 from bilevel_maml.cli import run_script
 from bilevel_maml.data.benchmarks import benchmark_tasksets
 from bilevel_maml.models import Conv4
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default="~/data")
     parser.add_argument("--download", action="store_true")
     parser.add_argument("--algorithm", default="maml", choices=sorted(ALGORITHMS))
-    parser.add_argument("--ways", type=int, default=5)
-    parser.add_argument("--shots", type=int, default=1)
-    parser.add_argument("--query-shots", type=int, default=15)
-    parser.add_argument("--inner-steps", type=int, default=5)
-    parser.add_argument("--eval-inner-steps", type=int, default=10)
-    parser.add_argument("--iterations", type=int, default=60000)
-    parser.add_argument("--meta-batch-size", type=int, default=4)
-    parser.add_argument("--test-tasks", type=int, default=600)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--ways", type=positive_int, default=5)
+    parser.add_argument("--shots", type=positive_int, default=1)
+    parser.add_argument("--query-shots", type=positive_int, default=15)
+    parser.add_argument("--inner-steps", type=positive_int, default=5)
+    parser.add_argument("--eval-inner-steps", type=positive_int, default=10)
+    parser.add_argument("--iterations", type=positive_int, default=60000)
+    parser.add_argument("--meta-batch-size", type=positive_int, default=4)
+    parser.add_argument("--test-tasks", type=positive_int, default=600)
+    parser.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 

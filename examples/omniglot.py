@@ -12,6 +12,7 @@ import argparse
 import torch
 
 from bilevel_maml import ALGORITHMS, build_engine
+from bilevel_maml.arguments import OneLineParser, positive_float, positive_int
 from bilevel_maml.cli import run_script
 from bilevel_maml.data import omniglot_small_tasksets
 from bilevel_maml.data.sources import inner_loop_defaults
@@ -27,17 +28,17 @@ class PrintValidation:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default="../shared/data/omniglot-small")
     parser.add_argument("--algorithm", default="maml", choices=sorted(ALGORITHMS))
-    parser.add_argument("--ways", type=int, default=5)
-    parser.add_argument("--shots", type=int, default=1)
-    parser.add_argument("--inner-steps", type=int, help="default: the algorithm's on Omniglot (MAML's: 1)")
-    parser.add_argument("--inner-lr", type=float, help="default: the algorithm's on Omniglot (MAML's: 0.4)")
-    parser.add_argument("--iterations", type=int, default=200)
-    parser.add_argument("--meta-batch-size", type=int, default=8)
-    parser.add_argument("--valid-every", type=int, default=50)
-    parser.add_argument("--test-tasks", type=int, default=600)
+    parser.add_argument("--ways", type=positive_int, default=5)
+    parser.add_argument("--shots", type=positive_int, default=1)
+    parser.add_argument("--inner-steps", type=positive_int, help="default: the algorithm's on Omniglot (MAML's: 1)")
+    parser.add_argument("--inner-lr", type=positive_float, help="default: the algorithm's on Omniglot (MAML's: 0.4)")
+    parser.add_argument("--iterations", type=positive_int, default=200)
+    parser.add_argument("--meta-batch-size", type=positive_int, default=8)
+    parser.add_argument("--valid-every", type=positive_int, default=50)
+    parser.add_argument("--test-tasks", type=positive_int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 

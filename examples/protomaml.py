@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from bilevel_maml import build_engine, register_algorithm
+from bilevel_maml.arguments import OneLineParser, positive_float, positive_int
 from bilevel_maml.cli import run_script
 from bilevel_maml.data import omniglot_small_tasksets
 from bilevel_maml.models import Conv4
@@ -80,15 +81,15 @@ register_algorithm("fo-protomaml", MAMLUpper, FirstOrderProtoMAMLLower)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default="../shared/data/omniglot-small")
-    parser.add_argument("--iterations", type=int, default=300)
-    parser.add_argument("--meta-batch-size", type=int, default=8)
-    parser.add_argument("--ways", type=int, default=5)
-    parser.add_argument("--shots", type=int, default=1)
-    parser.add_argument("--inner-lr", type=float, default=0.4)
-    parser.add_argument("--width", type=int, default=32, help="conv4's filters (default: 32)")
-    parser.add_argument("--test-tasks", type=int, default=600)
+    parser.add_argument("--iterations", type=positive_int, default=300)
+    parser.add_argument("--meta-batch-size", type=positive_int, default=8)
+    parser.add_argument("--ways", type=positive_int, default=5)
+    parser.add_argument("--shots", type=positive_int, default=1)
+    parser.add_argument("--inner-lr", type=positive_float, default=0.4)
+    parser.add_argument("--width", type=positive_int, default=32, help="conv4's filters (default: 32)")
+    parser.add_argument("--test-tasks", type=positive_int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 

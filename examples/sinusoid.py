@@ -9,19 +9,20 @@ import argparse
 import torch
 
 from bilevel_maml import ALGORITHMS, build_engine
+from bilevel_maml.arguments import OneLineParser, positive_float, positive_int
 from bilevel_maml.cli import run_script
 from bilevel_maml.data import SinusoidTasks
 from bilevel_maml.models import MLP
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--algorithm", default="maml", choices=sorted(ALGORITHMS))
-    parser.add_argument("--shots", type=int, default=10)
-    parser.add_argument("--inner-steps", type=int, default=1)
-    parser.add_argument("--inner-lr", type=float, default=0.1)
-    parser.add_argument("--iterations", type=int, default=1500)
-    parser.add_argument("--meta-batch-size", type=int, default=10)
+    parser.add_argument("--shots", type=positive_int, default=10)
+    parser.add_argument("--inner-steps", type=positive_int, default=1)
+    parser.add_argument("--inner-lr", type=positive_float, default=0.1)
+    parser.add_argument("--iterations", type=positive_int, default=1500)
+    parser.add_argument("--meta-batch-size", type=positive_int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 

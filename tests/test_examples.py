@@ -1,5 +1,6 @@
 """The example scripts run on the public API and print their result."""
 
+import json
 import re
 import subprocess
 import sys
@@ -38,6 +39,45 @@ def test_mini_imagenet_example_says_which_files_are_missing(tmp_path):
     assert done.returncode == 2
     assert f"{tmp_path}/mini-imagenet-cache-train.pkl" in done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+BAD_FLAGS = {  # one per example, each kind of check among them
+    "sinusoid.py": ("--inner-lr", "nan", "a positive finite number"),
+    "omniglot.py": ("--ways", "0", "an integer >= 1"),
+    "mini_imagenet.py": ("--device", "tpu9", None),
+    "imaml_with_betty.py": ("--lam", "0", "a positive finite number"),
+    "bring_your_own.py": ("--test-tasks", "-5", "an integer >= 1"),
+    "cavia.py": ("--contexts", "many", "an integer >= 1"),
+    "protomaml.py": ("--width", "0.5", "an integer >= 1"),
+}
+RUN_EACH_WITH_A_BAD_FLAG = """
+import contextlib, io, json, runpy, sys
+found = {}
+for script, argv in json.loads(sys.argv[1]).items():
+    sys.argv, stderr = [script, *argv], io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        try:
+            runpy.run_path(script, run_name="__main__")
+            found[script] = [0, stderr.getvalue()]
+        except SystemExit as stop:
+            found[script] = [stop.code, stderr.getvalue()]
+print(json.dumps(found))
+"""
+
+
+def test_the_examples_refuse_a_bad_flag_in_one_line_naming_it_before_any_work():
+    """As the bilevel-maml command does: argparse's usage block and a check deep in the library
+    (which named ``ways``, not ``--ways``, after a torch warning about a zero-width layer) are gone.
+    One process runs every example's ``__main__``, to spare six starts of torch."""
+    bad = {script: [flag, value] for script, (flag, value, _) in BAD_FLAGS.items()}
+    done = subprocess.run([sys.executable, "-c", RUN_EACH_WITH_A_BAD_FLAG, json.dumps(bad)], capture_output=True,
+                          text=True, timeout=300, cwd=EXAMPLES)
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = json.loads(done.stdout)
+    for script, (flag, value, allowed) in BAD_FLAGS.items():
+        status, stderr = found[script]
+        allowed = allowed and f"must be {allowed}, got '{value}'" or f"must be cpu, cuda or cuda:N, got '{value}'"
+        assert (status, stderr) == (2, f"{script}: error: argument {flag}: {allowed} (see {script} --help)\n"), script
 
 
 @pytest.mark.slow
