@@ -325,7 +325,7 @@ def python_state(objects: dict) -> dict:
 
 def restore_python_state(objects: dict, state: dict) -> None:
     for (name, attr), value in state.items():
-        setattr(objects[name], attr, value)
+        setattr(objects[name], attr, list(value) if isinstance(value, list) else value)  # a list of its own: `state` stays as it is
 
 
 def advance_counters(engine) -> None:
@@ -362,6 +362,8 @@ class CapturedExecution(EagerExecution):
         self._stream = None
         #: the problems' structure() when the graph was recorded
         self.recorded_structure = None
+        #: the problems' plain attributes when the graph was recorded (see :func:`settings`)
+        self.recorded_settings = None
 
     def _objects(self) -> dict:
         engine = self.engine
@@ -374,6 +376,9 @@ class CapturedExecution(EagerExecution):
             # a schedule changed what a meta-iteration computes (MAML++ turning second order, say):
             # warm the new computation up and record it again
             self.graph, self.warmups_done = None, 0
+        if self.graph is not None and settings(engine) != self.recorded_settings:
+            self._fall_back(changed_setting(engine, self.recorded_settings))
+            return self.engine.execution.meta_step()
         if self.graph is None:
             make_capturable(upper)
             upper.check_on_device = True
@@ -447,7 +452,7 @@ class CapturedExecution(EagerExecution):
             self._fall_back(f"capturing failed ({type(error).__name__}: {str(error).strip().splitlines()[0]})")
             return False
         restore_python_state(objects, saved)
-        self.graph, self.recorded_structure = graph, structure(engine)
+        self.graph, self.recorded_structure, self.recorded_settings = graph, structure(engine), settings(engine)
         return True
 
     def _fall_back(self, reason: str) -> None:
@@ -455,6 +460,30 @@ class CapturedExecution(EagerExecution):
         engine.meta_learner.check_on_device = False
         make_capturable(engine.meta_learner, False)
         engine.use_execution(EagerExecution(engine), reason)
+
+
+#: Betty's step counters, which each replay advances (:func:`advance_counters`)
+_COUNTERS = ("_count", "_global_step")
+
+
+def settings(engine) -> dict:
+    """The problems' plain attributes (numbers, flags, strings) but Betty's step counters. A
+    variant's hook that reads one (a strength its ``on_meta_iteration_start`` anneals) has the
+    value it had at capture baked into the graph, so a change means the graph no longer computes
+    what eager would."""
+    objects = {"upper": engine.meta_learner, "lower": engine.task_learner}
+    return {key: value for key, value in python_state(objects).items() if key[1] not in _COUNTERS}
+
+
+def changed_setting(engine, recorded: dict) -> str:
+    """The one-line reason :class:`CapturedExecution` gives for falling back when :func:`settings` changed."""
+    now, unset = settings(engine), "unset"
+    side, name = next(key for key in [*recorded, *now] if recorded.get(key, unset) != now.get(key, unset))
+    problem = engine.meta_learner if side == "upper" else engine.task_learner
+    return (f"{type(problem).__name__}.{name} changed after the capture ({recorded.get((side, name), unset)!r} → "
+            f"{now.get((side, name), unset)!r}), and a replay computes with the value it was recorded with; hold a "
+            f"value that changes during training in a tensor updated in place (.fill_), or return it from "
+            f"structure() to record the graph again when it changes")
 
 
 def structure(engine) -> tuple:

@@ -19,7 +19,7 @@ from bilevel_maml.data.device_sampler import DeviceTaskSampler
 from bilevel_maml.engine import NonFiniteError
 from bilevel_maml.env import EpisodicEnv
 from bilevel_maml.execution import (CapturedExecution, HostReadWatch, advance_counters, capture_blocker,
-                                    python_state, restore_python_state)
+                                    python_state, restore_python_state, settings)
 from bilevel_maml.models import Conv4
 
 from conftest import first_host_read_in_capturable_region, random_classification_source
@@ -241,13 +241,16 @@ def test_a_checkpoint_of_a_captured_run_resumes_eagerly():
 # -- the captured strategy's logic, with CPU stand-ins for its CUDA-only operations ----------------
 class CPUReplay:
     """What a replayed graph does: the recorded kernels again, none of the recorded Python's side
-    effects (counters, flags) — so those are put back after running it."""
+    effects (counters, flags) — so those are put back after running it — and with the problems'
+    numbers of the moment they were recorded (a number a hook read is a constant in the kernels)."""
 
-    def __init__(self, run, objects):
-        self.run, self.objects, self.replays = run, objects, 0
+    def __init__(self, run, objects, engine):
+        self.run, self.objects, self.engine, self.replays = run, objects, engine, 0
+        self.recorded = settings(engine)
 
     def replay(self):
         saved = python_state(self.objects)
+        restore_python_state(self.objects, self.recorded)
         self.run()
         restore_python_state(self.objects, saved)
         self.replays += 1
@@ -262,7 +265,7 @@ class CapturedOnCPU(CapturedExecution):
     def _record(self, run):
         if self.fail_with is not None:
             raise self.fail_with
-        return CPUReplay(run, self._objects())
+        return CPUReplay(run, self._objects(), self.engine)
 
 
 def run_both(algorithm="maml", iterations=CapturedExecution.WARMUP_ITERATIONS + 3, fail_with=None, **options):
@@ -417,6 +420,49 @@ def test_a_variant_that_reads_the_host_falls_back_after_its_first_warm_up_saying
         eager, captured, strategy = run_both((MAMLUpper, ReadingLower), vectorize=False)
     assert captured.execution.name == "eager" and strategy.warmups_done == 1 and strategy.graph is None
     assert not captured.meta_learner.check_on_device
+    for a, b in zip(eager.meta_learner.trainable_parameters(), captured.meta_learner.trainable_parameters()):
+        assert torch.equal(a, b)
+
+
+class AnnealedL2Lower(MAMLLower):
+    """L2Lower's pull, weakened every meta-iteration; held as a Python number."""
+
+    def on_meta_iteration_start(self, iteration, iterations):
+        self.strength = 0.5 / iteration
+
+    def inner_loss(self, params, batch):
+        theta = self.meta_learner.initialization()
+        return self.task_loss(params, batch) + self.strength * sum(((p - t) ** 2).sum() for p, t in zip(params, theta))
+
+
+class AnnealedInPlaceL2Lower(AnnealedL2Lower):
+    """The same schedule, held in a tensor the hook fills in place: what a replay reads."""
+
+    def on_meta_iteration_start(self, iteration, iterations):
+        if not isinstance(getattr(self, "strength", None), torch.Tensor):
+            self.strength = torch.zeros((), dtype=torch.float64)
+        self.strength.fill_(0.5 / iteration)
+
+
+def test_a_python_number_a_hook_changes_after_the_capture_falls_back_naming_it():
+    """A replay computes with the numbers of the moment it was recorded (CPUReplay does as a graph
+    does). A schedule kept in a Python number would silently stay at its capture-time value; it
+    falls back to eager instead, naming the attribute and the remedy, and held in a tensor filled
+    in place it runs captured. Both equal eager θ."""
+    warmups = CapturedExecution.WARMUP_ITERATIONS
+    with pytest.warns(UserWarning, match=rf"^CUDA graph off, the meta-iteration runs eagerly: AnnealedL2Lower\.strength "
+                                         rf"changed after the capture \({0.5 / (warmups + 1)!r} → {0.5 / (warmups + 2)!r}\), "
+                                         r"and a replay computes with the value it was recorded with; hold a value "
+                                         r"that changes during training in a tensor updated in place \(\.fill_\), "
+                                         r"or return it from structure\(\) to record the graph again when it changes$"):
+        eager, captured, strategy = run_both((MAMLUpper, AnnealedL2Lower))
+    assert captured.execution.name == "eager" and strategy.graph.replays == 1
+    assert eager.meta_iteration == captured.meta_iteration == warmups + 3
+    for a, b in zip(eager.meta_learner.trainable_parameters(), captured.meta_learner.trainable_parameters()):
+        assert torch.equal(a, b)
+
+    eager, captured, strategy = run_both((MAMLUpper, AnnealedInPlaceL2Lower))
+    assert captured.execution is strategy and strategy.graph.replays == 3
     for a, b in zip(eager.meta_learner.trainable_parameters(), captured.meta_learner.trainable_parameters()):
         assert torch.equal(a, b)
 
