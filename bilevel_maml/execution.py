@@ -467,12 +467,30 @@ _COUNTERS = ("_count", "_global_step")
 
 
 def settings(engine) -> dict:
-    """The problems' plain attributes (numbers, flags, strings) but Betty's step counters. A
-    variant's hook that reads one (a strength its ``on_meta_iteration_start`` anneals) has the
-    value it had at capture baked into the graph, so a change means the graph no longer computes
-    what eager would."""
-    objects = {"upper": engine.meta_learner, "lower": engine.task_learner}
-    return {key: value for key, value in python_state(objects).items() if key[1] not in _COUNTERS}
+    """The problems' plain attributes (numbers, flags, strings) but Betty's step counters, and
+    which tensor each tensor attribute is. A variant's hook that reads a number (a strength its
+    ``on_meta_iteration_start`` anneals) has the value it had at capture baked into the graph, and
+    one that reads a tensor attribute reads that tensor's memory: a new number, or a new tensor
+    bound in place of the old, means the graph no longer computes what eager would."""
+    problems = {"upper": engine.meta_learner, "lower": engine.task_learner}
+    found = {key: value for key, value in python_state(problems).items() if key[1] not in _COUNTERS}
+    found.update({(side, name): _SameTensor(value) for side, problem in problems.items()
+                  for name, value in vars(problem).items() if isinstance(value, torch.Tensor)})
+    return found
+
+
+class _SameTensor:
+    """Equal to another only for the same tensor object (its values may change: in place is what a
+    replay reads)."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    def __eq__(self, other):
+        return isinstance(other, _SameTensor) and other.tensor is self.tensor
+
+    def __repr__(self):
+        return f"a tensor of shape {tuple(self.tensor.shape)} at {self.tensor.data_ptr():#x}"
 
 
 def changed_setting(engine, recorded: dict) -> str:

@@ -246,7 +246,8 @@ class CPUReplay:
 
     def __init__(self, run, objects, engine):
         self.run, self.objects, self.engine, self.replays = run, objects, engine, 0
-        self.recorded = settings(engine)
+        # the numbers, and the tensors whose memory the kernels read
+        self.recorded = {key: getattr(value, "tensor", value) for key, value in settings(engine).items()}
 
     def replay(self):
         saved = python_state(self.objects)
@@ -448,7 +449,7 @@ def test_a_python_number_a_hook_changes_after_the_capture_falls_back_naming_it()
     """A replay computes with the numbers of the moment it was recorded (CPUReplay does as a graph
     does). A schedule kept in a Python number would silently stay at its capture-time value; it
     falls back to eager instead, naming the attribute and the remedy, and held in a tensor filled
-    in place it runs captured. Both equal eager θ."""
+    in place it runs captured; bound to a new tensor each time it falls back too. Each equals eager θ."""
     warmups = CapturedExecution.WARMUP_ITERATIONS
     with pytest.warns(UserWarning, match=rf"^CUDA graph off, the meta-iteration runs eagerly: AnnealedL2Lower\.strength "
                                          rf"changed after the capture \({0.5 / (warmups + 1)!r} → {0.5 / (warmups + 2)!r}\), "
@@ -465,6 +466,19 @@ def test_a_python_number_a_hook_changes_after_the_capture_falls_back_naming_it()
     assert captured.execution is strategy and strategy.graph.replays == 3
     for a, b in zip(eager.meta_learner.trainable_parameters(), captured.meta_learner.trainable_parameters()):
         assert torch.equal(a, b)
+
+    with pytest.warns(UserWarning, match=r"^CUDA graph off, the meta-iteration runs eagerly: AnnealedNewTensorL2Lower\."
+                                         r"strength changed after the capture \(a tensor of shape \(\) at 0x[0-9a-f]+ → "
+                                         r"a tensor of shape \(\) at 0x[0-9a-f]+\), and a replay computes"):
+        eager, captured, strategy = run_both((MAMLUpper, AnnealedNewTensorL2Lower))
+    assert captured.execution.name == "eager" and strategy.graph.replays == 1
+
+
+class AnnealedNewTensorL2Lower(AnnealedL2Lower):
+    """A new tensor every meta-iteration: a graph would go on reading the one it was recorded with."""
+
+    def on_meta_iteration_start(self, iteration, iterations):
+        self.strength = torch.tensor(0.5 / iteration, dtype=torch.float64)
 
 
 def test_a_failed_capture_falls_back_and_loses_no_iteration():
