@@ -303,6 +303,7 @@ class MetaEngine(Engine):
             "problem_counts": [upper._count, self.task_learner._count],
             "theta": upper.module.state_dict(),
             "task_learner_meta_parameters": [p.detach().clone() for p in self.task_learner.meta_parameters()],
+            "extra_state": [upper.get_extra_state(), self.task_learner.get_extra_state()],
             "optimizer": upper.optimizer.state_dict(),
             "scheduler": upper.lr_scheduler.state_dict() if upper.lr_scheduler is not None else None,
             "envs": {name: env.state_dict() for name, env in self._envs().items()},
@@ -314,7 +315,8 @@ class MetaEngine(Engine):
         }
 
     def load_parameters(self, state: dict) -> None:
-        """θ and the task learner's meta-parameters from a :meth:`state_dict` (e.g. ``best.pt``).
+        """θ, the task learner's meta-parameters and the problems' extra state (their
+        ``get_extra_state()``) from a :meth:`state_dict` (e.g. ``best.pt``).
 
         :param state: a :meth:`state_dict` (a checkpoint's ``"engine"`` entry).
         """
@@ -328,6 +330,10 @@ class MetaEngine(Engine):
         with torch.no_grad():
             for tensor, value in zip(extra, saved):
                 tensor.copy_(value)
+        for problem, state_of_its_own in zip((self.meta_learner, self.task_learner),
+                                             state.get("extra_state", (None, None))):
+            if state_of_its_own is not None:
+                problem.set_extra_state(state_of_its_own)
 
     def load_state_dict(self, state: dict) -> None:
         """Restore everything :meth:`state_dict` saved, so that :meth:`run` continues exactly as if never stopped.

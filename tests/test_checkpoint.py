@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from bilevel_maml import build_engine, cli, runs
-from bilevel_maml.checkpoint import Checkpointer, atomic_save, load_checkpoint
+from bilevel_maml.checkpoint import Checkpointer, atomic_save, load_checkpoint, save_checkpoint
 from bilevel_maml.data import SinusoidTasks
 from bilevel_maml.engine import NonFiniteError
 from bilevel_maml.models import MLP
+from bilevel_maml.problems import ALGORITHMS, MAMLLower, MAMLUpper
 
 ITERATIONS = 150
 
@@ -59,6 +60,53 @@ def test_a_run_killed_midway_and_resumed_ends_with_exactly_the_same_theta(tmp_pa
     # the cosine schedule went on from where it was: every iteration's rate as in the straight run
     assert [h["lr"] for h in resumed["history"]] == [h["lr"] for h in straight["history"]] == [
         pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * i / ITERATIONS)), rel=1e-12) for i in range(ITERATIONS)]
+
+
+class JitteredWithoutItsState(MAMLLower):
+    """A variant whose inner step size is drawn anew each meta-iteration from a generator of its
+    own: state that is neither θ nor a function of the iteration."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.base_lr, self.jitter = self.inner_lr, torch.Generator().manual_seed(0)
+
+    def on_meta_iteration_start(self, iteration, iterations):
+        self.inner_lr = self.base_lr * (0.5 + torch.rand((), generator=self.jitter, dtype=torch.float64).item())
+
+
+class JitteredLower(JitteredWithoutItsState):
+    def get_extra_state(self):
+        return {"jitter": self.jitter.get_state()}
+
+    def set_extra_state(self, state):
+        self.jitter.set_state(state["jitter"])
+
+
+def jittered_engine(lower_cls, iterations):
+    torch.manual_seed(0)
+    return build_engine("jittered", MLP(1, 1, (8, 8)), SinusoidTasks(points=10), regression=True, shots=5,
+                        inner_lr=0.1, inner_steps=2, meta_lr=1e-2, meta_batch_size=2, meta_iterations=iterations,
+                        valid_step=2, valid_tasks=3, dtype=torch.float64, verbose=False)
+
+
+@pytest.mark.parametrize("lower_cls", [JitteredLower, JitteredWithoutItsState])
+def test_a_variants_own_state_is_checkpointed_through_get_extra_state(tmp_path, monkeypatch, lower_cls):
+    """What ``get_extra_state`` returns is in every checkpoint and handed back to
+    ``set_extra_state`` on resume, so a run stopped after 3 meta-iterations and resumed from the
+    file ends where a straight one does; a variant without the two hooks does not (its step sizes
+    are drawn again from the start of its generator)."""
+    monkeypatch.setitem(ALGORITHMS, "jittered", (MAMLUpper, lower_cls))
+    straight = jittered_engine(lower_cls, 6)
+    straight.run()
+    stopped = jittered_engine(lower_cls, 3)
+    stopped.run()
+    save_checkpoint(tmp_path / "last.pt", stopped)
+    resumed = jittered_engine(lower_cls, 6)
+    resumed.load_state_dict(load_checkpoint(tmp_path / "last.pt")["engine"])
+    resumed.run()
+    same = [torch.equal(a, b) for a, b in zip(straight.meta_learner.module.parameters(),
+                                               resumed.meta_learner.module.parameters())]
+    assert all(same) if lower_cls is JitteredLower else not any(same)
 
 
 def test_a_crash_during_a_write_leaves_the_last_good_checkpoint(tmp_path, monkeypatch):

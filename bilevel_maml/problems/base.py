@@ -225,6 +225,24 @@ class _NoRollBack:
 
     recover_states = cache_states
 
+    def get_extra_state(self):
+        """State of a variant's own that a resumed run needs and that is neither θ, a
+        :meth:`~TaskLearner.meta_parameters` tensor nor a function of the meta-iteration (which
+        ``on_meta_iteration_start`` recomputes): a running average the meta-gradient uses, say.
+        Saved in every checkpoint and handed to :meth:`set_extra_state` on resume, as
+        ``torch.nn.Module``'s hooks of the same names are: tensors (copies, ``.clone()``, not ones
+        that go on changing) and plain Python values only, which is all a checkpoint loads.
+        Default: None (nothing).
+        """
+        return None
+
+    def set_extra_state(self, state) -> None:
+        """Restore what :meth:`get_extra_state` returned when the checkpoint was written.
+
+        :param state: that object, its tensors on the CPU: copy them into your own (in place,
+            ``.copy_()``, which also keeps a captured CUDA graph reading them).
+        """
+
 
 def set_learning_rate(group: dict, rate: float) -> None:
     """Set an optimizer param group's learning rate, in place where it is a tensor (a captured CUDA
