@@ -216,7 +216,10 @@ class StepSnapshot:
                         t.zero_()
 
 
-class _NoRollBack:
+class _BothProblems:
+    """What the task learner and the meta-learner add alike to Betty's ``Problem``: no roll-back,
+    and a variant's own state in checkpoints."""
+
     def cache_states(self):
         raise NotImplementedError(
             "EngineConfig(roll_back=True) is not supported: meta-learning problems restart their "
@@ -310,7 +313,7 @@ def vmap_over_tasks(fn: Callable, in_dims=0) -> Callable:
     return over_tasks
 
 
-class TaskLearner(_NoRollBack, Problem):
+class TaskLearner(_BothProblems, Problem):
     """Lower problem: adapts fast weights φ to one task's support set, starting from θ.
 
     ``module`` is the same ``nn.Module`` the :class:`MetaLearner` holds; the task learner never
@@ -641,7 +644,7 @@ class TaskLearner(_NoRollBack, Problem):
         return params
 
 
-class MetaLearner(_NoRollBack, Problem):
+class MetaLearner(_BothProblems, Problem):
     """Upper problem: holds θ and scores the adapted task learner on the query set.
 
     The default :meth:`meta_gradient` follows Betty's semantics (direct gradient plus the
