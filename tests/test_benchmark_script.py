@@ -34,6 +34,7 @@ def rendered(out) -> str:
     return tables.stdout
 
 
+@pytest.mark.slow  # its every section on the CPU; the default suite keeps test_bench_runs_the_benchmark_under_its_own_name
 def test_meta_iteration_benchmark_reports_ratios_limits_and_memory(tmp_path, omniglot_root):
     out = tmp_path / "bench.json"
     done, report = run_benchmark(

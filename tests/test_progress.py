@@ -22,7 +22,8 @@ RUN = ["-m", "bilevel_maml", "train", "--dataset", "sinusoid", "--iterations", "
        "--valid-every", "100", "--test-tasks", "5", "--wandb", "disabled"]
 
 
-@pytest.mark.parametrize("rows, columns", [(40, 160), (0, 0)], ids=["160-columns", "unsized-like-script"])
+@pytest.mark.parametrize("rows, columns", [pytest.param(40, 160, id="160-columns"),
+                                           pytest.param(0, 0, id="unsized-like-script", marks=pytest.mark.slow)])
 def test_bar_on_a_terminal(tmp_path, rows, columns):
     primary, secondary = pty.openpty()
     fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
