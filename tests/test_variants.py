@@ -13,8 +13,8 @@ from torch import nn
 from torch.func import functional_call
 
 from bilevel_maml import ALGORITHMS, MetaEngine, build_engine
-from bilevel_maml.problems import (ANILLower, ANILUpper, BOILLower, BOILUpper, MAMLUpper, MetaSGDLower, MetaSGDUpper,
-                                   ReptileLower, ReptileUpper)
+from bilevel_maml.problems import (ANILLower, ANILUpper, BOILLower, BOILUpper, FOMAMLLower, FOMAMLUpper, MAMLLower,
+                                   MAMLUpper, MetaSGDLower, MetaSGDUpper, ReptileLower, ReptileUpper)
 from bilevel_maml.data import SinusoidTasks
 from bilevel_maml.data.device_sampler import DeviceTaskSampler
 from bilevel_maml.env import EpisodicEnv
@@ -228,8 +228,6 @@ def test_a_term_added_in_the_uppers_training_step_reaches_the_meta_gradient(uppe
     """What the hook table says of ``MetaLearner.training_step``: its ``loss`` (or a plain tensor)
     is what θ's meta-gradient differentiates, and its other entries are logged. The penalty's own
     gradient, 2·DECAY·θ per task, is added to MAML's on the same tasks."""
-    from bilevel_maml.problems import MAMLLower
-
     maml_optimizer, _, episodes = run(MAMLUpper, MAMLLower, tanh_mlp(), steps=2, vectorize=vectorize)
     model = tanh_mlp()
     optimizer, _, penalised_episodes = run(upper_cls, MAMLLower, model, steps=2, vectorize=vectorize)
@@ -240,8 +238,6 @@ def test_a_term_added_in_the_uppers_training_step_reaches_the_meta_gradient(uppe
 
 
 def test_a_statistic_of_the_uppers_training_step_is_logged_with_the_others():
-    from bilevel_maml.problems import MAMLLower
-
     model = tanh_mlp()
     env = EpisodicEnv(random_classification_source(5, 2, 6), ways=5, shots=1, query_shots=1, seed=7)
     upper = PenaltyUpper(model, torch.optim.SGD(model.parameters(), lr=0.0), meta_batch_size=2)
@@ -282,8 +278,6 @@ def test_a_meta_gradient_of_the_variants_own_is_what_theta_receives(vectorize):
     """The recipe of the hook table: gradients with respect to φ, summed over the task axis by
     ``reduce_over_tasks``, mixed with MAML's; θ receives β·MAML + (1 − β)·FOMAML on the same tasks
     (both adapted one task at a time, where nothing has a task axis to reduce)."""
-    from bilevel_maml.problems import FOMAMLLower, FOMAMLUpper, MAMLLower
-
     maml, _, episodes = run(MAMLUpper, MAMLLower, tanh_mlp(), steps=2)
     fomaml, _, _ = run(FOMAMLUpper, FOMAMLLower, tanh_mlp(), steps=2)
     mixed, _, mixed_episodes = run(MixedUpper, MAMLLower, tanh_mlp(), steps=2, vectorize=vectorize)
@@ -295,8 +289,6 @@ def test_a_meta_gradient_of_the_variants_own_is_what_theta_receives(vectorize):
 
 
 def test_a_meta_gradient_of_the_wrong_shape_or_count_is_named_before_theta_changes():
-    from bilevel_maml.problems import MAMLLower
-
     class TooFewUpper(MetaSGDUpper):  # θ's gradients, forgetting Meta-SGD's step sizes
         def meta_gradient(self, query_loss):
             return super().meta_gradient(query_loss)[:len(self.initialization())]
