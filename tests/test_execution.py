@@ -445,7 +445,14 @@ class AnnealedInPlaceL2Lower(AnnealedL2Lower):
         self.strength.fill_(0.5 / iteration)
 
 
-def test_a_python_number_a_hook_changes_after_the_capture_falls_back_naming_it():
+class AnnealedNewTensorL2Lower(AnnealedL2Lower):
+    """A new tensor every meta-iteration: a graph would go on reading the one it was recorded with."""
+
+    def on_meta_iteration_start(self, iteration, iterations):
+        self.strength = torch.tensor(0.5 / iteration, dtype=torch.float64)
+
+
+def test_a_number_or_tensor_a_schedule_rebinds_after_the_capture_falls_back_naming_it():
     """A replay computes with the numbers of the moment it was recorded (CPUReplay does as a graph
     does). A schedule kept in a Python number would silently stay at its capture-time value; it
     falls back to eager instead, naming the attribute and the remedy, and held in a tensor filled
@@ -472,13 +479,8 @@ def test_a_python_number_a_hook_changes_after_the_capture_falls_back_naming_it()
                                          r"a tensor of shape \(\) at 0x[0-9a-f]+\), and a replay computes"):
         eager, captured, strategy = run_both((MAMLUpper, AnnealedNewTensorL2Lower))
     assert captured.execution.name == "eager" and strategy.graph.replays == 1
-
-
-class AnnealedNewTensorL2Lower(AnnealedL2Lower):
-    """A new tensor every meta-iteration: a graph would go on reading the one it was recorded with."""
-
-    def on_meta_iteration_start(self, iteration, iterations):
-        self.strength = torch.tensor(0.5 / iteration, dtype=torch.float64)
+    for a, b in zip(eager.meta_learner.trainable_parameters(), captured.meta_learner.trainable_parameters()):
+        assert torch.equal(a, b)
 
 
 def test_a_failed_capture_falls_back_and_loses_no_iteration():
