@@ -17,7 +17,7 @@ from bilevel_maml.arguments import BadInput, parse
 from bilevel_maml.checkpoint import CheckpointWriteError
 from bilevel_maml.runs import command_evaluate, command_plot, command_resume, command_train
 from bilevel_maml.stopping import exit_status
-from bilevel_maml.validation import users_line
+from bilevel_maml.validation import PACKAGE_FOLDER, users_line
 
 #: what the library raises for bad input, with a message naming the value and what is allowed
 BAD_INPUT_ERRORS = (ValueError, TypeError, FileNotFoundError)
@@ -74,11 +74,10 @@ def one_line_warnings(prog: str):
 
     :param prog: the name the line starts with.
     """
-    package = Path(__file__).resolve().parent
     python_format = warnings.formatwarning
 
     def format(message, category, filename, lineno, line=None):
-        if Path(filename).resolve().is_relative_to(package):
+        if Path(filename).resolve().is_relative_to(PACKAGE_FOLDER):
             return f"{prog}: warning: {message}\n"
         return python_format(message, category, filename, lineno, line)
 

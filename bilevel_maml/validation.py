@@ -92,6 +92,18 @@ _NOT_USERS_CODE = (PACKAGE_FOLDER, *{Path(sysconfig.get_paths()[name]).resolve()
                                      for name in ("stdlib", "platstdlib", "purelib", "platlib")})
 
 
+def innermost_site_outside(error: BaseException, places) -> str | None:
+    """:func:`code_site` of the innermost frame on ``error``'s way whose code is outside ``places``
+    (resolved files or folders; Python's frozen import machinery never counts), or None.
+
+    :param error: an exception that has been raised.
+    :param places: what is not the code being looked for (PyTorch's folder, say).
+    """
+    sites = [(frame, line) for frame, line in traceback.walk_tb(error.__traceback__)
+             if not frame.f_code.co_filename.startswith("<frozen") and not frame_in(frame, places)]
+    return code_site(*sites[-1]) if sites else None
+
+
 def users_line(error: BaseException) -> str | None:
     """``Owner.function (file.py:line)`` of the innermost frame of a user's own code (a variant's
     hook, a model, a script) on ``error``'s way, when something other than this package raised it:
@@ -103,6 +115,4 @@ def users_line(error: BaseException) -> str | None:
     frames = list(traceback.walk_tb(error.__traceback__))
     if not frames or frame_in(frames[-1][0], (PACKAGE_FOLDER,)):
         return None
-    users = [(frame, line) for frame, line in frames
-             if not frame.f_code.co_filename.startswith("<frozen") and not frame_in(frame, _NOT_USERS_CODE)]
-    return code_site(*users[-1]) if users else None
+    return innermost_site_outside(error, _NOT_USERS_CODE)

@@ -40,7 +40,6 @@ import contextvars
 import functools
 import inspect
 import math
-import traceback
 from contextlib import contextmanager
 from typing import Callable
 
@@ -53,7 +52,7 @@ from torch.func import functional_call, vmap
 from bilevel_maml.distributed import average_gradients
 from bilevel_maml.hypergradient import get_grads, gradients_or_zeros, placed, zeros_for_unused
 from bilevel_maml.validation import (TORCH_FOLDER, check_choice, check_non_negative, check_positive,
-                                     check_positive_int, code_site, frame_in)
+                                     check_positive_int, innermost_site_outside)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -284,11 +283,7 @@ class NotVectorizableError(ValueError):
 def _innermost_outside_torch(error: BaseException) -> str:
     """``Owner.function (file.py:line)`` of the innermost traceback frame outside PyTorch: the line of
     the hook or model that did it."""
-    where = "an operation"
-    for frame, line in traceback.walk_tb(error.__traceback__):
-        if not frame_in(frame, (TORCH_FOLDER,)):
-            where = code_site(frame, line)
-    return where
+    return innermost_site_outside(error, (TORCH_FOLDER,)) or "an operation"
 
 
 def vmap_over_tasks(fn: Callable, in_dims=0) -> Callable:
@@ -855,10 +850,10 @@ class MetaLearner(_BothProblems, Problem):
             raise ValueError(f"{type(self).__name__}.meta_gradient returned {len(grads)} gradients for "
                              f"{len(params)} meta-learned tensors; return one per entry of trainable_parameters() "
                              f"(θ's, then the task learner's meta_parameters()), None where there is none")
-        names = {id(p): name for name, p in self._named_trainable_parameters()}
         for i, (p, g) in enumerate(zip(params, grads)):
             if g is not None and g.shape != p.shape:
-                name = names.get(id(p), f"meta-learned tensor {i}")
+                name = next((name for name, q in self._named_trainable_parameters() if q is p),
+                            f"meta-learned tensor {i}")
                 stacked = self.tasks_in_batch and g.dim() == p.dim() + 1 and g.shape[1:] == p.shape
                 remedy = ("; differentiated with respect to φ, gradients carry a task axis when tasks are adapted "
                           "together: sum it with self.reduce_over_tasks(...), as FOMAMLUpper does") if stacked else ""
