@@ -57,7 +57,7 @@ gpu_test_files=$(grep -l "def test_on_a_gpu" tests/test_*.py)
 within 200 "$out/gpu-tests.txt" python3 -m pytest -q -p no:cacheprovider -rfs -k on_a_gpu $gpu_test_files
 
 within 150 "$out/end_to_end.txt" python3 benchmarks/meta_iteration.py --device cuda --data-root "$data" \
-    --sections end-to-end evaluation sampling --json "$out/end_to_end.json"
+    --sections end-to-end evaluation sampling replay-check --json "$out/end_to_end.json"
 
 candidates=("ours maml vectorized pool before norm (cuda graph)" "ours maml vectorized channels last (cuda graph)"
             "ours maml vectorized unfolded first conv (cuda graph)" "ours maml vectorized grouped conv grads (cuda graph)"

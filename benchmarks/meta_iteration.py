@@ -15,7 +15,10 @@ precision for every row (``--precision``; fp32 on CPU, tf32 by default on CUDA).
 * ``end-to-end``: ``engine.meta_step()`` in a loop as training runs it (tasks drawn from the Omniglot
   subsets, the meta-step, the statistics read back), tasks per second, against learn2learn's own loop;
 * ``evaluation``: seconds to score ``--eval-tasks`` held-out tasks, vectorized and task by task;
-* ``sampling``: milliseconds to draw one meta-batch of tasks, on the device and through learn2learn.
+* ``sampling``: milliseconds to draw one meta-batch of tasks, on the device and through learn2learn;
+* ``replay-check``: microseconds the CUDA-graph strategy spends on the host before each replay to
+  check that the graph still computes what an eager iteration would (``RecordedState``), against
+  comparing every setting (host work only: any device measures it).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from bilevel_maml.cli import run_script  # noqa: E402
 from bilevel_maml.data.omniglot import find_subsets  # noqa: E402
 from bilevel_maml.execution import PRECISIONS, CapturedExecution, check_precision, precision_scope  # noqa: E402
 
-SECTIONS = ("meta-iteration", "end-to-end", "evaluation", "sampling")
+SECTIONS = ("meta-iteration", "end-to-end", "evaluation", "sampling", "replay-check")
 
 
 def applicable(names, device) -> tuple[list[str], list[str]]:
@@ -250,6 +253,31 @@ def sampling_rows(data_root, device, meta_batch, repeats):
     return rows
 
 
+def replay_check_rows(data_root, device, meta_batch, repeats, model):
+    from bilevel_maml.execution import RecordedState, settings, structure
+
+    engine = omniglot_engine(data_root, device, meta_batch, 1, "auto", False, model)
+    engine.train()
+    engine.meta_step()
+    recorded = RecordedState(engine)
+    checks = {"RecordedState": lambda: recorded.structure_changed(engine) or recorded.settings_changed(engine),
+              "every setting compared": lambda: (structure(engine) != recorded.structure
+                                                 or settings(engine) != recorded.settings)}
+    calls, rows = 1000, []
+    print("\nchecking before a replay that nothing a graph took as given changed:", flush=True)
+    for name, check in checks.items():
+        assert not check()
+        times = []
+        for _ in range(max(repeats, 5)):
+            started = time.perf_counter()
+            for _ in range(calls):
+                check()
+            times.append((time.perf_counter() - started) / calls)
+        rows.append(dict(check=name, microseconds=1e6 * min(times)))
+        print(f"  {name:24s} {rows[-1]['microseconds']:8.1f} µs", flush=True)
+    return rows
+
+
 # -- the report ----------------------------------------------------------------------------------------
 def memory_rows_against_steps(data_root, device, meta_batch, query, memory_steps, model, seed):
     tasks = omniglot_tasks(data_root, meta_batch, 5, 1, query, device)
@@ -296,6 +324,8 @@ def run_benchmark(data_root, device="cpu", meta_batch=32, steps=(1, 5), queries=
         report["evaluation"] = evaluation_rows(data_root, device, steps, eval_tasks, model)
     if "sampling" in sections:
         report["sampling"] = sampling_rows(data_root, device, meta_batch, max(repeats, 20))
+    if "replay-check" in sections:
+        report["replay_check"] = replay_check_rows(data_root, device, meta_batch, repeats, model)
     report["summary"] = summarize(report)
     print("\n" + "\n".join(report["summary"]["lines"]), flush=True)
     if output:
@@ -344,6 +374,11 @@ def summarize(report: dict) -> dict:
                      f"{row['seconds']:.2f} s")
     for row in report.get("sampling", []):
         lines.append(f"sampling {row['tasks']} tasks, {row['sampler']}: {row['milliseconds']:.2f} ms")
+    check = {row["check"]: row["microseconds"] for row in report.get("replay_check", [])}
+    if check:
+        lines.append(f"check before a replay: {check['RecordedState']:.1f} µs, "
+                     f"{check['every setting compared'] / check['RecordedState']:.1f}× less than comparing every "
+                     f"setting ({check['every setting compared']:.1f} µs)")
     return {"lines": lines, "ratios": ratios}
 
 

@@ -360,10 +360,8 @@ class CapturedExecution(EagerExecution):
         self.graph = None
         self.warmups_done = 0
         self._stream = None
-        #: the problems' structure() when the graph was recorded
-        self.recorded_structure = None
-        #: the problems' plain attributes when the graph was recorded (see :func:`settings`)
-        self.recorded_settings = None
+        #: what the recorded graph took as given, checked before each replay
+        self.recorded = None
 
     def _objects(self) -> dict:
         engine = self.engine
@@ -372,12 +370,12 @@ class CapturedExecution(EagerExecution):
     def meta_step(self) -> dict:
         engine = self.engine
         upper = engine.meta_learner
-        if self.graph is not None and structure(engine) != self.recorded_structure:
+        if self.graph is not None and self.recorded.structure_changed(engine):
             # a schedule changed what a meta-iteration computes (MAML++ turning second order, say):
             # warm the new computation up and record it again
             self.graph, self.warmups_done = None, 0
-        if self.graph is not None and settings(engine) != self.recorded_settings:
-            self._fall_back(changed_setting(engine, self.recorded_settings))
+        if self.graph is not None and self.recorded.settings_changed(engine):
+            self._fall_back(changed_setting(engine, self.recorded.settings))
             return self.engine.execution.meta_step()
         if self.graph is None:
             make_capturable(upper)
@@ -452,7 +450,7 @@ class CapturedExecution(EagerExecution):
             self._fall_back(f"capturing failed ({type(error).__name__}: {str(error).strip().splitlines()[0]})")
             return False
         restore_python_state(objects, saved)
-        self.graph, self.recorded_structure, self.recorded_settings = graph, structure(engine), settings(engine)
+        self.graph, self.recorded = graph, RecordedState(engine)
         return True
 
     def _fall_back(self, reason: str) -> None:
@@ -466,13 +464,17 @@ class CapturedExecution(EagerExecution):
 _COUNTERS = ("_count", "_global_step")
 
 
+def _problems(engine) -> dict:
+    return {"upper": engine.meta_learner, "lower": engine.task_learner}
+
+
 def settings(engine) -> dict:
     """The problems' plain attributes (numbers, flags, strings) but Betty's step counters, and
     which tensor each tensor attribute is. A variant's hook that reads a number (a strength its
     ``on_meta_iteration_start`` anneals) has the value it had at capture baked into the graph, and
     one that reads a tensor attribute reads that tensor's memory: a new number, or a new tensor
     bound in place of the old, means the graph no longer computes what eager would."""
-    problems = {"upper": engine.meta_learner, "lower": engine.task_learner}
+    problems = _problems(engine)
     found = {key: value for key, value in python_state(problems).items() if key[1] not in _COUNTERS}
     found.update({(side, name): _SameTensor(value) for side, problem in problems.items()
                   for name, value in vars(problem).items() if isinstance(value, torch.Tensor)})
@@ -502,6 +504,56 @@ def changed_setting(engine, recorded: dict) -> str:
             f"{now.get((side, name), unset)!r}), and a replay computes with the value it was recorded with; hold a "
             f"value that changes during training in a tensor updated in place (.fill_), or return it from "
             f"structure() to record the graph again when it changes")
+
+
+class RecordedState:
+    """What a recorded graph took as given: the problems' :meth:`structure` with which of θ's
+    tensors were frozen, and their :func:`settings`. Checked before every replay, so it is kept
+    cheap: the frozen flags are read from the tensors θ had when recorded (the ones the graph
+    updates), and :func:`settings` is compared only when an attribute of a problem was bound to
+    another object, or a list of numbers changed, since the last check that passed; a replay
+    whose hooks changed nothing costs a walk of the two attribute dicts.
+
+    :param engine: the :class:`~bilevel_maml.engine.MetaEngine` whose graph was just recorded.
+    """
+
+    def __init__(self, engine):
+        self.structure = structure(engine)
+        self.settings = settings(engine)
+        self.parameters = list(engine.meta_learner.trainable_parameters())
+        self._note_bindings(engine)
+
+    def structure_changed(self, engine) -> bool:
+        frozen = tuple(not p.requires_grad for p in self.parameters)
+        return (engine.meta_learner.structure(), engine.task_learner.structure(), frozen) != self.structure
+
+    def settings_changed(self, engine) -> bool:
+        if not self._rebound():
+            return False
+        if settings(engine) != self.settings:
+            return True
+        self._note_bindings(engine)  # bound anew to equal values: nothing to check until the next change
+        return False
+
+    def _note_bindings(self, engine) -> None:
+        self.bindings = [(vars(problem), dict(vars(problem))) for problem in _problems(engine).values()]
+        self.lists = [(attrs, name, list(value)) for attrs, bound in self.bindings
+                      for name, value in bound.items() if isinstance(value, list)]
+
+    def _rebound(self) -> bool:
+        missing = object()
+        for attrs, bound in self.bindings:
+            if len(attrs) != len(bound):
+                return True
+            for name, value in bound.items():
+                if attrs.get(name, missing) is not value and name not in _COUNTERS:
+                    return True
+        for attrs, name, values in self.lists:  # the same list objects: were they changed in place?
+            now = attrs[name]
+            # by identity: a list may hold tensors, whose == is no truth value
+            if len(now) != len(values) or any(a is not b for a, b in zip(now, values)):
+                return True
+        return False
 
 
 def structure(engine) -> tuple:

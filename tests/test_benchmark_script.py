@@ -193,12 +193,12 @@ def test_distributed_benchmark_states_precision_and_execution_of_each_row(tmp_pa
 
 
 @pytest.mark.slow
-def test_end_to_end_evaluation_and_sampling_sections(tmp_path, omniglot_root):
+def test_end_to_end_evaluation_sampling_and_replay_check_sections(tmp_path, omniglot_root):
     out = tmp_path / "sections.json"
     done, report = run_benchmark(
         "meta_iteration.py", omniglot_root, out,
         "--meta-batch-size", "4", "--steps", "1", "--sections", "end-to-end", "evaluation", "sampling",
-        "--end-to-end-iterations", "2", "--eval-tasks", "20", "--repeats", "2")
+        "replay-check", "--end-to-end-iterations", "2", "--eval-tasks", "20", "--repeats", "2")
     assert [r["setup"] for r in report["end_to_end"]] == [
         "ours, device sampler, eager", "ours, learn2learn sampler, eager", "learn2learn (its own loop)"]
     assert all(r["tasks_per_second"] > 0 and r["inner_steps"] == 1 for r in report["end_to_end"])
@@ -210,8 +210,12 @@ def test_end_to_end_evaluation_and_sampling_sections(tmp_path, omniglot_root):
         evaluation["task by task, device sampler"]["accuracy"], abs=1e-6)
     assert {r["sampler"] for r in report["sampling"]} == {"device sampler", "learn2learn sampler"}
     assert "sampling 4 tasks, device sampler:" in done.stdout
+    check = {r["check"]: r["microseconds"] for r in report["replay_check"]}
+    assert 0 < check["RecordedState"] < check["every setting compared"]
+    assert "check before a replay: " in done.stdout
     tables = rendered(out)
     assert "| 1 | ours, device sampler, eager |" in tables and "| device sampler |" in tables
+    assert "| RecordedState |" in tables
 
 
 def test_bench_runs_the_benchmark_under_its_own_name():

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import math
 import warnings
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
@@ -18,8 +19,8 @@ from bilevel_maml.data import SinusoidTasks
 from bilevel_maml.data.device_sampler import DeviceTaskSampler
 from bilevel_maml.engine import NonFiniteError
 from bilevel_maml.env import EpisodicEnv
-from bilevel_maml.execution import (CapturedExecution, HostReadWatch, advance_counters, capture_blocker,
-                                    python_state, restore_python_state, settings)
+from bilevel_maml.execution import (CapturedExecution, HostReadWatch, RecordedState, advance_counters,
+                                    capture_blocker, python_state, restore_python_state, settings)
 from bilevel_maml.models import Conv4
 
 from conftest import first_host_read_in_capturable_region, random_classification_source
@@ -481,6 +482,82 @@ def test_a_number_or_tensor_a_schedule_rebinds_after_the_capture_falls_back_nami
     assert captured.execution.name == "eager" and strategy.graph.replays == 1
     for a, b in zip(eager.meta_learner.trainable_parameters(), captured.meta_learner.trainable_parameters()):
         assert torch.equal(a, b)
+
+
+def _bind_equal_float(problems):
+    problems["lower"].inner_lr = float(str(problems["lower"].inner_lr))  # another object, the same number
+
+
+def _change_a_list_of_numbers_in_place(problems):
+    problems["lower"].param_names[0] = "renamed"
+
+
+def _turn_a_list_of_objects_into_numbers(problems):
+    problems["upper"]._children.clear()
+    problems["upper"]._children.append(3)
+
+
+CHANGES_AFTER_A_CAPTURE = {
+    "nothing": lambda problems: None,
+    "Betty's counters": lambda problems: setattr(problems["lower"], "_count", problems["lower"]._count + 7),
+    "an int bound anew to itself": lambda problems: setattr(problems["lower"], "inner_step", 1),
+    "a float bound to an equal one": _bind_equal_float,
+    "a float changed": lambda problems: setattr(problems["lower"], "inner_lr", 0.2),
+    "a list of numbers changed in place": _change_a_list_of_numbers_in_place,
+    "a list of numbers bound to an equal one": lambda problems: setattr(problems["lower"], "param_names",
+                                                                         list(problems["lower"].param_names)),
+    "a list of objects changed into numbers": _turn_a_list_of_objects_into_numbers,
+    "a new number": lambda problems: setattr(problems["upper"], "strength", 0.5),
+    "a new object": lambda problems: setattr(problems["upper"], "helper", object()),
+    "an attribute deleted": lambda problems: delattr(problems["upper"], "log_step"),
+    "a tensor bound anew": lambda problems: setattr(problems["lower"], "strength", torch.zeros(())),
+    "a list of tensors changed in place": lambda problems: problems["lower"].trajectory.append(torch.zeros(2)),
+}
+
+
+@pytest.mark.parametrize("change", CHANGES_AFTER_A_CAPTURE)
+def test_the_replay_check_says_changed_exactly_when_the_full_comparison_would(change):
+    """RecordedState skips comparing settings() while no attribute was bound anew; its verdict is
+    the full comparison's in every case: rebound to equal values, changed in place, added, deleted."""
+    built = engine()
+    built.train()
+    built.meta_step()
+    if change == "a tensor bound anew":
+        built.task_learner.strength = torch.zeros(())
+    recorded = RecordedState(built)
+    problems = {"upper": built.meta_learner, "lower": built.task_learner}
+    CHANGES_AFTER_A_CAPTURE[change](problems)
+    assert recorded.settings_changed(built) == (settings(built) != recorded.settings)
+    assert recorded.settings_changed(built) == (change in {"a float changed", "a list of numbers changed in place",
+                                                           "a list of objects changed into numbers", "a new number",
+                                                           "an attribute deleted", "a tensor bound anew"})
+
+
+class KernelsOnlyReplay(CapturedOnCPU):
+    """Replays that run none of the recorded Python, as a CUDA graph's do (CPUReplay runs it all
+    again, binding every attribute it sets anew)."""
+
+    def _record(self, run):
+        run()
+        return SimpleNamespace(replay=lambda: None)
+
+
+def test_replays_whose_hooks_change_nothing_skip_the_full_comparison_and_frozen_tensors_are_still_seen(monkeypatch):
+    import bilevel_maml.execution as execution
+
+    compared = []
+    monkeypatch.setattr(execution, "settings", lambda engine: compared.append(1) or settings(engine))
+    captured = engine()
+    strategy = KernelsOnlyReplay(captured)
+    captured.use_execution(strategy)
+    captured.meta_iterations = CapturedExecution.WARMUP_ITERATIONS + 5
+    captured.run()
+    assert captured.execution is strategy and captured.meta_iteration == CapturedExecution.WARMUP_ITERATIONS + 5
+    assert len(compared) == 1  # when recorded, and no replay since
+    first = captured.meta_learner.trainable_parameters()[0]
+    assert not strategy.recorded.structure_changed(captured)
+    first.requires_grad_(False)
+    assert strategy.recorded.structure_changed(captured)
 
 
 def test_a_failed_capture_falls_back_and_loses_no_iteration():
