@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import operator
 import warnings
+from itertools import chain, compress
 from pathlib import Path
 
 import torch
@@ -315,12 +317,17 @@ def capture_blocker(engine) -> str | None:
     return None
 
 
+_PLAIN = (int, float, bool, str, type(None))
+
+
+def _is_plain(value) -> bool:
+    return isinstance(value, _PLAIN) or (isinstance(value, (list, tuple)) and all(isinstance(v, _PLAIN) for v in value))
+
+
 def python_state(objects: dict) -> dict:
     """The plain-valued attributes (numbers, strings, flags, lists of them) of ``objects``."""
-    plain = (int, float, bool, str, type(None))
     return {(name, attr): (list(value) if isinstance(value, (list, tuple)) else value)
-            for name, obj in objects.items() for attr, value in vars(obj).items()
-            if isinstance(value, plain) or (isinstance(value, (list, tuple)) and all(isinstance(v, plain) for v in value))}
+            for name, obj in objects.items() for attr, value in vars(obj).items() if _is_plain(value)}
 
 
 def restore_python_state(objects: dict, state: dict) -> None:
@@ -468,31 +475,65 @@ def _problems(engine) -> dict:
     return {"upper": engine.meta_learner, "lower": engine.task_learner}
 
 
-def settings(engine) -> dict:
-    """The problems' plain attributes (numbers, flags, strings) but Betty's step counters, and
-    which tensor each tensor attribute is. A variant's hook that reads a number (a strength its
-    ``on_meta_iteration_start`` anneals) has the value it had at capture baked into the graph, and
-    one that reads a tensor attribute reads that tensor's memory: a new number, or a new tensor
-    bound in place of the old, means the graph no longer computes what eager would."""
-    problems = _problems(engine)
-    found = {key: value for key, value in python_state(problems).items() if key[1] not in _COUNTERS}
-    found.update({(side, name): _SameTensor(value) for side, problem in problems.items()
-                  for name, value in vars(problem).items() if isinstance(value, torch.Tensor)})
+def _holders(engine) -> dict:
+    """The problems and every module of their models, by (problem, dotted name): ("upper", "") for
+    the meta-learner itself, ("upper", "module.features.0.") for a layer of its model; a module both
+    problems hold is named once, under the first."""
+    found, seen = {}, set()
+    for side, problem in _problems(engine).items():
+        found[(side, "")] = problem
+        model = getattr(problem, "module", None)
+        if isinstance(model, torch.nn.Module):
+            for name, module in model.named_modules(prefix="module"):
+                if id(module) not in seen:
+                    seen.add(id(module))
+                    found[(side, f"{name}.")] = module
     return found
 
 
-class _SameTensor:
-    """Equal to another only for the same tensor object (its values may change: in place is what a
-    replay reads)."""
+#: what every nn.Module holds for PyTorch (hooks, parameters, buffers and submodules, the last two
+#: compared entry by entry), not a setting of the layer
+_PYTORCH_BOOKKEEPING = frozenset(vars(torch.nn.Module())) - {"training"}
 
-    def __init__(self, tensor):
-        self.tensor = tensor
+
+def settings(engine) -> dict:
+    """The plain attributes (numbers, flags, strings) of the problems and of every module of their
+    models, but Betty's step counters; which tensor each tensor attribute and registered buffer is;
+    and each module's class. A variant's hook that reads a number (a strength its
+    ``on_meta_iteration_start`` anneals, a layer's dropout rate) has the value it had at capture
+    baked into the graph, and one that reads a tensor reads that tensor's memory: a new number, a
+    new tensor bound in place of the old, or a layer swapped for another means the graph no longer
+    computes what eager would."""
+    found = {}
+    for (side, prefix), holder in _holders(engine).items():
+        if prefix:
+            found[(side, prefix + "__class__")] = _Same(type(holder))
+            found.update({(side, prefix + name): _Same(buffer)
+                          for name, buffer in holder._buffers.items() if buffer is not None})
+        for name, value in vars(holder).items():
+            if prefix and name in _PYTORCH_BOOKKEEPING:
+                continue
+            if isinstance(value, torch.Tensor):
+                found[(side, prefix + name)] = _Same(value)
+            elif _is_plain(value) and not (name in _COUNTERS and not prefix):
+                found[(side, prefix + name)] = list(value) if isinstance(value, (list, tuple)) else value
+    return found
+
+
+class _Same:
+    """Equal to another only for the same object: the same tensor (its values may change: in place
+    is what a replay reads), the same class."""
+
+    def __init__(self, obj):
+        self.obj = obj
 
     def __eq__(self, other):
-        return isinstance(other, _SameTensor) and other.tensor is self.tensor
+        return isinstance(other, _Same) and other.obj is self.obj
 
     def __repr__(self):
-        return f"a tensor of shape {tuple(self.tensor.shape)} at {self.tensor.data_ptr():#x}"
+        if isinstance(self.obj, torch.Tensor):
+            return f"a tensor of shape {tuple(self.obj.shape)} at {self.obj.data_ptr():#x}"
+        return self.obj.__name__
 
 
 def changed_setting(engine, recorded: dict) -> str:
@@ -510,9 +551,10 @@ class RecordedState:
     """What a recorded graph took as given: the problems' :meth:`structure` with which of θ's
     tensors were frozen, and their :func:`settings`. Checked before every replay, so it is kept
     cheap: the frozen flags are read from the tensors θ had when recorded (the ones the graph
-    updates), and :func:`settings` is compared only when an attribute of a problem was bound to
-    another object, or a list of numbers changed, since the last check that passed; a replay
-    whose hooks changed nothing costs a walk of the two attribute dicts.
+    updates), and :func:`settings` is compared only when an attribute of a problem or of a module
+    of its model, a buffer or a submodule was bound to another object, or a list changed in place,
+    since the last check that passed; a replay whose hooks changed nothing costs a walk of those
+    dicts.
 
     :param engine: the :class:`~bilevel_maml.engine.MetaEngine` whose graph was just recorded.
     """
@@ -536,22 +578,32 @@ class RecordedState:
         return False
 
     def _note_bindings(self, engine) -> None:
-        self.bindings = [(vars(problem), dict(vars(problem))) for problem in _problems(engine).values()]
-        self.lists = [(attrs, name, list(value)) for attrs, bound in self.bindings
-                      for name, value in bound.items() if isinstance(value, list)]
+        # one flat sequence of names and one of the values that count (Betty's counters and
+        # PyTorch's bookkeeping masked out), walked by C iterators: conv4 and its two problems hold
+        # ~600 entries, and a replay should cost the host microseconds
+        holders = _holders(engine)
+        problems = [vars(holder) for (_, prefix), holder in holders.items() if not prefix]
+        layers = [vars(holder) for (_, prefix), holder in holders.items() if prefix]
+        contents = [d for (_, prefix), holder in holders.items() if prefix for d in (holder._buffers, holder._modules)]
+        self.dicts = [*problems, *layers, *contents]
+        self.names = list(chain.from_iterable(self.dicts))
+        self.compared = ([name not in _COUNTERS for d in problems for name in d]
+                         + [name not in _PYTORCH_BOOKKEEPING for d in layers for name in d]
+                         + [True] * sum(map(len, contents)))
+        self.values = list(compress(chain.from_iterable(map(dict.values, self.dicts)), self.compared))
+        self.lists = [(d, name, list(value)) for d in self.dicts for name, value in d.items() if isinstance(value, list)]
 
     def _rebound(self) -> bool:
-        missing = object()
-        for attrs, bound in self.bindings:
-            if len(attrs) != len(bound):
-                return True
-            for name, value in bound.items():
-                if attrs.get(name, missing) is not value and name not in _COUNTERS:
-                    return True
-        for attrs, name, values in self.lists:  # the same list objects: were they changed in place?
-            now = attrs[name]
-            # by identity: a list may hold tensors, whose == is no truth value
-            if len(now) != len(values) or any(a is not b for a, b in zip(now, values)):
+        dicts = self.dicts
+        # names are strings, whose == is safe; values are compared by identity only (== on a tensor
+        # is no truth value, or a host read)
+        if (list(chain.from_iterable(dicts)) != self.names
+                or not all(map(operator.is_, compress(chain.from_iterable(map(dict.values, dicts)), self.compared),
+                               self.values))):
+            return True
+        for d, name, values in self.lists:  # the same list objects: were they changed in place?
+            now = d[name]
+            if len(now) != len(values) or not all(map(operator.is_, now, values)):
                 return True
         return False
 

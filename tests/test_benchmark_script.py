@@ -210,8 +210,9 @@ def test_end_to_end_evaluation_sampling_and_replay_check_sections(tmp_path, omni
         evaluation["task by task, device sampler"]["accuracy"], abs=1e-6)
     assert {r["sampler"] for r in report["sampling"]} == {"device sampler", "learn2learn sampler"}
     assert "sampling 4 tasks, device sampler:" in done.stdout
-    check = {r["check"]: r["microseconds"] for r in report["replay_check"]}
-    assert 0 < check["RecordedState"] < check["every setting compared"]
+    host = {r["measured"]: r["microseconds"] for r in report["replay_check"]}
+    # the check is part of a replayed meta-iteration's host work, and cheaper than comparing everything
+    assert 0 < host["RecordedState"] < min(host["every setting compared"], host["a replayed meta-iteration on the host"])
     assert "check before a replay: " in done.stdout
     tables = rendered(out)
     assert "| 1 | ours, device sampler, eager |" in tables and "| device sampler |" in tables

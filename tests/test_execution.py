@@ -20,7 +20,8 @@ from bilevel_maml.data.device_sampler import DeviceTaskSampler
 from bilevel_maml.engine import NonFiniteError
 from bilevel_maml.env import EpisodicEnv
 from bilevel_maml.execution import (CapturedExecution, HostReadWatch, RecordedState, advance_counters,
-                                    capture_blocker, python_state, restore_python_state, settings)
+                                    capture_blocker, changed_setting, python_state, restore_python_state,
+                                    settings)
 from bilevel_maml.models import Conv4
 
 from conftest import first_host_read_in_capturable_region, random_classification_source
@@ -247,8 +248,9 @@ class CPUReplay:
 
     def __init__(self, run, objects, engine):
         self.run, self.objects, self.engine, self.replays = run, objects, engine, 0
-        # the numbers, and the tensors whose memory the kernels read
-        self.recorded = {key: getattr(value, "tensor", value) for key, value in settings(engine).items()}
+        # the problems' numbers, and the tensors whose memory the kernels read
+        self.recorded = {(side, name): getattr(value, "obj", value) for (side, name), value in settings(engine).items()
+                         if "." not in name}
 
     def replay(self):
         saved = python_state(self.objects)
@@ -497,6 +499,12 @@ def _turn_a_list_of_objects_into_numbers(problems):
     problems["upper"]._children.append(3)
 
 
+def _swap_a_relu_for(kind):
+    def swap(problems):
+        problems["upper"].module.features[0][2] = kind()
+    return swap
+
+
 CHANGES_AFTER_A_CAPTURE = {
     "nothing": lambda problems: None,
     "Betty's counters": lambda problems: setattr(problems["lower"], "_count", problems["lower"]._count + 7),
@@ -512,25 +520,49 @@ CHANGES_AFTER_A_CAPTURE = {
     "an attribute deleted": lambda problems: delattr(problems["upper"], "log_step"),
     "a tensor bound anew": lambda problems: setattr(problems["lower"], "strength", torch.zeros(())),
     "a list of tensors changed in place": lambda problems: problems["lower"].trajectory.append(torch.zeros(2)),
+    "a layer's flag changed": lambda problems: setattr(problems["upper"].module.features[0][0], "grouped_grads", True),
+    "the model put in eval mode": lambda problems: problems["upper"].module.eval(),
+    "a layer swapped for another kind": _swap_a_relu_for(nn.GELU),
+    "a layer swapped for an equal one": _swap_a_relu_for(models.ReLU),
+    "a buffer filled in place": lambda problems: problems["upper"].module.features[0][1].scale.fill_(2.0),
+    "a buffer bound anew": lambda problems: setattr(problems["upper"].module.features[0][1], "scale", torch.ones(())),
 }
 
 
 @pytest.mark.parametrize("change", CHANGES_AFTER_A_CAPTURE)
 def test_the_replay_check_says_changed_exactly_when_the_full_comparison_would(change):
     """RecordedState skips comparing settings() while no attribute was bound anew; its verdict is
-    the full comparison's in every case: rebound to equal values, changed in place, added, deleted."""
+    the full comparison's in every case: rebound to equal values, changed in place, added, deleted,
+    of the problems and of their model's layers."""
     built = engine()
     built.train()
     built.meta_step()
     if change == "a tensor bound anew":
         built.task_learner.strength = torch.zeros(())
+    built.meta_learner.module.features[0][1].register_buffer("scale", torch.ones(()))
     recorded = RecordedState(built)
     problems = {"upper": built.meta_learner, "lower": built.task_learner}
     CHANGES_AFTER_A_CAPTURE[change](problems)
     assert recorded.settings_changed(built) == (settings(built) != recorded.settings)
-    assert recorded.settings_changed(built) == (change in {"a float changed", "a list of numbers changed in place",
-                                                           "a list of objects changed into numbers", "a new number",
-                                                           "an attribute deleted", "a tensor bound anew"})
+    assert recorded.settings_changed(built) == (change in {
+        "a float changed", "a list of numbers changed in place", "a list of objects changed into numbers",
+        "a new number", "an attribute deleted", "a tensor bound anew", "a layer's flag changed",
+        "the model put in eval mode", "a layer swapped for another kind", "a buffer bound anew"})
+
+
+def test_a_changed_layer_is_named_by_its_path_in_the_model():
+    built = engine()
+    built.train()
+    built.meta_step()
+    recorded = settings(built)
+    layers = built.meta_learner.module.features[0]
+    layers[0].grouped_grads = True
+    assert changed_setting(built, recorded).startswith(
+        "MAMLUpper.module.features.0.0.grouped_grads changed after the capture (False → True), and a replay computes")
+    layers[0].grouped_grads = False
+    layers[2] = nn.GELU()
+    assert changed_setting(built, recorded).startswith(
+        "MAMLUpper.module.features.0.2.__class__ changed after the capture (ReLU → GELU), and a replay computes")
 
 
 class KernelsOnlyReplay(CapturedOnCPU):
