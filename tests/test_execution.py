@@ -592,6 +592,25 @@ def test_replays_whose_hooks_change_nothing_skip_the_full_comparison_and_frozen_
     assert strategy.recorded.structure_changed(captured)
 
 
+def test_validation_and_the_progress_bar_between_replays_change_nothing_a_graph_took_as_given():
+    """Validating after every meta-iteration (the model in eval mode and back, adapted copies,
+    the progress bar's second line) leaves the problems and the model as the recording found them:
+    a false fallback would quietly cost the GPU its speed."""
+    torch.manual_seed(0)
+    model = Conv4(5, hidden=4, image_size=16).double()
+    upper = MAMLUpper(model, torch.optim.SGD(model.parameters(), lr=0.1), meta_batch_size=4)
+    lower = MAMLLower(model, inner_lr=0.1, inner_steps=2)
+    streams = [EpisodicEnv(device_tasks(), ways=5, shots=1, query_shots=2, seed=seed) for seed in (3, 4)]
+    built = MetaEngine(upper, lower, streams[0], valid_env=streams[1], valid_step=1,
+                       meta_iterations=CapturedExecution.WARMUP_ITERATIONS + 4)
+    strategy = KernelsOnlyReplay(built)
+    built.use_execution(strategy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback warns
+        built.run(progress=True)
+    assert built.execution is strategy and built.eager_reason is None
+
+
 def test_a_failed_capture_falls_back_and_loses_no_iteration():
     with pytest.warns(UserWarning, match=r"capturing failed \(RuntimeError: operation not permitted\)$"):
         eager, captured, strategy = run_both(fail_with=RuntimeError("operation not permitted\nmore"))
