@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
 
+from bilevel_maml.env import global_rng_state, set_global_rng_state
 from bilevel_maml.execution import precision_scope
-from bilevel_maml.problems.base import is_classification, predictions, vmap_over_tasks
+from bilevel_maml.problems.base import NotVectorizableError, is_classification, predictions, vmap_over_tasks
 from bilevel_maml.validation import check_positive_int
 
 #: two-sided 95% normal quantile, for confidence intervals over tasks
@@ -98,26 +100,12 @@ def evaluate(engine, env, num_tasks: int, per_task: bool = False, inner_steps: i
     """
     check_positive_int("num_tasks", num_tasks)
     steps = engine.task_learner.inner_steps if inner_steps is None else check_positive_int("inner_steps", inner_steps)
-    per_call = engine.evaluation_tasks_per_call
     score = functools.partial(score_tasks, engine.task_learner, engine.meta_learner.loss_fn, steps=steps,
                               per_step=per_step)
-    scores: list[dict[str, torch.Tensor]] = []
     engine.eval()
     try:
         with precision_scope(engine.precision, engine.device):
-            for start in range(0, num_tasks, TASKS_PER_DRAW):
-                count = min(TASKS_PER_DRAW, num_tasks - start)
-                if per_call == 1 and not env.on_device:  # one at a time: tasks of any shape
-                    for _ in range(count):
-                        support, query = env.sample_task()
-                        scores.append(score(support, query, stacked=False))
-                else:
-                    (xs, ys), (xq, yq) = env.sample_tasks(count)
-                    for lo in range(0, count, per_call):
-                        part = lo if per_call == 1 else slice(lo, min(count, lo + per_call))
-                        scores.append(score((xs[part], ys[part]), (xq[part], yq[part]), stacked=per_call > 1))
-                if on_scored is not None:
-                    on_scored(start + count)
+            scores = _scores_trying_stacked(engine, env, num_tasks, score, on_scored)
     finally:
         engine.train()
     columns = {key: torch.cat([s[key] for s in scores]).to(torch.float64) for key in scores[0]}
@@ -133,6 +121,42 @@ def evaluate(engine, env, num_tasks: int, per_task: bool = False, inner_steps: i
     if per_task:
         report["per_task"] = {key: columns[key].tolist() for key in keys}
     return report
+
+
+def _scores_trying_stacked(engine, env, num_tasks, score, on_scored) -> list[dict[str, torch.Tensor]]:
+    """The tasks' scores, vectorized by :attr:`~bilevel_maml.engine.MetaEngine.evaluation_tasks_per_call`;
+    where a variant's hook cannot run on stacked tasks, scored again one task at a time from the
+    same point of the task stream (with a one-line warning), and so from then on."""
+    per_call = engine.evaluation_tasks_per_call
+    if per_call == 1:
+        return _scores(env, num_tasks, score, 1, on_scored)
+    stream, rng = env.state_dict(), global_rng_state()
+    try:
+        return _scores(env, num_tasks, score, per_call, on_scored)
+    except NotVectorizableError as error:
+        env.load_state_dict(stream)
+        set_global_rng_state(rng)
+        engine.evaluation_tasks_per_call = 1
+        warnings.warn(f"{error.what}; scoring tasks one at a time instead", stacklevel=4)
+        return _scores(env, num_tasks, score, 1, on_scored)
+
+
+def _scores(env, num_tasks, score, per_call, on_scored) -> list[dict[str, torch.Tensor]]:
+    scores = []
+    for start in range(0, num_tasks, TASKS_PER_DRAW):
+        count = min(TASKS_PER_DRAW, num_tasks - start)
+        if per_call == 1 and not env.on_device:  # one at a time: tasks of any shape
+            for _ in range(count):
+                support, query = env.sample_task()
+                scores.append(score(support, query, stacked=False))
+        else:
+            (xs, ys), (xq, yq) = env.sample_tasks(count)
+            for lo in range(0, count, per_call):
+                part = lo if per_call == 1 else slice(lo, min(count, lo + per_call))
+                scores.append(score((xs[part], ys[part]), (xq[part], yq[part]), stacked=per_call > 1))
+        if on_scored is not None:
+            on_scored(start + count)
+    return scores
 
 
 def scalar_scores(report: dict, tag: str) -> dict:

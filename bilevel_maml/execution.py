@@ -28,6 +28,8 @@ import torch
 from torch.func import vmap
 from torch.overrides import TorchFunctionMode
 
+from bilevel_maml.env import global_rng_state, set_global_rng_state
+from bilevel_maml.problems.base import NotVectorizableError
 from bilevel_maml.validation import TORCH_FOLDER, check_positive_int, code_site, frame_in
 
 # -- tasks per vmapped call -------------------------------------------------------------------------
@@ -127,6 +129,16 @@ def plan_vectorization(engine, vectorize: bool | int) -> None:
         engine.meta_learner.gas = engine.meta_batch_size // tasks
     engine.evaluation_tasks_per_call = evaluation_tasks_per_call(
         engine.device, examples, engine.activation_bytes_per_example)
+
+
+def one_task_at_a_time(engine) -> None:
+    """Undo :func:`plan_vectorization`: every task adapted on its own, in training and evaluation."""
+    engine.vectorized = False
+    engine.tasks_per_step = engine.env.tasks_per_step = 1
+    engine.env.stacked = False
+    engine.task_learner.tasks_in_batch = engine.meta_learner.tasks_in_batch = None
+    engine.meta_learner.gas = engine.meta_batch_size
+    engine.evaluation_tasks_per_call = 1
 
 
 # -- precision --------------------------------------------------------------------------------------
@@ -286,6 +298,9 @@ class EagerExecution:
 
     def __init__(self, engine):
         self.engine = engine
+        #: whether a meta-iteration on stacked tasks went through: until one has, each is ready
+        #: to be redone one task at a time
+        self.stacked_tasks_work = False
 
     def run_tasks(self) -> None:
         """The steps of one meta-iteration: each task (or chunk) gets an env step and its inner
@@ -297,8 +312,56 @@ class EagerExecution:
 
     def meta_step(self) -> dict:
         with precision_scope(self.engine.precision, self.engine.device):
-            self.run_tasks()
+            self.run_tasks_trying_stacked()
         return self.engine.meta_learner.end_iteration()
+
+    def run_tasks_trying_stacked(self) -> None:
+        """:meth:`run_tasks`; while no meta-iteration on stacked tasks has gone through, one that a
+        variant's hook stops (it reads a tensor on the host, say: :class:`NotVectorizableError`)
+        is put back as it was before it began and run again one task at a time, for the rest of
+        the run, with a one-line warning naming the hook's line. A hook that fails later still
+        raises: only the first iterations pay for the copy that makes the redo exact."""
+        engine = self.engine
+        if not engine.vectorized or self.stacked_tasks_work:
+            return self.run_tasks()
+        before = _BeforeAnIteration(engine)
+        try:
+            self.run_tasks()
+        except NotVectorizableError as error:
+            before.restore()
+            one_task_at_a_time(engine)
+            warnings.warn(f"{error.what}; adapting tasks one at a time instead", stacklevel=2)
+            return self.run_tasks()
+        self.stacked_tasks_work = True
+
+
+class _BeforeAnIteration:
+    """What a meta-iteration changes before its outer step, as it was before it began: the Python
+    attributes of the engine, its problems and its training env (lists and dicts copied), the task
+    stream, the global random states (dropout), the model's buffers; and no gradients on θ."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.objects = [engine, engine.meta_learner, engine.task_learner, engine.env]
+        self.attributes = [{name: (type(value)(value) if type(value) in (list, dict) else value)
+                            for name, value in vars(obj).items()} for obj in self.objects]
+        self.env_state = engine.env.state_dict()
+        self.rng = global_rng_state()
+        self.buffers = [b.clone() for b in engine.meta_learner.module.buffers()]
+
+    def restore(self) -> None:
+        engine = self.engine
+        for obj, attributes in zip(self.objects, self.attributes):
+            vars(obj).clear()
+            vars(obj).update({name: (type(value)(value) if type(value) in (list, dict) else value)
+                              for name, value in attributes.items()})
+        engine.env.load_state_dict(self.env_state)
+        set_global_rng_state(self.rng)
+        with torch.no_grad():
+            for buffer, saved in zip(engine.meta_learner.module.buffers(), self.buffers):
+                buffer.copy_(saved)
+        for p in engine.meta_learner.trainable_parameters():
+            p.grad = None
 
 
 def capture_blocker(engine) -> str | None:
@@ -430,7 +493,7 @@ class CapturedExecution(EagerExecution):
                 contextlib.ExitStack() as stack:
             for watch in watches:
                 stack.enter_context(watch)
-            self.run_tasks()
+            self.run_tasks_trying_stacked()
         self.warmups_done += 1
         stats = engine.meta_learner.end_iteration()
         found = next((watch.first for watch in watches if watch.first is not None), None)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from bilevel_maml import ALGORITHMS, MetaEngine
+from bilevel_maml.data.device_sampler import DeviceTaskSampler
 from bilevel_maml.env import EpisodicEnv
 from bilevel_maml.models import Conv4
 from bilevel_maml.problems.base import NotVectorizableError, vmap_over_tasks
@@ -137,30 +138,86 @@ class ClassCountingLower(ALGORITHMS["maml"][1]):
         return super().inner_loss(params, batch) / classes
 
 
-@pytest.mark.parametrize("lower_cls, where, what, code", [
-    (NormClippedLower, "NormClippedLower.inner_update", "It looks like you're calling .item() on a Tensor",
-     "scale = min("),
-    (BranchingLower, "BranchingLower.inner_loss",
-     "It looks like you're attempting to use a Tensor in some data-dependent control flow", "loss * 2 if"),
-    (ClassCountingLower, "ClassCountingLower.inner_loss",
-     "We do not support batching operators that can output dynamic shape", "classes = torch.unique("),
-])
-def test_a_hook_vmap_cannot_batch_is_named_in_one_line_with_the_remedy(lower_cls, where, what, code):
-    def engine(vectorize):
-        model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 5))
-        upper = ALGORITHMS["maml"][0](model, torch.optim.SGD(model.parameters(), lr=0.1), meta_batch_size=4)
-        env = EpisodicEnv(random_classification_source(5, 2, 6, dtype=torch.float32), ways=5, shots=1)
-        return MetaEngine(upper, lower_cls(model, inner_lr=0.1), env, meta_iterations=2, vectorize=vectorize)
+class LateBranchingLower(ALGORITHMS["maml"][1]):
+    """Reads the host only from the second meta-iteration on, after stacked tasks went through."""
 
-    line = next(n for n, text in enumerate(Path(__file__).read_text().splitlines(), 1) if code in text)
+    def on_meta_iteration_start(self, iteration, iterations):
+        self.branching = iteration > 1
+
+    def inner_loss(self, params, batch):
+        loss = super().inner_loss(params, batch)
+        return loss * 2 if self.branching and loss > 1 else loss  # the line named
+
+
+def device_vectors():
+    """Tasks of 6-feature vectors drawn by the device-resident sampler (its own generator)."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(12).repeat_interleave(4)
+    vectors = torch.randn(48, 6, generator=generator) + labels.view(-1, 1) / 4
+    return DeviceTaskSampler(vectors, [range(c * 4, c * 4 + 4) for c in range(12)], ways=5, shots=1, query_shots=1)
+
+
+def mlp_engine(lower_cls, vectorize, meta_iterations=2, source="callable"):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 5))
+    upper = ALGORITHMS["maml"][0](model, torch.optim.SGD(model.parameters(), lr=0.1), meta_batch_size=4)
+    tasks = random_classification_source(5, 2, 6, dtype=torch.float32) if source == "callable" else device_vectors()
+    env = EpisodicEnv(tasks, ways=5, shots=1, seed=1)
+    return MetaEngine(upper, lower_cls(model, inner_lr=0.1), env, meta_iterations=meta_iterations,
+                      vectorize=vectorize)
+
+
+def line_of(code: str) -> int:
+    return next(n for n, text in enumerate(Path(__file__).read_text().splitlines(), 1) if code in text)
+
+
+@pytest.mark.parametrize("lower_cls, where, what, code, source", [
+    (NormClippedLower, "NormClippedLower.inner_update", "It looks like you're calling .item() on a Tensor",
+     "scale = min(", "callable"),
+    (BranchingLower, "BranchingLower.inner_loss",
+     "It looks like you're attempting to use a Tensor in some data-dependent control flow", "loss * 2 if loss",
+     "device sampler"),
+    (ClassCountingLower, "ClassCountingLower.inner_loss",
+     "We do not support batching operators that can output dynamic shape", "classes = torch.unique(", "callable"),
+])
+def test_a_hook_vmap_cannot_batch_is_named_in_one_line_and_the_run_goes_on_one_task_at_a_time(lower_cls, where,
+                                                                                                what, code, source):
+    """The first meta-iteration on stacked tasks stops in the hook; it is put back as it was before
+    it began and run again one task at a time, as the rest of the run is: losses, θ and the task
+    stream (a callable's global generator, the device sampler's own) end exactly as in a run built
+    with vectorize=False. Evaluation likewise, on its own."""
+    said = f"{where} (test_vectorized.py:{line_of(code)}) cannot run on stacked tasks (vmap: {what})"
+    vectorized, per_task = mlp_engine(lower_cls, True, source=source), mlp_engine(lower_cls, False, source=source)
+    with pytest.warns(UserWarning) as caught:
+        history = vectorized.run()
+    assert [str(w.message) for w in caught] == [f"{said}; adapting tasks one at a time instead"]
+    assert [h["loss"] for h in history] == [h["loss"] for h in per_task.run()]
+    for a, b in zip(vectorized.meta_learner.trainable_parameters(), per_task.meta_learner.trainable_parameters()):
+        assert torch.equal(a, b)
+    assert vectorized.env.tasks_sampled == per_task.env.tasks_sampled
+    assert torch.equal(vectorized.env.sample_task()[0][0], per_task.env.sample_task()[0][0])  # the stream goes on alike
+    assert not vectorized.vectorized and vectorized.evaluation_tasks_per_call == 1
+
+    vectorized, per_task = mlp_engine(lower_cls, True, source=source), mlp_engine(lower_cls, False, source=source)
+    assert vectorized.evaluation_tasks_per_call > 1
+    with pytest.warns(UserWarning) as caught:
+        report = vectorized.evaluate(vectorized.env, 12, per_task=True)
+    assert [str(w.message) for w in caught] == [f"{said}; scoring tasks one at a time instead"]
+    assert report == per_task.evaluate(per_task.env, 12, per_task=True)
+
+
+def test_a_hook_that_stops_stacked_tasks_after_they_went_through_is_named_with_the_remedy():
+    engine = mlp_engine(LateBranchingLower, True, meta_iterations=3)
     with pytest.raises(NotVectorizableError) as raised:
-        engine(vectorize=True).run()
+        engine.run()
     assert str(raised.value) == (
-        f"{where} (test_vectorized.py:{line}) cannot run on stacked tasks (vmap: {what}); "
+        f"LateBranchingLower.inner_loss (test_vectorized.py:{line_of('loss * 2 if self.branching')}) cannot run on "
+        f"stacked tasks (vmap: It looks like you're attempting to use a Tensor in some data-dependent control flow); "
         f"compute with tensor operations only, or adapt tasks one at a time (--no-vectorize; "
         f"build_engine(..., vectorize=False))")
-    history = engine(vectorize=False).run()  # the remedy: one task at a time, where a hook may read the host
-    assert len(history) == 2 and all(math.isfinite(h["loss"]) for h in history)
+    assert engine.meta_iteration == 1
+    history = mlp_engine(LateBranchingLower, False, meta_iterations=3).run()  # the remedy
+    assert len(history) == 3 and all(math.isfinite(h["loss"]) for h in history)
 
 
 def test_chunk_size_must_divide_the_meta_batch():

@@ -277,7 +277,16 @@ def cosine_learning_rate(initial: float, minimum: float, iteration: int, iterati
 
 class NotVectorizableError(ValueError):
     """A hook (or the model) did what ``vmap`` cannot do over stacked tasks: read a tensor's value on
-    the host (``.item()``, ``float(t)``, ``if t:``) or an operation without a batching rule."""
+    the host (``.item()``, ``float(t)``, ``if t:``) or an operation without a batching rule.
+
+    :param what: where and what, ``"MyLower.inner_loss (my_variant.py:12) cannot run on stacked
+        tasks (vmap: ...)"``; the message adds the remedy.
+    """
+
+    def __init__(self, what: str):
+        super().__init__(f"{what}; compute with tensor operations only, or adapt tasks one at a time "
+                         f"(--no-vectorize; build_engine(..., vectorize=False))")
+        self.what = what
 
 
 def _innermost_outside_torch(error: BaseException) -> str:
@@ -301,9 +310,7 @@ def vmap_over_tasks(fn: Callable, in_dims=0) -> Callable:
             if not (message.startswith("vmap:") or "Batching rule not implemented" in message):
                 raise
             raise NotVectorizableError(
-                f"{_innermost_outside_torch(error)} cannot run on stacked tasks ({message.split('. ')[0]}); "
-                f"compute with tensor operations only, or adapt tasks one at a time (--no-vectorize; "
-                f"build_engine(..., vectorize=False))") from error
+                f"{_innermost_outside_torch(error)} cannot run on stacked tasks ({message.split('. ')[0]})") from error
 
     return over_tasks
 
