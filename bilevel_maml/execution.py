@@ -320,10 +320,11 @@ class EagerExecution:
         variant's hook stops (it reads a tensor on the host, say: :class:`NotVectorizableError`)
         is put back as it was before it began and run again one task at a time, for the rest of
         the run, with a one-line warning naming the hook's line. A hook that fails later still
-        raises: only the first iterations pay for the copy that makes the redo exact."""
+        raises: only iterations until one has gone through pay for the copy that makes the redo exact."""
         engine = self.engine
         if not engine.vectorized or self.stacked_tasks_work:
-            return self.run_tasks()
+            self.run_tasks()
+            return
         before = _BeforeAnIteration(engine)
         try:
             self.run_tasks()
@@ -331,8 +332,13 @@ class EagerExecution:
             before.restore()
             one_task_at_a_time(engine)
             warnings.warn(f"{error.what}; adapting tasks one at a time instead", stacklevel=2)
-            return self.run_tasks()
+            self.run_tasks()
+            return
         self.stacked_tasks_work = True
+
+
+def _copied(attributes: dict) -> dict:
+    return {name: (type(value)(value) if type(value) in (list, dict) else value) for name, value in attributes.items()}
 
 
 class _BeforeAnIteration:
@@ -343,8 +349,7 @@ class _BeforeAnIteration:
     def __init__(self, engine):
         self.engine = engine
         self.objects = [engine, engine.meta_learner, engine.task_learner, engine.env]
-        self.attributes = [{name: (type(value)(value) if type(value) in (list, dict) else value)
-                            for name, value in vars(obj).items()} for obj in self.objects]
+        self.attributes = [_copied(vars(obj)) for obj in self.objects]
         self.env_state = engine.env.state_dict()
         self.rng = global_rng_state()
         self.buffers = [b.clone() for b in engine.meta_learner.module.buffers()]
@@ -353,8 +358,7 @@ class _BeforeAnIteration:
         engine = self.engine
         for obj, attributes in zip(self.objects, self.attributes):
             vars(obj).clear()
-            vars(obj).update({name: (type(value)(value) if type(value) in (list, dict) else value)
-                              for name, value in attributes.items()})
+            vars(obj).update(_copied(attributes))
         engine.env.load_state_dict(self.env_state)
         set_global_rng_state(self.rng)
         with torch.no_grad():
