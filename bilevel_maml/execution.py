@@ -388,18 +388,26 @@ _PLAIN = (int, float, bool, str, type(None))
 
 
 def _is_plain(value) -> bool:
+    """A number, flag, string or None, or a list, tuple or dict of them."""
+    if isinstance(value, dict):
+        return all(isinstance(k, _PLAIN) and isinstance(v, _PLAIN) for k, v in value.items())
     return isinstance(value, _PLAIN) or (isinstance(value, (list, tuple)) and all(isinstance(v, _PLAIN) for v in value))
 
 
+def _plain_copy(value):
+    """A list or dict of its own (a tuple as a list), so that a recorded state stays as it is."""
+    return list(value) if isinstance(value, (list, tuple)) else dict(value) if isinstance(value, dict) else value
+
+
 def python_state(objects: dict) -> dict:
-    """The plain-valued attributes (numbers, strings, flags, lists of them) of ``objects``."""
-    return {(name, attr): (list(value) if isinstance(value, (list, tuple)) else value)
+    """The plain-valued attributes (numbers, strings, flags, lists and dicts of them) of ``objects``."""
+    return {(name, attr): _plain_copy(value)
             for name, obj in objects.items() for attr, value in vars(obj).items() if _is_plain(value)}
 
 
 def restore_python_state(objects: dict, state: dict) -> None:
     for (name, attr), value in state.items():
-        setattr(objects[name], attr, list(value) if isinstance(value, list) else value)  # a list of its own: `state` stays as it is
+        setattr(objects[name], attr, _plain_copy(value) if isinstance(value, (list, dict)) else value)
 
 
 def advance_counters(engine) -> None:
@@ -564,9 +572,9 @@ _PYTORCH_BOOKKEEPING = frozenset(vars(torch.nn.Module())) - {"training"}
 
 
 def settings(engine) -> dict:
-    """The plain attributes (numbers, flags, strings) of the problems and of every module of their
-    models, but Betty's step counters; which tensor each tensor attribute and registered buffer is;
-    and each module's class. A variant's hook that reads a number (a strength its
+    """The plain attributes (numbers, flags, strings, lists and dicts of them) of the problems and
+    of every module of their models, but Betty's step counters; which tensor each tensor attribute
+    and registered buffer is; and each module's class. A variant's hook that reads a number (a strength its
     ``on_meta_iteration_start`` anneals, a layer's dropout rate) has the value it had at capture
     baked into the graph, and one that reads a tensor reads that tensor's memory: a new number, a
     new tensor bound in place of the old, or a layer swapped for another means the graph no longer
@@ -583,7 +591,7 @@ def settings(engine) -> dict:
             if isinstance(value, torch.Tensor):
                 found[(side, prefix + name)] = _Same(value)
             elif _is_plain(value) and not (name in _COUNTERS and not prefix):
-                found[(side, prefix + name)] = list(value) if isinstance(value, (list, tuple)) else value
+                found[(side, prefix + name)] = _plain_copy(value)
     return found
 
 
@@ -619,7 +627,7 @@ class RecordedState:
     tensors were frozen, and their :func:`settings`. Checked before every replay, so it is kept
     cheap: the frozen flags are read from the tensors θ had when recorded (the ones the graph
     updates), and :func:`settings` is compared only when an attribute of a problem or of a module
-    of its model, a buffer or a submodule was bound to another object, or a list changed in place,
+    of its model, a buffer or a submodule was bound to another object, or a list or dict changed in place,
     since the last check that passed; a replay whose hooks changed nothing costs a walk of those
     dicts.
 
@@ -658,7 +666,7 @@ class RecordedState:
                          + [name not in _PYTORCH_BOOKKEEPING for d in layers for name in d]
                          + [True] * sum(map(len, contents)))
         self.values = list(compress(chain.from_iterable(map(dict.values, self.dicts)), self.compared))
-        self.lists = [(d, name, list(value)) for d in self.dicts for name, value in d.items() if isinstance(value, list)]
+        self.containers = [(value, _contents(value)) for value in self.values if isinstance(value, (list, dict))]
 
     def _rebound(self) -> bool:
         dicts = self.dicts
@@ -668,11 +676,15 @@ class RecordedState:
                 or not all(map(operator.is_, compress(chain.from_iterable(map(dict.values, dicts)), self.compared),
                                self.values))):
             return True
-        for d, name, values in self.lists:  # the same list objects: were they changed in place?
-            now = d[name]
-            if len(now) != len(values) or not all(map(operator.is_, now, values)):
+        for container, contents in self.containers:  # bound to the same lists and dicts: changed in place?
+            now = _contents(container)
+            if len(now) != len(contents) or not all(map(operator.is_, now, contents)):
                 return True
         return False
+
+
+def _contents(container) -> list:
+    return [*container, *container.values()] if isinstance(container, dict) else list(container)
 
 
 def structure(engine) -> tuple:

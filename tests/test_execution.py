@@ -515,6 +515,9 @@ CHANGES_AFTER_A_CAPTURE = {
     "a list of numbers bound to an equal one": lambda problems: setattr(problems["lower"], "param_names",
                                                                          list(problems["lower"].param_names)),
     "a list of objects changed into numbers": _turn_a_list_of_objects_into_numbers,
+    "a dict of numbers changed in place": lambda problems: problems["lower"].schedule.update(strength=0.25),
+    "a dict of numbers bound to an equal one": lambda problems: setattr(problems["lower"], "schedule",
+                                                                         dict(problems["lower"].schedule)),
     "a new number": lambda problems: setattr(problems["upper"], "strength", 0.5),
     "a new object": lambda problems: setattr(problems["upper"], "helper", object()),
     "an attribute deleted": lambda problems: delattr(problems["upper"], "log_step"),
@@ -539,6 +542,7 @@ def test_the_replay_check_says_changed_exactly_when_the_full_comparison_would(ch
     built.meta_step()
     if change == "a tensor bound anew":
         built.task_learner.strength = torch.zeros(())
+    built.task_learner.schedule = {"strength": 0.5}
     built.meta_learner.module.features[0][1].register_buffer("scale", torch.ones(()))
     recorded = RecordedState(built)
     problems = {"upper": built.meta_learner, "lower": built.task_learner}
@@ -546,6 +550,7 @@ def test_the_replay_check_says_changed_exactly_when_the_full_comparison_would(ch
     assert recorded.settings_changed(built) == (settings(built) != recorded.settings)
     assert recorded.settings_changed(built) == (change in {
         "a float changed", "a list of numbers changed in place", "a list of objects changed into numbers",
+        "a dict of numbers changed in place",
         "a new number", "an attribute deleted", "a tensor bound anew", "a layer's flag changed",
         "the model put in eval mode", "a layer swapped for another kind", "a buffer bound anew"})
 
