@@ -2,6 +2,7 @@
 
 import copy
 import math
+import pickle
 import warnings
 from pathlib import Path
 
@@ -216,6 +217,7 @@ def test_a_hook_that_stops_stacked_tasks_after_they_went_through_is_named_with_t
         f"compute with tensor operations only, or adapt tasks one at a time (--no-vectorize; "
         f"build_engine(..., vectorize=False))")
     assert engine.meta_iteration == 1
+    assert str(pickle.loads(pickle.dumps(raised.value))) == str(raised.value)  # as another process would see it
     history = mlp_engine(LateBranchingLower, False, meta_iterations=3).run()  # the remedy
     assert len(history) == 3 and all(math.isfinite(h["loss"]) for h in history)
 

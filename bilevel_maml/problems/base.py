@@ -288,6 +288,9 @@ class NotVectorizableError(ValueError):
                          f"(--no-vectorize; build_engine(..., vectorize=False))")
         self.what = what
 
+    def __reduce__(self):  # pickled (to another process) as it was made
+        return type(self), (self.what,)
+
 
 def _innermost_outside_torch(error: BaseException) -> str:
     """``Owner.function (file.py:line)`` of the innermost traceback frame outside PyTorch: the line of
