@@ -387,16 +387,30 @@ def capture_blocker(engine) -> str | None:
 _PLAIN = (int, float, bool, str, type(None))
 
 
-def _is_plain(value) -> bool:
-    """A number, flag, string or None, or a list, tuple or dict of them."""
+#: how deep lists, tuples and dicts of plain values may nest and still count as plain
+_PLAIN_DEPTH = 4
+
+
+def _is_plain(value, depth: int = _PLAIN_DEPTH) -> bool:
+    """A number, flag, string or None, or lists, tuples and dicts of them, nested at most
+    :data:`_PLAIN_DEPTH` deep (a schedule of per-step values, a dict of hyperparameters)."""
+    if isinstance(value, _PLAIN):
+        return True
+    if depth == 0:
+        return False
     if isinstance(value, dict):
-        return all(isinstance(k, _PLAIN) and isinstance(v, _PLAIN) for k, v in value.items())
-    return isinstance(value, _PLAIN) or (isinstance(value, (list, tuple)) and all(isinstance(v, _PLAIN) for v in value))
+        return all(isinstance(k, _PLAIN) and _is_plain(v, depth - 1) for k, v in value.items())
+    return isinstance(value, (list, tuple)) and all(_is_plain(v, depth - 1) for v in value)
 
 
 def _plain_copy(value):
-    """A list or dict of its own (a tuple as a list), so that a recorded state stays as it is."""
-    return list(value) if isinstance(value, (list, tuple)) else dict(value) if isinstance(value, dict) else value
+    """Lists and dicts of its own, at every depth (tuples as lists), so that a recorded state stays
+    as it is."""
+    if isinstance(value, (list, tuple)):
+        return [_plain_copy(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain_copy(v) for k, v in value.items()}
+    return value
 
 
 def python_state(objects: dict) -> dict:
@@ -666,7 +680,7 @@ class RecordedState:
                          + [name not in _PYTORCH_BOOKKEEPING for d in layers for name in d]
                          + [True] * sum(map(len, contents)))
         self.values = list(compress(chain.from_iterable(map(dict.values, self.dicts)), self.compared))
-        self.containers = [(value, _contents(value)) for value in self.values if isinstance(value, (list, dict))]
+        self.containers = [(c, _contents(c)) for value in self.values for c in _containers_in(value)]
 
     def _rebound(self) -> bool:
         dicts = self.dicts
@@ -681,6 +695,15 @@ class RecordedState:
             if len(now) != len(contents) or not all(map(operator.is_, now, contents)):
                 return True
         return False
+
+
+def _containers_in(value, depth: int = _PLAIN_DEPTH + 1) -> list:
+    """The lists and dicts ``value`` is or holds (through tuples too), as deep as a plain value nests
+    and one level more (a change that makes a value too deep to be plain is a change)."""
+    if depth == 0 or not isinstance(value, (list, tuple, dict)):
+        return []
+    nested = [c for v in (value.values() if isinstance(value, dict) else value) for c in _containers_in(v, depth - 1)]
+    return nested if isinstance(value, tuple) else [value, *nested]
 
 
 def _contents(container) -> list:

@@ -518,6 +518,8 @@ CHANGES_AFTER_A_CAPTURE = {
     "a dict of numbers changed in place": lambda problems: problems["lower"].schedule.update(strength=0.25),
     "a dict of numbers bound to an equal one": lambda problems: setattr(problems["lower"], "schedule",
                                                                          dict(problems["lower"].schedule)),
+    "a list in a dict changed in place": lambda problems: problems["lower"].schedule["per_step"].append(0.3),
+    "a list in a tuple changed in place": lambda problems: problems["lower"].steps[1].append(0.3),
     "a new number": lambda problems: setattr(problems["upper"], "strength", 0.5),
     "a new object": lambda problems: setattr(problems["upper"], "helper", object()),
     "an attribute deleted": lambda problems: delattr(problems["upper"], "log_step"),
@@ -542,7 +544,8 @@ def test_the_replay_check_says_changed_exactly_when_the_full_comparison_would(ch
     built.meta_step()
     if change == "a tensor bound anew":
         built.task_learner.strength = torch.zeros(())
-    built.task_learner.schedule = {"strength": 0.5}
+    built.task_learner.schedule = {"strength": 0.5, "per_step": [0.1, 0.2]}
+    built.task_learner.steps = (0.1, [0.2])
     built.meta_learner.module.features[0][1].register_buffer("scale", torch.ones(()))
     recorded = RecordedState(built)
     problems = {"upper": built.meta_learner, "lower": built.task_learner}
@@ -550,7 +553,7 @@ def test_the_replay_check_says_changed_exactly_when_the_full_comparison_would(ch
     assert recorded.settings_changed(built) == (settings(built) != recorded.settings)
     assert recorded.settings_changed(built) == (change in {
         "a float changed", "a list of numbers changed in place", "a list of objects changed into numbers",
-        "a dict of numbers changed in place",
+        "a dict of numbers changed in place", "a list in a dict changed in place", "a list in a tuple changed in place",
         "a new number", "an attribute deleted", "a tensor bound anew", "a layer's flag changed",
         "the model put in eval mode", "a layer swapped for another kind", "a buffer bound anew"})
 
