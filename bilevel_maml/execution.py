@@ -121,23 +121,24 @@ def plan_vectorization(engine, vectorize: bool | int) -> None:
     tasks = vectorize if vectorize is not True else plan_tasks_per_call(
         engine.device, engine.meta_batch_size, examples, engine.activation_bytes_per_example)
     if tasks > 1 or vectorize is not True:
-        # One Betty step of each problem now covers `tasks` tasks; the Upper accumulates the rest.
-        engine.vectorized = True
-        engine.tasks_per_step = engine.env.tasks_per_step = tasks
-        engine.env.stacked = True
-        engine.task_learner.tasks_in_batch = engine.meta_learner.tasks_in_batch = tasks
-        engine.meta_learner.gas = engine.meta_batch_size // tasks
+        _stack_tasks(engine, tasks)
     engine.evaluation_tasks_per_call = evaluation_tasks_per_call(
         engine.device, examples, engine.activation_bytes_per_example)
 
 
+def _stack_tasks(engine, tasks: int | None) -> None:
+    """One Betty step of each problem covers ``tasks`` stacked tasks, the Upper accumulating the
+    rest of the meta-batch; None: one task, not stacked."""
+    engine.vectorized = tasks is not None
+    engine.tasks_per_step = engine.env.tasks_per_step = tasks or 1
+    engine.env.stacked = tasks is not None
+    engine.task_learner.tasks_in_batch = engine.meta_learner.tasks_in_batch = tasks
+    engine.meta_learner.gas = engine.meta_batch_size // (tasks or 1)
+
+
 def one_task_at_a_time(engine) -> None:
     """Undo :func:`plan_vectorization`: every task adapted on its own, in training and evaluation."""
-    engine.vectorized = False
-    engine.tasks_per_step = engine.env.tasks_per_step = 1
-    engine.env.stacked = False
-    engine.task_learner.tasks_in_batch = engine.meta_learner.tasks_in_batch = None
-    engine.meta_learner.gas = engine.meta_batch_size
+    _stack_tasks(engine, None)
     engine.evaluation_tasks_per_call = 1
 
 
@@ -560,16 +561,12 @@ class CapturedExecution(EagerExecution):
 _COUNTERS = ("_count", "_global_step")
 
 
-def _problems(engine) -> dict:
-    return {"upper": engine.meta_learner, "lower": engine.task_learner}
-
-
 def _holders(engine) -> dict:
     """The problems and every module of their models, by (problem, dotted name): ("upper", "") for
     the meta-learner itself, ("upper", "module.features.0.") for a layer of its model; a module both
     problems hold is named once, under the first."""
     found, seen = {}, set()
-    for side, problem in _problems(engine).items():
+    for side, problem in (("upper", engine.meta_learner), ("lower", engine.task_learner)):
         found[(side, "")] = problem
         model = getattr(problem, "module", None)
         if isinstance(model, torch.nn.Module):
@@ -649,14 +646,13 @@ class RecordedState:
     """
 
     def __init__(self, engine):
-        self.structure = structure(engine)
-        self.settings = settings(engine)
         self.parameters = list(engine.meta_learner.trainable_parameters())
+        self.structure = structure(engine, self.parameters)
+        self.settings = settings(engine)
         self._note_bindings(engine)
 
     def structure_changed(self, engine) -> bool:
-        frozen = tuple(not p.requires_grad for p in self.parameters)
-        return (engine.meta_learner.structure(), engine.task_learner.structure(), frozen) != self.structure
+        return structure(engine, self.parameters) != self.structure
 
     def settings_changed(self, engine) -> bool:
         if not self._rebound():
@@ -710,8 +706,11 @@ def _contents(container) -> list:
     return [*container, *container.values()] if isinstance(container, dict) else list(container)
 
 
-def structure(engine) -> tuple:
-    frozen = tuple(not p.requires_grad for p in engine.meta_learner.trainable_parameters())
+def structure(engine, parameters=None) -> tuple:
+    """The problems' :meth:`structure` and which of θ's tensors are frozen (``parameters``: θ's
+    tensors if already known, which spares walking the modules)."""
+    parameters = engine.meta_learner.trainable_parameters() if parameters is None else parameters
+    frozen = tuple(not p.requires_grad for p in parameters)
     return engine.meta_learner.structure(), engine.task_learner.structure(), frozen
 
 
