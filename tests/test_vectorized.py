@@ -8,15 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.func import vmap
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bilevel_maml import ALGORITHMS, MetaEngine
 from bilevel_maml.data.device_sampler import DeviceTaskSampler
 from bilevel_maml.env import EpisodicEnv
 from bilevel_maml.models import Conv4
-from bilevel_maml.problems.base import NotVectorizableError, vmap_over_tasks
+from bilevel_maml.problems.base import NotVectorizableError, classification_loss, vmap_over_tasks
 
-from conftest import RecordingSGD, random_classification_source
+from conftest import RecordingSGD, random_classification_source, vmapped_meta_gradient
 
 
 def image_source():
@@ -267,3 +270,39 @@ def test_the_cpu_auto_rule_sizes_chunks_by_the_models_largest_activation(width, 
     assert engine.activation_bytes_per_example == width * 4
     assert engine.tasks_per_step == expected_tasks_per_call
     assert engine.vectorized == (expected_tasks_per_call > 1)
+
+
+class OpNames(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_default_classification_loss_is_cross_entropy_without_its_ignore_index_masks_under_vmap():
+    """Under vmap, F.cross_entropy's nll_loss runs as a decomposition that masks ignore_index (ne,
+    where) at every order of derivative, a kernel each on a GPU; the default loss picks the
+    log-probabilities there instead: the same losses and meta-gradient to the bit, without those ops."""
+    torch.manual_seed(0)
+    w = torch.randn(10, 5, dtype=torch.float64, requires_grad=True)
+    inputs = (torch.randn(6, 7, 10, dtype=torch.float64), torch.randint(0, 5, (6, 7)))
+
+    def run(loss_fn):
+        def loss(p, batch):
+            return loss_fn(batch[0] @ p[0], batch[1])
+
+        with OpNames() as dispatched:
+            losses = vmap(loss)((w.expand(6, 10, 5),), inputs)
+            meta_gradient = vmapped_meta_gradient(loss, (w.expand(6, 10, 5),), inputs, (w,))[0]
+        return losses, meta_gradient, dispatched.names
+
+    ours, reference = run(classification_loss), run(F.cross_entropy)
+    assert torch.equal(ours[0], reference[0]) and torch.equal(ours[1], reference[1])
+    assert {"ne", "where"} <= reference[2], "the reference no longer masks: this test has lost its point"
+    assert not {"ne", "where"} & ours[2], ours[2]
+    # outside vmap (the per-task path) it is F.cross_entropy itself
+    scores, labels = torch.randn(7, 5, requires_grad=True), torch.randint(0, 5, (7,))
+    assert torch.equal(classification_loss(scores, labels), F.cross_entropy(scores, labels))
