@@ -18,6 +18,7 @@ would read a tensor on the host inside a captured region.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import operator
 import warnings
@@ -339,12 +340,15 @@ class EagerExecution:
 
 
 def _copied(attributes: dict) -> dict:
-    return {name: (type(value)(value) if type(value) in (list, dict) else value) for name, value in attributes.items()}
+    """Containers of their own: plain ones (numbers in lists and dicts, :func:`_is_plain`) at every
+    depth, others (of tensors, of a variant's objects) one level deep."""
+    return {name: (copy.deepcopy(value) if _is_plain(value) else type(value)(value) if type(value) in (list, dict)
+                   else value) for name, value in attributes.items()}
 
 
 class _BeforeAnIteration:
     """What a meta-iteration changes before its outer step, as it was before it began: the Python
-    attributes of the engine, its problems and its training env (lists and dicts copied), the task
+    attributes of the engine, its problems and its training env (their lists and dicts copied), the task
     stream, the global random states (dropout), the model's buffers; and no gradients on θ."""
 
     def __init__(self, engine):

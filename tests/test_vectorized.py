@@ -128,6 +128,18 @@ class NormClippedLower(ALGORITHMS["maml"][1]):
         return tuple(p - self.inner_lr * scale * g for p, g in zip(params, grads))
 
 
+class CountingNormClippedLower(NormClippedLower):
+    """Counts its calls in a nested container, changed in place before vmap stops the hook."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = {"inner_update": [0]}
+
+    def inner_update(self, params, grads):
+        self.calls["inner_update"][0] += 1
+        return super().inner_update(params, grads)
+
+
 class BranchingLower(ALGORITHMS["maml"][1]):
     def inner_loss(self, params, batch):
         loss = super().inner_loss(params, batch)
@@ -208,6 +220,14 @@ def test_a_hook_vmap_cannot_batch_is_named_in_one_line_and_the_run_goes_on_one_t
         report = vectorized.evaluate(vectorized.env, 12, per_task=True)
     assert [str(w.message) for w in caught] == [f"{said}; scoring tasks one at a time instead"]
     assert report == per_task.evaluate(per_task.env, 12, per_task=True)
+
+
+def test_what_the_stopped_meta_iteration_changed_in_place_in_nested_containers_is_put_back():
+    vectorized, per_task = mlp_engine(CountingNormClippedLower, True), mlp_engine(CountingNormClippedLower, False)
+    with pytest.warns(UserWarning, match="adapting tasks one at a time instead"):
+        vectorized.run()
+    per_task.run()
+    assert vectorized.task_learner.calls == per_task.task_learner.calls == {"inner_update": [8]}  # 2 × 4 tasks
 
 
 def test_a_hook_that_stops_stacked_tasks_after_they_went_through_is_named_with_the_remedy():
