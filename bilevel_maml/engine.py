@@ -299,8 +299,6 @@ class MetaEngine(Engine):
         rng = saveable_rng_state(global_rng_state())
         return {
             "meta_iteration": self.meta_iteration,
-            "global_step": self.global_step,
-            "problem_counts": [upper._count, self.task_learner._count],
             "theta": upper.module.state_dict(),
             "task_learner_meta_parameters": [p.detach().clone() for p in self.task_learner.meta_parameters()],
             "extra_state": [upper.get_extra_state(), self.task_learner.get_extra_state()],
@@ -358,8 +356,8 @@ class MetaEngine(Engine):
             if name in envs:
                 envs[name].load_state_dict(env_state)
         self.meta_iteration = state["meta_iteration"]
-        self.global_step = state["global_step"]
-        upper._count, self.task_learner._count = state["problem_counts"]
+        # not the saved counts: the run that saved them may have stacked another number of tasks per step
+        execution.count_steps_of_whole_iterations(self)
         self.best_valid = state["best_valid"]
         self.history = list(state["history"])
         set_global_rng_state(state["rng"])

@@ -109,6 +109,37 @@ def test_a_variants_own_state_is_checkpointed_through_get_extra_state(tmp_path, 
     assert all(same) if lower_cls is JitteredLower else not any(same)
 
 
+def sinusoid_engine(iterations, vectorize):
+    """Tasks drawn on the host: the same stream however many are drawn at once (a device-resident
+    source draws a set of tasks in one go, which is not the stream of drawing them one by one)."""
+    torch.manual_seed(0)
+    return build_engine("maml", MLP(1, 1, (8, 8)), SinusoidTasks(points=10, dtype=torch.float64), regression=True,
+                        shots=5, inner_lr=0.1, inner_steps=2, meta_lr=1e-2, meta_batch_size=4,
+                        meta_iterations=iterations, valid_step=100, dtype=torch.float64, verbose=False,
+                        vectorize=vectorize, sampler="learn2learn")
+
+
+@pytest.mark.parametrize("saved_by, resumed_by", [(True, False), (False, True), (True, 2)])
+def test_a_run_resumes_exactly_with_another_number_of_tasks_per_step(tmp_path, saved_by, resumed_by):
+    """Betty's step counters count tasks, or sets of stacked tasks, and the outer step comes when
+    the Upper's count reaches a multiple of the steps per meta-batch: a checkpoint of a run that
+    stacked 4 tasks per step, resumed one task at a time (or the other way, or 2 at a time), ends
+    where a straight run of the resumed kind does, each outer step after a whole meta-batch."""
+    straight = sinusoid_engine(6, resumed_by)
+    expected = straight.run()
+    stopped = sinusoid_engine(3, saved_by)
+    stopped.run()
+    save_checkpoint(tmp_path / "last.pt", stopped)
+    resumed = sinusoid_engine(6, resumed_by)
+    resumed.load_state_dict(load_checkpoint(tmp_path / "last.pt")["engine"])
+    history = resumed.run()
+    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in expected], rel=1e-10)
+    for a, b in zip(straight.meta_learner.module.parameters(), resumed.meta_learner.module.parameters()):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    assert ([resumed.global_step, resumed.meta_learner._count, resumed.task_learner._count]
+            == [straight.global_step, straight.meta_learner._count, straight.task_learner._count])
+
+
 def test_a_crash_during_a_write_leaves_the_last_good_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     atomic_save({"format": 1, "value": 1}, path)

@@ -1,7 +1,6 @@
 """The vectorized path (whole meta-batch under torch.func.vmap) gives the per-task meta-gradient."""
 
 import copy
-import math
 import pickle
 import warnings
 from pathlib import Path
@@ -230,19 +229,41 @@ def test_what_the_stopped_meta_iteration_changed_in_place_in_nested_containers_i
     assert vectorized.task_learner.calls == per_task.task_learner.calls == {"inner_update": [8]}  # 2 × 4 tasks
 
 
-def test_a_hook_that_stops_stacked_tasks_after_they_went_through_is_named_with_the_remedy():
-    engine = mlp_engine(LateBranchingLower, True, meta_iterations=3)
+def test_a_hook_that_stops_stacked_tasks_only_at_a_later_meta_iteration_falls_back_there():
+    """Iteration 1 runs on stacked tasks; iteration 2, which the hook stops, is put back and run
+    one task at a time, as iteration 3 is: the run ends as one built with vectorize=False (to
+    float rounding, iteration 1's sums being taken in another order), the task stream exactly."""
+    vectorized, per_task = mlp_engine(LateBranchingLower, True, meta_iterations=3), \
+        mlp_engine(LateBranchingLower, False, meta_iterations=3)
+    with pytest.warns(UserWarning) as caught:
+        history = vectorized.run()
+    assert [str(w.message) for w in caught] == [
+        f"LateBranchingLower.inner_loss (test_vectorized.py:{line_of('loss * 2 if self.branching')}) cannot run "
+        f"on stacked tasks (vmap: It looks like you're attempting to use a Tensor in some data-dependent control "
+        f"flow); adapting tasks one at a time instead"]
+    assert not vectorized.vectorized and vectorized.meta_iteration == 3
+    expected = per_task.run()
+    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in expected], rel=1e-6)
+    for a, b in zip(vectorized.meta_learner.trainable_parameters(), per_task.meta_learner.trainable_parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert vectorized.env.tasks_sampled == per_task.env.tasks_sampled
+    assert torch.equal(vectorized.env.sample_task()[0][0], per_task.env.sample_task()[0][0])
+
+
+def test_not_vectorizable_error_names_the_hook_and_the_remedy_and_pickles_back():
+    engine = mlp_engine(LateBranchingLower, True)
+    engine.task_learner.branching = True
+    tasks = engine.env.sample_tasks(4)[0]
     with pytest.raises(NotVectorizableError) as raised:
-        engine.run()
+        engine.task_learner.over_tasks(engine.task_learner.inner_loss,
+                                       tuple(p.expand(4, *p.shape) for p in engine.meta_learner.module.parameters()),
+                                       tasks)
     assert str(raised.value) == (
         f"LateBranchingLower.inner_loss (test_vectorized.py:{line_of('loss * 2 if self.branching')}) cannot run on "
         f"stacked tasks (vmap: It looks like you're attempting to use a Tensor in some data-dependent control flow); "
         f"compute with tensor operations only, or adapt tasks one at a time (--no-vectorize; "
         f"build_engine(..., vectorize=False))")
-    assert engine.meta_iteration == 1
     assert str(pickle.loads(pickle.dumps(raised.value))) == str(raised.value)  # as another process would see it
-    history = mlp_engine(LateBranchingLower, False, meta_iterations=3).run()  # the remedy
-    assert len(history) == 3 and all(math.isfinite(h["loss"]) for h in history)
 
 
 def test_chunk_size_must_divide_the_meta_batch():
