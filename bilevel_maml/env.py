@@ -188,6 +188,11 @@ class EpisodicEnv(Env):
         #: (the engine's vectorized path sets both: the tasks it adapts at once, which may be one).
         self.tasks_per_step = 1
         self.stacked = False
+        #: tasks a device-resident source draws at once (the engine sets its meta-batch size); steps
+        #: hand them out in turn, so the tasks do not depend on how many a step takes (a draw of
+        #: several is not the stream of drawing them one by one)
+        self.tasks_per_draw = 1
+        self._drawn, self._handed_out = None, 0
         self.batch = {"support": None, "query": None}
 
     @property
@@ -264,11 +269,25 @@ class EpisodicEnv(Env):
         )
 
     def step(self):
-        if self.stacked:
+        if self.on_device and self.tasks_per_draw > self.tasks_per_step:
+            self.batch["support"], self.batch["query"] = self._next_of_draw()
+        elif self.stacked:
             self.batch["support"], self.batch["query"] = self.sample_tasks(self.tasks_per_step)
         else:
             self.batch["support"], self.batch["query"] = self.sample_task()
         self.tasks_sampled += self.tasks_per_step
+
+    def _next_of_draw(self):
+        """The next :attr:`tasks_per_step` tasks of a draw of :attr:`tasks_per_draw`, drawn when
+        the last one is handed out: stacked, or one task unstacked."""
+        if self._drawn is None:
+            self._drawn = self.tasks.sample(self.tasks_per_draw, self.generator, self.dtype)
+        start, self._handed_out = self._handed_out, self._handed_out + self.tasks_per_step
+        part = slice(start, self._handed_out) if self.stacked else start
+        (xs, ys), (xq, yq) = self._drawn
+        if self._handed_out >= self.tasks_per_draw:
+            self._drawn, self._handed_out = None, 0
+        return (xs[part], ys[part]), (xq[part], yq[part])
 
     def check(self) -> None:
         """Fail now, not mid-training, if the source cannot supply the requested episodes.
@@ -298,6 +317,10 @@ class EpisodicEnv(Env):
             self._rng = saved
 
     def state_dict(self) -> dict:
+        if self._drawn is not None:
+            left = self.tasks_per_draw - self._handed_out
+            raise RuntimeError(f"the task stream's state is read between meta-iterations, not with {left} of the "
+                               f"{self.tasks_per_draw} tasks drawn together still to hand out")
         if self.on_device:
             return {"generator": self.generator.get_state(), "device": self.device.type,
                     "tasks_sampled": self.tasks_sampled}
@@ -321,6 +344,7 @@ class EpisodicEnv(Env):
         else:
             self._rng = {**state["rng"], "numpy": _numpy_state(state["rng"]["numpy"])}
         self.tasks_sampled = state["tasks_sampled"]
+        self._drawn, self._handed_out = None, 0
 
 
 __all__ = ["EpisodicEnv", "TaskSource", "split_classification_task", "split_regression_task"]

@@ -109,28 +109,28 @@ def test_a_variants_own_state_is_checkpointed_through_get_extra_state(tmp_path, 
     assert all(same) if lower_cls is JitteredLower else not any(same)
 
 
-def sinusoid_engine(iterations, vectorize):
-    """Tasks drawn on the host: the same stream however many are drawn at once (a device-resident
-    source draws a set of tasks in one go, which is not the stream of drawing them one by one)."""
+def sinusoid_engine(iterations, vectorize, sampler="learn2learn"):
     torch.manual_seed(0)
     return build_engine("maml", MLP(1, 1, (8, 8)), SinusoidTasks(points=10, dtype=torch.float64), regression=True,
                         shots=5, inner_lr=0.1, inner_steps=2, meta_lr=1e-2, meta_batch_size=4,
                         meta_iterations=iterations, valid_step=100, dtype=torch.float64, verbose=False,
-                        vectorize=vectorize, sampler="learn2learn")
+                        vectorize=vectorize, sampler=sampler)
 
 
+@pytest.mark.parametrize("sampler", ["learn2learn", "device"])
 @pytest.mark.parametrize("saved_by, resumed_by", [(True, False), (False, True), (True, 2)])
-def test_a_run_resumes_exactly_with_another_number_of_tasks_per_step(tmp_path, saved_by, resumed_by):
+def test_a_run_resumes_exactly_with_another_number_of_tasks_per_step(tmp_path, saved_by, resumed_by, sampler):
     """Betty's step counters count tasks, or sets of stacked tasks, and the outer step comes when
     the Upper's count reaches a multiple of the steps per meta-batch: a checkpoint of a run that
     stacked 4 tasks per step, resumed one task at a time (or the other way, or 2 at a time), ends
-    where a straight run of the resumed kind does, each outer step after a whole meta-batch."""
-    straight = sinusoid_engine(6, resumed_by)
+    where a straight run of the resumed kind does, each outer step after a whole meta-batch, on
+    the same tasks (a device-resident source draws the meta-batch at once however it is adapted)."""
+    straight = sinusoid_engine(6, resumed_by, sampler)
     expected = straight.run()
-    stopped = sinusoid_engine(3, saved_by)
+    stopped = sinusoid_engine(3, saved_by, sampler)
     stopped.run()
     save_checkpoint(tmp_path / "last.pt", stopped)
-    resumed = sinusoid_engine(6, resumed_by)
+    resumed = sinusoid_engine(6, resumed_by, sampler)
     resumed.load_state_dict(load_checkpoint(tmp_path / "last.pt")["engine"])
     history = resumed.run()
     assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in expected], rel=1e-10)

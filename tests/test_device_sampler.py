@@ -133,6 +133,34 @@ def test_same_seed_same_tasks_and_the_state_resumes_the_stream():
                     query_shots=QUERY).load_state_dict(saved)
 
 
+def test_steps_hand_out_one_draw_of_the_meta_batch_however_many_tasks_each_takes():
+    """A draw of 4 tasks is not the stream of 4 draws of one: the env draws tasks_per_draw (the
+    engine's meta-batch) at once and its steps hand them out, so stacked, chunked and one-by-one
+    steps see the same tasks; the stream's state is read between draws only."""
+    sampler = sampler_from_taskset(task_dataset(CharacterImages(coded_images()), WAYS, SHOTS + QUERY),
+                                   WAYS, SHOTS, QUERY, "cpu")
+
+    def env():
+        return EpisodicEnv(sampler, ways=WAYS, shots=SHOTS, query_shots=QUERY, seed=5)
+
+    drawing = env()
+    draws = torch.cat([drawing.sample_tasks(4)[0][0], drawing.sample_tasks(4)[0][0]])
+    one_by_one = env()
+    assert not torch.equal(torch.cat([one_by_one.sample_tasks(1)[0][0] for _ in range(4)]), draws[:4])
+    for per_step in (1, 2, 4):
+        stepping = env()
+        stepping.tasks_per_draw, stepping.tasks_per_step, stepping.stacked = 4, per_step, per_step > 1
+        handed = []
+        for step in range(1, 8 // per_step + 1):
+            stepping.step()
+            support = stepping.batch["support"][0]
+            handed += list(support) if stepping.stacked else [support]
+            if step * per_step % 4:
+                with pytest.raises(RuntimeError, match=f"not with {4 - step * per_step % 4} of the 4 tasks"):
+                    stepping.state_dict()
+        assert torch.equal(torch.stack(handed), draws) and stepping.tasks_sampled == 8
+
+
 def test_random_class_rotation_turns_each_class_of_each_task_uniformly():
     from bilevel_maml.data._learn2learn import import_learn2learn
 

@@ -229,12 +229,13 @@ def test_what_the_stopped_meta_iteration_changed_in_place_in_nested_containers_i
     assert vectorized.task_learner.calls == per_task.task_learner.calls == {"inner_update": [8]}  # 2 × 4 tasks
 
 
-def test_a_hook_that_stops_stacked_tasks_only_at_a_later_meta_iteration_falls_back_there():
+@pytest.mark.parametrize("source", ["callable", "device sampler"])
+def test_a_hook_that_stops_stacked_tasks_only_at_a_later_meta_iteration_falls_back_there(source):
     """Iteration 1 runs on stacked tasks; iteration 2, which the hook stops, is put back and run
     one task at a time, as iteration 3 is: the run ends as one built with vectorize=False (to
     float rounding, iteration 1's sums being taken in another order), the task stream exactly."""
-    vectorized, per_task = mlp_engine(LateBranchingLower, True, meta_iterations=3), \
-        mlp_engine(LateBranchingLower, False, meta_iterations=3)
+    vectorized, per_task = mlp_engine(LateBranchingLower, True, meta_iterations=3, source=source), \
+        mlp_engine(LateBranchingLower, False, meta_iterations=3, source=source)
     with pytest.warns(UserWarning) as caught:
         history = vectorized.run()
     assert [str(w.message) for w in caught] == [
