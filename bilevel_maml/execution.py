@@ -377,12 +377,16 @@ def _containers_copied(value, depth: int = _PLAIN_DEPTH):
 
 class _BeforeAnIteration:
     """What a meta-iteration changes before its outer step, as it was before it began: the Python
-    attributes of the engine, its problems and its training env (their lists and dicts copied), the task
-    stream, the global random states (dropout), the model's buffers; and no gradients on θ."""
+    attributes of its problems and its training env (their lists and dicts copied, 4 deep) and of
+    the engine (rebound), the task stream, the global random states (dropout), the model's
+    buffers; and no gradients on θ."""
 
     def __init__(self, engine):
         self.engine = engine
-        self.objects = [engine, engine.meta_learner, engine.task_learner, engine.env]
+        # The engine's own containers (its history, which grows with the run) change between
+        # meta-iterations, not in one: copying them would cost each iteration more than the last.
+        self.engine_attributes = dict(vars(engine))
+        self.objects = [engine.meta_learner, engine.task_learner, engine.env]
         self.attributes = [_copied(vars(obj)) for obj in self.objects]
         self.env_state = engine.env.state_dict()
         self.rng = global_rng_state()
@@ -390,9 +394,9 @@ class _BeforeAnIteration:
 
     def restore(self) -> None:
         engine = self.engine
-        for obj, attributes in zip(self.objects, self.attributes):
+        for obj, attributes in [(engine, self.engine_attributes), *zip(self.objects, map(_copied, self.attributes))]:
             vars(obj).clear()
-            vars(obj).update(_copied(attributes))
+            vars(obj).update(attributes)
         engine.env.load_state_dict(self.env_state)
         set_global_rng_state(self.rng)
         with torch.no_grad():

@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from bilevel_maml import ALGORITHMS, MetaEngine
 from bilevel_maml.data.device_sampler import DeviceTaskSampler
 from bilevel_maml.env import EpisodicEnv
+from bilevel_maml.execution import _BeforeAnIteration
 from bilevel_maml.models import Conv4
 from bilevel_maml.problems.base import NotVectorizableError, classification_loss, vmap_over_tasks
 
@@ -227,6 +228,22 @@ def test_what_the_stopped_meta_iteration_changed_in_place_in_nested_containers_i
         vectorized.run()
     per_task.run()
     assert vectorized.task_learner.calls == per_task.task_learner.calls == {"inner_update": [8]}  # 2 × 4 tasks
+
+
+def test_being_ready_to_redo_a_meta_iteration_does_not_copy_what_grows_with_the_run():
+    """Every eager vectorized meta-iteration takes a snapshot to redo it one task at a time; the
+    engine's history grows by an entry per iteration (between them, never in one), so copying it
+    would make each snapshot cost more than the last. A problem's own lists are copied."""
+    engine = mlp_engine(ALGORITHMS["maml"][1], True, meta_iterations=3)
+    engine.run()
+    engine.task_learner.schedule = [0.1, 0.2]
+    before = _BeforeAnIteration(engine)
+    assert before.engine_attributes["history"] is engine.history and len(engine.history) == 3
+    engine.task_learner.schedule.append(0.3)
+    engine.global_step += 5
+    before.restore()
+    assert engine.task_learner.schedule == [0.1, 0.2] and engine.global_step == 3
+    assert engine.history == before.engine_attributes["history"] and len(engine.history) == 3
 
 
 @pytest.mark.parametrize("source", ["callable", "device sampler"])
