@@ -370,8 +370,8 @@ def _containers_copied(value, depth: int = _PLAIN_DEPTH):
         return value
     if kind is dict:
         return {k: _containers_copied(v, depth - 1) for k, v in value.items()}
-    if kind is tuple and _CONTAINERS.isdisjoint(map(type, value)):
-        return value  # immutable all the way down (a random generator's state, say)
+    if _CONTAINERS.isdisjoint(map(type, value)):  # nothing inside to copy: C loops, not Python's
+        return value if kind is tuple else list(value)  # a tuple: a random generator's state, say
     return kind(_containers_copied(v, depth - 1) for v in value)
 
 
