@@ -144,10 +144,17 @@ def count_steps_of_whole_iterations(engine) -> None:
     meta-batch: counts left by another number of tasks per step (a run falling back to one task
     at a time, a checkpoint of a run that stacked another number) would make it step in the
     middle of a meta-batch."""
-    env_steps = engine.meta_batch_size // engine.tasks_per_step
-    engine.global_step = engine.task_learner._count = engine.meta_iteration * env_steps * engine.inner_steps
+    env_steps, steps = betty_steps_per_iteration(engine)
+    engine.global_step = engine.task_learner._count = engine.meta_iteration * steps
     engine.task_learner._global_step = engine.global_step
     engine.meta_learner._count = engine.meta_iteration * env_steps
+
+
+def betty_steps_per_iteration(engine) -> tuple[int, int]:
+    """The env (and Upper) steps and the Lower steps of one meta-iteration: one env step per task,
+    or per set of stacked tasks, and ``inner_steps`` Lower steps after each."""
+    env_steps = engine.meta_batch_size // engine.tasks_per_step
+    return env_steps, env_steps * engine.inner_steps
 
 
 def one_task_at_a_time(engine) -> None:
@@ -318,7 +325,7 @@ class EagerExecution:
         """The steps of one meta-iteration: each task (or chunk) gets an env step and its inner
         steps, and the Upper steps after each; the last Upper step takes the outer step."""
         engine = self.engine
-        for _ in range(engine.meta_batch_size // engine.tasks_per_step * engine.inner_steps):
+        for _ in range(betty_steps_per_iteration(engine)[1]):
             engine.global_step += 1
             engine.train_step()
 
@@ -458,8 +465,7 @@ def restore_python_state(objects: dict, state: dict) -> None:
 def advance_counters(engine) -> None:
     """What one meta-iteration does to the Python-side counters of the engine, its problems and
     its training env, for a replay that ran its kernels without its Python."""
-    env_steps = engine.meta_batch_size // engine.tasks_per_step
-    steps = env_steps * engine.inner_steps
+    env_steps, steps = betty_steps_per_iteration(engine)
     engine.global_step += steps
     engine.task_learner._count += steps
     engine.task_learner._global_step = engine.global_step
