@@ -442,10 +442,11 @@ def _is_plain(value, depth: int = _PLAIN_DEPTH) -> bool:
 
 
 def _plain_copy(value):
-    """Lists and dicts of its own, at every depth (tuples as lists), so that a recorded state stays
-    as it is."""
+    """A plain value (:func:`_is_plain`) with lists and dicts of its own at every depth (tuples
+    rebuilt as tuples), so that a recorded state stays as it is and is put back as it was."""
     if isinstance(value, (list, tuple)):
-        return [_plain_copy(v) for v in value]
+        copied = [_plain_copy(v) for v in value]
+        return tuple(copied) if isinstance(value, tuple) else copied
     if isinstance(value, dict):
         return {k: _plain_copy(v) for k, v in value.items()}
     return value
@@ -459,7 +460,7 @@ def python_state(objects: dict) -> dict:
 
 def restore_python_state(objects: dict, state: dict) -> None:
     for (name, attr), value in state.items():
-        setattr(objects[name], attr, _plain_copy(value) if isinstance(value, (list, dict)) else value)
+        setattr(objects[name], attr, _plain_copy(value))
 
 
 def advance_counters(engine) -> None:

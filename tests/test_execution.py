@@ -197,6 +197,27 @@ def test_advance_counters_does_to_python_state_what_an_eager_iteration_does(vect
     assert python_state(objects) == after
 
 
+def test_the_python_state_a_capture_saves_is_put_back_with_its_types_and_its_own_containers():
+    """A capture saves the plain attributes and puts them back after recording: a tuple comes back
+    a tuple (the Lower's adapted indices compare their key with a tuple), and lists inside it are
+    copies that the capture's changes in place did not reach."""
+    built = engine()
+    built.train()
+    built.meta_step()
+    lower = built.task_learner
+    lower.schedule = (0.1, [0.2, 0.3])
+    adapted = lower._adapted
+    objects = {"lower": lower}
+    saved = python_state(objects)
+    lower.schedule[1].append(0.4)
+    restore_python_state(objects, saved)
+    assert lower.schedule == (0.1, [0.2, 0.3]) and type(lower.schedule) is tuple
+    assert lower._adapted == adapted and type(lower._adapted) is tuple and type(lower.adapted_indices()) is tuple
+    restore_python_state(objects, saved)
+    lower.schedule[1].append(0.5)
+    assert saved[("lower", "schedule")] == (0.1, [0.2, 0.3])  # the saved state keeps its own lists
+
+
 def test_what_stops_a_capture_is_said_before_running():
     assert capture_blocker(engine()) is None
     assert capture_blocker(engine(optimizer=adam)) is None
