@@ -144,10 +144,12 @@ def compare_runs(run_folders, path=None, dpi: int = 120) -> dict:
         lines read back from the figure and the results table, one row per run (``metric`` is
         ``"accuracy"`` for classification and ``"loss"`` for regression; None where a run has no
         such result yet); and ``"seed_groups"``: for each set of two or more tested runs whose
-        config.json differ in the seed alone (and where they ran), ``{"runs", "seeds",
+        config.json differ in the seed alone (and where they ran), ``{"runs", "seeds", "repeats",
         "algorithm", "dataset", "iterations", "metric", "test_mean", "test_std",
         "best_validation_mean", "best_validation_std"}`` over those seeds (a mean is None where no
-        run of the group has that result).
+        run of the group has that result); a run whose seed an earlier run of the group has is a
+        repeat of it, in ``repeats`` (``{run: seed}``) and left out of the mean (two runs of one seed
+        make no group).
     """
     import matplotlib
 
@@ -210,11 +212,17 @@ def _seed_groups(runs: list[_Run], rows: list[dict]) -> list[dict]:
                              sort_keys=True, default=str)
             settings.setdefault(key, []).append((run.config.get("seed"), row))
     groups = []
-    for members in settings.values():
+    for listed in settings.values():
+        # a second run of a seed repeats the first (the same tasks and θ), so it is not another sample
+        members, repeats, seen = [], [], set()
+        for seed, row in listed:
+            (repeats if seed in seen else members).append((seed, row))
+            seen.add(seed)
         if len(members) < 2:
             continue
         first = members[0][1]
         group = {"runs": [row["run"] for _, row in members], "seeds": [seed for seed, _ in members],
+                 "repeats": {row["run"]: seed for seed, row in repeats},
                  **{key: first[key] for key in ("algorithm", "dataset", "iterations", "metric")}}
         for key in ("test", "best_validation"):  # a run validated never (--valid-every past its end) has no best
             values = [row[key] for _, row in members if row[key] is not None]
@@ -251,7 +259,8 @@ def results_table(rows: list[dict], seed_groups: list[dict] = ()) -> str:
         test, best = ("—" if group[f"{key}_mean"] is None else
                       f"{_shown(group['metric'], scale * group[f'{key}_mean'], scale * group[f'{key}_std'])} ({over})"
                       for key in ("test", "best_validation"))
-        lines.append(f"| mean of {', '.join(group['runs'])} (seeds {', '.join(map(str, group['seeds']))}) | "
+        repeats = "".join(f"; {run} repeats seed {seed}, left out" for run, seed in group.get("repeats", {}).items())
+        lines.append(f"| mean of {', '.join(group['runs'])} (seeds {', '.join(map(str, group['seeds']))}{repeats}) | "
                      f"{group['algorithm']} | {group['dataset']} | {group['iterations']} | {test} | {best} |")
     return "\n".join(lines)
 

@@ -222,6 +222,29 @@ def test_runs_that_differ_in_their_seed_alone_are_summarised_over_seeds(tmp_path
                          "seeds) | 67.7% ± 1.0% (std over 3 seeds) |")
 
 
+def test_a_second_run_of_a_seed_is_a_repeat_not_another_seed(tmp_path):
+    """Two runs of one seed (a run and its resumed twin, say) are one sample: no mean ± 0 "over 2
+    seeds"; beside other seeds the repeat is named and left out of the mean and std."""
+    tests = {"s0": (0, 0.70), "s0again": (0, 0.70), "s1": (1, 0.74), "t0": (0, 0.80), "t0again": (0, 0.80)}
+    for name, (seed, accuracy) in tests.items():
+        folder = tmp_path / name
+        classification_run(folder)
+        lines = (folder / "metrics.jsonl").read_text().splitlines()  # the test is result.json's
+        (folder / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if '"test/' not in line))
+        (folder / "config.json").write_text(json.dumps({"algorithm": "maml", "dataset": "omniglot-small",
+                                                        "iterations": 40, "seed": seed,
+                                                        "meta_lr": 0.01 if name.startswith("t") else 0.001}))
+        (folder / "result.json").write_text(json.dumps({"accuracy": accuracy, "accuracy_ci95": 0.01, "loss": 0.5,
+                                                        "loss_ci95": 0.01, "checkpoint": "last", "iteration": 40}))
+    drawn = compare_runs([tmp_path / name for name in tests], dpi=40)
+    (group,) = drawn["seed_groups"]
+    assert (group["runs"], group["seeds"], group["repeats"]) == (["s0", "s1"], [0, 1], {"s0again": 0})
+    assert group["test_mean"] == pytest.approx(0.72) and group["test_std"] == pytest.approx(0.04 / 2 ** 0.5)
+    assert results_table(drawn["rows"], drawn["seed_groups"]).splitlines()[-1].startswith(
+        "| mean of s0, s1 (seeds 0, 1; s0again repeats seed 0, left out) | maml | omniglot-small | 40 | 72.0% ± 2.8% "
+        "(std over 2 seeds) |")
+
+
 def test_seeds_that_never_validated_are_summarised_by_their_test_alone(tmp_path, capsys):
     """--valid-every past the run's end: no best validation to average (it divided by zero)."""
     for seed in (0, 1):
