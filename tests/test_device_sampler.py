@@ -274,6 +274,49 @@ def test_what_has_no_device_equivalent_is_named():
         sampler_from_taskset(plain, WAYS, SHOTS, QUERY, "cpu", max_examples=29)
 
 
+def test_an_item_transform_that_draws_at_random_stays_on_learn2learns_path(omniglot_root, omniglot_cache):
+    """learn2learn loads an example afresh at every draw, so a random flip (data augmentation) flips
+    anew each time; one loaded copy on the device would freeze it. Refused, naming why; the probe
+    leaves the global random streams as they were; a fixed transform still moves to the device."""
+    import random
+
+    from bilevel_maml.data._learn2learn import import_learn2learn
+
+    l2l = import_learn2learn()
+    images = CharacterImages([torch.rand(4, 1, 3, 3) for _ in range(6)])
+
+    class Flipped(torch.utils.data.Dataset):
+        def __init__(self, flip_probability):
+            self.flip_probability = flip_probability
+
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, i):
+            image, label = images[i]
+            return (image.flip(-1) if torch.rand(()) < self.flip_probability else image), label
+
+    def taskset(flip_probability):
+        dataset = l2l.data.MetaDataset(Flipped(flip_probability))
+        return l2l.data.Taskset(dataset, task_transforms=[
+            l2l.data.transforms.NWays(dataset, WAYS), l2l.data.transforms.KShots(dataset, SHOTS + QUERY),
+            l2l.data.transforms.LoadData(dataset), l2l.data.transforms.RemapLabels(dataset)])
+
+    augmented = {split: taskset(0.5) for split in ("train", "validation", "test")}
+    torch.manual_seed(3)
+    random.seed(3)
+    before = torch.get_rng_state(), random.getstate()
+    with pytest.raises(UnsupportedTaskSource, match=r"^its dataset's item transform draws at random \(data "
+                                                    r"augmentation: example \d+ loaded twice differs\)"):
+        sampler_from_taskset(augmented["train"], WAYS, SHOTS, QUERY, "cpu")
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+    assert sampler_from_taskset(taskset(0.0), WAYS, SHOTS, QUERY, "cpu").num_classes == 6
+    with pytest.warns(UserWarning, match="the train split is sampled task by task on the CPU through learn2learn: "
+                                         "its dataset's item transform draws at random"):
+        assert not build_engine("fomaml", torch.nn.Sequential(torch.nn.Flatten(), MLP(9, WAYS, (8,))), augmented,
+                                ways=WAYS, shots=SHOTS, query_shots=QUERY, meta_batch_size=2).env.on_device
+
+
 def engine_for(sampler, tasksets):
     return build_engine("fomaml", torch.nn.Sequential(torch.nn.Flatten(), MLP(4, 5, (8,))), tasksets, ways=5, shots=1, query_shots=1, meta_batch_size=2,
                         sampler=sampler, valid_tasks=2)

@@ -32,6 +32,9 @@ DEFAULT_MEMORY_FRACTION = 0.25
 #: the engine is built (mini-ImageNet's 38,400 training images take seconds; tiered-ImageNet's
 #: 448,695 PNGs would take minutes at every start)
 AUTO_MAX_EXAMPLES = 100_000
+#: examples loaded twice to tell an item transform that draws at random from a fixed one (a
+#: horizontal flip half the time escapes 16 probes with probability 2**-16)
+TRANSFORM_PROBES = 16
 
 
 class UnsupportedTaskSource(ValueError):
@@ -231,6 +234,25 @@ def _transform_settings(taskset, ways: int, samples: int) -> tuple[tuple[int, ..
     return rotations, filter_labels
 
 
+def _refuse_random_item_transform(dataset, order: list[int]) -> None:
+    """learn2learn's ``LoadData`` loads an example again at every draw, through the dataset's item
+    transform; the device holds one loaded copy of each. So an item transform that draws at random
+    (data augmentation) has no device equivalent. Told apart by loading :data:`TRANSFORM_PROBES`
+    examples twice; the global random streams the loads draw from are put back."""
+    from bilevel_maml.env import global_rng_state, set_global_rng_state  # env imports this module
+
+    probes = order[::max(1, len(order) // TRANSFORM_PROBES)][:TRANSFORM_PROBES]
+    outside = global_rng_state(cuda=False)
+    try:
+        for index in probes:
+            if not torch.equal(torch.as_tensor(dataset[index][0]), torch.as_tensor(dataset[index][0])):
+                raise UnsupportedTaskSource(
+                    f"its dataset's item transform draws at random (data augmentation: example {index} loaded "
+                    f"twice differs), and the device holds one loaded copy of each example")
+    finally:
+        set_global_rng_state(outside)
+
+
 def _quantized(images: torch.Tensor, denominator: float) -> torch.Tensor | None:
     """``images`` as uint8 if they are exactly ``k / denominator`` for integers 0..255, else None."""
     if not images.is_floating_point():
@@ -248,8 +270,8 @@ def sampler_from_taskset(taskset, ways: int, shots: int, query_shots: int, devic
     Every example of the split is loaded once through the taskset's dataset (its item transform
     applied, as ``LoadData`` would) and kept on ``device``; 8-bit images divided by 255 are kept as
     ``uint8``. Raises :class:`UnsupportedTaskSource` naming the reason when there is no exact
-    equivalent (a transform without one, a fixed pool of tasks) or the split is larger than
-    ``max_bytes`` or ``max_examples``.
+    equivalent (a task transform without one, an item transform that draws at random such as data
+    augmentation, a fixed pool of tasks) or the split is larger than ``max_bytes`` or ``max_examples``.
 
     :param taskset: a learn2learn ``Taskset`` whose transforms are the built-in datasets' (``NWays``, ``KShots``, ``LoadData``, ``RemapLabels``, ``ConsecutiveLabels``, rotations).
     :param ways: classes per task.
@@ -271,6 +293,7 @@ def sampler_from_taskset(taskset, ways: int, shots: int, query_shots: int, devic
     if max_examples is not None and len(order) > max_examples:
         raise UnsupportedTaskSource(f"its {len(order)} examples are more than the {max_examples} loaded up front by "
                                     f"default (--sampler device / sampler='device' loads them all)")
+    _refuse_random_item_transform(dataset, order)
     first = torch.as_tensor(dataset[order[0]][0])
     eight_bit = _quantized(first, 255.0) is not None
     bytes_each = first.numel() * (1 if eight_bit else first.element_size())
