@@ -260,6 +260,8 @@ def build_engine(
         check_positive_int("eval_inner_steps", eval_inner_steps)
     check_positive("inner_lr", inner_lr)
     check_positive("meta_lr", meta_lr)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch.dtype (torch.float32, torch.float64, ...), got {dtype!r}")
     if name == "imaml":
         check_positive("lam (the iMAML proximal strength λ)", lam)
         check_positive_int("cg_iterations", cg_iterations)

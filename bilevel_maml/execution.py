@@ -104,7 +104,11 @@ def plan_vectorization(engine, vectorize: bool | int) -> None:
     :param vectorize: ``True`` (choose, :func:`plan_tasks_per_call`) or a divisor of the meta-batch size.
     """
     if vectorize is not True:
-        check_positive_int("vectorize", vectorize)
+        try:
+            check_positive_int("vectorize", vectorize)
+        except (TypeError, ValueError) as error:  # True and False are allowed too
+            raise type(error)(f"vectorize must be True, False or the tasks adapted per call (an integer >= 1), "
+                              f"got {vectorize!r}") from None
         if engine.meta_batch_size % vectorize:
             raise ValueError(f"vectorize={vectorize} must divide meta_batch_size={engine.meta_batch_size}")
     saved = engine.env.state_dict()

@@ -64,6 +64,12 @@ def test_maml_plus_plus_ends_its_cosine_at_a_rate_that_starts_below_its_default_
         (dict(algorithm="imaml", lam=0), ValueError, r"lam \(the iMAML proximal strength λ\) must be a positive"),
         (dict(optimizer="rmsprop"), ValueError, r"unknown optimizer 'rmsprop'; choose one of: adafactor, adam, adamw, sgd"),
         (dict(model="conv4"), TypeError, r"model must be a torch.nn.Module, got str"),
+        (dict(dtype=torch.int64), TypeError, r"^dtype must be a floating-point torch.dtype \(torch.float32, "
+                                             r"torch.float64, \.\.\.\), got torch.int64$"),
+        (dict(dtype="float64"), TypeError, r"^dtype must be a floating-point torch.dtype .*, got 'float64'$"),
+        (dict(vectorize="yes"), TypeError, r"^vectorize must be True, False or the tasks adapted per call \(an "
+                                           r"integer >= 1\), got 'yes'$"),
+        (dict(vectorize=-2), ValueError, r"^vectorize must be True, False .*, got -2$"),
         (dict(device="gpu"), ValueError, r"device must be cpu, cuda or cuda:N, got 'gpu'"),
         *([(dict(device="cuda"), ValueError, r"device 'cuda' requested but CUDA is not available here; use cpu")]
           if not torch.cuda.is_available() else []),
