@@ -45,6 +45,21 @@ def meta_parameters_outside(optimizer: torch.optim.Optimizer, task_learner: Task
     return [p for p in extra if id(p) not in held]
 
 
+def _check_same_network(upper: MetaLearner, lower: TaskLearner) -> None:
+    """The task learner runs its module with θ's tensors in place of its own parameters, so the two
+    modules must name the same parameters with the same shapes (the same object, as a rule)."""
+    if lower.module is upper.module:
+        return
+    theirs = {name: tuple(p.shape) for name, p in upper.module.named_parameters()}
+    ours = {name: tuple(p.shape) for name, p in lower.module.named_parameters()}
+    if theirs == ours:
+        return
+    differ = next((f"{name} is {ours.get(name)} in the task learner's and {theirs.get(name)} in the meta-learner's"
+                   for name in [*theirs, *ours] if ours.get(name) != theirs.get(name)))
+    raise ValueError(f"the task learner's network is not the meta-learner's ({differ.replace('None', 'absent')}); "
+                     f"every inner loop starts from θ, the meta-learner's parameters: pass the same module to both")
+
+
 @contextlib.contextmanager
 def _betty_log_level(level: int):
     betty_logger = get_logger()
@@ -118,6 +133,17 @@ class MetaEngine(Engine):
             raise TypeError(f"upper must be a MetaLearner, got {type(upper).__name__}")
         if not isinstance(lower, TaskLearner):
             raise TypeError(f"lower must be a TaskLearner, got {type(lower).__name__}")
+        _check_same_network(upper, lower)
+        for problem in (upper, lower):
+            # Betty binds a problem to one engine: its dependency parse appends to the problem's parents
+            # and children, and Problem.initialize deletes _name_orig (a second engine failed on it)
+            if problem.parents or problem.children:
+                raise ValueError(f"this {type(problem).__name__} already belongs to a MetaEngine (Betty binds a "
+                                 f"problem to one engine); build new problems for another engine")
+        for name, stream in (("env", env), ("valid_env", valid_env), ("test_env", test_env)):
+            if not isinstance(stream, EpisodicEnv) and (stream is not None or name == "env"):
+                raise TypeError(f"{name} must be an EpisodicEnv{'' if name == 'env' else ' or None'}, "
+                                f"got {type(stream).__name__}")
         self.meta_iterations = check_positive_int("meta_iterations", meta_iterations)
         self.valid_every = check_positive_int("valid_step", valid_step)
         self.valid_tasks = check_positive_int("valid_tasks", valid_tasks)

@@ -104,6 +104,35 @@ def test_problems_given_in_the_wrong_places_are_named():
         MetaEngine(lower, upper, env)
     with pytest.raises(TypeError, match=r"^lower must be a TaskLearner, got Linear$"):
         MetaEngine(upper, model, env)
+    with pytest.raises(TypeError, match=r"^module must be a torch.nn.Module \(θ's network\), got int$"):
+        MAMLLower(3, inner_lr=0.1)
+    with pytest.raises(TypeError, match=r"^env must be an EpisodicEnv, got NoneType$"):
+        MetaEngine(upper, lower, None)
+    with pytest.raises(TypeError, match=r"^valid_env must be an EpisodicEnv or None, got int$"):
+        MetaEngine(upper, lower, env, valid_env=3)
+
+    # the task learner runs its module with θ in place of its parameters: another network is a slip
+    with pytest.raises(ValueError, match=r"^the task learner's network is not the meta-learner's \(weight is \(5, 6\) "
+                                         r"in the task learner's and \(5, 4\) in the meta-learner's\); every inner "
+                                         r"loop starts from θ, the meta-learner's parameters: pass the same module to "
+                                         r"both$"):
+        MetaEngine(upper, MAMLLower(torch.nn.Linear(6, 5), inner_lr=0.1), env)
+    with pytest.raises(ValueError, match=r"\(bias is absent in the task learner's and \(5,\) in the meta-learner's\)"):
+        MetaEngine(upper, MAMLLower(torch.nn.Linear(4, 5, bias=False), inner_lr=0.1), env)
+    twin = MAMLUpper(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    MetaEngine(twin, MAMLLower(torch.nn.Linear(4, 5), inner_lr=0.1), env)  # a twin of the network is the same
+    with pytest.raises(ValueError, match=r"^this MAMLUpper already belongs to a MetaEngine \(Betty binds a problem "
+                                         r"to one engine\); build new problems for another engine$"):
+        MetaEngine(twin, MAMLLower(model, inner_lr=0.1), env)
+
+    # an optimizer over a copy of the network would leave θ unchanged, silently
+    with pytest.raises(ValueError, match=r"^the optimizer holds none of the module's parameters \(θ\), so no outer "
+                                         r"step would change them; build it over this module's parameters\(\) "
+                                         r"\(SGD\(module.parameters\(\), \.\.\.\)\), or, to hold θ fixed, set "
+                                         r"requires_grad=False on them$"):
+        MAMLUpper(model, torch.optim.SGD(torch.nn.Linear(4, 5).parameters(), lr=0.1))
+    frozen = torch.nn.Linear(4, 5).requires_grad_(False)  # θ held fixed, something else learned
+    MAMLUpper(frozen, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1))
 
     class ScaledContext(MAMLLower):  # a variant whose meta-parameter is computed, not a parameter
         def meta_parameters(self):

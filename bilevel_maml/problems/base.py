@@ -353,6 +353,8 @@ class TaskLearner(_BothProblems, Problem):
         :param config: a Betty ``Config`` used as given instead of one built from ``inner_steps``.
         :param device: where the problem's tensors live (the engine sets it).
         """
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module (θ's network), got {type(module).__name__}")
         check_positive("inner_lr", inner_lr)
         if config is None:
             config = Config(unroll_steps=check_positive_int("inner_steps", inner_steps))
@@ -698,11 +700,21 @@ class MetaLearner(_BothProblems, Problem):
         :param config: a Betty ``Config`` used as given instead of one built from the arguments above.
         :param device: where the problem's tensors live (the engine sets it).
         """
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module (θ's network), got {type(module).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer over the module's parameters, "
                 f"got {type(optimizer).__name__}"
             )
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        learned = [p for p in module.parameters() if p.requires_grad]
+        if learned and not any(id(p) in held for p in learned):
+            # an optimizer over a copy of the network (or another one) would leave θ as it is
+            raise ValueError(f"the optimizer holds none of the module's parameters (θ), so no outer step would "
+                             f"change them; build it over this module's parameters() "
+                             f"({type(optimizer).__name__}(module.parameters(), ...)), or, to hold θ fixed, set "
+                             f"requires_grad=False on them")
         if config is None:
             config = Config(
                 gradient_accumulation=check_positive_int("meta_batch_size", meta_batch_size),
