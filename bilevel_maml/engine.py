@@ -198,8 +198,7 @@ class MetaEngine(Engine):
         #: bytes of the model's largest activation per example, measured on the probe tasks
         self.activation_bytes_per_example: int | None = None
         self.env.tasks_per_draw = self.meta_batch_size  # the same tasks however many each step adapts
-        if vectorize:
-            execution.plan_vectorization(self, vectorize)
+        execution.plan_vectorization(self, vectorize)
         #: how meta-iterations run (:mod:`bilevel_maml.execution`), and why not captured, if not
         self.execution, self.eager_reason = execution.choose_execution(self, cuda_graph)
         if self.eager_reason is not None:

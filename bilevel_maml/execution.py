@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import operator
+import traceback
 import warnings
 from itertools import chain, compress
 from pathlib import Path
@@ -94,16 +95,55 @@ def probe_vmap(task_learner, meta_learner, inputs) -> tuple[str | None, int | No
     return None, largest[0]
 
 
+def check_model_takes_tasks(engine, inputs: torch.Tensor) -> None:
+    """Run the model with θ on one task's support ``inputs``, as the per-task path would: a model
+    that cannot take the tasks (another channel count, input size or number of features; fewer
+    class scores than ``ways`` under the default losses) is named in one line before training, not
+    mistaken for one that cannot be vectorized or left to fail deep inside torch at the first
+    meta-iteration. The model's buffers and the global random streams are put back.
+
+    :param engine: the :class:`~bilevel_maml.engine.MetaEngine` being built.
+    :param inputs: one task's support inputs.
+    """
+    from bilevel_maml.problems.base import classification_loss, predictions
+
+    env, module = engine.env, engine.meta_learner.module
+    ran = engine.task_learner.module  # the network the task learner runs (θ's, as a rule)
+    buffers, outside = [b.clone() for b in ran.buffers()], global_rng_state()  # BatchNorm's statistics, dropout's draws
+    try:
+        with torch.no_grad():
+            outputs = engine.task_learner.forward(inputs, tuple(p.detach() for p in engine.meta_learner.initialization()))
+    except RuntimeError as error:
+        frames = [frame for frame, _ in traceback.walk_tb(error.__traceback__) if not frame_in(frame, (TORCH_FOLDER,))]
+        site = f" at {code_site(frames[-1], frames[-1].f_lineno)}" if frames else ""
+        raise ValueError(f"{type(module).__name__} cannot take the tasks' inputs: a support set of shape "
+                         f"{tuple(inputs.shape)} ({str(inputs.dtype).removeprefix('torch.')}) failed{site}: "
+                         f"{type(error).__name__}: {str(error).strip().splitlines()[0]}") from None
+    finally:
+        set_global_rng_state(outside)
+        with torch.no_grad():
+            for buffer, value in zip(ran.buffers(), buffers):
+                buffer.copy_(value)
+    default_losses = engine.meta_learner.loss_fn is classification_loss and engine.task_learner.loss_fn is classification_loss
+    scores = predictions(outputs)
+    if not env.regression and default_losses and scores.dim() == 2 and scores.shape[1] < env.ways:
+        raise ValueError(f"{type(module).__name__} gives {scores.shape[1]} class score{'s' if scores.shape[1] != 1 else ''} "
+                         f"per example, and the tasks are {env.ways}-way: build it with (at least) {env.ways} outputs")
+
+
 def plan_vectorization(engine, vectorize: bool | int) -> None:
     """Set how many tasks each vmapped call of ``engine`` adapts, in training and in evaluation
     (``engine.tasks_per_step``, ``engine.evaluation_tasks_per_call``), from its model run under vmap
     on two tasks of its training stream (drawn without advancing it); a model that cannot run under
-    vmap leaves it task by task, with a warning saying why.
+    vmap leaves it task by task, with a warning saying why. First the model is run on one of those
+    tasks as the per-task path would (:func:`check_model_takes_tasks`); ``vectorize=False`` draws that
+    one task and stops there.
 
     :param engine: the :class:`~bilevel_maml.engine.MetaEngine` being built.
-    :param vectorize: ``True`` (choose, :func:`plan_tasks_per_call`) or a divisor of the meta-batch size.
+    :param vectorize: ``True`` (choose, :func:`plan_tasks_per_call`), a divisor of the meta-batch
+        size, or ``False`` (task by task).
     """
-    if vectorize is not True:
+    if vectorize and vectorize is not True:
         try:
             check_positive_int("vectorize", vectorize)
         except (TypeError, ValueError) as error:  # True and False are allowed too
@@ -113,9 +153,12 @@ def plan_vectorization(engine, vectorize: bool | int) -> None:
             raise ValueError(f"vectorize={vectorize} must divide meta_batch_size={engine.meta_batch_size}")
     saved = engine.env.state_dict()
     try:
-        (support_inputs, _), (query_inputs, _) = engine.env.sample_tasks(2)
+        (support_inputs, _), (query_inputs, _) = engine.env.sample_tasks(2 if vectorize else 1)
     finally:
         engine.env.load_state_dict(saved)
+    check_model_takes_tasks(engine, support_inputs[0])
+    if not vectorize:
+        return
     blocker, engine.activation_bytes_per_example = probe_vmap(engine.task_learner, engine.meta_learner, support_inputs)
     if blocker is not None:
         warnings.warn(f"{type(engine.meta_learner.module).__name__} cannot be vectorized ({blocker}); "

@@ -80,6 +80,42 @@ def test_bad_arguments_are_rejected_with_a_clear_message(overrides, error, messa
         build(**overrides)
 
 
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_a_model_that_cannot_take_the_tasks_is_named_before_training(vectorize):
+    """Another channel count or input size, or fewer class scores than ways: one line naming the
+    model, the inputs and where they failed, not a warning that it "cannot be vectorized" and then
+    torch's error at the first meta-iteration."""
+    from bilevel_maml.models import Conv4
+
+    with pytest.raises(ValueError, match=r"^Conv4 cannot take the tasks' inputs: a support set of shape \(5, 1, 8, 8\) "
+                                         r"\(float32\) failed at .*\(models.py:\d+\): RuntimeError: Given groups=1, "
+                                         r"weight of size \[8, 3, 3, 3\], expected input\[5, 1, 8, 8\] to have 3 "
+                                         r"channels, but got 1 channels instead$"):
+        build(model=Conv4(ways=5, in_channels=3, image_size=8, hidden=8), vectorize=vectorize)
+    with pytest.raises(ValueError, match=r"^Sequential cannot take the tasks' inputs: a support set of shape "
+                                         r"\(5, 1, 8, 8\) \(float32\) failed at MLP.forward \(models.py:\d+\): "
+                                         r"RuntimeError: "):
+        build(model=torch.nn.Sequential(torch.nn.Flatten(), MLP(28 * 28, 5)), vectorize=vectorize)
+    with pytest.raises(ValueError, match=r"^Sequential gives 3 class scores per example, and the tasks are 5-way: "
+                                         r"build it with \(at least\) 5 outputs$"):
+        build(model=torch.nn.Sequential(torch.nn.Flatten(), MLP(64, 3)), vectorize=vectorize)
+
+
+def test_checking_the_model_on_a_task_changes_neither_the_model_nor_any_random_stream():
+    """The check runs the model once in training mode: BatchNorm's running statistics and the
+    random streams a dropout draws from are put back (the task stream: test_the_probe_does_not_change_the_task_stream)."""
+    from bilevel_maml import execution
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 8), torch.nn.BatchNorm1d(8),
+                              torch.nn.Dropout(0.3), torch.nn.Linear(8, 5))
+    engine = build(model=net, vectorize=False)
+    (inputs, _), _ = engine.env.sample_tasks(1)
+    buffers, rng = [b.clone() for b in net.buffers()], torch.get_rng_state()
+    execution.check_model_takes_tasks(engine, inputs[0])
+    assert all(torch.equal(a, b) for a, b in zip(buffers, net.buffers()))
+    assert torch.equal(rng, torch.get_rng_state())
+
+
 @pytest.mark.parametrize("sampler", ["learn2learn", "device"])
 def test_a_split_with_too_few_classes_or_examples_is_named(sampler):
     """Omniglot-small's validation split has 108 classes where training has 436: which split is short."""

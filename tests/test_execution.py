@@ -229,7 +229,8 @@ def test_what_stops_a_capture_is_said_before_running():
     with_cosine = engine()
     with_cosine.meta_learner.meta_lr_schedule = "cosine"
     assert "SGD's learning rate is a number fixed into the graph" in capture_blocker(with_cosine)
-    on_host = engine(sampler=random_classification_source(5, 3, 6), vectorize=False)
+    vectors = random_classification_source(5, 3, 16 * 16)
+    on_host = engine(sampler=lambda: (lambda x, y: (x.view(-1, 1, 16, 16), y))(*vectors()), vectorize=False)
     assert capture_blocker(on_host).startswith("the training tasks are drawn on the host")
     distributed = engine()
     distributed.world_size = 2

@@ -294,16 +294,18 @@ def test_chunk_size_must_divide_the_meta_batch():
                    vectorize=3)
 
 
-def test_the_probe_does_not_change_the_task_stream():
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_the_probe_does_not_change_the_task_stream(vectorize):
+    """Neither the vmap probe nor the check that the model takes the tasks (one task, task by task)."""
     source = random_classification_source(5, 2, 6)
     env = EpisodicEnv(source, ways=5, shots=1, seed=4)
     expected = EpisodicEnv(source, ways=5, shots=1, seed=4).sample_tasks(2)
     model = nn.Linear(6, 5).double()
     upper_cls, lower_cls = ALGORITHMS["fomaml"]
     MetaEngine(upper_cls(model, torch.optim.SGD(model.parameters(), lr=0.1), meta_batch_size=2),
-               lower_cls(model, inner_lr=0.1), env, meta_iterations=1)
+               lower_cls(model, inner_lr=0.1), env, meta_iterations=1, vectorize=vectorize)
     env.step()
-    assert torch.equal(env.batch["support"][0], expected[0][0])
+    assert torch.equal(env.batch["support"][0], expected[0][0] if vectorize else expected[0][0][0])
 
 
 CONV4_ACTIVATION = 64 * 28 * 28  # floats of the max-pool conv4's largest activation, per example
