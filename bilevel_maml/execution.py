@@ -95,15 +95,18 @@ def probe_vmap(task_learner, meta_learner, inputs) -> tuple[str | None, int | No
     return None, largest[0]
 
 
-def check_model_takes_tasks(engine, inputs: torch.Tensor) -> None:
-    """Run the model with θ on one task's support ``inputs``, as the per-task path would: a model
-    that cannot take the tasks (another channel count, input size or number of features; fewer
-    class scores than ``ways`` under the default losses) is named in one line before training, not
-    mistaken for one that cannot be vectorized or left to fail deep inside torch at the first
-    meta-iteration. The model's buffers and the global random streams are put back.
+def check_model_takes_tasks(engine, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+    """Run the model with θ on one task's support set, as the per-task path would, and score it with
+    both learners' ``loss_fn``: a model that cannot take the tasks (another channel count, input
+    size or number of features; fewer class scores than ``ways`` under the default losses) or a loss
+    that is not one number per task is named in one line before training, not mistaken for a model
+    that cannot be vectorized or left to fail deep inside torch at the first meta-iteration (or,
+    summed over stacked tasks, to pass unnoticed). The model's buffers and the global random
+    streams are put back.
 
     :param engine: the :class:`~bilevel_maml.engine.MetaEngine` being built.
     :param inputs: one task's support inputs.
+    :param targets: their labels (or regression targets).
     """
     from bilevel_maml.problems.base import classification_loss, predictions
 
@@ -129,6 +132,14 @@ def check_model_takes_tasks(engine, inputs: torch.Tensor) -> None:
     if not env.regression and default_losses and scores.dim() == 2 and scores.shape[1] < env.ways:
         raise ValueError(f"{type(module).__name__} gives {scores.shape[1]} class score{'s' if scores.shape[1] != 1 else ''} "
                          f"per example, and the tasks are {env.ways}-way: build it with (at least) {env.ways} outputs")
+    for whose, loss_fn in (("task learner", engine.task_learner.loss_fn), ("meta-learner", engine.meta_learner.loss_fn)):
+        with torch.no_grad():
+            loss = loss_fn(outputs, targets)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            shape = f"loss of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(f"the {whose}'s loss_fn ({getattr(loss_fn, '__name__', type(loss_fn).__name__)}) gives a "
+                             f"{shape} for one task's examples; a loss is one number per task (a 0-d tensor: the "
+                             f"mean over the task's examples, say)")
 
 
 def plan_vectorization(engine, vectorize: bool | int) -> None:
@@ -153,10 +164,10 @@ def plan_vectorization(engine, vectorize: bool | int) -> None:
             raise ValueError(f"vectorize={vectorize} must divide meta_batch_size={engine.meta_batch_size}")
     saved = engine.env.state_dict()
     try:
-        (support_inputs, _), (query_inputs, _) = engine.env.sample_tasks(2 if vectorize else 1)
+        (support_inputs, support_targets), (query_inputs, _) = engine.env.sample_tasks(2 if vectorize else 1)
     finally:
         engine.env.load_state_dict(saved)
-    check_model_takes_tasks(engine, support_inputs[0])
+    check_model_takes_tasks(engine, support_inputs[0], support_targets[0])
     if not vectorize:
         return
     blocker, engine.activation_bytes_per_example = probe_vmap(engine.task_learner, engine.meta_learner, support_inputs)

@@ -101,6 +101,53 @@ def test_a_model_that_cannot_take_the_tasks_is_named_before_training(vectorize):
         build(model=torch.nn.Sequential(torch.nn.Flatten(), MLP(64, 3)), vectorize=vectorize)
 
 
+@pytest.mark.parametrize("vectorize", [True, False])
+@pytest.mark.parametrize("mistake, message", [
+    ("none", r"^Slip\.inner_update\(\) returned NoneType; it must return one tensor per parameter, of its shape: "
+             r"weight \(5, 4\), bias \(5,\)$"),
+    ("one short", r"^Slip\.inner_update\(\) returned 1 values of shapes \(5, 4\); it must return"),
+    ("flattened", r"^Slip\.inner_update\(\) returned 2 values of shapes \(20,\), \(5,\); it must return"),
+    ("loss per example", r"^Slip\.inner_loss\(\) gave a loss of shape \(5,\) for one task; a loss is one number per "
+                         r"task \(a 0-d tensor: the mean over the task's examples, say\)$"),
+])
+def test_a_hook_that_returns_the_wrong_thing_is_named_at_its_first_call(vectorize, mistake, message):
+    """What inner_update and inner_loss return is checked on both paths: one tensor per parameter of
+    its shape (a shorter tuple left the last parameters at θ unnoticed), and one number per task (a
+    loss per example was summed over stacked tasks unnoticed, and failed inside autograd task by task)."""
+    import torch.nn.functional as F
+
+    class Slip(MAMLLower):
+        def inner_update(self, params, grads, step=0):
+            new = [p - self.inner_lr * g for p, g in zip(params, grads)]
+            return {"none": None, "one short": tuple(new[:-1]),
+                    "flattened": tuple(n.flatten() for n in new)}.get(mistake, new)
+
+        def inner_loss(self, params, batch, step=0):
+            inputs, labels = batch
+            reduction = "none" if mistake == "loss per example" else "mean"
+            return F.cross_entropy(self.forward(inputs, params, step), labels, reduction=reduction)
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 5)
+    env = EpisodicEnv(lambda: (torch.rand(10, 4), torch.arange(5).repeat(2)), ways=5, shots=1)
+    engine = MetaEngine(MAMLUpper(model, torch.optim.SGD(model.parameters(), lr=0.1), meta_batch_size=2),
+                        Slip(model, inner_lr=0.1), env, meta_iterations=1, vectorize=vectorize)
+    theta = [p.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=message):
+        engine.run()
+    assert all(torch.equal(a, b) for a, b in zip(theta, model.parameters()))
+
+
+def test_a_loss_fn_that_is_not_one_number_per_task_is_named_when_the_engine_is_built():
+    def squared_error_per_point(outputs, targets):
+        return (outputs - targets) ** 2
+
+    with pytest.raises(ValueError, match=r"^the task learner's loss_fn \(squared_error_per_point\) gives a loss of shape "
+                                         r"\(5, 1\) for one task's examples; a loss is one number per task"):
+        build_engine("maml", MLP(1, 1, (8,)), lambda: (torch.rand(10, 1), torch.rand(10, 1)), regression=True,
+                     shots=5, meta_batch_size=2, loss_fn=squared_error_per_point)
+
+
 def test_checking_the_model_on_a_task_changes_neither_the_model_nor_any_random_stream():
     """The check runs the model once in training mode: BatchNorm's running statistics and the
     random streams a dropout draws from are put back (the task stream: test_the_probe_does_not_change_the_task_stream)."""
@@ -109,9 +156,9 @@ def test_checking_the_model_on_a_task_changes_neither_the_model_nor_any_random_s
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 8), torch.nn.BatchNorm1d(8),
                               torch.nn.Dropout(0.3), torch.nn.Linear(8, 5))
     engine = build(model=net, vectorize=False)
-    (inputs, _), _ = engine.env.sample_tasks(1)
+    (inputs, labels), _ = engine.env.sample_tasks(1)
     buffers, rng = [b.clone() for b in net.buffers()], torch.get_rng_state()
-    execution.check_model_takes_tasks(engine, inputs[0])
+    execution.check_model_takes_tasks(engine, inputs[0], labels[0])
     assert all(torch.equal(a, b) for a, b in zip(buffers, net.buffers()))
     assert torch.equal(rng, torch.get_rng_state())
 

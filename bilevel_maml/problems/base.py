@@ -516,9 +516,13 @@ class TaskLearner(_BothProblems, Problem):
         :param params: φ (stacked over tasks when vectorized).
         :param batch: the batch (stacked over tasks when vectorized).
         """
-        if self.tasks_in_batch:
-            return vmap_over_tasks(hook)(params, batch).sum()
-        return hook(params, batch)
+        losses = vmap_over_tasks(hook)(params, batch) if self.tasks_in_batch else hook(params, batch)
+        per_task = tuple(losses.shape[1:] if self.tasks_in_batch else losses.shape)
+        if per_task:  # summed over stacked tasks, a loss per example would pass unnoticed there, and fail here
+            name = getattr(getattr(hook, "func", hook), "__name__", "its hook")
+            raise ValueError(f"{type(self).__name__}.{name}() gave a loss of shape {per_task} for one task; a loss is "
+                             f"one number per task (a 0-d tensor: the mean over the task's examples, say)")
+        return losses.sum() if self.tasks_in_batch else losses
 
     @property
     def starts_per_task(self) -> bool:
@@ -554,10 +558,26 @@ class TaskLearner(_BothProblems, Problem):
         :param grads: their gradients.
         :param step: the inner step.
         """
-        update = with_step(self.inner_update, step)
+        update = self._checked_update(with_step(self.inner_update, step))
         if self.tasks_in_batch:  # a parameter that is not adapted has no gradient to batch over
             update = vmap_over_tasks(update, in_dims=(0, tuple(None if g is None else 0 for g in grads)))
         return update(params, grads)
+
+    def _checked_update(self, update):
+        """``update`` refusing, in one line, what is not one tensor per parameter of its shape (a
+        shorter tuple would leave the last parameters at θ unnoticed). Inside vmap it sees one task."""
+        def checked(params, grads):
+            new = update(params, grads)
+            if not isinstance(new, (tuple, list)) or len(new) != len(params) or any(
+                    not isinstance(n, torch.Tensor) or n.shape != p.shape for n, p in zip(new, params)):
+                got = (f"{len(new)} values of shapes " + ", ".join(
+                    str(tuple(n.shape)) if isinstance(n, torch.Tensor) else type(n).__name__ for n in new)
+                       if isinstance(new, (tuple, list)) else type(new).__name__)
+                wanted = ", ".join(f"{name} {tuple(p.shape)}" for name, p in zip(self.param_names, params))
+                raise ValueError(f"{type(self).__name__}.inner_update() returned {got}; it must return one tensor "
+                                 f"per parameter, of its shape: {wanted}")
+            return tuple(new)
+        return checked
 
     @contextmanager
     def tasks_at_once(self, tasks: int | None):
