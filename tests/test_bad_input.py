@@ -109,6 +109,7 @@ def test_a_model_that_cannot_take_the_tasks_is_named_before_training(vectorize):
     ("flattened", r"^Slip\.inner_update\(\) returned 2 values of shapes \(20,\), \(5,\); it must return"),
     ("loss per example", r"^Slip\.inner_loss\(\) gave a loss of shape \(5,\) for one task; a loss is one number per "
                          r"task \(a 0-d tensor: the mean over the task's examples, say\)$"),
+    ("a float", r"^Slip\.inner_loss\(\) gave float for one task; a loss is one number per task"),
 ])
 def test_a_hook_that_returns_the_wrong_thing_is_named_at_its_first_call(vectorize, mistake, message):
     """What inner_update and inner_loss return is checked on both paths: one tensor per parameter of
@@ -125,7 +126,8 @@ def test_a_hook_that_returns_the_wrong_thing_is_named_at_its_first_call(vectoriz
         def inner_loss(self, params, batch, step=0):
             inputs, labels = batch
             reduction = "none" if mistake == "loss per example" else "mean"
-            return F.cross_entropy(self.forward(inputs, params, step), labels, reduction=reduction)
+            loss = F.cross_entropy(self.forward(inputs, params, step), labels, reduction=reduction)
+            return 0.5 if mistake == "a float" else loss
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 5)

@@ -516,13 +516,17 @@ class TaskLearner(_BothProblems, Problem):
         :param params: φ (stacked over tasks when vectorized).
         :param batch: the batch (stacked over tasks when vectorized).
         """
-        losses = vmap_over_tasks(hook)(params, batch) if self.tasks_in_batch else hook(params, batch)
-        per_task = tuple(losses.shape[1:] if self.tasks_in_batch else losses.shape)
-        if per_task:  # summed over stacked tasks, a loss per example would pass unnoticed there, and fail here
-            name = getattr(getattr(hook, "func", hook), "__name__", "its hook")
-            raise ValueError(f"{type(self).__name__}.{name}() gave a loss of shape {per_task} for one task; a loss is "
-                             f"one number per task (a 0-d tensor: the mean over the task's examples, say)")
-        return losses.sum() if self.tasks_in_batch else losses
+        def one_number(params, batch):  # inside vmap, for one task
+            loss = hook(params, batch)
+            if not isinstance(loss, torch.Tensor) or loss.dim():
+                # summed over stacked tasks, a loss per example would pass unnoticed
+                name = getattr(getattr(hook, "func", hook), "__name__", "its hook")
+                got = f"a loss of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+                raise ValueError(f"{type(self).__name__}.{name}() gave {got} for one task; a loss is one number per "
+                                 f"task (a 0-d tensor: the mean over the task's examples, say)")
+            return loss
+
+        return vmap_over_tasks(one_number)(params, batch).sum() if self.tasks_in_batch else one_number(params, batch)
 
     @property
     def starts_per_task(self) -> bool:
