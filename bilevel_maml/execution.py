@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import operator
-import traceback
 import warnings
 from itertools import chain, compress
 from pathlib import Path
@@ -31,7 +30,7 @@ from torch.overrides import TorchFunctionMode
 
 from bilevel_maml.env import global_rng_state, set_global_rng_state
 from bilevel_maml.problems.base import NotVectorizableError
-from bilevel_maml.validation import TORCH_FOLDER, check_positive_int, code_site, frame_in
+from bilevel_maml.validation import TORCH_FOLDER, check_positive_int, code_site, frame_in, innermost_site_outside
 
 # -- tasks per vmapped call -------------------------------------------------------------------------
 #: On CPU, the largest activation of one vmapped call should stay within about this many bytes.
@@ -117,8 +116,8 @@ def check_model_takes_tasks(engine, inputs: torch.Tensor, targets: torch.Tensor)
         with torch.no_grad():
             outputs = engine.task_learner.forward(inputs, tuple(p.detach() for p in engine.meta_learner.initialization()))
     except RuntimeError as error:
-        frames = [frame for frame, _ in traceback.walk_tb(error.__traceback__) if not frame_in(frame, (TORCH_FOLDER,))]
-        site = f" at {code_site(frames[-1], frames[-1].f_lineno)}" if frames else ""
+        site = innermost_site_outside(error, (TORCH_FOLDER,))
+        site = f" at {site}" if site else ""
         raise ValueError(f"{type(module).__name__} cannot take the tasks' inputs: a support set of shape "
                          f"{tuple(inputs.shape)} ({str(inputs.dtype).removeprefix('torch.')}) failed{site}: "
                          f"{type(error).__name__}: {str(error).strip().splitlines()[0]}") from None

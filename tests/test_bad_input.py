@@ -103,10 +103,10 @@ def test_a_model_that_cannot_take_the_tasks_is_named_before_training(vectorize):
 
 @pytest.mark.parametrize("vectorize", [True, False])
 @pytest.mark.parametrize("mistake, message", [
-    ("none", r"^Slip\.inner_update\(\) returned NoneType; it must return one tensor per parameter, of its shape: "
+    ("none", r"^Slip\.inner_update\(\) returned NoneType; it must return one per parameter, of its shape: "
              r"weight \(5, 4\), bias \(5,\)$"),
-    ("one short", r"^Slip\.inner_update\(\) returned 1 values of shapes \(5, 4\); it must return"),
-    ("flattened", r"^Slip\.inner_update\(\) returned 2 values of shapes \(20,\), \(5,\); it must return"),
+    ("one short", r"^Slip\.inner_update\(\) returned 1 tensor of shape \(5, 4\); it must return"),
+    ("flattened", r"^Slip\.inner_update\(\) returned 2 tensors of shapes \(20,\), \(5,\); it must return"),
     ("loss per example", r"^Slip\.inner_loss\(\) gave a loss of shape \(5,\) for one task; a loss is one number per "
                          r"task \(a 0-d tensor: the mean over the task's examples, say\)$"),
     ("a float", r"^Slip\.inner_loss\(\) gave float for one task; a loss is one number per task"),

@@ -542,14 +542,10 @@ class TaskLearner(_BothProblems, Problem):
         """
         if not self.starts_per_task:
             return tuple(p.expand(self.tasks_in_batch, *p.shape) for p in start) if self.tasks_in_batch else start
-        starts = vmap_over_tasks(self.start_for_task, in_dims=(None, 0)) if self.tasks_in_batch else self.start_for_task
-        params = tuple(starts(start, batch))
-        expected = [p.shape if not self.tasks_in_batch else (self.tasks_in_batch, *p.shape) for p in start]
-        if len(params) != len(start) or any(p.shape != shape for p, shape in zip(params, expected)):
-            got = ", ".join(str(tuple(p.shape[1:] if self.tasks_in_batch else p.shape)) for p in params)
-            wanted = ", ".join(f"{name} {tuple(p.shape)}" for name, p in zip(self.param_names, start))
-            raise ValueError(f"{type(self).__name__}.start_for_task() returned {len(params)} tensors of shapes "
-                             f"{got}; it must return one per parameter, of its shape: {wanted}")
+        starts = self._one_per_parameter("start_for_task", self.start_for_task)
+        if self.tasks_in_batch:
+            starts = vmap_over_tasks(starts, in_dims=(None, 0))
+        params = starts(start, batch)
         # Each φ gets a graph node of its own, so that an inner gradient is the partial derivative for
         # that weight: a weight returned as given (θ itself) would otherwise also collect the gradient
         # of the weights the hook computed from it (ProtoMAML's head, through the prototypes).
@@ -562,25 +558,33 @@ class TaskLearner(_BothProblems, Problem):
         :param grads: their gradients.
         :param step: the inner step.
         """
-        update = self._checked_update(with_step(self.inner_update, step))
+        update = self._one_per_parameter("inner_update", with_step(self.inner_update, step))
         if self.tasks_in_batch:  # a parameter that is not adapted has no gradient to batch over
             update = vmap_over_tasks(update, in_dims=(0, tuple(None if g is None else 0 for g in grads)))
         return update(params, grads)
 
-    def _checked_update(self, update):
-        """``update`` refusing, in one line, what is not one tensor per parameter of its shape (a
-        shorter tuple would leave the last parameters at θ unnoticed). Inside vmap it sees one task."""
-        def checked(params, grads):
-            new = update(params, grads)
-            if not isinstance(new, (tuple, list)) or len(new) != len(params) or any(
-                    not isinstance(n, torch.Tensor) or n.shape != p.shape for n, p in zip(new, params)):
-                got = (f"{len(new)} values of shapes " + ", ".join(
-                    str(tuple(n.shape)) if isinstance(n, torch.Tensor) else type(n).__name__ for n in new)
-                       if isinstance(new, (tuple, list)) else type(new).__name__)
-                wanted = ", ".join(f"{name} {tuple(p.shape)}" for name, p in zip(self.param_names, params))
-                raise ValueError(f"{type(self).__name__}.inner_update() returned {got}; it must return one tensor "
-                                 f"per parameter, of its shape: {wanted}")
-            return tuple(new)
+    def _one_per_parameter(self, hook_name: str, hook):
+        """``hook(params, ...)`` as a tuple, refusing in one line what is not one tensor per entry of
+        ``params``, of its shape (a shorter tuple would leave the last parameters at θ unnoticed).
+        Inside vmap it sees one task.
+
+        :param hook_name: the hook's name, for the message.
+        :param hook: a hook returning φ-shaped tensors from φ (``start_for_task``, ``inner_update``).
+        """
+        def checked(params, *args):
+            returned = hook(params, *args)
+            if isinstance(returned, (tuple, list)) and len(returned) == len(params) and all(
+                    isinstance(r, torch.Tensor) and r.shape == p.shape for r, p in zip(returned, params)):
+                return tuple(returned)
+            if isinstance(returned, (tuple, list)):
+                tensors, plural = all(isinstance(r, torch.Tensor) for r in returned), "s" if len(returned) != 1 else ""
+                got = f"{len(returned)} {'tensor' if tensors else 'value'}{plural} of shape{plural} " + ", ".join(
+                    str(tuple(r.shape)) if isinstance(r, torch.Tensor) else type(r).__name__ for r in returned)
+            else:
+                got = type(returned).__name__
+            wanted = ", ".join(f"{name} {tuple(p.shape)}" for name, p in zip(self.param_names, params))
+            raise ValueError(f"{type(self).__name__}.{hook_name}() returned {got}; it must return one per parameter, "
+                             f"of its shape: {wanted}")
         return checked
 
     @contextmanager
